@@ -1,0 +1,20 @@
+//! The vocabulary every sluice stage shares: what a message is, how it is keyed, and which log
+//! partition it lands in.
+//!
+//! Layout:
+//! - `partition`: Kafka's Java default partitioner (murmur2), so sluice and any other Kafka
+//!   producer put the same key on the same partition.
+//! - `message`: parsing and validating one client item (a user update or an event) into a
+//!   `Message`, and turning a `Message` into its log record (key and JSON value, SPEC §5).
+//! - `time`: the accepted `createdAt` forms (unix seconds, unix milliseconds, RFC 3339).
+//!
+//! Invariant: this crate does no I/O. It is pure data so every stage can test against it.
+
+pub mod message;
+pub mod partition;
+pub mod time;
+
+pub use message::{
+    ItemError, Kind, LogValue, Message, MessageBuilder, UserKey, parse_event, parse_user_update,
+};
+pub use partition::{murmur2, partition_for_key};
