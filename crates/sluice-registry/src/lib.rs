@@ -1,1 +1,118 @@
-//! placeholder
+//! The registry: orgs, API keys and banned users.
+//!
+//! `Registry` is the contract; `SqliteRegistry` is the embedded implementation (one SQLite file
+//! in WAL mode, so admin commands can change it while a server runs). API keys are random
+//! 192-bit secrets; only their SHA-256 is stored, so a leaked registry leaks no key.
+//!
+//! Invariant: org names are `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`. They appear in log record keys
+//! (`<org>:<userKey>`), so they never contain `:`.
+
+mod keys;
+mod sqlite;
+
+use async_trait::async_trait;
+
+pub use keys::{generate_key, hash_key};
+pub use sqlite::SqliteRegistry;
+
+/// The org every first start of an empty data dir creates.
+pub const DEFAULT_ORG: &str = "default";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Org {
+    pub id: i64,
+    pub name: String,
+    pub active: bool,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry database {location}: {source}")]
+    Database {
+        location: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("registry database {location}: migration failed: {source}")]
+    Migration {
+        location: String,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("org {0:?} already exists")]
+    OrgExists(String),
+    #[error("no org named {0:?} (see `sluice orgs list`)")]
+    NoSuchOrg(String),
+    #[error("invalid org name {name:?}: {reason}")]
+    InvalidOrgName { name: String, reason: &'static str },
+    #[error("invalid user id: {0}")]
+    InvalidUserId(&'static str),
+}
+
+/// Checks an org name against the invariant in the crate docs.
+pub fn validate_org_name(name: &str) -> Result<(), RegistryError> {
+    let invalid = |reason| Err(RegistryError::InvalidOrgName { name: name.to_string(), reason });
+    let mut chars = name.chars();
+    match chars.next() {
+        None => return invalid("it is empty"),
+        Some(c) if !c.is_ascii_alphanumeric() => return invalid("it must start with a letter or digit"),
+        Some(_) => {}
+    }
+    if name.len() > 64 {
+        return invalid("it is longer than 64 characters");
+    }
+    if !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+        return invalid("only letters, digits, '_', '.' and '-' are allowed");
+    }
+    Ok(())
+}
+
+/// Orgs, keys and bans. Every method is one short query; callers cache hot lookups.
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    async fn create_org(&self, name: &str) -> Result<Org, RegistryError>;
+    async fn list_orgs(&self) -> Result<Vec<Org>, RegistryError>;
+    async fn org(&self, name: &str) -> Result<Option<Org>, RegistryError>;
+    /// Disables (or re-enables) an org: its keys stop working and its messages are refused.
+    async fn set_org_active(&self, name: &str, active: bool) -> Result<(), RegistryError>;
+    /// Creates a key for `org` and returns it; this is the only time the key is seen.
+    async fn create_key(&self, org: &str) -> Result<String, RegistryError>;
+    /// The org a key belongs to, if the key exists.
+    async fn org_for_key(&self, key: &str) -> Result<Option<Org>, RegistryError>;
+    async fn ban_user(&self, org: &str, user_id: &str) -> Result<(), RegistryError>;
+    /// Returns whether the user was banned.
+    async fn unban_user(&self, org: &str, user_id: &str) -> Result<bool, RegistryError>;
+    async fn is_banned(&self, org_id: i64, user_id: &str) -> Result<bool, RegistryError>;
+}
+
+/// On an empty registry, creates org `default` and one key for it, and returns that key.
+pub async fn bootstrap(registry: &dyn Registry) -> Result<Option<String>, RegistryError> {
+    if !registry.list_orgs().await?.is_empty() {
+        return Ok(None);
+    }
+    registry.create_org(DEFAULT_ORG).await?;
+    registry.create_key(DEFAULT_ORG).await.map(Some)
+}
+
+pub(crate) fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn org_names_follow_the_invariant() {
+        for ok in ["default", "acme", "Acme-2", "a.b_c", "0"] {
+            validate_org_name(ok).expect(ok);
+        }
+        for bad in ["", "-x", "a:b", "a b", "ü", &"x".repeat(65)] {
+            assert!(validate_org_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+-- Orgs, their API keys (only a SHA-256 of each key is stored) and banned users.
+CREATE TABLE orgs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    name        TEXT    NOT NULL UNIQUE,
+    active      INTEGER NOT NULL DEFAULT 1,
+    created_at  INTEGER NOT NULL
+);
+
+CREATE TABLE api_keys (
+    key_hash    TEXT    PRIMARY KEY,
+    org_id      INTEGER NOT NULL REFERENCES orgs(id),
+    -- first characters of the key, so an operator can tell keys apart without the secret
+    key_prefix  TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL
+);
+CREATE INDEX api_keys_org ON api_keys(org_id);
+
+CREATE TABLE banned_users (
+    org_id      INTEGER NOT NULL REFERENCES orgs(id),
+    user_id     TEXT    NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (org_id, user_id)
+);
