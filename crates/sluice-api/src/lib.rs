@@ -1,1 +1,147 @@
-//! placeholder
+//! The HTTP ingestion API (SPEC §4): authenticate, parse and validate, unbatch into one message
+//! per item, append to the log, and answer only once every accepted message is durable.
+//!
+//! Layout:
+//! - `ingest`: the `/api/users/*` and `/api/events/*` routes.
+//! - `segment`: the Segment HTTP Tracking API routes (`/v1/*`).
+//! - `auth`: API key → org, through a TTL cache.
+//! - `body`: body size limits; `error`: the error type and its status codes, in one place;
+//!   `response`: the success body.
+//!
+//! Invariant: a handler answers 200 only after `Log::append` returned for every accepted
+//! message. Nothing here buffers a message the log has not acknowledged.
+
+mod auth;
+mod body;
+mod error;
+mod ingest;
+mod response;
+mod segment;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::extract::{FromRef, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use sluice_log::Log;
+use sluice_registry::Registry;
+
+pub use auth::{Authenticator, KeySources};
+pub use error::ApiError;
+pub use response::{Accepted, Failure};
+
+/// Request limits (SPEC §4 defaults).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_item_bytes: usize,
+    pub max_request_bytes: usize,
+    pub max_request_items: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_item_bytes: 32 << 10, max_request_bytes: 10 << 20, max_request_items: 10_000 }
+    }
+}
+
+/// Settings of the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    pub limits: Limits,
+    /// How long a request waits for the log's durable acknowledgement before answering 503.
+    pub log_ack_timeout: Duration,
+    /// How long an API key lookup is cached.
+    pub key_cache_ttl: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { limits: Limits::default(), log_ack_timeout: Duration::from_secs(5), key_cache_ttl: Duration::from_secs(5) }
+    }
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) log: Arc<dyn Log>,
+    pub(crate) auth: Arc<Authenticator>,
+    pub(crate) limits: Limits,
+    pub(crate) log_ack_timeout: Duration,
+    /// Set when the server starts draining: `/readyz` turns 503 so balancers stop sending.
+    pub(crate) draining: Arc<AtomicBool>,
+}
+
+impl FromRef<AppState> for Limits {
+    fn from_ref(state: &AppState) -> Limits {
+        state.limits
+    }
+}
+
+impl AppState {
+    pub fn new(log: Arc<dyn Log>, registry: Arc<dyn Registry>, config: &ApiConfig) -> Self {
+        AppState {
+            log,
+            auth: Arc::new(Authenticator::new(registry, config.key_cache_ttl)),
+            limits: config.limits,
+            log_ack_timeout: config.log_ack_timeout,
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Marks the server as draining (readyz fails from now on).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The whole HTTP API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/users/update", post(ingest::users_update))
+        .route("/api/users/bulkUpdate", post(ingest::users_bulk_update))
+        .route("/api/events/track", post(ingest::events_track))
+        .route("/api/events/trackBulk", post(ingest::events_track_bulk))
+        .route("/v1/identify", post(segment::identify))
+        .route("/v1/track", post(segment::track))
+        .route("/v1/page", post(segment::page))
+        .route("/v1/screen", post(segment::screen))
+        .route("/v1/group", post(segment::group))
+        .route("/v1/alias", post(segment::alias))
+        .route("/v1/batch", post(segment::batch))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let mut reasons = Vec::new();
+    if state.draining.load(Ordering::SeqCst) {
+        reasons.push("draining: the server is shutting down");
+    }
+    if !state.log.is_healthy() {
+        reasons.push("the log cannot accept writes");
+    }
+    if reasons.is_empty() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready", "reasons": reasons}))).into_response()
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({"code": "NotFound", "error": format!("no route {}", uri.path())})),
+    )
+        .into_response()
+}

@@ -6,12 +6,14 @@
 //!   producer put the same key on the same partition.
 //! - `message`: parsing and validating one client item (a user update or an event) into a
 //!   `Message`, and turning a `Message` into its log record (key and JSON value, SPEC §5).
+//! - `segment`: the Segment HTTP Tracking API calls mapped onto messages.
 //! - `time`: the accepted `createdAt` forms (unix seconds, unix milliseconds, RFC 3339).
 //!
 //! Invariant: this crate does no I/O. It is pure data so every stage can test against it.
 
 pub mod message;
 pub mod partition;
+pub mod segment;
 pub mod time;
 
 pub use message::{

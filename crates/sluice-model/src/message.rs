@@ -307,7 +307,7 @@ fn parse_item(item: &RawValue, kind: Kind) -> Result<Message<'_>, ItemError> {
 }
 
 /// `userId` may be a string or an integer (many clients send numeric ids); `null` means absent.
-fn user_id_text(v: &RawValue) -> Result<Option<Cow<'_, str>>, ItemError> {
+pub(crate) fn user_id_text(v: &RawValue) -> Result<Option<Cow<'_, str>>, ItemError> {
     let text = v.get();
     match text.as_bytes().first() {
         Some(b'"') => serde_json::from_str::<Cow<'_, str>>(text)

@@ -1,1 +1,93 @@
-fn main() {}
+//! `sluice`: the command line. Glue only; the work is in the library crates.
+
+use clap::{Parser, Subcommand};
+use sluice::admin::{KeysCommand, OrgsCommand, UsersCommand};
+use sluice::bench::BenchArgs;
+use sluice::config::{Config, ConfigArgs, DEFAULT_CONFIG_TOML};
+
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about = "Self-hosted ingestion service for customer data")]
+struct Cli {
+    #[command(flatten)]
+    config: ConfigArgs,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the API and the log in one process, all state on local disk (the default).
+    Serve,
+    /// Manage orgs.
+    Orgs {
+        #[command(subcommand)]
+        command: OrgsCommand,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Ban and unban users.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Load-test a running sluice.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Print a fully commented default configuration file.
+    Default,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if let Command::Config { command: ConfigCommand::Default } = command {
+        print!("{DEFAULT_CONFIG_TOML}");
+        return Ok(());
+    }
+    if let Command::Bench(args) = command {
+        return sluice::bench::run(args).await;
+    }
+    let config = Config::resolve(&cli.config)?;
+    match command {
+        Command::Serve => sluice::serve::run(config).await,
+        Command::Orgs { command } => sluice::admin::orgs(&config, command).await,
+        Command::Keys { command } => sluice::admin::keys(&config, command).await,
+        Command::Users { command } => sluice::admin::users(&config, command).await,
+        Command::Config { .. } | Command::Bench(_) => Ok(()),
+    }
+}

@@ -1,0 +1,95 @@
+//! The API's error type and the one place its variants map to HTTP statuses and codes.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::response::Failure;
+
+/// Every way a request can fail. The message says what is wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("malformed JSON at line {line} column {column}: {message}")]
+    MalformedJson { line: usize, column: usize, message: String },
+    #[error("{0}")]
+    BadRequest(String),
+    /// Every item of the request was invalid.
+    #[error("no valid item in the request: {summary}")]
+    NoValidItem { summary: String, failures: Vec<Failure> },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::MalformedJson { .. } => (StatusCode::BAD_REQUEST, "BadJson"),
+            ApiError::BadRequest(_) | ApiError::NoValidItem { .. } => (StatusCode::BAD_REQUEST, "BadRequest"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "TooLarge"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable"),
+        }
+    }
+}
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECS: &str = "1";
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'static str,
+    error: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failures: Option<&'a [Failure]>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request not accepted");
+        }
+        let failures = match &self {
+            ApiError::NoValidItem { failures, .. } => Some(failures.as_slice()),
+            _ => None,
+        };
+        let body = ErrorBody { code, error: self.to_string(), failures };
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}
+
+/// Turns a serde_json parse error into a 400 that points at the position.
+pub(crate) fn json_error(e: &serde_json::Error, what: &str) -> ApiError {
+    use serde_json::error::Category;
+    match e.classify() {
+        Category::Syntax | Category::Eof => ApiError::MalformedJson {
+            line: e.line(),
+            column: e.column(),
+            message: strip_position(&e.to_string()),
+        },
+        Category::Data | Category::Io => ApiError::BadRequest(format!(
+            "{what}: {} (line {} column {})",
+            strip_position(&e.to_string()),
+            e.line(),
+            e.column()
+        )),
+    }
+}
+
+/// serde_json appends " at line L column C"; we report the position in our own words.
+fn strip_position(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}

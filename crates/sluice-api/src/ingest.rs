@@ -1,0 +1,168 @@
+//! The native ingest routes: `/api/users/update`, `/api/users/bulkUpdate`, `/api/events/track`,
+//! `/api/events/trackBulk`.
+
+use std::borrow::Cow;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sluice_log::Record;
+use sluice_model::{ItemError, Message, parse_event, parse_user_update};
+use sluice_registry::Org;
+
+use crate::auth::KeySources;
+use crate::body::LimitedBody;
+use crate::error::{ApiError, json_error};
+use crate::response::{Accepted, Failure};
+use crate::{AppState, Limits};
+
+type ItemParser = for<'a> fn(&'a RawValue) -> Result<Message<'a>, ItemError>;
+
+pub(crate) async fn users_update(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Accepted, ApiError> {
+    single(&app, &headers, &body, parse_user_update).await
+}
+
+pub(crate) async fn events_track(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Accepted, ApiError> {
+    single(&app, &headers, &body, parse_event).await
+}
+
+#[derive(Deserialize)]
+struct BulkUsers<'a> {
+    #[serde(borrow)]
+    users: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct BulkEvents<'a> {
+    #[serde(borrow)]
+    events: Vec<&'a RawValue>,
+}
+
+pub(crate) async fn users_bulk_update(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Accepted, ApiError> {
+    let org = app.auth.authenticate(&headers, KeySources::Standard).await?;
+    let bulk: BulkUsers<'_> =
+        serde_json::from_slice(&body).map_err(|e| json_error(&e, "body must be {\"users\": [...]}"))?;
+    let (messages, failures) = parse_items(&bulk.users, "users", &app.limits, parse_user_update)?;
+    accept(&app, &org, messages, failures).await
+}
+
+pub(crate) async fn events_track_bulk(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Accepted, ApiError> {
+    let org = app.auth.authenticate(&headers, KeySources::Standard).await?;
+    let bulk: BulkEvents<'_> =
+        serde_json::from_slice(&body).map_err(|e| json_error(&e, "body must be {\"events\": [...]}"))?;
+    let (messages, failures) = parse_items(&bulk.events, "events", &app.limits, parse_event)?;
+    accept(&app, &org, messages, failures).await
+}
+
+async fn single(app: &AppState, headers: &HeaderMap, body: &[u8], parse: ItemParser) -> Result<Accepted, ApiError> {
+    let org = app.auth.authenticate(headers, KeySources::Standard).await?;
+    let item: &RawValue = serde_json::from_slice(body).map_err(|e| json_error(&e, "body"))?;
+    if item.get().len() > app.limits.max_item_bytes {
+        return Err(ApiError::TooLarge(format!(
+            "the message is {} bytes; the limit is {} bytes",
+            item.get().len(),
+            app.limits.max_item_bytes
+        )));
+    }
+    let message = parse(item).map_err(|e| ApiError::BadRequest(e.0))?;
+    accept(app, &org, vec![message], Vec::new()).await
+}
+
+/// Parses every item; invalid ones become failures by index and do not stop the others.
+pub(crate) fn parse_items<'a>(
+    items: &[&'a RawValue],
+    field: &str,
+    limits: &Limits,
+    parse: impl Fn(&'a RawValue) -> Result<Message<'a>, ItemError>,
+) -> Result<(Vec<Message<'a>>, Vec<Failure>), ApiError> {
+    if items.len() > limits.max_request_items {
+        return Err(ApiError::TooLarge(format!(
+            "{field} has {} items; the limit is {} per request",
+            items.len(),
+            limits.max_request_items
+        )));
+    }
+    if items.is_empty() {
+        return Err(ApiError::BadRequest(format!("{field} is empty: nothing to ingest")));
+    }
+    let mut messages = Vec::with_capacity(items.len());
+    let mut failures = Vec::new();
+    for (index, item) in items.iter().enumerate() {
+        let size = item.get().len();
+        if size > limits.max_item_bytes {
+            failures.push(Failure {
+                index,
+                error: format!("item is {size} bytes; the limit is {} bytes", limits.max_item_bytes),
+            });
+            continue;
+        }
+        match parse(item) {
+            Ok(message) => messages.push(message),
+            Err(e) => failures.push(Failure { index, error: e.0 }),
+        }
+    }
+    Ok((messages, failures))
+}
+
+/// Appends the messages and answers once they are durable.
+pub(crate) async fn accept(
+    app: &AppState,
+    org: &Org,
+    messages: Vec<Message<'_>>,
+    failures: Vec<Failure>,
+) -> Result<Accepted, ApiError> {
+    if messages.is_empty() {
+        let summary = failures.first().map_or_else(String::new, |f| format!("item {}: {}", f.index, f.error));
+        return Err(ApiError::NoValidItem { summary, failures });
+    }
+    let now = now_ms();
+    let mut records = Vec::with_capacity(messages.len());
+    let mut message_ids = Vec::with_capacity(messages.len());
+    for message in &messages {
+        let (key, value) = message.to_record(&org.name, now);
+        records.push(Record { key, value, timestamp_ms: now });
+    }
+    for message in messages {
+        message_ids.push(match message.message_id {
+            Cow::Borrowed(id) => id.to_string(),
+            Cow::Owned(id) => id,
+        });
+    }
+    match tokio::time::timeout(app.log_ack_timeout, app.log.append(records)).await {
+        Ok(Ok(_acks)) => Ok(Accepted {
+            code: "Success",
+            accepted: message_ids.len(),
+            failed: failures.len(),
+            failures,
+            message_ids,
+        }),
+        Ok(Err(e)) => Err(ApiError::Unavailable(format!("the messages could not be made durable: {e}"))),
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "the log did not acknowledge within {:?}; nothing was acknowledged, retry the request",
+            app.log_ack_timeout
+        ))),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

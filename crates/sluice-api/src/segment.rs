@@ -1,0 +1,75 @@
+//! The Segment HTTP Tracking API routes (`/v1/identify`, `/v1/track`, ..., `/v1/batch`).
+//! Auth: the standard headers, Basic auth with the key as user name, or `writeKey` in the body.
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use serde_json::value::RawValue;
+use sluice_model::segment::{SegmentCall, SegmentEnvelope, parse_segment};
+use sluice_registry::Org;
+
+use crate::auth::KeySources;
+use crate::body::LimitedBody;
+use crate::error::{ApiError, json_error};
+use crate::ingest::{accept, parse_items};
+use crate::response::Accepted;
+use crate::AppState;
+
+async fn authenticate(app: &AppState, headers: &HeaderMap, envelope: &SegmentEnvelope<'_>) -> Result<Org, ApiError> {
+    match &envelope.write_key {
+        Some(key) if headers.get("api-key").is_none() && headers.get("authorization").is_none() => {
+            app.auth.org_for_key(key).await
+        }
+        _ => app.auth.authenticate(headers, KeySources::WithBasic).await,
+    }
+}
+
+async fn one(app: &AppState, headers: &HeaderMap, body: &[u8], call: SegmentCall) -> Result<Accepted, ApiError> {
+    let item: &RawValue = serde_json::from_slice(body).map_err(|e| json_error(&e, "body"))?;
+    let envelope: SegmentEnvelope<'_> =
+        serde_json::from_str(item.get()).map_err(|e| json_error(&e, "body must be a Segment call object"))?;
+    let org = authenticate(app, headers, &envelope).await?;
+    if item.get().len() > app.limits.max_item_bytes {
+        return Err(ApiError::TooLarge(format!(
+            "the message is {} bytes; the limit is {} bytes",
+            item.get().len(),
+            app.limits.max_item_bytes
+        )));
+    }
+    let message = parse_segment(item, Some(call)).map_err(|e| ApiError::BadRequest(e.0))?;
+    accept(app, &org, vec![message], Vec::new()).await
+}
+
+macro_rules! segment_route {
+    ($name:ident, $call:expr) => {
+        pub(crate) async fn $name(
+            State(app): State<AppState>,
+            headers: HeaderMap,
+            LimitedBody(body): LimitedBody,
+        ) -> Result<Accepted, ApiError> {
+            one(&app, &headers, &body, $call).await
+        }
+    };
+}
+
+segment_route!(identify, SegmentCall::Identify);
+segment_route!(track, SegmentCall::Track);
+segment_route!(page, SegmentCall::Page);
+segment_route!(screen, SegmentCall::Screen);
+segment_route!(group, SegmentCall::Group);
+segment_route!(alias, SegmentCall::Alias);
+
+pub(crate) async fn batch(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    LimitedBody(body): LimitedBody,
+) -> Result<Accepted, ApiError> {
+    let envelope: SegmentEnvelope<'_> =
+        serde_json::from_slice(&body).map_err(|e| json_error(&e, "body must be {\"batch\": [...]}"))?;
+    let org = authenticate(&app, &headers, &envelope).await?;
+    let items = envelope
+        .batch
+        .as_deref()
+        .ok_or_else(|| ApiError::BadRequest("body must be {\"batch\": [...]}: missing field `batch`".into()))?;
+    let (messages, failures) = parse_items(items, "batch", &app.limits, |item| parse_segment(item, None))?;
+    accept(&app, &org, messages, failures).await
+}

@@ -1,0 +1,112 @@
+//! Admin commands on the registry: `orgs`, `keys`, `users`. They open the same registry as the
+//! server (SQLite in WAL mode), so they work while it runs.
+
+use anyhow::Context;
+use clap::Subcommand;
+use sluice_registry::{Registry, SqliteRegistry};
+
+use crate::config::Config;
+
+#[derive(Debug, Subcommand)]
+pub enum OrgsCommand {
+    /// Create an org.
+    Create { name: String },
+    /// List orgs.
+    List,
+    /// Disable an org: its keys stop working and its messages are refused.
+    Disable { name: String },
+    /// Enable a disabled org again.
+    Enable { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key for an org and print it (only the key, on stdout).
+    Create {
+        #[arg(long)]
+        org: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCommand {
+    /// Ban a user: their messages are dead-lettered by the pipeline.
+    Ban {
+        #[arg(long)]
+        org: String,
+        user_id: String,
+    },
+    /// Lift a ban.
+    Unban {
+        #[arg(long)]
+        org: String,
+        user_id: String,
+    },
+}
+
+async fn open(config: &Config) -> anyhow::Result<SqliteRegistry> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    Ok(SqliteRegistry::open(&config.registry_path()).await?)
+}
+
+pub async fn orgs(config: &Config, command: OrgsCommand) -> anyhow::Result<()> {
+    let registry = open(config).await?;
+    match command {
+        OrgsCommand::Create { name } => {
+            registry.create_org(&name).await?;
+            println!("created org {name:?}; create a key with: sluice keys create --org {name}");
+        }
+        OrgsCommand::List => {
+            let orgs = registry.list_orgs().await?;
+            println!("{:<32} {:<8} created", "name", "status");
+            for org in orgs {
+                let status = if org.active { "active" } else { "disabled" };
+                println!("{:<32} {:<8} {}", org.name, status, format_unix(org.created_at));
+            }
+        }
+        OrgsCommand::Disable { name } => {
+            registry.set_org_active(&name, false).await?;
+            println!("disabled org {name:?}");
+        }
+        OrgsCommand::Enable { name } => {
+            registry.set_org_active(&name, true).await?;
+            println!("enabled org {name:?}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
+    let registry = open(config).await?;
+    match command {
+        KeysCommand::Create { org } => {
+            let key = registry.create_key(&org).await?;
+            println!("{key}");
+        }
+    }
+    Ok(())
+}
+
+pub async fn users(config: &Config, command: UsersCommand) -> anyhow::Result<()> {
+    let registry = open(config).await?;
+    match command {
+        UsersCommand::Ban { org, user_id } => {
+            registry.ban_user(&org, &user_id).await?;
+            println!("banned user {user_id:?} in org {org:?}");
+        }
+        UsersCommand::Unban { org, user_id } => {
+            if registry.unban_user(&org, &user_id).await? {
+                println!("unbanned user {user_id:?} in org {org:?}");
+            } else {
+                println!("user {user_id:?} was not banned in org {org:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn format_unix(secs: i64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
+        .to_string()
+}

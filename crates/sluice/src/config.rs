@@ -1,0 +1,253 @@
+//! Configuration: defaults, then a TOML file (`--config`), then `SLUICE_*` environment variables,
+//! then command-line flags, each layer overriding the one before (SPEC §2).
+//!
+//! clap reads a flag, else its `SLUICE_*` variable, into an `Option`; `Config::resolve` lays
+//! those over the file, which lies over the defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde::Deserialize;
+
+/// The resolved configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub log: String,
+    pub dedup: String,
+    pub index: String,
+    pub registry: String,
+    pub partitions: u32,
+    #[serde(with = "duration")]
+    pub log_ack_timeout: Duration,
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+    pub max_item_bytes: usize,
+    pub max_request_bytes: usize,
+    pub max_request_items: usize,
+    #[serde(with = "duration")]
+    pub retention_max_age: Duration,
+    pub retention_max_bytes: u64,
+    #[serde(with = "duration")]
+    pub key_cache_ttl: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".into(),
+            data_dir: PathBuf::from("./sluice-data"),
+            log: "embedded".into(),
+            dedup: "embedded".into(),
+            index: "embedded".into(),
+            registry: "embedded".into(),
+            partitions: 8,
+            log_ack_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+            max_item_bytes: 32 << 10,
+            max_request_bytes: 10 << 20,
+            max_request_items: 10_000,
+            retention_max_age: Duration::from_secs(7 * 24 * 3600),
+            retention_max_bytes: 0,
+            key_cache_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What `sluice config default` prints. A test checks it parses to `Config::default()`.
+pub const DEFAULT_CONFIG_TOML: &str = r#"# sluice configuration. Every key is optional; shown here with its default.
+# Precedence: this file < SLUICE_<KEY> environment variables < command-line flags
+# (e.g. `listen` is SLUICE_LISTEN and --listen).
+
+# Address the HTTP API listens on.
+listen = "127.0.0.1:8080"
+
+# Where embedded state lives: the log, the registry (registry.db) and, later, dedup and index.
+data_dir = "./sluice-data"
+
+# Backends, by URL. This build implements `embedded` for all four; kafka://, redis://,
+# http(s):// (Elasticsearch/OpenSearch) and postgres:// are refused with a clear error until
+# they land.
+log = "embedded"
+dedup = "embedded"
+index = "embedded"
+registry = "embedded"
+
+# Partitions of the embedded log. Fixed when the log is first created.
+partitions = 8
+
+# How long a request waits for the log to make its messages durable before answering 503.
+log_ack_timeout = "5s"
+
+# On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
+shutdown_timeout = "30s"
+
+# Request limits: one item, one request body, items per bulk request.
+max_item_bytes = 32768
+max_request_bytes = 10485760
+max_request_items = 10000
+
+# Embedded log retention. Records every consumer group has committed are deleted; these caps
+# delete older records even if not consumed. 0 disables the byte cap (per partition).
+retention_max_age = "7days"
+retention_max_bytes = 0
+
+# How long an API key lookup is cached: a new key or a disabled org takes effect within this.
+key_cache_ttl = "5s"
+"#;
+
+/// Flags (with their `SLUICE_*` variables) that override the file. Global to every command.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, global = true, env = "SLUICE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long, global = true, env = "SLUICE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory of embedded state [default: ./sluice-data].
+    #[arg(long, global = true, env = "SLUICE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log backend: `embedded` [default] (kafka://host:9092 comes later).
+    #[arg(long, global = true, env = "SLUICE_LOG", value_name = "URL")]
+    pub log: Option<String>,
+    /// Dedup backend: `embedded` [default].
+    #[arg(long, global = true, env = "SLUICE_DEDUP", value_name = "URL")]
+    pub dedup: Option<String>,
+    /// Index backend: `embedded` [default].
+    #[arg(long, global = true, env = "SLUICE_INDEX", value_name = "URL")]
+    pub index: Option<String>,
+    /// Registry backend: `embedded` [default].
+    #[arg(long, global = true, env = "SLUICE_REGISTRY", value_name = "URL")]
+    pub registry: Option<String>,
+    /// Partitions of the embedded log [default: 8].
+    #[arg(long, global = true, env = "SLUICE_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// Wait this long for a durable log ack before 503 [default: 5s].
+    #[arg(long, global = true, env = "SLUICE_LOG_ACK_TIMEOUT", value_parser = parse_duration)]
+    pub log_ack_timeout: Option<Duration>,
+    /// Time allowed for a draining shutdown [default: 30s].
+    #[arg(long, global = true, env = "SLUICE_SHUTDOWN_TIMEOUT", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
+    /// Largest item, in bytes [default: 32768].
+    #[arg(long, global = true, env = "SLUICE_MAX_ITEM_BYTES")]
+    pub max_item_bytes: Option<usize>,
+    /// Largest request body, in bytes [default: 10485760].
+    #[arg(long, global = true, env = "SLUICE_MAX_REQUEST_BYTES")]
+    pub max_request_bytes: Option<usize>,
+    /// Most items in one bulk request [default: 10000].
+    #[arg(long, global = true, env = "SLUICE_MAX_REQUEST_ITEMS")]
+    pub max_request_items: Option<usize>,
+    /// Delete log records older than this [default: 7days].
+    #[arg(long, global = true, env = "SLUICE_RETENTION_MAX_AGE", value_parser = parse_duration)]
+    pub retention_max_age: Option<Duration>,
+    /// Per-partition byte cap of the log, 0 for none [default: 0].
+    #[arg(long, global = true, env = "SLUICE_RETENTION_MAX_BYTES")]
+    pub retention_max_bytes: Option<u64>,
+    /// How long API key lookups are cached [default: 5s].
+    #[arg(long, global = true, env = "SLUICE_KEY_CACHE_TTL", value_parser = parse_duration)]
+    pub key_cache_ttl: Option<Duration>,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 250ms, 5s, 2m, 7days)"))
+}
+
+mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Defaults < file < env < flags.
+    pub fn resolve(args: &ConfigArgs) -> anyhow::Result<Config> {
+        let mut config = match &args.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! overlay {
+            ($($field:ident),*) => { $( if let Some(v) = &args.$field { config.$field = v.clone(); } )* };
+        }
+        overlay!(
+            listen, data_dir, log, dedup, index, registry, partitions, log_ack_timeout, shutdown_timeout,
+            max_item_bytes, max_request_bytes, max_request_items, retention_max_age, retention_max_bytes,
+            key_cache_ttl
+        );
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        for (name, value) in [("log", &self.log), ("dedup", &self.dedup), ("index", &self.index), ("registry", &self.registry)] {
+            if value != "embedded" {
+                bail!("{name} = {value:?} is not supported by this build yet: only \"embedded\" is implemented");
+            }
+        }
+        if self.partitions == 0 {
+            bail!("partitions must be at least 1");
+        }
+        if self.max_item_bytes == 0 || self.max_request_bytes == 0 || self.max_request_items == 0 {
+            bail!("max_item_bytes, max_request_bytes and max_request_items must be positive");
+        }
+        Ok(())
+    }
+
+    pub fn registry_path(&self) -> PathBuf {
+        self.data_dir.join("registry.db")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.join("log")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_printed_default_config_is_the_default() {
+        let parsed: Config = toml::from_str(DEFAULT_CONFIG_TOML).expect("default config parses");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\npartitions = 4\nlog_ack_timeout = \"2s\"\n").expect("write");
+        let args = ConfigArgs { config: Some(path.clone()), partitions: Some(16), ..Default::default() };
+        let config = Config::resolve(&args).expect("resolves");
+        assert_eq!(config.listen, "0.0.0.0:9000", "from the file");
+        assert_eq!(config.partitions, 16, "flag beats file");
+        assert_eq!(config.log_ack_timeout, Duration::from_secs(2));
+        assert_eq!(config.max_request_items, 10_000, "default kept");
+    }
+
+    #[test]
+    fn unknown_keys_and_unsupported_backends_are_explained() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "listn = \"x\"\n").expect("write");
+        let err = format!("{:#}", Config::from_file(&path).expect_err("typo"));
+        assert!(err.contains("unknown field `listn`") && err.contains("bad.toml"), "{err}");
+        let args = ConfigArgs { log: Some("kafka://localhost:9092".into()), ..Default::default() };
+        let err = Config::resolve(&args).expect_err("not yet").to_string();
+        assert!(err.contains("only \"embedded\""), "{err}");
+    }
+}
