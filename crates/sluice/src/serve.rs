@@ -87,10 +87,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The banner. `listening on` is always the last line, so a supervisor or test that reads it
+/// knows the server is accepting.
 fn print_banner(config: &Config, addr: std::net::SocketAddr, first_key: Option<&str>) {
-    println!("sluice {} listening on http://{addr}", env!("CARGO_PKG_VERSION"));
     println!(
-        "  embedded: data dir {}, {} log partitions",
+        "sluice {} (embedded: data dir {}, {} log partitions)",
+        env!("CARGO_PKG_VERSION"),
         config.data_dir.display(),
         config.partitions
     );
@@ -98,6 +100,7 @@ fn print_banner(config: &Config, addr: std::net::SocketAddr, first_key: Option<&
         println!("  first start: created org \"default\"; its API key (shown once):");
         println!("  api key: {key}");
     }
+    println!("listening on http://{addr}");
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,283 @@
+//! The `sluice` binary as a user runs it: admin commands, `serve` with admin commands running
+//! beside it, and the crash test (SIGKILL under concurrent load, restart, verify the log).
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice::client::Connection;
+use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
+
+fn sluice(data_dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    cmd.arg("--data-dir").arg(data_dir).env("RUST_LOG", "warn");
+    cmd
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("sluice runs");
+    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+fn run_err(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("sluice runs");
+    assert!(!out.status.success(), "{cmd:?} should fail");
+    String::from_utf8(out.stderr).expect("utf-8 stderr")
+}
+
+/// A `sluice serve` child process.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+    /// The key printed in the banner on first start.
+    first_key: Option<String>,
+}
+
+impl Server {
+    fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let mut child = sluice(data_dir)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(data_dir.with_extension("stderr.log"))
+                    .expect("stderr file"),
+            ))
+            .spawn()
+            .expect("spawn sluice serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut addr = None;
+        let mut first_key = None;
+        for line in lines.by_ref() {
+            let line = line.expect("banner line");
+            if let Some(rest) = line.split("api key: ").nth(1) {
+                first_key = Some(rest.trim().to_string());
+            }
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                addr = Some(rest.trim().parse().expect("listen address"));
+                break;
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr: addr.expect("banner has the address"), first_key }
+    }
+
+    fn sigterm(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill");
+        assert!(status.success());
+        wait_timeout(&mut self.child, Duration::from_secs(30)).expect("exits after SIGTERM")
+    }
+
+    fn sigkill(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn admin_commands_manage_orgs_keys_and_bans() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    run_ok(sluice(&data).args(["orgs", "create", "acme"]));
+    let key = run_ok(sluice(&data).args(["keys", "create", "--org", "acme"]));
+    assert!(key.starts_with("sk_") && key.trim_end().len() == 51 && key.lines().count() == 1, "only the key: {key:?}");
+    let list = run_ok(sluice(&data).args(["orgs", "list"]));
+    assert!(list.lines().any(|l| l.starts_with("acme") && l.contains("active")), "{list}");
+    run_ok(sluice(&data).args(["orgs", "disable", "acme"]));
+    assert!(run_ok(sluice(&data).args(["orgs", "list"])).lines().any(|l| l.starts_with("acme") && l.contains("disabled")));
+    run_ok(sluice(&data).args(["users", "ban", "--org", "acme", "u1"]));
+    assert!(run_ok(sluice(&data).args(["users", "unban", "--org", "acme", "u1"])).contains("unbanned"));
+
+    let err = run_err(sluice(&data).args(["keys", "create", "--org", "nope"]));
+    assert!(err.contains("no org named \"nope\""), "{err}");
+    let err = run_err(sluice(&data).args(["orgs", "create", "bad:name"]));
+    assert!(err.contains("invalid org name"), "{err}");
+    let err = run_err(sluice(&data).args(["orgs", "create", "acme"]));
+    assert!(err.contains("already exists"), "{err}");
+    let err = run_err(sluice(&data).args(["--log", "kafka://x:9092", "orgs", "list"]));
+    assert!(err.contains("not supported by this build yet"), "{err}");
+}
+
+#[test]
+fn config_default_prints_a_file_the_server_accepts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = run_ok(Command::new(env!("CARGO_BIN_EXE_sluice")).args(["config", "default"]));
+    assert!(text.contains("log_ack_timeout = \"5s\""));
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(&path, text.replace("partitions = 8", "partitions = 3")).expect("write");
+    // Config file < env < flags: the env var beats the file, the flag beats the env var.
+    let data = dir.path().join("data");
+    run_ok(sluice(&data).arg("--config").arg(&path).args(["orgs", "create", "from-file"]));
+    let err = run_err(
+        sluice(&data)
+            .arg("--config")
+            .arg(&path)
+            .env("SLUICE_REGISTRY", "postgres://nowhere")
+            .args(["orgs", "list"]),
+    );
+    assert!(err.contains("registry = \"postgres://nowhere\""), "env overrides the file: {err}");
+    run_ok(
+        sluice(&data)
+            .arg("--config")
+            .arg(&path)
+            .env("SLUICE_REGISTRY", "postgres://nowhere")
+            .args(["--registry", "embedded", "orgs", "list"]),
+    );
+    std::fs::write(&path, "partitons = 3\n").expect("write");
+    let err = run_err(sluice(&data).arg("--config").arg(&path).args(["orgs", "list"]));
+    assert!(err.contains("unknown field `partitons`") && err.contains("sluice.toml"), "{err}");
+}
+
+async fn post(addr: SocketAddr, key: &str, path: &str, body: Value) -> (u16, Value) {
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let r = conn.post(path, &[("api-key", key)], body.to_string().into()).await.expect("request");
+    (r.status.as_u16(), r.json())
+}
+
+#[tokio::test]
+async fn serve_prints_a_key_once_and_admin_commands_work_while_it_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &["--key-cache-ttl", "100ms"]);
+    let key = server.first_key.clone().expect("first start prints a key");
+    let (status, _) = post(server.addr, &key, "/api/events/track", json!({"userId": "u", "eventName": "e"})).await;
+    assert_eq!(status, 200);
+
+    // A new org and key, created by a second process while the server runs.
+    run_ok(sluice(&data).args(["orgs", "create", "late"]));
+    let late = run_ok(sluice(&data).args(["keys", "create", "--org", "late"])).trim().to_string();
+    let (status, _) = post(server.addr, &late, "/api/users/update", json!({"userId": "u", "dataFields": {}})).await;
+    assert_eq!(status, 200);
+    run_ok(sluice(&data).args(["orgs", "disable", "late"]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = post(server.addr, &late, "/api/users/update", json!({"userId": "u", "dataFields": {}})).await;
+    assert_eq!(status, 401, "{body}");
+
+    let status = server.sigterm();
+    assert!(status.success(), "drains and exits 0 on SIGTERM: {status:?}");
+    let again = Server::start(&data, &[]);
+    assert!(again.first_key.is_none(), "the key is printed on first start only");
+}
+
+/// What one client saw: the message ids the server acknowledged, in the order it sent them.
+type Acked = Vec<String>;
+
+/// One client: sequential requests over one connection, each user's messages in order.
+/// Ids are `c<client>-<seq>-<item>`; users are `c<client>-u<n>`.
+async fn client_load(addr: SocketAddr, key: String, client: usize, round: usize) -> Acked {
+    let mut acked = Vec::new();
+    let Ok(mut conn) = Connection::connect(addr).await else { return acked };
+    for seq in 0.. {
+        let (path, body, ids): (&str, Value, Vec<String>) = if seq % 4 == 3 {
+            let ids: Vec<String> = (0..10).map(|i| format!("r{round}-c{client}-{seq}-{i}")).collect();
+            let events: Vec<Value> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| json!({"userId": format!("c{client}-u{}", i % 3), "eventName": "e", "id": id, "dataFields": {"seq": seq}}))
+                .collect();
+            ("/api/events/trackBulk", json!({"events": events}), ids)
+        } else {
+            let id = format!("r{round}-c{client}-{seq}-0");
+            let body = json!({"userId": format!("c{client}-u{}", seq % 3), "id": id, "dataFields": {"seq": seq}});
+            ("/api/users/update", body, vec![id])
+        };
+        match conn.post(path, &[("api-key", &key)], body.to_string().into()).await {
+            Ok(reply) if reply.status == 200 => acked.extend(ids),
+            Ok(reply) => panic!("unexpected status {} before the kill: {:?}", reply.status, reply.json()),
+            Err(_) => return acked, // the server died under us
+        }
+    }
+    acked
+}
+
+/// Parses `r<round>-c<client>-<seq>-<item>` into a sortable send position.
+fn send_position(id: &str) -> (usize, usize, usize, usize) {
+    let parts: Vec<usize> = id
+        .split('-')
+        .map(|p| p.trim_start_matches(['r', 'c']).parse().expect("numeric id part"))
+        .collect();
+    (parts[0], parts[1], parts[2], parts[3])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_loses_no_acknowledged_message() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut key = None;
+    let mut all_acked: Vec<String> = Vec::new();
+    for (round, run_for) in [700u64, 1300, 400].into_iter().enumerate() {
+        let mut server = Server::start(&data, &[]);
+        if key.is_none() {
+            key = server.first_key.clone();
+        }
+        let key = key.clone().expect("key from the first start");
+        let clients: Vec<_> = (0..16)
+            .map(|c| tokio::spawn(client_load(server.addr, key.clone(), c, round)))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(run_for)).await;
+        server.sigkill();
+        for c in clients {
+            all_acked.extend(c.await.expect("client task"));
+        }
+    }
+    eprintln!("crash test: {} acknowledged messages over 3 SIGKILLs", all_acked.len());
+    assert!(all_acked.len() > 1000, "the load did real work: {} acks", all_acked.len());
+
+    // Restart once more: the data dir must open cleanly after the kills.
+    let mut server = Server::start(&data, &[]);
+    let status = server.sigterm();
+    assert!(status.success());
+
+    let log = Arc::new(EmbeddedLog::open(&data.join("log"), EmbeddedLogConfig::default()).expect("log reopens"));
+    let mut count: HashMap<String, usize> = HashMap::new();
+    let mut per_user: HashMap<String, Vec<(usize, usize, usize, usize)>> = HashMap::new();
+    for p in 0..log.partitions() {
+        let records = log.read(p, 0, usize::MAX).expect("read");
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r.offset, i as u64, "partition {p}: offsets are contiguous");
+            let v: Value = serde_json::from_slice(&r.value).expect("every record is intact JSON");
+            let id = v["messageId"].as_str().expect("messageId").to_string();
+            let user = String::from_utf8_lossy(&r.key).into_owned();
+            assert_eq!(user, format!("default:u:{}", v["userId"].as_str().expect("userId")));
+            *count.entry(id.clone()).or_default() += 1;
+            per_user.entry(user).or_default().push(send_position(&id));
+        }
+    }
+    let acked_in_log = all_acked.iter().filter(|id| count.get(*id) == Some(&1)).count();
+    assert_eq!(acked_in_log, all_acked.len(), "every acknowledged message is in the log exactly once");
+    assert!(count.values().all(|&n| n == 1), "no message is in the log twice");
+    for (user, positions) in per_user {
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{user}: log order follows send order: {positions:?}");
+    }
+}
+
