@@ -167,7 +167,10 @@ impl EmbeddedLog {
                 },
                 e => storage(e),
             })?;
-        let opts = || KeyspaceCreateOptions::default().max_memtable_size(16 << 20);
+        let opts = || KeyspaceCreateOptions::default().max_memtable_size(8 << 20);
+        // Partitions are only ever range-scanned, never point-read: bloom filters would be
+        // built on every flush for nothing.
+        let partition_opts = || opts().filter_policy(fjall::config::FilterPolicy::disabled());
         let meta = db.keyspace("meta", opts).map_err(storage)?;
         let offsets = db.keyspace("offsets", opts).map_err(storage)?;
 
@@ -193,7 +196,7 @@ impl EmbeddedLog {
         let mut high_watermarks = Vec::with_capacity(config.partitions as usize);
         let mut extents = Vec::with_capacity(config.partitions as usize);
         for p in 0..config.partitions {
-            let ks = db.keyspace(&format!("p{p}"), opts).map_err(storage)?;
+            let ks = db.keyspace(&format!("p{p}"), partition_opts).map_err(storage)?;
             let start = meta
                 .get(meta_key(META_START, p))
                 .map_err(storage)?
