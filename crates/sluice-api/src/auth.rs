@@ -4,6 +4,7 @@
 //! `Authorization: Basic base64(KEY:)`. Lookups go through a short TTL cache so the hot path does
 //! not touch the registry per request; a disabled org or a new key takes effect within the TTL.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ pub enum KeySources {
 pub struct Authenticator {
     registry: Arc<dyn Registry>,
     /// key → org (or `None` for an unknown key), kept for `ttl`.
-    cache: Cache<String, Option<Org>>,
+    cache: Cache<String, Option<Arc<Org>>>,
 }
 
 impl Authenticator {
@@ -37,7 +38,7 @@ impl Authenticator {
     }
 
     /// Finds the key in `headers` and resolves it to an active org.
-    pub async fn authenticate(&self, headers: &HeaderMap, sources: KeySources) -> Result<Org, ApiError> {
+    pub async fn authenticate(&self, headers: &HeaderMap, sources: KeySources) -> Result<Arc<Org>, ApiError> {
         match key_from_headers(headers, sources)? {
             Some(key) => self.org_for_key(&key).await,
             None => Err(ApiError::Unauthorized(match sources {
@@ -48,14 +49,19 @@ impl Authenticator {
     }
 
     /// Resolves a key to its org; unknown keys and disabled orgs are 401.
-    pub async fn org_for_key(&self, key: &str) -> Result<Org, ApiError> {
-        let registry = Arc::clone(&self.registry);
-        let owned = key.to_string();
-        let found = self
-            .cache
-            .try_get_with(owned.clone(), async move { registry.org_for_key(&owned).await })
-            .await
-            .map_err(|e| ApiError::Unavailable(format!("cannot check the API key right now: {e}")))?;
+    pub async fn org_for_key(&self, key: &str) -> Result<Arc<Org>, ApiError> {
+        // Fast path: a hit allocates nothing. A miss loads once for all concurrent callers.
+        let found = match self.cache.get(key).await {
+            Some(found) => found,
+            None => {
+                let registry = Arc::clone(&self.registry);
+                let owned = key.to_string();
+                self.cache
+                    .try_get_with(owned.clone(), async move { registry.org_for_key(&owned).await.map(|o| o.map(Arc::new)) })
+                    .await
+                    .map_err(|e| ApiError::Unavailable(format!("cannot check the API key right now: {e}")))?
+            }
+        };
         match found {
             Some(org) if org.active => Ok(org),
             Some(org) => Err(ApiError::Unauthorized(format!("org {:?} of this API key is disabled", org.name))),
@@ -64,13 +70,13 @@ impl Authenticator {
     }
 }
 
-fn key_from_headers(headers: &HeaderMap, sources: KeySources) -> Result<Option<String>, ApiError> {
+fn key_from_headers(headers: &HeaderMap, sources: KeySources) -> Result<Option<Cow<'_, str>>, ApiError> {
     if let Some(value) = headers.get("api-key") {
         let key = value
             .to_str()
             .map_err(|_| ApiError::Unauthorized("Api-Key header is not valid text".into()))?
             .trim();
-        return Ok(Some(key.to_string()));
+        return Ok(Some(Cow::Borrowed(key)));
     }
     let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
         return Ok(None);
@@ -81,7 +87,7 @@ fn key_from_headers(headers: &HeaderMap, sources: KeySources) -> Result<Option<S
         .trim();
     let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
     if scheme.eq_ignore_ascii_case("bearer") {
-        return Ok(Some(rest.trim().to_string()));
+        return Ok(Some(Cow::Borrowed(rest.trim())));
     }
     if scheme.eq_ignore_ascii_case("basic") && sources == KeySources::WithBasic {
         let decoded = decode_base64(rest.trim())
@@ -89,7 +95,7 @@ fn key_from_headers(headers: &HeaderMap, sources: KeySources) -> Result<Option<S
         let text = String::from_utf8(decoded)
             .map_err(|_| ApiError::Unauthorized("Authorization: Basic value is not valid text".into()))?;
         let user = text.split_once(':').map_or(text.as_str(), |(user, _)| user);
-        return Ok(Some(user.to_string()));
+        return Ok(Some(Cow::Owned(user.to_string())));
     }
     Err(ApiError::Unauthorized(format!(
         "unsupported Authorization scheme {scheme:?}: use Bearer{}",

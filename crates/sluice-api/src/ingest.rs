@@ -3,7 +3,7 @@
 
 use std::borrow::Cow;
 
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -12,27 +12,21 @@ use sluice_model::{ItemError, Message, parse_event, parse_user_update};
 use sluice_registry::Org;
 
 use crate::auth::KeySources;
-use crate::body::LimitedBody;
+use crate::body::read_request;
 use crate::error::{ApiError, json_error};
 use crate::response::{Accepted, Failure};
 use crate::{AppState, Limits};
 
 type ItemParser = for<'a> fn(&'a RawValue) -> Result<Message<'a>, ItemError>;
 
-pub(crate) async fn users_update(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    LimitedBody(body): LimitedBody,
-) -> Result<Accepted, ApiError> {
-    single(&app, &headers, &body, parse_user_update).await
+pub(crate) async fn users_update(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+    let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
+    single(&app, &parts.headers, &body, parse_user_update).await
 }
 
-pub(crate) async fn events_track(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    LimitedBody(body): LimitedBody,
-) -> Result<Accepted, ApiError> {
-    single(&app, &headers, &body, parse_event).await
+pub(crate) async fn events_track(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+    let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
+    single(&app, &parts.headers, &body, parse_event).await
 }
 
 #[derive(Deserialize)]
@@ -47,24 +41,18 @@ struct BulkEvents<'a> {
     events: Vec<&'a RawValue>,
 }
 
-pub(crate) async fn users_bulk_update(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    LimitedBody(body): LimitedBody,
-) -> Result<Accepted, ApiError> {
-    let org = app.auth.authenticate(&headers, KeySources::Standard).await?;
+pub(crate) async fn users_bulk_update(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+    let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
+    let org = app.auth.authenticate(&parts.headers, KeySources::Standard).await?;
     let bulk: BulkUsers<'_> =
         serde_json::from_slice(&body).map_err(|e| json_error(&e, "body must be {\"users\": [...]}"))?;
     let (messages, failures) = parse_items(&bulk.users, "users", &app.limits, parse_user_update)?;
     accept(&app, &org, messages, failures).await
 }
 
-pub(crate) async fn events_track_bulk(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    LimitedBody(body): LimitedBody,
-) -> Result<Accepted, ApiError> {
-    let org = app.auth.authenticate(&headers, KeySources::Standard).await?;
+pub(crate) async fn events_track_bulk(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+    let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
+    let org = app.auth.authenticate(&parts.headers, KeySources::Standard).await?;
     let bulk: BulkEvents<'_> =
         serde_json::from_slice(&body).map_err(|e| json_error(&e, "body must be {\"events\": [...]}"))?;
     let (messages, failures) = parse_items(&bulk.events, "events", &app.limits, parse_event)?;

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::{FromRef, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -74,12 +74,6 @@ pub struct AppState {
     pub(crate) log_ack_timeout: Duration,
     /// Set when the server starts draining: `/readyz` turns 503 so balancers stop sending.
     pub(crate) draining: Arc<AtomicBool>,
-}
-
-impl FromRef<AppState> for Limits {
-    fn from_ref(state: &AppState) -> Limits {
-        state.limits
-    }
 }
 
 impl AppState {

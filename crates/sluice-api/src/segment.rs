@@ -1,20 +1,22 @@
 //! The Segment HTTP Tracking API routes (`/v1/identify`, `/v1/track`, ..., `/v1/batch`).
 //! Auth: the standard headers, Basic auth with the key as user name, or `writeKey` in the body.
 
-use axum::extract::State;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use serde_json::value::RawValue;
 use sluice_model::segment::{SegmentCall, SegmentEnvelope, parse_segment};
 use sluice_registry::Org;
 
 use crate::auth::KeySources;
-use crate::body::LimitedBody;
+use crate::body::read_request;
 use crate::error::{ApiError, json_error};
 use crate::ingest::{accept, parse_items};
 use crate::response::Accepted;
 use crate::AppState;
 
-async fn authenticate(app: &AppState, headers: &HeaderMap, envelope: &SegmentEnvelope<'_>) -> Result<Org, ApiError> {
+async fn authenticate(app: &AppState, headers: &HeaderMap, envelope: &SegmentEnvelope<'_>) -> Result<Arc<Org>, ApiError> {
     match &envelope.write_key {
         Some(key) if headers.get("api-key").is_none() && headers.get("authorization").is_none() => {
             app.auth.org_for_key(key).await
@@ -41,12 +43,9 @@ async fn one(app: &AppState, headers: &HeaderMap, body: &[u8], call: SegmentCall
 
 macro_rules! segment_route {
     ($name:ident, $call:expr) => {
-        pub(crate) async fn $name(
-            State(app): State<AppState>,
-            headers: HeaderMap,
-            LimitedBody(body): LimitedBody,
-        ) -> Result<Accepted, ApiError> {
-            one(&app, &headers, &body, $call).await
+        pub(crate) async fn $name(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+            let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
+            one(&app, &parts.headers, &body, $call).await
         }
     };
 }
@@ -58,14 +57,12 @@ segment_route!(screen, SegmentCall::Screen);
 segment_route!(group, SegmentCall::Group);
 segment_route!(alias, SegmentCall::Alias);
 
-pub(crate) async fn batch(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    LimitedBody(body): LimitedBody,
-) -> Result<Accepted, ApiError> {
+pub(crate) async fn batch(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+    let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
+    let headers = &parts.headers;
     let envelope: SegmentEnvelope<'_> =
         serde_json::from_slice(&body).map_err(|e| json_error(&e, "body must be {\"batch\": [...]}"))?;
-    let org = authenticate(&app, &headers, &envelope).await?;
+    let org = authenticate(&app, headers, &envelope).await?;
     let items = envelope
         .batch
         .as_deref()

@@ -1,67 +1,165 @@
-//! Encoding of one record in a partition keyspace: `[timestamp i64 BE][key len u32 BE][key][value]`.
-//! fjall checksums the blocks and journal entries around it.
+//! Encoding of the partition keyspaces.
+//!
+//! A partition stores *chunks*: one fjall entry per partition per group commit, keyed by the
+//! offset of its first record (u64 big-endian). Storing a group's records as one entry keeps
+//! fjall's per-entry costs (memtable insert, journal framing, flush) per group instead of per
+//! record. fjall checksums the blocks and journal entries around each chunk.
+//!
+//! chunk  = count: u32 BE, then `count` records
+//! record = timestamp: i64 BE, key len: u32 BE, value len: u32 BE, key, value
 
 use bytes::Bytes;
 
 use crate::{LogRecord, Record};
 
-const HEADER: usize = 8 + 4;
+const CHUNK_HEADER: usize = 4;
+const RECORD_HEADER: usize = 8 + 4 + 4;
 
 /// Bytes a record occupies, as counted by size-based retention.
 pub(crate) fn stored_len(key: usize, value: usize) -> u64 {
-    (HEADER + key + value) as u64
+    (RECORD_HEADER + key + value) as u64
 }
 
-pub(crate) fn encode(record: &Record) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(HEADER + record.key.len() + record.value.len());
-    buf.extend_from_slice(&record.timestamp_ms.to_be_bytes());
-    buf.extend_from_slice(&(record.key.len() as u32).to_be_bytes());
-    buf.extend_from_slice(&record.key);
-    buf.extend_from_slice(&record.value);
-    buf
+/// A chunk being built by the writer.
+pub(crate) struct ChunkBuilder {
+    pub(crate) first_offset: u64,
+    buf: Vec<u8>,
+    count: u32,
 }
 
-/// Decodes a stored record; `None` if the bytes are not a record (corruption fjall missed).
-pub(crate) fn decode(partition: u32, offset: u64, stored: &[u8]) -> Option<LogRecord> {
-    let timestamp_ms = i64::from_be_bytes(stored.get(0..8)?.try_into().ok()?);
-    let key_len = u32::from_be_bytes(stored.get(8..12)?.try_into().ok()?) as usize;
-    let key = stored.get(HEADER..HEADER + key_len)?;
-    let value = stored.get(HEADER + key_len..)?;
-    Some(LogRecord {
-        partition,
-        offset,
-        timestamp_ms,
-        key: Bytes::copy_from_slice(key),
-        value: Bytes::copy_from_slice(value),
+impl ChunkBuilder {
+    pub(crate) fn new(first_offset: u64) -> Self {
+        let mut buf = Vec::with_capacity(4096);
+        buf.extend_from_slice(&0u32.to_be_bytes());
+        ChunkBuilder { first_offset, buf, count: 0 }
+    }
+
+    pub(crate) fn push(&mut self, record: &Record) {
+        self.buf.extend_from_slice(&record.timestamp_ms.to_be_bytes());
+        self.buf.extend_from_slice(&(record.key.len() as u32).to_be_bytes());
+        self.buf.extend_from_slice(&(record.value.len() as u32).to_be_bytes());
+        self.buf.extend_from_slice(&record.key);
+        self.buf.extend_from_slice(&record.value);
+        self.count += 1;
+    }
+
+    pub(crate) fn finish(mut self) -> (u64, Vec<u8>) {
+        self.buf[..CHUNK_HEADER].copy_from_slice(&self.count.to_be_bytes());
+        (self.first_offset, self.buf)
+    }
+}
+
+/// Number of records in a stored chunk.
+pub(crate) fn chunk_len(stored: &[u8]) -> Option<u64> {
+    Some(u64::from(u32::from_be_bytes(stored.get(..CHUNK_HEADER)?.try_into().ok()?)))
+}
+
+/// One record inside a chunk, as byte ranges into the chunk.
+struct RawRecord {
+    timestamp_ms: i64,
+    key: std::ops::Range<usize>,
+    value: std::ops::Range<usize>,
+}
+
+/// Walks the records of a chunk; stops (returning `None`) at the first malformed byte.
+fn records(stored: &[u8]) -> impl Iterator<Item = Option<RawRecord>> + '_ {
+    let count = chunk_len(stored).unwrap_or(0);
+    let mut at = CHUNK_HEADER;
+    (0..count).map(move |_| {
+        let timestamp_ms = i64::from_be_bytes(stored.get(at..at + 8)?.try_into().ok()?);
+        let key_len = u32::from_be_bytes(stored.get(at + 8..at + 12)?.try_into().ok()?) as usize;
+        let value_len = u32::from_be_bytes(stored.get(at + 12..at + 16)?.try_into().ok()?) as usize;
+        let key = at + RECORD_HEADER..at + RECORD_HEADER + key_len;
+        let value = key.end..key.end + value_len;
+        if value.end > stored.len() {
+            return None;
+        }
+        at = value.end;
+        Some(RawRecord { timestamp_ms, key, value })
     })
 }
 
-/// Just the timestamp, for retention scans.
-pub(crate) fn timestamp(stored: &[u8]) -> Option<i64> {
-    Some(i64::from_be_bytes(stored.get(0..8)?.try_into().ok()?))
+/// Decodes the records of chunk `first_offset` whose offsets are in `from..end`, at most `max`,
+/// appending them to `out`. `None` if the chunk is malformed.
+pub(crate) fn decode_chunk(
+    partition: u32,
+    first_offset: u64,
+    stored: &[u8],
+    from: u64,
+    end: u64,
+    max: usize,
+    out: &mut Vec<LogRecord>,
+) -> Option<()> {
+    let chunk = Bytes::copy_from_slice(stored);
+    for (i, raw) in records(stored).enumerate() {
+        let raw = raw?;
+        let offset = first_offset + i as u64;
+        if offset < from {
+            continue;
+        }
+        if offset >= end || out.len() >= max {
+            break;
+        }
+        out.push(LogRecord {
+            partition,
+            offset,
+            timestamp_ms: raw.timestamp_ms,
+            key: chunk.slice(raw.key),
+            value: chunk.slice(raw.value),
+        });
+    }
+    Some(())
+}
+
+/// The newest timestamp and the retention bytes of a chunk.
+pub(crate) fn chunk_summary(stored: &[u8]) -> Option<(i64, u64)> {
+    let mut newest = i64::MIN;
+    let mut bytes = 0;
+    for raw in records(stored) {
+        let raw = raw?;
+        newest = newest.max(raw.timestamp_ms);
+        bytes += stored_len(raw.key.len(), raw.value.len());
+    }
+    Some((newest, bytes))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trip() {
-        let r = Record { key: b"acme:u:1".to_vec(), value: br#"{"v":1}"#.to_vec(), timestamp_ms: -3 };
-        let enc = encode(&r);
-        assert_eq!(enc.len() as u64, stored_len(r.key.len(), r.value.len()));
-        let d = decode(2, 7, &enc).expect("decodes");
-        assert_eq!((d.partition, d.offset, d.timestamp_ms), (2, 7, -3));
-        assert_eq!(&d.key[..], &r.key[..]);
-        assert_eq!(&d.value[..], &r.value[..]);
-        assert_eq!(timestamp(&enc), Some(-3));
+    fn record(key: &str, value: &str, ts: i64) -> Record {
+        Record { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec(), timestamp_ms: ts }
     }
 
     #[test]
-    fn truncated_bytes_do_not_decode() {
-        let enc = encode(&Record { key: b"k".to_vec(), value: b"v".to_vec(), timestamp_ms: 0 });
-        for cut in 0..13 {
-            assert!(decode(0, 0, &enc[..cut]).is_none(), "cut at {cut}");
+    fn chunks_round_trip_and_decode_a_window() {
+        let mut chunk = ChunkBuilder::new(10);
+        for i in 0..5 {
+            chunk.push(&record("k", &format!("v{i}"), 100 + i));
+        }
+        let (first, stored) = chunk.finish();
+        assert_eq!(first, 10);
+        assert_eq!(chunk_len(&stored), Some(5));
+        assert_eq!(chunk_summary(&stored), Some((104, 5 * stored_len(1, 2))));
+        let mut out = Vec::new();
+        decode_chunk(3, 10, &stored, 12, 14, 100, &mut out).expect("decodes");
+        let got: Vec<_> = out.iter().map(|r| (r.offset, String::from_utf8_lossy(&r.value).into_owned())).collect();
+        assert_eq!(got, [(12, "v2".to_string()), (13, "v3".to_string())]);
+        assert!(out.iter().all(|r| r.partition == 3 && &r.key[..] == b"k"));
+        out.clear();
+        decode_chunk(3, 10, &stored, 0, u64::MAX, 2, &mut out).expect("decodes");
+        assert_eq!(out.len(), 2, "max is respected");
+    }
+
+    #[test]
+    fn truncated_chunks_are_reported_not_misread() {
+        let mut chunk = ChunkBuilder::new(0);
+        chunk.push(&record("key", "value", 1));
+        let (_, stored) = chunk.finish();
+        for cut in 4..stored.len() {
+            let mut out = Vec::new();
+            assert!(decode_chunk(0, 0, &stored[..cut], 0, u64::MAX, 10, &mut out).is_none(), "cut at {cut}");
+            assert!(chunk_summary(&stored[..cut]).is_none());
         }
     }
 }

@@ -1,8 +1,8 @@
 //! The embedded log: N partitions on one fjall database on local disk.
 //!
 //! Storage layout (one fjall `Database` under `<data_dir>/log`):
-//! - keyspace `p<N>` per partition: key = offset (u64 big-endian), value = encoded record
-//!   (`codec`).
+//! - keyspace `p<N>` per partition: chunks of records, one per group commit, keyed by the
+//!   offset of their first record (`codec`).
 //! - keyspace `meta`: per partition, the first retained offset (`start:<p>`) and the bytes held
 //!   (`bytes:<p>`), written in the same atomic batch as the records they describe.
 //! - keyspace `offsets`: committed position per (group, partition).
@@ -209,8 +209,16 @@ impl EmbeddedLog {
                 .unwrap_or(0);
             let next = match ks.last_key_value() {
                 Some(guard) => {
-                    let key = guard.key().map_err(storage)?;
-                    read_u64(&key).map_or(start, |last| last + 1)
+                    let (key, chunk) = guard.into_inner().map_err(storage)?;
+                    match (read_u64(&key), codec::chunk_len(&chunk)) {
+                        (Some(first), Some(count)) => first + count,
+                        _ => {
+                            return Err(LogError::Storage {
+                                path: dir.display().to_string(),
+                                message: format!("partition {p}: the last chunk is malformed"),
+                            });
+                        }
+                    }
                 }
                 None => start,
             };

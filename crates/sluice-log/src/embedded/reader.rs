@@ -43,16 +43,23 @@ pub(super) fn read_range(
     if from >= end || max == 0 {
         return Ok(Vec::new());
     }
-    let mut out = Vec::with_capacity(max.min((end - from) as usize));
-    for guard in keyspace.range(from.to_be_bytes()..end.to_be_bytes()).take(max) {
-        let (key, value) = guard.into_inner().map_err(|e| shared.storage_error(e))?;
-        let offset = read_u64(&key).ok_or_else(|| {
-            shared.storage_error(format!("partition {partition}: malformed offset key {key:?}"))
+    let mut out = Vec::with_capacity(max.min((end - from) as usize).min(8192));
+    // Start at the chunk holding `from`: the last chunk whose first offset is at most `from`.
+    let start_key = match keyspace.range(..=from.to_be_bytes()).next_back() {
+        Some(guard) => guard.key().map_err(|e| shared.storage_error(e))?.to_vec(),
+        None => from.to_be_bytes().to_vec(),
+    };
+    for guard in keyspace.range(start_key..end.to_be_bytes().to_vec()) {
+        if out.len() >= max {
+            break;
+        }
+        let (key, chunk) = guard.into_inner().map_err(|e| shared.storage_error(e))?;
+        let first = read_u64(&key).ok_or_else(|| {
+            shared.storage_error(format!("partition {partition}: malformed chunk key {key:?}"))
         })?;
-        let record = codec::decode(partition, offset, &value).ok_or_else(|| {
-            shared.storage_error(format!("partition {partition} offset {offset}: malformed record"))
+        codec::decode_chunk(partition, first, &chunk, from, end, max, &mut out).ok_or_else(|| {
+            shared.storage_error(format!("partition {partition} chunk at offset {first}: malformed record"))
         })?;
-        out.push(record);
     }
     Ok(out)
 }

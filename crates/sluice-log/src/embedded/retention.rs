@@ -1,6 +1,7 @@
 //! Retention: delete records every group has committed, then enforce the age and size caps.
 //!
-//! Deletions and the new start offset and byte count of a partition are one atomic batch, so a
+//! Retention works in whole chunks (one group commit's records of a partition). Deletions and
+//! the new start offset and byte count of a partition are one atomic batch, so a
 //! crash in the middle leaves a consistent partition.
 
 use fjall::PersistMode;
@@ -15,8 +16,8 @@ pub struct RetentionReport {
     pub freed_bytes: u64,
 }
 
-/// Deletions per atomic batch.
-const CHUNK: usize = 10_000;
+/// Chunk deletions per atomic batch.
+const CHUNKS_PER_BATCH: usize = 1_000;
 
 pub(super) fn enforce(shared: &Shared, now_ms: i64) -> Result<RetentionReport, LogError> {
     let mut report = RetentionReport::default();
@@ -37,18 +38,22 @@ pub(super) fn enforce(shared: &Shared, now_ms: i64) -> Result<RetentionReport, L
             let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
             let mut new_start = start;
             let mut freed = 0u64;
-            for guard in shared.parts[p].range(start.to_be_bytes()..end.to_be_bytes()).take(CHUNK) {
-                let (key, value) = guard.into_inner().map_err(|e| shared.storage_error(e))?;
-                let Some(offset) = read_u64(&key) else { break };
-                let size = value.len() as u64;
-                let committed = offset < committed_floor;
-                let too_old = age_floor.is_some_and(|floor| codec::timestamp(&value).is_some_and(|t| t < floor));
+            for guard in shared.parts[p].range(start.to_be_bytes()..end.to_be_bytes()).take(CHUNKS_PER_BATCH) {
+                let (key, chunk) = guard.into_inner().map_err(|e| shared.storage_error(e))?;
+                let (Some(first), Some(count), Some((newest, size))) =
+                    (read_u64(&key), codec::chunk_len(&chunk), codec::chunk_summary(&chunk))
+                else {
+                    return Err(shared.storage_error(format!("partition {partition}: malformed chunk during retention")));
+                };
+                // A chunk goes only when every record in it may go.
+                let committed = first + count <= committed_floor;
+                let too_old = age_floor.is_some_and(|floor| newest < floor);
                 let too_big = shared.config.retention_max_bytes.is_some_and(|cap| bytes - freed > cap);
                 if !(committed || too_old || too_big) {
                     break;
                 }
                 batch.remove_weak(&shared.parts[p], key);
-                new_start = offset + 1;
+                new_start = first + count;
                 freed += size;
             }
             if new_start == start {

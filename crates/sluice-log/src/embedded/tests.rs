@@ -169,7 +169,7 @@ async fn retention_deletes_only_what_every_group_committed() {
     assert_eq!(log.read(0, 0, 1).expect("read")[0].offset, 30);
     log.commit("slow", 0, 100).expect("commit");
     assert_eq!(log.enforce_retention(0).expect("retention").deleted, 50);
-    assert_eq!(log.stored_bytes(0).expect("bytes"), 20 * codec::stored_len(1, 2).min(codec::stored_len(1, 2)));
+    assert_eq!(log.stored_bytes(0).expect("bytes"), 20 * codec::stored_len(1, 2));
     log.commit("fast", 0, 100).expect("commit");
     assert_eq!(log.enforce_retention(0).expect("retention").deleted, 20);
     assert_eq!(log.stored_bytes(0).expect("bytes"), 0);
@@ -221,4 +221,31 @@ async fn a_second_process_cannot_open_the_same_log() {
     let _log = open(dir.path(), 1);
     let err = EmbeddedLog::open(dir.path(), config(1)).err().expect("locked");
     assert!(err.to_string().contains("in use by another process"), "{err}");
+}
+
+#[tokio::test]
+async fn reads_start_inside_a_chunk_and_retention_keeps_partly_committed_chunks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = open(dir.path(), 1);
+    // One append is one group commit: these 100 records share one chunk.
+    let batch: Vec<Record> = (0..100).map(|i| record("k", &i.to_string(), 0)).collect();
+    log.append(batch).await.expect("append");
+    log.append(vec![record("k", "100", 0)]).await.expect("append");
+    let window = log.read(0, 37, 10).expect("read");
+    assert_eq!(window.iter().map(|r| r.offset).collect::<Vec<_>>(), (37..47).collect::<Vec<_>>());
+    assert_eq!(&window[0].value[..], b"37");
+    let tail = log.read(0, 99, 10).expect("read");
+    assert_eq!(tail.iter().map(|r| r.offset).collect::<Vec<_>>(), [99, 100], "across the chunk boundary");
+
+    log.commit("g", 0, 50).expect("commit");
+    assert_eq!(log.enforce_retention(0).expect("retention").deleted, 0, "half the chunk is not committed");
+    assert_eq!(log.read(0, 0, 1).expect("read")[0].offset, 0);
+    log.commit("g", 0, 100).expect("commit");
+    assert_eq!(log.enforce_retention(0).expect("retention").deleted, 100);
+    assert_eq!(log.start_offset(0).expect("start"), 100);
+    log.close().await.expect("close");
+    drop(log);
+    let log = open(dir.path(), 1);
+    assert_eq!(log.end_offset(0).expect("end"), 101);
+    assert_eq!(log.read(0, 0, 10).expect("read").iter().map(|r| r.offset).collect::<Vec<_>>(), [100]);
 }

@@ -60,6 +60,7 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
         touched.fill(false);
         added_bytes.fill(0);
         let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut chunks: Vec<Option<codec::ChunkBuilder>> = (0..partitions).map(|_| None).collect();
         let mut acks: Vec<Vec<Ack>> = Vec::with_capacity(group.len());
         for request in &group {
             let mut request_acks = Vec::with_capacity(request.records.len());
@@ -70,10 +71,16 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
                 next[p] += 1;
                 touched[p] = true;
                 added_bytes[p] += codec::stored_len(record.key.len(), record.value.len());
-                batch.insert(&shared.parts[p], offset.to_be_bytes(), codec::encode(record));
+                chunks[p].get_or_insert_with(|| codec::ChunkBuilder::new(offset)).push(record);
                 request_acks.push(Ack { partition, offset });
             }
             acks.push(request_acks);
+        }
+        for (p, chunk) in chunks.into_iter().enumerate() {
+            if let Some(chunk) = chunk {
+                let (first, bytes) = chunk.finish();
+                batch.insert(&shared.parts[p], first.to_be_bytes(), bytes);
+            }
         }
 
         // The byte counters go in the same batch; the extents lock keeps retention from
