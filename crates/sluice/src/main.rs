@@ -2,10 +2,6 @@
 
 use clap::{Parser, Subcommand};
 
-/// glibc malloc showed up as ~15% of CPU on the ingest hot path (many small, short-lived
-/// allocations across threads); mimalloc is built for exactly that.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use sluice::admin::{KeysCommand, OrgsCommand, UsersCommand};
 use sluice::bench::BenchArgs;
 use sluice::config::{Config, ConfigArgs, DEFAULT_CONFIG_TOML};

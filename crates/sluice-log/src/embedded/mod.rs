@@ -167,7 +167,7 @@ impl EmbeddedLog {
                 },
                 e => storage(e),
             })?;
-        let opts = || KeyspaceCreateOptions::default().max_memtable_size(8 << 20);
+        let opts = || KeyspaceCreateOptions::default().max_memtable_size(4 << 20);
         // Partitions are only ever range-scanned, never point-read: bloom filters would be
         // built on every flush for nothing.
         let partition_opts = || opts().filter_policy(fjall::config::FilterPolicy::disabled());
