@@ -33,12 +33,19 @@ impl Authenticator {
     pub fn new(registry: Arc<dyn Registry>, ttl: Duration) -> Self {
         Authenticator {
             registry,
-            cache: Cache::builder().max_capacity(100_000).time_to_live(ttl).build(),
+            cache: Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(ttl)
+                .build(),
         }
     }
 
     /// Finds the key in `headers` and resolves it to an active org.
-    pub async fn authenticate(&self, headers: &HeaderMap, sources: KeySources) -> Result<Arc<Org>, ApiError> {
+    pub async fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        sources: KeySources,
+    ) -> Result<Arc<Org>, ApiError> {
         match key_from_headers(headers, sources)? {
             Some(key) => self.org_for_key(&key).await,
             None => Err(ApiError::Unauthorized(match sources {
@@ -57,20 +64,30 @@ impl Authenticator {
                 let registry = Arc::clone(&self.registry);
                 let owned = key.to_string();
                 self.cache
-                    .try_get_with(owned.clone(), async move { registry.org_for_key(&owned).await.map(|o| o.map(Arc::new)) })
+                    .try_get_with(owned.clone(), async move {
+                        registry.org_for_key(&owned).await.map(|o| o.map(Arc::new))
+                    })
                     .await
-                    .map_err(|e| ApiError::Unavailable(format!("cannot check the API key right now: {e}")))?
+                    .map_err(|e| {
+                        ApiError::Unavailable(format!("cannot check the API key right now: {e}"))
+                    })?
             }
         };
         match found {
             Some(org) if org.active => Ok(org),
-            Some(org) => Err(ApiError::Unauthorized(format!("org {:?} of this API key is disabled", org.name))),
+            Some(org) => Err(ApiError::Unauthorized(format!(
+                "org {:?} of this API key is disabled",
+                org.name
+            ))),
             None => Err(ApiError::Unauthorized("unknown API key".into())),
         }
     }
 }
 
-fn key_from_headers(headers: &HeaderMap, sources: KeySources) -> Result<Option<Cow<'_, str>>, ApiError> {
+fn key_from_headers(
+    headers: &HeaderMap,
+    sources: KeySources,
+) -> Result<Option<Cow<'_, str>>, ApiError> {
     if let Some(value) = headers.get("api-key") {
         let key = value
             .to_str()
@@ -90,16 +107,22 @@ fn key_from_headers(headers: &HeaderMap, sources: KeySources) -> Result<Option<C
         return Ok(Some(Cow::Borrowed(rest.trim())));
     }
     if scheme.eq_ignore_ascii_case("basic") && sources == KeySources::WithBasic {
-        let decoded = decode_base64(rest.trim())
-            .ok_or_else(|| ApiError::Unauthorized("Authorization: Basic value is not valid base64".into()))?;
-        let text = String::from_utf8(decoded)
-            .map_err(|_| ApiError::Unauthorized("Authorization: Basic value is not valid text".into()))?;
+        let decoded = decode_base64(rest.trim()).ok_or_else(|| {
+            ApiError::Unauthorized("Authorization: Basic value is not valid base64".into())
+        })?;
+        let text = String::from_utf8(decoded).map_err(|_| {
+            ApiError::Unauthorized("Authorization: Basic value is not valid text".into())
+        })?;
         let user = text.split_once(':').map_or(text.as_str(), |(user, _)| user);
         return Ok(Some(Cow::Owned(user.to_string())));
     }
     Err(ApiError::Unauthorized(format!(
         "unsupported Authorization scheme {scheme:?}: use Bearer{}",
-        if sources == KeySources::WithBasic { " or Basic" } else { "" }
+        if sources == KeySources::WithBasic {
+            " or Basic"
+        } else {
+            ""
+        }
     )))
 }
 
@@ -138,8 +161,14 @@ mod tests {
 
     #[test]
     fn base64_decodes_standard_and_unpadded() {
-        assert_eq!(decode_base64("c2tfYWJjOg==").as_deref(), Some(&b"sk_abc:"[..]));
-        assert_eq!(decode_base64("c2tfYWJjOg").as_deref(), Some(&b"sk_abc:"[..]));
+        assert_eq!(
+            decode_base64("c2tfYWJjOg==").as_deref(),
+            Some(&b"sk_abc:"[..])
+        );
+        assert_eq!(
+            decode_base64("c2tfYWJjOg").as_deref(),
+            Some(&b"sk_abc:"[..])
+        );
         assert_eq!(decode_base64("YQ").as_deref(), Some(&b"a"[..]));
         assert_eq!(decode_base64("!!"), None);
     }
@@ -148,11 +177,35 @@ mod tests {
     fn key_sources() {
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer sk_1".parse().expect("header"));
-        assert_eq!(key_from_headers(&h, KeySources::Standard).ok().flatten().as_deref(), Some("sk_1"));
-        h.insert("authorization", "Basic c2tfYWJjOg==".parse().expect("header"));
-        assert!(key_from_headers(&h, KeySources::Standard).is_err(), "Basic only on Segment routes");
-        assert_eq!(key_from_headers(&h, KeySources::WithBasic).ok().flatten().as_deref(), Some("sk_abc"));
+        assert_eq!(
+            key_from_headers(&h, KeySources::Standard)
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("sk_1")
+        );
+        h.insert(
+            "authorization",
+            "Basic c2tfYWJjOg==".parse().expect("header"),
+        );
+        assert!(
+            key_from_headers(&h, KeySources::Standard).is_err(),
+            "Basic only on Segment routes"
+        );
+        assert_eq!(
+            key_from_headers(&h, KeySources::WithBasic)
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("sk_abc")
+        );
         h.insert("api-key", "sk_2".parse().expect("header"));
-        assert_eq!(key_from_headers(&h, KeySources::Standard).ok().flatten().as_deref(), Some("sk_2"));
+        assert_eq!(
+            key_from_headers(&h, KeySources::Standard)
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("sk_2")
+        );
     }
 }

@@ -10,12 +10,19 @@ use crate::response::Failure;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("malformed JSON at line {line} column {column}: {message}")]
-    MalformedJson { line: usize, column: usize, message: String },
+    MalformedJson {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{0}")]
     BadRequest(String),
     /// Every item of the request was invalid.
     #[error("no valid item in the request: {summary}")]
-    NoValidItem { summary: String, failures: Vec<Failure> },
+    NoValidItem {
+        summary: String,
+        failures: Vec<Failure>,
+    },
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
@@ -28,7 +35,9 @@ impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::MalformedJson { .. } => (StatusCode::BAD_REQUEST, "BadJson"),
-            ApiError::BadRequest(_) | ApiError::NoValidItem { .. } => (StatusCode::BAD_REQUEST, "BadRequest"),
+            ApiError::BadRequest(_) | ApiError::NoValidItem { .. } => {
+                (StatusCode::BAD_REQUEST, "BadRequest")
+            }
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "TooLarge"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable"),
@@ -57,12 +66,17 @@ impl IntoResponse for ApiError {
             ApiError::NoValidItem { failures, .. } => Some(failures.as_slice()),
             _ => None,
         };
-        let body = ErrorBody { code, error: self.to_string(), failures };
+        let body = ErrorBody {
+            code,
+            error: self.to_string(),
+            failures,
+        };
         let mut response = (status, axum::Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(RETRY_AFTER_SECS),
+            );
         }
         response
     }

@@ -19,12 +19,18 @@ use crate::{AppState, Limits};
 
 type ItemParser = for<'a> fn(&'a RawValue) -> Result<Message<'a>, ItemError>;
 
-pub(crate) async fn users_update(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+pub(crate) async fn users_update(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Accepted, ApiError> {
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
     single(&app, &parts.headers, &body, parse_user_update).await
 }
 
-pub(crate) async fn events_track(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+pub(crate) async fn events_track(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Accepted, ApiError> {
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
     single(&app, &parts.headers, &body, parse_event).await
 }
@@ -41,25 +47,42 @@ struct BulkEvents<'a> {
     events: Vec<&'a RawValue>,
 }
 
-pub(crate) async fn users_bulk_update(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+pub(crate) async fn users_bulk_update(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Accepted, ApiError> {
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
-    let org = app.auth.authenticate(&parts.headers, KeySources::Standard).await?;
-    let bulk: BulkUsers<'_> =
-        serde_json::from_slice(&body).map_err(|e| json_error(&e, "body must be {\"users\": [...]}"))?;
+    let org = app
+        .auth
+        .authenticate(&parts.headers, KeySources::Standard)
+        .await?;
+    let bulk: BulkUsers<'_> = serde_json::from_slice(&body)
+        .map_err(|e| json_error(&e, "body must be {\"users\": [...]}"))?;
     let (messages, failures) = parse_items(&bulk.users, "users", &app.limits, parse_user_update)?;
     accept(&app, &org, messages, failures).await
 }
 
-pub(crate) async fn events_track_bulk(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+pub(crate) async fn events_track_bulk(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Accepted, ApiError> {
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
-    let org = app.auth.authenticate(&parts.headers, KeySources::Standard).await?;
-    let bulk: BulkEvents<'_> =
-        serde_json::from_slice(&body).map_err(|e| json_error(&e, "body must be {\"events\": [...]}"))?;
+    let org = app
+        .auth
+        .authenticate(&parts.headers, KeySources::Standard)
+        .await?;
+    let bulk: BulkEvents<'_> = serde_json::from_slice(&body)
+        .map_err(|e| json_error(&e, "body must be {\"events\": [...]}"))?;
     let (messages, failures) = parse_items(&bulk.events, "events", &app.limits, parse_event)?;
     accept(&app, &org, messages, failures).await
 }
 
-async fn single(app: &AppState, headers: &HeaderMap, body: &[u8], parse: ItemParser) -> Result<Accepted, ApiError> {
+async fn single(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+    parse: ItemParser,
+) -> Result<Accepted, ApiError> {
     let org = app.auth.authenticate(headers, KeySources::Standard).await?;
     let item: &RawValue = serde_json::from_slice(body).map_err(|e| json_error(&e, "body"))?;
     if item.get().len() > app.limits.max_item_bytes {
@@ -88,7 +111,9 @@ pub(crate) fn parse_items<'a>(
         )));
     }
     if items.is_empty() {
-        return Err(ApiError::BadRequest(format!("{field} is empty: nothing to ingest")));
+        return Err(ApiError::BadRequest(format!(
+            "{field} is empty: nothing to ingest"
+        )));
     }
     let mut messages = Vec::with_capacity(items.len());
     let mut failures = Vec::new();
@@ -97,7 +122,10 @@ pub(crate) fn parse_items<'a>(
         if size > limits.max_item_bytes {
             failures.push(Failure {
                 index,
-                error: format!("item is {size} bytes; the limit is {} bytes", limits.max_item_bytes),
+                error: format!(
+                    "item is {size} bytes; the limit is {} bytes",
+                    limits.max_item_bytes
+                ),
             });
             continue;
         }
@@ -117,7 +145,9 @@ pub(crate) async fn accept(
     failures: Vec<Failure>,
 ) -> Result<Accepted, ApiError> {
     if messages.is_empty() {
-        let summary = failures.first().map_or_else(String::new, |f| format!("item {}: {}", f.index, f.error));
+        let summary = failures
+            .first()
+            .map_or_else(String::new, |f| format!("item {}: {}", f.index, f.error));
         return Err(ApiError::NoValidItem { summary, failures });
     }
     let now = now_ms();
@@ -125,7 +155,11 @@ pub(crate) async fn accept(
     let mut message_ids = Vec::with_capacity(messages.len());
     for message in &messages {
         let (key, value) = message.to_record(&org.name, now);
-        records.push(Record { key, value, timestamp_ms: now });
+        records.push(Record {
+            key,
+            value,
+            timestamp_ms: now,
+        });
     }
     for message in messages {
         message_ids.push(match message.message_id {
@@ -141,7 +175,9 @@ pub(crate) async fn accept(
             failures,
             message_ids,
         }),
-        Ok(Err(e)) => Err(ApiError::Unavailable(format!("the messages could not be made durable: {e}"))),
+        Ok(Err(e)) => Err(ApiError::Unavailable(format!(
+            "the messages could not be made durable: {e}"
+        ))),
         Err(_) => Err(ApiError::Unavailable(format!(
             "the log did not acknowledge within {:?}; nothing was acknowledged, retry the request",
             app.log_ack_timeout

@@ -45,7 +45,11 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_item_bytes: 32 << 10, max_request_bytes: 10 << 20, max_request_items: 10_000 }
+        Limits {
+            max_item_bytes: 32 << 10,
+            max_request_bytes: 10 << 20,
+            max_request_items: 10_000,
+        }
     }
 }
 
@@ -61,7 +65,11 @@ pub struct ApiConfig {
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { limits: Limits::default(), log_ack_timeout: Duration::from_secs(5), key_cache_ttl: Duration::from_secs(5) }
+        ApiConfig {
+            limits: Limits::default(),
+            log_ack_timeout: Duration::from_secs(5),
+            key_cache_ttl: Duration::from_secs(5),
+        }
     }
 }
 
@@ -128,7 +136,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if reasons.is_empty() {
         Json(json!({"status": "ready"})).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not ready", "reasons": reasons}))).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not ready", "reasons": reasons})),
+        )
+            .into_response()
     }
 }
 

@@ -9,14 +9,18 @@ use serde_json::value::RawValue;
 use sluice_model::segment::{SegmentCall, SegmentEnvelope, parse_segment};
 use sluice_registry::Org;
 
+use crate::AppState;
 use crate::auth::KeySources;
 use crate::body::read_request;
 use crate::error::{ApiError, json_error};
 use crate::ingest::{accept, parse_items};
 use crate::response::Accepted;
-use crate::AppState;
 
-async fn authenticate(app: &AppState, headers: &HeaderMap, envelope: &SegmentEnvelope<'_>) -> Result<Arc<Org>, ApiError> {
+async fn authenticate(
+    app: &AppState,
+    headers: &HeaderMap,
+    envelope: &SegmentEnvelope<'_>,
+) -> Result<Arc<Org>, ApiError> {
     match &envelope.write_key {
         Some(key) if headers.get("api-key").is_none() && headers.get("authorization").is_none() => {
             app.auth.org_for_key(key).await
@@ -25,10 +29,15 @@ async fn authenticate(app: &AppState, headers: &HeaderMap, envelope: &SegmentEnv
     }
 }
 
-async fn one(app: &AppState, headers: &HeaderMap, body: &[u8], call: SegmentCall) -> Result<Accepted, ApiError> {
+async fn one(
+    app: &AppState,
+    headers: &HeaderMap,
+    body: &[u8],
+    call: SegmentCall,
+) -> Result<Accepted, ApiError> {
     let item: &RawValue = serde_json::from_slice(body).map_err(|e| json_error(&e, "body"))?;
-    let envelope: SegmentEnvelope<'_> =
-        serde_json::from_str(item.get()).map_err(|e| json_error(&e, "body must be a Segment call object"))?;
+    let envelope: SegmentEnvelope<'_> = serde_json::from_str(item.get())
+        .map_err(|e| json_error(&e, "body must be a Segment call object"))?;
     let org = authenticate(app, headers, &envelope).await?;
     if item.get().len() > app.limits.max_item_bytes {
         return Err(ApiError::TooLarge(format!(
@@ -43,7 +52,10 @@ async fn one(app: &AppState, headers: &HeaderMap, body: &[u8], call: SegmentCall
 
 macro_rules! segment_route {
     ($name:ident, $call:expr) => {
-        pub(crate) async fn $name(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+        pub(crate) async fn $name(
+            State(app): State<AppState>,
+            request: Request,
+        ) -> Result<Accepted, ApiError> {
             let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
             one(&app, &parts.headers, &body, $call).await
         }
@@ -57,16 +69,20 @@ segment_route!(screen, SegmentCall::Screen);
 segment_route!(group, SegmentCall::Group);
 segment_route!(alias, SegmentCall::Alias);
 
-pub(crate) async fn batch(State(app): State<AppState>, request: Request) -> Result<Accepted, ApiError> {
+pub(crate) async fn batch(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Accepted, ApiError> {
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
     let headers = &parts.headers;
-    let envelope: SegmentEnvelope<'_> =
-        serde_json::from_slice(&body).map_err(|e| json_error(&e, "body must be {\"batch\": [...]}"))?;
+    let envelope: SegmentEnvelope<'_> = serde_json::from_slice(&body)
+        .map_err(|e| json_error(&e, "body must be {\"batch\": [...]}"))?;
     let org = authenticate(&app, headers, &envelope).await?;
-    let items = envelope
-        .batch
-        .as_deref()
-        .ok_or_else(|| ApiError::BadRequest("body must be {\"batch\": [...]}: missing field `batch`".into()))?;
-    let (messages, failures) = parse_items(items, "batch", &app.limits, |item| parse_segment(item, None))?;
+    let items = envelope.batch.as_deref().ok_or_else(|| {
+        ApiError::BadRequest("body must be {\"batch\": [...]}: missing field `batch`".into())
+    })?;
+    let (messages, failures) = parse_items(items, "batch", &app.limits, |item| {
+        parse_segment(item, None)
+    })?;
     accept(&app, &org, messages, failures).await
 }

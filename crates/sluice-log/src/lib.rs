@@ -57,7 +57,11 @@ pub enum LogError {
     #[error("partition {partition} does not exist: the log has {partitions} partitions")]
     NoSuchPartition { partition: u32, partitions: u32 },
     #[error("cannot commit offset {offset} on partition {partition}: the log ends at {end}")]
-    CommitBeyondEnd { partition: u32, offset: u64, end: u64 },
+    CommitBeyondEnd {
+        partition: u32,
+        offset: u64,
+        end: u64,
+    },
     #[error("consumer group {0:?} is already subscribed in this process")]
     GroupBusy(String),
     #[error("invalid log configuration: {0}")]
@@ -67,7 +71,10 @@ pub enum LogError {
 impl LogError {
     /// Whether trying again later may succeed (the API answers 503 + Retry-After for these).
     pub fn is_retriable(&self) -> bool {
-        matches!(self, LogError::Storage { .. } | LogError::Timeout(_) | LogError::Closed)
+        matches!(
+            self,
+            LogError::Storage { .. } | LogError::Timeout(_) | LogError::Closed
+        )
     }
 }
 

@@ -103,7 +103,8 @@ impl<'a> Message<'a> {
             data_fields: self.data_fields.as_deref().map(Cow::Borrowed),
             merge_nested_objects: self.merge_nested_objects,
         };
-        let mut buf = Vec::with_capacity(160 + self.data_fields.as_ref().map_or(0, |d| d.get().len()));
+        let mut buf =
+            Vec::with_capacity(160 + self.data_fields.as_ref().map_or(0, |d| d.get().len()));
         // Serializing plain strings, integers and already-valid raw JSON into a Vec cannot fail.
         if serde_json::to_writer(&mut buf, &value).is_err() {
             buf.clear();
@@ -121,21 +122,39 @@ pub struct LogValue<'a> {
     pub org: Cow<'a, str>,
     #[serde(rename = "messageId", borrow)]
     pub message_id: Cow<'a, str>,
-    #[serde(rename = "userId", default, skip_serializing_if = "Option::is_none", borrow)]
+    #[serde(
+        rename = "userId",
+        default,
+        skip_serializing_if = "Option::is_none",
+        borrow
+    )]
     pub user_id: Option<Cow<'a, str>>,
     #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
     pub email: Option<Cow<'a, str>>,
     /// Unix milliseconds at which the API accepted the message.
     #[serde(rename = "receivedAt")]
     pub received_at: i64,
-    #[serde(rename = "eventName", default, skip_serializing_if = "Option::is_none", borrow)]
+    #[serde(
+        rename = "eventName",
+        default,
+        skip_serializing_if = "Option::is_none",
+        borrow
+    )]
     pub event_name: Option<Cow<'a, str>>,
     /// Unix milliseconds.
     #[serde(rename = "createdAt", default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<i64>,
-    #[serde(rename = "dataFields", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "dataFields",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub data_fields: Option<Cow<'a, RawValue>>,
-    #[serde(rename = "mergeNestedObjects", default, skip_serializing_if = "is_false")]
+    #[serde(
+        rename = "mergeNestedObjects",
+        default,
+        skip_serializing_if = "is_false"
+    )]
     pub merge_nested_objects: bool,
 }
 
@@ -182,19 +201,25 @@ impl<'a> MessageBuilder<'a> {
                 None => return Err(ItemError::new("eventName is required")),
             }
         }
-        if let Some(fields) = &self.data_fields {
-            if !fields.get().starts_with('{') {
-                return Err(ItemError::new("dataFields must be a JSON object"));
-            }
+        if let Some(fields) = &self.data_fields
+            && !fields.get().starts_with('{')
+        {
+            return Err(ItemError::new("dataFields must be a JSON object"));
         }
         Ok(Message {
             kind,
-            message_id: self.message_id.unwrap_or_else(|| Cow::Owned(new_message_id())),
+            message_id: self
+                .message_id
+                .unwrap_or_else(|| Cow::Owned(new_message_id())),
             user_id: self.user_id,
             email,
             data_fields: self.data_fields,
             merge_nested_objects: self.merge_nested_objects,
-            event_name: if kind == Kind::Event { self.event_name } else { None },
+            event_name: if kind == Kind::Event {
+                self.event_name
+            } else {
+                None
+            },
             created_at: self.created_at,
         })
     }
@@ -218,8 +243,11 @@ fn normalize_email(email: Cow<'_, str>) -> Result<Cow<'_, str>, ItemError> {
     check_id("email", &email)?;
     let trimmed = email.trim();
     let at = trimmed.find('@');
-    if at.is_none_or(|i| i == 0 || i == trimmed.len() - 1) || trimmed.contains(char::is_whitespace) {
-        return Err(ItemError(format!("email {trimmed:?} is not an email address")));
+    if at.is_none_or(|i| i == 0 || i == trimmed.len() - 1) || trimmed.contains(char::is_whitespace)
+    {
+        return Err(ItemError(format!(
+            "email {trimmed:?} is not an email address"
+        )));
     }
     if trimmed.len() == email.len() && !email.bytes().any(|b| b.is_ascii_uppercase()) {
         return Ok(email);
@@ -277,13 +305,13 @@ fn parse_item(item: &RawValue, kind: Kind) -> Result<Message<'_>, ItemError> {
         .data_fields
         .filter(|d| d.get() != "null")
         .map(Cow::Borrowed);
-    if let Some(fields) = &data_fields {
-        if !fields.get().starts_with('{') {
-            return Err(ItemError(format!(
-                "dataFields must be a JSON object, not {}",
-                first_token_kind(fields.get())
-            )));
-        }
+    if let Some(fields) = &data_fields
+        && !fields.get().starts_with('{')
+    {
+        return Err(ItemError(format!(
+            "dataFields must be a JSON object, not {}",
+            first_token_kind(fields.get())
+        )));
     }
     let created_at = match raw.created_at {
         None => None,
@@ -331,19 +359,24 @@ fn diagnose(text: &str, fallback: serde_json::Error) -> ItemError {
     };
     let expect_string = ["email", "eventName", "id"];
     for field in expect_string {
-        if let Some(v) = map.get(field) {
-            if !v.is_string() && !v.is_null() {
-                return ItemError(format!("{field} must be a string, not {}", json_type_name(v)));
-            }
-        }
-    }
-    if let Some(v) = map.get("mergeNestedObjects") {
-        if !v.is_boolean() && !v.is_null() {
+        if let Some(v) = map.get(field)
+            && !v.is_string()
+            && !v.is_null()
+        {
             return ItemError(format!(
-                "mergeNestedObjects must be true or false, not {}",
+                "{field} must be a string, not {}",
                 json_type_name(v)
             ));
         }
+    }
+    if let Some(v) = map.get("mergeNestedObjects")
+        && !v.is_boolean()
+        && !v.is_null()
+    {
+        return ItemError(format!(
+            "mergeNestedObjects must be true or false, not {}",
+            json_type_name(v)
+        ));
     }
     ItemError(format!("item is invalid: {fallback}"))
 }
@@ -369,7 +402,9 @@ mod tests {
 
     #[test]
     fn user_update_round_trips_through_the_log_value() {
-        let item = raw(r#"{"userId":"42","dataFields":{"plan":"pro","n":{"a":1}},"mergeNestedObjects":true,"id":"m1"}"#);
+        let item = raw(
+            r#"{"userId":"42","dataFields":{"plan":"pro","n":{"a":1}},"mergeNestedObjects":true,"id":"m1"}"#,
+        );
         let msg = parse_user_update(item).expect("valid");
         let (key, value) = msg.to_record("acme", 1_700_000_000_000);
         assert_eq!(key, b"acme:u:42");
@@ -389,11 +424,16 @@ mod tests {
 
     #[test]
     fn event_keyed_by_email_when_no_user_id() {
-        let msg = parse_event(raw(r#"{"email":"Ann@Example.com","eventName":"signedUp","createdAt":1700000000}"#))
-            .expect("valid");
+        let msg = parse_event(raw(
+            r#"{"email":"Ann@Example.com","eventName":"signedUp","createdAt":1700000000}"#,
+        ))
+        .expect("valid");
         assert_eq!(msg.user_key(), UserKey::Email("ann@example.com"));
         assert_eq!(msg.created_at, Some(1_700_000_000_000));
-        assert_eq!(uuid::Uuid::parse_str(&msg.message_id).map(|u| u.get_version_num()), Ok(7));
+        assert_eq!(
+            uuid::Uuid::parse_str(&msg.message_id).map(|u| u.get_version_num()),
+            Ok(7)
+        );
         let (key, _) = msg.to_record("o", 0);
         assert_eq!(key, b"o:e:ann@example.com");
     }
@@ -408,21 +448,37 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (r#"{"dataFields":{}}"#, "userId or email is required"),
-            (r#"{"userId":"1","dataFields":[1]}"#, "dataFields must be a JSON object, not an array"),
-            (r#"{"userId":true}"#, "userId must be a string or an integer, not a boolean"),
-            (r#"{"userId":"1","email":5}"#, "email must be a string, not a number"),
-            (r#"{"userId":"1","mergeNestedObjects":"yes"}"#, "mergeNestedObjects must be true or false"),
+            (
+                r#"{"userId":"1","dataFields":[1]}"#,
+                "dataFields must be a JSON object, not an array",
+            ),
+            (
+                r#"{"userId":true}"#,
+                "userId must be a string or an integer, not a boolean",
+            ),
+            (
+                r#"{"userId":"1","email":5}"#,
+                "email must be a string, not a number",
+            ),
+            (
+                r#"{"userId":"1","mergeNestedObjects":"yes"}"#,
+                "mergeNestedObjects must be true or false",
+            ),
             (r#"{"userId":""}"#, "userId must not be empty"),
             (r#"{"email":"nope"}"#, "is not an email address"),
             (r#"[1,2]"#, "item must be a JSON object, not an array"),
         ];
         for (input, expected) in cases {
             let err = parse_user_update(raw(input)).expect_err(input);
-            assert!(err.0.contains(expected), "{input}: got {err:?}, wanted {expected:?}");
+            assert!(
+                err.0.contains(expected),
+                "{input}: got {err:?}, wanted {expected:?}"
+            );
         }
         let err = parse_event(raw(r#"{"userId":"1"}"#)).expect_err("no eventName");
         assert_eq!(err.0, "eventName is required");
-        let err = parse_event(raw(r#"{"userId":"1","eventName":"x","createdAt":"soon"}"#)).expect_err("bad date");
+        let err = parse_event(raw(r#"{"userId":"1","eventName":"x","createdAt":"soon"}"#))
+            .expect_err("bad date");
         assert!(err.0.contains("createdAt"), "{err:?}");
     }
 

@@ -80,7 +80,10 @@ pub fn parse_segment(item: &RawValue, call: Option<SegmentCall>) -> Result<Messa
     let call = match call {
         Some(call) => call,
         None => {
-            let name = raw.call.as_deref().ok_or_else(|| ItemError("batch item has no \"type\"".into()))?;
+            let name = raw
+                .call
+                .as_deref()
+                .ok_or_else(|| ItemError("batch item has no \"type\"".into()))?;
             SegmentCall::from_type(name).ok_or_else(|| {
                 ItemError(format!(
                     "unknown Segment type {name:?}: expected identify, track, page, screen, group or alias"
@@ -99,38 +102,62 @@ pub fn parse_segment(item: &RawValue, call: Option<SegmentCall>) -> Result<Messa
         Some(t) if t.get() != "null" => {
             let value: Value = serde_json::from_str(t.get())
                 .map_err(|e| ItemError(format!("timestamp is not valid JSON: {e}")))?;
-            Some(parse_timestamp_ms(&value).map_err(|e| ItemError(e.replace("createdAt", "timestamp")))?)
+            Some(
+                parse_timestamp_ms(&value)
+                    .map_err(|e| ItemError(e.replace("createdAt", "timestamp")))?,
+            )
         }
         _ => None,
     };
-    let (kind, event_name, data_fields): (Kind, Option<Cow<'_, str>>, Option<Cow<'_, RawValue>>) = match call {
-        SegmentCall::Identify => (Kind::UserUpdate, None, checked_object("traits", raw.traits)?.map(Cow::Borrowed)),
-        SegmentCall::Track => {
-            let event = raw.event.ok_or_else(|| ItemError("track needs \"event\"".into()))?;
-            (Kind::Event, Some(event), checked_object("properties", raw.properties)?.map(Cow::Borrowed))
-        }
-        SegmentCall::Page | SegmentCall::Screen => {
-            let name = if call == SegmentCall::Page { "page" } else { "screen" };
-            let props = checked_object("properties", raw.properties)?;
-            let fields = match raw.name {
-                Some(n) => Some(with_extra(props, "name", Value::String(n.into_owned()))?),
-                None => props.map(Cow::Borrowed),
-            };
-            (Kind::Event, Some(Cow::Borrowed(name)), fields)
-        }
-        SegmentCall::Group => {
-            let traits = checked_object("traits", raw.traits)?;
-            let fields = match raw.group_id {
-                Some(g) => Some(with_extra(traits, "groupId", raw_to_value(g)?)?),
-                None => traits.map(Cow::Borrowed),
-            };
-            (Kind::Event, Some(Cow::Borrowed("group")), fields)
-        }
-        SegmentCall::Alias => {
-            let previous = raw.previous_id.ok_or_else(|| ItemError("alias needs \"previousId\"".into()))?;
-            (Kind::Event, Some(Cow::Borrowed("alias")), Some(with_extra(None, "previousId", raw_to_value(previous)?)?))
-        }
-    };
+    let (kind, event_name, data_fields): (Kind, Option<Cow<'_, str>>, Option<Cow<'_, RawValue>>) =
+        match call {
+            SegmentCall::Identify => (
+                Kind::UserUpdate,
+                None,
+                checked_object("traits", raw.traits)?.map(Cow::Borrowed),
+            ),
+            SegmentCall::Track => {
+                let event = raw
+                    .event
+                    .ok_or_else(|| ItemError("track needs \"event\"".into()))?;
+                (
+                    Kind::Event,
+                    Some(event),
+                    checked_object("properties", raw.properties)?.map(Cow::Borrowed),
+                )
+            }
+            SegmentCall::Page | SegmentCall::Screen => {
+                let name = if call == SegmentCall::Page {
+                    "page"
+                } else {
+                    "screen"
+                };
+                let props = checked_object("properties", raw.properties)?;
+                let fields = match raw.name {
+                    Some(n) => Some(with_extra(props, "name", Value::String(n.into_owned()))?),
+                    None => props.map(Cow::Borrowed),
+                };
+                (Kind::Event, Some(Cow::Borrowed(name)), fields)
+            }
+            SegmentCall::Group => {
+                let traits = checked_object("traits", raw.traits)?;
+                let fields = match raw.group_id {
+                    Some(g) => Some(with_extra(traits, "groupId", raw_to_value(g)?)?),
+                    None => traits.map(Cow::Borrowed),
+                };
+                (Kind::Event, Some(Cow::Borrowed("group")), fields)
+            }
+            SegmentCall::Alias => {
+                let previous = raw
+                    .previous_id
+                    .ok_or_else(|| ItemError("alias needs \"previousId\"".into()))?;
+                (
+                    Kind::Event,
+                    Some(Cow::Borrowed("alias")),
+                    Some(with_extra(None, "previousId", raw_to_value(previous)?)?),
+                )
+            }
+        };
     MessageBuilder {
         message_id: raw.message_id,
         user_id,
@@ -143,7 +170,10 @@ pub fn parse_segment(item: &RawValue, call: Option<SegmentCall>) -> Result<Messa
     .build(kind)
 }
 
-fn checked_object<'a>(field: &str, raw: Option<&'a RawValue>) -> Result<Option<&'a RawValue>, ItemError> {
+fn checked_object<'a>(
+    field: &str,
+    raw: Option<&'a RawValue>,
+) -> Result<Option<&'a RawValue>, ItemError> {
     match raw {
         None => Ok(None),
         Some(r) if r.get() == "null" => Ok(None),
@@ -157,14 +187,21 @@ fn raw_to_value(raw: &RawValue) -> Result<Value, ItemError> {
 }
 
 /// `base` (an object or nothing) with one more field, as new raw JSON.
-fn with_extra(base: Option<&RawValue>, field: &str, value: Value) -> Result<Cow<'static, RawValue>, ItemError> {
+fn with_extra(
+    base: Option<&RawValue>,
+    field: &str,
+    value: Value,
+) -> Result<Cow<'static, RawValue>, ItemError> {
     let mut map: Map<String, Value> = match base {
-        Some(raw) => serde_json::from_str(raw.get()).map_err(|e| ItemError(format!("invalid object: {e}")))?,
+        Some(raw) => serde_json::from_str(raw.get())
+            .map_err(|e| ItemError(format!("invalid object: {e}")))?,
         None => Map::new(),
     };
     map.entry(field.to_string()).or_insert(value);
     let text = serde_json::to_string(&map).map_err(|e| ItemError(e.to_string()))?;
-    RawValue::from_string(text).map(Cow::Owned).map_err(|e| ItemError(e.to_string()))
+    RawValue::from_string(text)
+        .map(Cow::Owned)
+        .map_err(|e| ItemError(e.to_string()))
 }
 
 #[cfg(test)]
@@ -186,7 +223,10 @@ mod tests {
         assert_eq!(m.kind, Kind::UserUpdate);
         assert_eq!(m.user_id.as_deref(), Some("u1"));
         assert_eq!(m.message_id, "m1");
-        assert_eq!(m.data_fields.as_deref().map(RawValue::get), Some(r#"{"plan":"pro"}"#));
+        assert_eq!(
+            m.data_fields.as_deref().map(RawValue::get),
+            Some(r#"{"plan":"pro"}"#)
+        );
         assert_eq!(m.created_at, Some(1_704_067_200_000));
     }
 
@@ -205,17 +245,35 @@ mod tests {
     #[test]
     fn page_screen_group_alias_become_named_events() {
         let cases = [
-            (r#"{"type":"page","userId":"u","name":"Home","properties":{"path":"/"}}"#, "page", r#"{"path":"/","name":"Home"}"#),
-            (r#"{"type":"screen","userId":"u","name":"Main"}"#, "screen", r#"{"name":"Main"}"#),
-            (r#"{"type":"group","userId":"u","groupId":"g1","traits":{"n":1}}"#, "group", r#"{"n":1,"groupId":"g1"}"#),
-            (r#"{"type":"alias","userId":"u","previousId":"old"}"#, "alias", r#"{"previousId":"old"}"#),
+            (
+                r#"{"type":"page","userId":"u","name":"Home","properties":{"path":"/"}}"#,
+                "page",
+                r#"{"path":"/","name":"Home"}"#,
+            ),
+            (
+                r#"{"type":"screen","userId":"u","name":"Main"}"#,
+                "screen",
+                r#"{"name":"Main"}"#,
+            ),
+            (
+                r#"{"type":"group","userId":"u","groupId":"g1","traits":{"n":1}}"#,
+                "group",
+                r#"{"n":1,"groupId":"g1"}"#,
+            ),
+            (
+                r#"{"type":"alias","userId":"u","previousId":"old"}"#,
+                "alias",
+                r#"{"previousId":"old"}"#,
+            ),
         ];
         for (input, name, fields) in cases {
             let m = parse_segment(raw(input), None).expect(input);
             assert_eq!(m.event_name.as_deref(), Some(name));
             let (_, value) = m.to_record("o", 0);
             let v: LogValue<'_> = serde_json::from_slice(&value).expect("log value");
-            let got: Value = serde_json::from_str(v.data_fields.as_deref().map_or("null", RawValue::get)).expect("json");
+            let got: Value =
+                serde_json::from_str(v.data_fields.as_deref().map_or("null", RawValue::get))
+                    .expect("json");
             let want: Value = serde_json::from_str(fields).expect("json");
             assert_eq!(got, want, "{input}");
         }
@@ -223,9 +281,11 @@ mod tests {
 
     #[test]
     fn errors_are_specific() {
-        let e = parse_segment(raw(r#"{"event":"x"}"#), Some(SegmentCall::Track)).expect_err("no user");
+        let e =
+            parse_segment(raw(r#"{"event":"x"}"#), Some(SegmentCall::Track)).expect_err("no user");
         assert_eq!(e.0, "userId or anonymousId is required");
-        let e = parse_segment(raw(r#"{"userId":"u"}"#), Some(SegmentCall::Track)).expect_err("no event");
+        let e = parse_segment(raw(r#"{"userId":"u"}"#), Some(SegmentCall::Track))
+            .expect_err("no event");
         assert!(e.0.contains("event"), "{e}");
         let e = parse_segment(raw(r#"{"type":"dance","userId":"u"}"#), None).expect_err("bad type");
         assert!(e.0.contains("unknown Segment type"), "{e}");

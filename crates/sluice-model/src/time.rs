@@ -60,8 +60,14 @@ mod tests {
     fn seconds_milliseconds_and_rfc3339_agree() {
         let expected = 1_700_000_000_000;
         assert_eq!(parse_timestamp_ms(&json!(1_700_000_000)), Ok(expected));
-        assert_eq!(parse_timestamp_ms(&json!(1_700_000_000_000_i64)), Ok(expected));
-        assert_eq!(parse_timestamp_ms(&json!(1_700_000_000.5)), Ok(expected + 500));
+        assert_eq!(
+            parse_timestamp_ms(&json!(1_700_000_000_000_i64)),
+            Ok(expected)
+        );
+        assert_eq!(
+            parse_timestamp_ms(&json!(1_700_000_000.5)),
+            Ok(expected + 500)
+        );
         assert_eq!(
             parse_timestamp_ms(&json!("2023-11-14T22:13:20Z")),
             Ok(expected)
@@ -74,8 +80,20 @@ mod tests {
 
     #[test]
     fn rejects_garbage_with_a_reason() {
-        assert!(parse_timestamp_ms(&json!("yesterday")).unwrap_err().contains("RFC 3339"));
-        assert!(parse_timestamp_ms(&json!(-5)).unwrap_err().contains("non-negative"));
-        assert!(parse_timestamp_ms(&json!(true)).unwrap_err().contains("boolean"));
+        assert!(
+            parse_timestamp_ms(&json!("yesterday"))
+                .expect_err("must be refused")
+                .contains("RFC 3339")
+        );
+        assert!(
+            parse_timestamp_ms(&json!(-5))
+                .expect_err("must be refused")
+                .contains("non-negative")
+        );
+        assert!(
+            parse_timestamp_ms(&json!(true))
+                .expect_err("must be refused")
+                .contains("boolean")
+        );
     }
 }

@@ -53,11 +53,18 @@ pub enum RegistryError {
 
 /// Checks an org name against the invariant in the crate docs.
 pub fn validate_org_name(name: &str) -> Result<(), RegistryError> {
-    let invalid = |reason| Err(RegistryError::InvalidOrgName { name: name.to_string(), reason });
+    let invalid = |reason| {
+        Err(RegistryError::InvalidOrgName {
+            name: name.to_string(),
+            reason,
+        })
+    };
     let mut chars = name.chars();
     match chars.next() {
         None => return invalid("it is empty"),
-        Some(c) if !c.is_ascii_alphanumeric() => return invalid("it must start with a letter or digit"),
+        Some(c) if !c.is_ascii_alphanumeric() => {
+            return invalid("it must start with a letter or digit");
+        }
         Some(_) => {}
     }
     if name.len() > 64 {

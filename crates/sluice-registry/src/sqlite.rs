@@ -21,7 +21,10 @@ impl SqliteRegistry {
     /// Opens (creating if needed) the registry file at `path` and applies migrations.
     pub async fn open(path: &Path) -> Result<Self, RegistryError> {
         let location = path.display().to_string();
-        let db_err = |source| RegistryError::Database { location: location.clone(), source };
+        let db_err = |source| RegistryError::Database {
+            location: location.clone(),
+            source,
+        };
         let options = SqliteConnectOptions::from_str("sqlite://")
             .map_err(db_err)?
             .filename(path)
@@ -40,12 +43,18 @@ impl SqliteRegistry {
         MIGRATIONS
             .run(&pool)
             .await
-            .map_err(|source| RegistryError::Migration { location: location.clone(), source })?;
+            .map_err(|source| RegistryError::Migration {
+                location: location.clone(),
+                source,
+            })?;
         Ok(SqliteRegistry { pool, location })
     }
 
     fn err(&self, source: sqlx::Error) -> RegistryError {
-        RegistryError::Database { location: self.location.clone(), source }
+        RegistryError::Database {
+            location: self.location.clone(),
+            source,
+        }
     }
 
     async fn org_id(&self, name: &str) -> Result<i64, RegistryError> {
@@ -79,8 +88,15 @@ impl Registry for SqliteRegistry {
             .execute(&self.pool)
             .await;
         match result {
-            Ok(done) => Ok(Org { id: done.last_insert_rowid(), name: name.to_string(), active: true, created_at }),
-            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(RegistryError::OrgExists(name.to_string())),
+            Ok(done) => Ok(Org {
+                id: done.last_insert_rowid(),
+                name: name.to_string(),
+                active: true,
+                created_at,
+            }),
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+                Err(RegistryError::OrgExists(name.to_string()))
+            }
             Err(e) => Err(self.err(e)),
         }
     }
@@ -118,14 +134,16 @@ impl Registry for SqliteRegistry {
     async fn create_key(&self, org: &str) -> Result<String, RegistryError> {
         let org_id = self.org_id(org).await?;
         let key = generate_key();
-        sqlx::query("INSERT INTO api_keys (key_hash, org_id, key_prefix, created_at) VALUES (?, ?, ?, ?)")
-            .bind(hash_key(&key))
-            .bind(org_id)
-            .bind(&key[..10])
-            .bind(now_secs())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        sqlx::query(
+            "INSERT INTO api_keys (key_hash, org_id, key_prefix, created_at) VALUES (?, ?, ?, ?)",
+        )
+        .bind(hash_key(&key))
+        .bind(org_id)
+        .bind(&key[..10])
+        .bind(now_secs())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
         Ok(key)
     }
 
@@ -145,13 +163,15 @@ impl Registry for SqliteRegistry {
             return Err(RegistryError::InvalidUserId("it is empty"));
         }
         let org_id = self.org_id(org).await?;
-        sqlx::query("INSERT OR IGNORE INTO banned_users (org_id, user_id, created_at) VALUES (?, ?, ?)")
-            .bind(org_id)
-            .bind(user_id)
-            .bind(now_secs())
-            .execute(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO banned_users (org_id, user_id, created_at) VALUES (?, ?, ?)",
+        )
+        .bind(org_id)
+        .bind(user_id)
+        .bind(now_secs())
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
         Ok(())
     }
 
@@ -184,17 +204,29 @@ mod tests {
 
     async fn registry() -> (tempfile::TempDir, SqliteRegistry) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let reg = SqliteRegistry::open(&dir.path().join("registry.db")).await.expect("open");
+        let reg = SqliteRegistry::open(&dir.path().join("registry.db"))
+            .await
+            .expect("open");
         (dir, reg)
     }
 
     #[tokio::test]
     async fn bootstrap_creates_default_org_and_key_once() {
         let (_dir, reg) = registry().await;
-        let key = bootstrap(&reg).await.expect("bootstrap").expect("a key on first start");
-        let org = reg.org_for_key(&key).await.expect("lookup").expect("key known");
+        let key = bootstrap(&reg)
+            .await
+            .expect("bootstrap")
+            .expect("a key on first start");
+        let org = reg
+            .org_for_key(&key)
+            .await
+            .expect("lookup")
+            .expect("key known");
         assert_eq!(org.name, "default");
-        assert!(bootstrap(&reg).await.expect("bootstrap").is_none(), "second start creates nothing");
+        assert!(
+            bootstrap(&reg).await.expect("bootstrap").is_none(),
+            "second start creates nothing"
+        );
     }
 
     #[tokio::test]
@@ -204,8 +236,20 @@ mod tests {
         reg.create_org("globex").await.expect("create");
         let acme = reg.create_key("acme").await.expect("key");
         let globex = reg.create_key("globex").await.expect("key");
-        assert_eq!(reg.org_for_key(&acme).await.expect("lookup").map(|o| o.name), Some("acme".into()));
-        assert_eq!(reg.org_for_key(&globex).await.expect("lookup").map(|o| o.name), Some("globex".into()));
+        assert_eq!(
+            reg.org_for_key(&acme)
+                .await
+                .expect("lookup")
+                .map(|o| o.name),
+            Some("acme".into())
+        );
+        assert_eq!(
+            reg.org_for_key(&globex)
+                .await
+                .expect("lookup")
+                .map(|o| o.name),
+            Some("globex".into())
+        );
         assert_eq!(reg.org_for_key("sk_nope").await.expect("lookup"), None);
         let stored: Vec<String> = sqlx::query_scalar("SELECT key_hash FROM api_keys")
             .fetch_all(&reg.pool)
@@ -218,14 +262,26 @@ mod tests {
     async fn org_lifecycle_and_errors() {
         let (_dir, reg) = registry().await;
         reg.create_org("acme").await.expect("create");
-        assert!(matches!(reg.create_org("acme").await, Err(RegistryError::OrgExists(_))));
-        assert!(matches!(reg.create_org("a:b").await, Err(RegistryError::InvalidOrgName { .. })));
-        assert!(matches!(reg.create_key("nope").await, Err(RegistryError::NoSuchOrg(_))));
+        assert!(matches!(
+            reg.create_org("acme").await,
+            Err(RegistryError::OrgExists(_))
+        ));
+        assert!(matches!(
+            reg.create_org("a:b").await,
+            Err(RegistryError::InvalidOrgName { .. })
+        ));
+        assert!(matches!(
+            reg.create_key("nope").await,
+            Err(RegistryError::NoSuchOrg(_))
+        ));
         reg.set_org_active("acme", false).await.expect("disable");
         let orgs = reg.list_orgs().await.expect("list");
         assert_eq!(orgs.len(), 1);
         assert!(!orgs[0].active);
-        assert!(matches!(reg.set_org_active("nope", false).await, Err(RegistryError::NoSuchOrg(_))));
+        assert!(matches!(
+            reg.set_org_active("nope", false).await,
+            Err(RegistryError::NoSuchOrg(_))
+        ));
     }
 
     #[tokio::test]
@@ -234,7 +290,9 @@ mod tests {
         let acme = reg.create_org("acme").await.expect("create");
         let other = reg.create_org("other").await.expect("create");
         reg.ban_user("acme", "u1").await.expect("ban");
-        reg.ban_user("acme", "u1").await.expect("banning twice is fine");
+        reg.ban_user("acme", "u1")
+            .await
+            .expect("banning twice is fine");
         assert!(reg.is_banned(acme.id, "u1").await.expect("check"));
         assert!(!reg.is_banned(other.id, "u1").await.expect("check"));
         assert!(reg.unban_user("acme", "u1").await.expect("unban"));
@@ -250,6 +308,13 @@ mod tests {
         let admin = SqliteRegistry::open(&path).await.expect("open again");
         admin.create_org("late").await.expect("create");
         let key = admin.create_key("late").await.expect("key");
-        assert_eq!(server.org_for_key(&key).await.expect("lookup").map(|o| o.name), Some("late".into()));
+        assert_eq!(
+            server
+                .org_for_key(&key)
+                .await
+                .expect("lookup")
+                .map(|o| o.name),
+            Some("late".into())
+        );
     }
 }

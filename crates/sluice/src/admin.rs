@@ -62,7 +62,12 @@ pub async fn orgs(config: &Config, command: OrgsCommand) -> anyhow::Result<()> {
             println!("{:<32} {:<8} created", "name", "status");
             for org in orgs {
                 let status = if org.active { "active" } else { "disabled" };
-                println!("{:<32} {:<8} {}", org.name, status, format_unix(org.created_at));
+                println!(
+                    "{:<32} {:<8} {}",
+                    org.name,
+                    status,
+                    format_unix(org.created_at)
+                );
             }
         }
         OrgsCommand::Disable { name } => {
@@ -107,6 +112,8 @@ pub async fn users(config: &Config, command: UsersCommand) -> anyhow::Result<()>
 }
 
 fn format_unix(secs: i64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64))
-        .to_string()
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
+    )
+    .to_string()
 }

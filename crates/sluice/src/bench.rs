@@ -123,12 +123,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let addr = resolve(&args.url).await?;
     let baseline = if args.baseline {
-        let shots = Arc::new(vec![Shot { method: Method::GET, path: "/healthz", body: Bytes::new(), messages: 0 }]);
+        let shots = Arc::new(vec![Shot {
+            method: Method::GET,
+            path: "/healthz",
+            body: Bytes::new(),
+            messages: 0,
+        }]);
         Some(load(&args, addr, "GET /healthz", Arc::new(vec![shots])).await?)
     } else {
         None
     };
-    let per_worker: Vec<Arc<Vec<Shot>>> = (0..args.connections).map(|w| Arc::new(shots(&args, w))).collect();
+    let per_worker: Vec<Arc<Vec<Shot>>> = (0..args.connections)
+        .map(|w| Arc::new(shots(&args, w)))
+        .collect();
     let label = format!(
         "{} {}",
         match args.kind {
@@ -136,7 +143,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             BenchKind::Events => "events",
             BenchKind::Mixed => "mixed",
         },
-        if args.bulk == 1 { "single".to_string() } else { format!("bulk of {}", args.bulk) }
+        if args.bulk == 1 {
+            "single".to_string()
+        } else {
+            format!("bulk of {}", args.bulk)
+        }
     );
     let ingest = load(&args, addr, &label, Arc::new(per_worker)).await?;
     let ratio = baseline
@@ -156,7 +167,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("sluice bench against {} ({} connections)", args.url, args.connections);
+        println!(
+            "sluice bench against {} ({} connections)",
+            args.url, args.connections
+        );
         if let Some(b) = &report.baseline {
             print_run(b);
         }
@@ -185,11 +199,15 @@ fn print_run(r: &RunReport) {
 }
 
 async fn resolve(url: &str) -> anyhow::Result<SocketAddr> {
-    let uri: hyper::Uri = url.parse().with_context(|| format!("invalid --url {url:?}"))?;
+    let uri: hyper::Uri = url
+        .parse()
+        .with_context(|| format!("invalid --url {url:?}"))?;
     if uri.scheme_str() != Some("http") {
         bail!("--url {url:?}: only http:// is supported");
     }
-    let host = uri.host().with_context(|| format!("--url {url:?} has no host"))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("--url {url:?} has no host"))?;
     let port = uri.port_u16().unwrap_or(80);
     tokio::net::lookup_host((host, port))
         .await
@@ -222,10 +240,21 @@ fn shots(args: &BenchArgs, w: usize) -> Vec<Shot> {
         let (path, body) = match (users, args.bulk) {
             (true, 1) => ("/api/users/update", items.remove(0)),
             (false, 1) => ("/api/events/track", items.remove(0)),
-            (true, _) => ("/api/users/bulkUpdate", format!(r#"{{"users":[{}]}}"#, items.join(","))),
-            (false, _) => ("/api/events/trackBulk", format!(r#"{{"events":[{}]}}"#, items.join(","))),
+            (true, _) => (
+                "/api/users/bulkUpdate",
+                format!(r#"{{"users":[{}]}}"#, items.join(",")),
+            ),
+            (false, _) => (
+                "/api/events/trackBulk",
+                format!(r#"{{"events":[{}]}}"#, items.join(",")),
+            ),
         };
-        out.push(Shot { method: Method::POST, path, body: Bytes::from(body), messages: args.bulk as u64 });
+        out.push(Shot {
+            method: Method::POST,
+            path,
+            body: Bytes::from(body),
+            messages: args.bulk as u64,
+        });
     }
     out
 }
@@ -237,11 +266,18 @@ struct WorkerResult {
     failures: std::collections::BTreeMap<String, u64>,
 }
 
-async fn load(args: &BenchArgs, addr: SocketAddr, label: &str, shots: Arc<Vec<Arc<Vec<Shot>>>>) -> anyhow::Result<RunReport> {
+async fn load(
+    args: &BenchArgs,
+    addr: SocketAddr,
+    label: &str,
+    shots: Arc<Vec<Arc<Vec<Shot>>>>,
+) -> anyhow::Result<RunReport> {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let progress = progress_bar(args, label);
-    let interval = args.rate.map(|r| Duration::from_secs_f64(args.connections as f64 / r.max(1) as f64));
+    let interval = args
+        .rate
+        .map(|r| Duration::from_secs_f64(args.connections as f64 / r.max(1) as f64));
     let started = Instant::now();
     let deadline = started + args.duration;
     let mut workers = Vec::with_capacity(args.connections);
@@ -250,7 +286,9 @@ async fn load(args: &BenchArgs, addr: SocketAddr, label: &str, shots: Arc<Vec<Ar
         let key = args.key.clone();
         let done = Arc::clone(&done);
         let stop = Arc::clone(&stop);
-        workers.push(tokio::spawn(worker(addr, key, my_shots, deadline, interval, done, stop)));
+        workers.push(tokio::spawn(worker(
+            addr, key, my_shots, deadline, interval, done, stop,
+        )));
     }
     let ticker = {
         let done = Arc::clone(&done);
@@ -262,16 +300,22 @@ async fn load(args: &BenchArgs, addr: SocketAddr, label: &str, shots: Arc<Vec<Ar
                 let elapsed = started.elapsed();
                 progress.set_position(elapsed.min(duration).as_millis() as u64);
                 let n = done.load(Ordering::Relaxed);
-                progress.set_message(format!("{n} requests, {:.0} req/s", n as f64 / elapsed.as_secs_f64()));
+                progress.set_message(format!(
+                    "{n} requests, {:.0} req/s",
+                    n as f64 / elapsed.as_secs_f64()
+                ));
             }
         })
     };
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?;
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?;
     let (mut ok, mut messages) = (0, 0);
     let mut failures = std::collections::BTreeMap::new();
     for w in workers {
         let result = w.await.context("bench worker panicked")??;
-        histogram.add(&result.histogram).context("merging histograms")?;
+        histogram
+            .add(&result.histogram)
+            .context("merging histograms")?;
         ok += result.ok;
         messages += result.messages;
         for (k, v) in result.failures {
@@ -281,7 +325,11 @@ async fn load(args: &BenchArgs, addr: SocketAddr, label: &str, shots: Arc<Vec<Ar
     stop.store(true, Ordering::Relaxed);
     ticker.abort();
     progress.finish_and_clear();
-    let seconds = started.elapsed().as_secs_f64().min(args.duration.as_secs_f64().max(1e-9)).max(1e-9);
+    let seconds = started
+        .elapsed()
+        .as_secs_f64()
+        .min(args.duration.as_secs_f64().max(1e-9))
+        .max(1e-9);
     let seconds = seconds.max(started.elapsed().as_secs_f64().min(seconds));
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(RunReport {
@@ -292,7 +340,13 @@ async fn load(args: &BenchArgs, addr: SocketAddr, label: &str, shots: Arc<Vec<Ar
         messages_ok: messages,
         requests_per_sec: ok as f64 / seconds,
         messages_per_sec: messages as f64 / seconds,
-        latency_ms: Latency { p50: ms(0.5), p90: ms(0.9), p99: ms(0.99), p999: ms(0.999), max: histogram.max() as f64 / 1000.0 },
+        latency_ms: Latency {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+            p999: ms(0.999),
+            max: histogram.max() as f64 / 1000.0,
+        },
         failures,
     })
 }
@@ -350,7 +404,10 @@ async fn worker(
         let shot = &shots[i % shots.len()];
         i += 1;
         let start = Instant::now();
-        match conn.send(shot.method.clone(), shot.path, &headers, shot.body.clone()).await {
+        match conn
+            .send(shot.method.clone(), shot.path, &headers, shot.body.clone())
+            .await
+        {
             Ok(reply) if reply.status.is_success() => {
                 let micros = start.elapsed().as_micros() as u64;
                 let _ = result.histogram.record(micros.max(1));
@@ -359,7 +416,10 @@ async fn worker(
                 done.fetch_add(1, Ordering::Relaxed);
             }
             Ok(reply) => {
-                *result.failures.entry(reply.status.as_u16().to_string()).or_insert(0) += 1;
+                *result
+                    .failures
+                    .entry(reply.status.as_u16().to_string())
+                    .or_insert(0) += 1;
             }
             Err(_) => {
                 *result.failures.entry("io".into()).or_insert(0) += 1;

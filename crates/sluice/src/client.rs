@@ -14,9 +14,15 @@ use tokio::net::TcpStream;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: SocketAddr, source: std::io::Error },
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("HTTP error talking to {addr}: {source}")]
-    Http { addr: SocketAddr, source: hyper::Error },
+    Http {
+        addr: SocketAddr,
+        source: hyper::Error,
+    },
     #[error("invalid request: {0}")]
     Request(#[from] hyper::http::Error),
 }
@@ -43,7 +49,9 @@ impl Reply {
 
 impl Connection {
     pub async fn connect(addr: SocketAddr) -> Result<Connection, ClientError> {
-        let stream = TcpStream::connect(addr).await.map_err(|source| ClientError::Connect { addr, source })?;
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?;
         let _ = stream.set_nodelay(true);
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
@@ -51,14 +59,27 @@ impl Connection {
         tokio::spawn(async move {
             let _ = connection.await;
         });
-        Ok(Connection { addr, host: addr.to_string(), sender })
+        Ok(Connection {
+            addr,
+            host: addr.to_string(),
+            sender,
+        })
     }
 
-    pub async fn post(&mut self, path: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Reply, ClientError> {
+    pub async fn post(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Reply, ClientError> {
         self.send(Method::POST, path, headers, body).await
     }
 
-    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Result<Reply, ClientError> {
+    pub async fn get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, ClientError> {
         self.send(Method::GET, path, headers, Bytes::new()).await
     }
 
@@ -71,7 +92,10 @@ impl Connection {
     ) -> Result<Reply, ClientError> {
         let addr = self.addr;
         let http = |source| ClientError::Http { addr, source };
-        let mut request = Request::builder().method(method).uri(path).header(header::HOST, &self.host);
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, &self.host);
         if !body.is_empty() {
             request = request.header(header::CONTENT_TYPE, "application/json");
         }
@@ -82,7 +106,12 @@ impl Connection {
         self.sender.ready().await.map_err(http)?;
         let response = self.sender.send_request(request).await.map_err(http)?;
         let status = response.status();
-        let body = response.into_body().collect().await.map_err(http)?.to_bytes();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(http)?
+            .to_bytes();
         Ok(Reply { status, body })
     }
 }

@@ -178,8 +178,20 @@ impl Config {
             ($($field:ident),*) => { $( if let Some(v) = &args.$field { config.$field = v.clone(); } )* };
         }
         overlay!(
-            listen, data_dir, log, dedup, index, registry, partitions, log_ack_timeout, shutdown_timeout,
-            max_item_bytes, max_request_bytes, max_request_items, retention_max_age, retention_max_bytes,
+            listen,
+            data_dir,
+            log,
+            dedup,
+            index,
+            registry,
+            partitions,
+            log_ack_timeout,
+            shutdown_timeout,
+            max_item_bytes,
+            max_request_bytes,
+            max_request_items,
+            retention_max_age,
+            retention_max_bytes,
             key_cache_ttl
         );
         config.validate()?;
@@ -193,9 +205,16 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        for (name, value) in [("log", &self.log), ("dedup", &self.dedup), ("index", &self.index), ("registry", &self.registry)] {
+        for (name, value) in [
+            ("log", &self.log),
+            ("dedup", &self.dedup),
+            ("index", &self.index),
+            ("registry", &self.registry),
+        ] {
             if value != "embedded" {
-                bail!("{name} = {value:?} is not supported by this build yet: only \"embedded\" is implemented");
+                bail!(
+                    "{name} = {value:?} is not supported by this build yet: only \"embedded\" is implemented"
+                );
             }
         }
         if self.partitions == 0 {
@@ -230,8 +249,16 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("sluice.toml");
-        std::fs::write(&path, "listen = \"0.0.0.0:9000\"\npartitions = 4\nlog_ack_timeout = \"2s\"\n").expect("write");
-        let args = ConfigArgs { config: Some(path.clone()), partitions: Some(16), ..Default::default() };
+        std::fs::write(
+            &path,
+            "listen = \"0.0.0.0:9000\"\npartitions = 4\nlog_ack_timeout = \"2s\"\n",
+        )
+        .expect("write");
+        let args = ConfigArgs {
+            config: Some(path.clone()),
+            partitions: Some(16),
+            ..Default::default()
+        };
         let config = Config::resolve(&args).expect("resolves");
         assert_eq!(config.listen, "0.0.0.0:9000", "from the file");
         assert_eq!(config.partitions, 16, "flag beats file");
@@ -245,8 +272,14 @@ mod tests {
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "listn = \"x\"\n").expect("write");
         let err = format!("{:#}", Config::from_file(&path).expect_err("typo"));
-        assert!(err.contains("unknown field `listn`") && err.contains("bad.toml"), "{err}");
-        let args = ConfigArgs { log: Some("kafka://localhost:9092".into()), ..Default::default() };
+        assert!(
+            err.contains("unknown field `listn`") && err.contains("bad.toml"),
+            "{err}"
+        );
+        let args = ConfigArgs {
+            log: Some("kafka://localhost:9092".into()),
+            ..Default::default()
+        };
         let err = Config::resolve(&args).expect_err("not yet").to_string();
         assert!(err.contains("only \"embedded\""), "{err}");
     }

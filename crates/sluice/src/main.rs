@@ -7,7 +7,11 @@ use sluice::bench::BenchArgs;
 use sluice::config::{Config, ConfigArgs, DEFAULT_CONFIG_TOML};
 
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, about = "Self-hosted ingestion service for customer data")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Self-hosted ingestion service for customer data"
+)]
 struct Cli {
     #[command(flatten)]
     config: ConfigArgs,
@@ -53,12 +57,16 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -76,7 +84,10 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Serve);
-    if let Command::Config { command: ConfigCommand::Default } = command {
+    if let Command::Config {
+        command: ConfigCommand::Default,
+    } = command
+    {
         print!("{DEFAULT_CONFIG_TOML}");
         return Ok(());
     }

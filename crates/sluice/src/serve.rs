@@ -20,7 +20,8 @@ const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
 pub async fn run(config: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let registry: Arc<dyn Registry> = Arc::new(SqliteRegistry::open(&config.registry_path()).await?);
+    let registry: Arc<dyn Registry> =
+        Arc::new(SqliteRegistry::open(&config.registry_path()).await?);
     let first_key = sluice_registry::bootstrap(registry.as_ref()).await?;
 
     let log = Arc::new(EmbeddedLog::open(
@@ -43,12 +44,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         log_ack_timeout: config.log_ack_timeout,
         key_cache_ttl: config.key_cache_ttl,
     };
-    let state = AppState::new(Arc::clone(&log) as Arc<dyn Log>, Arc::clone(&registry), &api_config);
+    let state = AppState::new(
+        Arc::clone(&log) as Arc<dyn Log>,
+        Arc::clone(&registry),
+        &api_config,
+    );
 
     let listener = TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener.local_addr().context("listener has no local address")?;
+    let addr = listener
+        .local_addr()
+        .context("listener has no local address")?;
     // Install the handlers before the banner: once "listening on" is printed, SIGTERM drains.
     let signals = ShutdownSignals::install()?;
     print_banner(&config, addr, first_key.as_deref());

@@ -24,22 +24,50 @@ struct TestServer {
 impl TestServer {
     async fn start(limits: Limits) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let registry = Arc::new(SqliteRegistry::open(&dir.path().join("registry.db")).await.expect("registry"));
-        let key = sluice_registry::bootstrap(registry.as_ref()).await.expect("bootstrap").expect("first key");
-        let log = Arc::new(EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"));
-        let config = ApiConfig { limits, key_cache_ttl: Duration::from_millis(50), ..ApiConfig::default() };
-        let state = AppState::new(Arc::clone(&log) as Arc<dyn Log>, Arc::clone(&registry) as Arc<dyn Registry>, &config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let registry = Arc::new(
+            SqliteRegistry::open(&dir.path().join("registry.db"))
+                .await
+                .expect("registry"),
+        );
+        let key = sluice_registry::bootstrap(registry.as_ref())
+            .await
+            .expect("bootstrap")
+            .expect("first key");
+        let log = Arc::new(
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"),
+        );
+        let config = ApiConfig {
+            limits,
+            key_cache_ttl: Duration::from_millis(50),
+            ..ApiConfig::default()
+        };
+        let state = AppState::new(
+            Arc::clone(&log) as Arc<dyn Log>,
+            Arc::clone(&registry) as Arc<dyn Registry>,
+            &config,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let app = sluice_api::router(state.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        TestServer { addr, log, registry, state, key, _dir: dir }
+        TestServer {
+            addr,
+            log,
+            registry,
+            state,
+            key,
+            _dir: dir,
+        }
     }
 
     async fn post(&self, path: &str, key: Option<&str>, body: impl Into<Bytes>) -> Reply {
         let mut conn = Connection::connect(self.addr).await.expect("connect");
         let headers: Vec<(&str, &str)> = key.map(|k| vec![("api-key", k)]).unwrap_or_default();
-        conn.post(path, &headers, body.into()).await.expect("request")
+        conn.post(path, &headers, body.into())
+            .await
+            .expect("request")
     }
 
     async fn post_json(&self, path: &str, body: Value) -> Reply {
@@ -54,18 +82,30 @@ impl TestServer {
     }
 
     fn values(&self) -> Vec<Value> {
-        self.records().iter().map(|r| serde_json::from_slice(&r.value).expect("record JSON")).collect()
+        self.records()
+            .iter()
+            .map(|r| serde_json::from_slice(&r.value).expect("record JSON"))
+            .collect()
     }
 }
 
 fn small_limits() -> Limits {
-    Limits { max_item_bytes: 256, max_request_bytes: 4096, max_request_items: 5 }
+    Limits {
+        max_item_bytes: 256,
+        max_request_bytes: 4096,
+        max_request_items: 5,
+    }
 }
 
 #[tokio::test]
 async fn single_routes_make_the_message_durable_before_answering() {
     let s = TestServer::start(Limits::default()).await;
-    let r = s.post_json("/api/users/update", json!({"userId": "u1", "dataFields": {"plan": "pro"}, "mergeNestedObjects": true})).await;
+    let r = s
+        .post_json(
+            "/api/users/update",
+            json!({"userId": "u1", "dataFields": {"plan": "pro"}, "mergeNestedObjects": true}),
+        )
+        .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let body = r.json();
     assert_eq!(body["code"], "Success");
@@ -73,27 +113,47 @@ async fn single_routes_make_the_message_durable_before_answering() {
     assert_eq!(body["failed"], 0);
     assert_eq!(body["failures"], json!([]));
     let id = body["messageIds"][0].as_str().expect("an id").to_string();
-    assert_eq!(uuid_version(&id), Some('7'), "generated ids are UUIDv7: {id}");
+    assert_eq!(
+        uuid_version(&id),
+        Some('7'),
+        "generated ids are UUIDv7: {id}"
+    );
 
     let r = s.post_json("/api/events/track", json!({"email": "a@b.co", "eventName": "signedUp", "id": "evt-1", "createdAt": "2024-01-01T00:00:00Z", "dataFields": {"src": "ad"}})).await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json()["messageIds"], json!(["evt-1"]), "client ids are kept");
+    assert_eq!(
+        r.json()["messageIds"],
+        json!(["evt-1"]),
+        "client ids are kept"
+    );
 
     // Already in the log when the 200 arrived.
     let records = s.records();
     assert_eq!(records.len(), 2);
-    let user = records.iter().find(|r| &r.key[..] == b"default:u:u1").expect("user record");
+    let user = records
+        .iter()
+        .find(|r| &r.key[..] == b"default:u:u1")
+        .expect("user record");
     let v: LogValue<'_> = serde_json::from_slice(&user.value).expect("log value");
-    assert_eq!((v.v, v.org.as_ref(), v.message_id.as_ref()), (1, "default", id.as_str()));
+    assert_eq!(
+        (v.v, v.org.as_ref(), v.message_id.as_ref()),
+        (1, "default", id.as_str())
+    );
     assert!(v.merge_nested_objects);
-    let event = records.iter().find(|r| &r.key[..] == b"default:e:a@b.co").expect("event record");
+    let event = records
+        .iter()
+        .find(|r| &r.key[..] == b"default:e:a@b.co")
+        .expect("event record");
     let v: Value = serde_json::from_slice(&event.value).expect("json");
     assert_eq!(v["kind"], "event");
     assert_eq!(v["eventName"], "signedUp");
     assert_eq!(v["createdAt"], 1_704_067_200_000_i64);
     assert_eq!(v["dataFields"], json!({"src": "ad"}));
     assert!(v["receivedAt"].as_i64().expect("receivedAt") > 1_704_067_200_000);
-    assert_eq!(user.partition, sluice_model::partition_for_key(b"default:u:u1", 8));
+    assert_eq!(
+        user.partition,
+        sluice_model::partition_for_key(b"default:u:u1", 8)
+    );
 }
 
 fn uuid_version(id: &str) -> Option<char> {
@@ -118,9 +178,17 @@ async fn bulk_routes_unbatch_and_report_invalid_items_by_index() {
     let body = r.json();
     assert_eq!(body["accepted"], 2);
     assert_eq!(body["failed"], 2);
-    assert_eq!(body["failures"][0], json!({"index": 1, "error": "userId or email is required"}));
+    assert_eq!(
+        body["failures"][0],
+        json!({"index": 1, "error": "userId or email is required"})
+    );
     assert_eq!(body["failures"][1]["index"], 2);
-    assert!(body["failures"][1]["error"].as_str().expect("text").contains("dataFields must be a JSON object"));
+    assert!(
+        body["failures"][1]["error"]
+            .as_str()
+            .expect("text")
+            .contains("dataFields must be a JSON object")
+    );
     assert_eq!(body["messageIds"].as_array().map(Vec::len), Some(2));
 
     let r = s
@@ -134,46 +202,113 @@ async fn bulk_routes_unbatch_and_report_invalid_items_by_index() {
         )
         .await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.json()["failures"], json!([{"index": 2, "error": "eventName is required"}]));
+    assert_eq!(
+        r.json()["failures"],
+        json!([{"index": 2, "error": "eventName is required"}])
+    );
 
-    let mut keys: Vec<String> = s.records().iter().map(|r| String::from_utf8_lossy(&r.key).into_owned()).collect();
+    let mut keys: Vec<String> = s
+        .records()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.key).into_owned())
+        .collect();
     keys.sort();
-    assert_eq!(keys, ["default:e:c@example.com", "default:u:a", "default:u:a", "default:u:a"]);
+    assert_eq!(
+        keys,
+        [
+            "default:e:c@example.com",
+            "default:u:a",
+            "default:u:a",
+            "default:u:a"
+        ]
+    );
     // Same user, same partition, in request order.
-    let a_events: Vec<Value> = s.values().into_iter().filter(|v| v["kind"] == "event").collect();
-    assert_eq!(a_events.iter().map(|v| v["messageId"].clone()).collect::<Vec<_>>(), [json!("1"), json!("2")]);
+    let a_events: Vec<Value> = s
+        .values()
+        .into_iter()
+        .filter(|v| v["kind"] == "event")
+        .collect();
+    assert_eq!(
+        a_events
+            .iter()
+            .map(|v| v["messageId"].clone())
+            .collect::<Vec<_>>(),
+        [json!("1"), json!("2")]
+    );
 }
 
 #[tokio::test]
 async fn a_request_with_no_valid_item_is_400_with_every_failure() {
     let s = TestServer::start(Limits::default()).await;
-    let r = s.post_json("/api/events/trackBulk", json!({"events": [{"userId": "a"}, {"eventName": "x"}]})).await;
+    let r = s
+        .post_json(
+            "/api/events/trackBulk",
+            json!({"events": [{"userId": "a"}, {"eventName": "x"}]}),
+        )
+        .await;
     assert_eq!(r.status, 400);
     let body = r.json();
     assert_eq!(body["code"], "BadRequest");
     assert_eq!(body["failures"].as_array().map(Vec::len), Some(2));
-    assert!(body["error"].as_str().expect("text").contains("item 0: eventName is required"));
-    let r = s.post_json("/api/users/bulkUpdate", json!({"users": []})).await;
+    assert!(
+        body["error"]
+            .as_str()
+            .expect("text")
+            .contains("item 0: eventName is required")
+    );
+    let r = s
+        .post_json("/api/users/bulkUpdate", json!({"users": []}))
+        .await;
     assert_eq!(r.status, 400);
-    let r = s.post_json("/api/users/bulkUpdate", json!({"people": []})).await;
+    let r = s
+        .post_json("/api/users/bulkUpdate", json!({"people": []}))
+        .await;
     assert_eq!(r.status, 400);
-    assert!(r.json()["error"].as_str().expect("text").contains("missing field `users`"));
-    let r = s.post_json("/api/events/track", json!({"userId": "a"})).await;
-    assert_eq!((r.status.as_u16(), r.json()["error"].clone()), (400, json!("eventName is required")));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .expect("text")
+            .contains("missing field `users`")
+    );
+    let r = s
+        .post_json("/api/events/track", json!({"userId": "a"}))
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["error"].clone()),
+        (400, json!("eventName is required"))
+    );
     assert!(s.records().is_empty());
 }
 
 #[tokio::test]
 async fn malformed_json_is_400_with_line_and_column() {
     let s = TestServer::start(Limits::default()).await;
-    let r = s.post("/api/users/update", Some(&s.key), "{\"userId\": \"a\",\n  \"dataFields\": {\"x\": }\n}").await;
+    let r = s
+        .post(
+            "/api/users/update",
+            Some(&s.key),
+            "{\"userId\": \"a\",\n  \"dataFields\": {\"x\": }\n}",
+        )
+        .await;
     assert_eq!(r.status, 400);
     let body = r.json();
     assert_eq!(body["code"], "BadJson");
-    assert_eq!(body["error"], "malformed JSON at line 2 column 23: expected value");
-    let r = s.post("/api/events/trackBulk", Some(&s.key), "{\"events\": [").await;
+    assert_eq!(
+        body["error"],
+        "malformed JSON at line 2 column 23: expected value"
+    );
+    let r = s
+        .post("/api/events/trackBulk", Some(&s.key), "{\"events\": [")
+        .await;
     assert_eq!(r.status, 400);
-    assert!(r.json()["error"].as_str().expect("text").starts_with("malformed JSON at line 1 column 12"), "{:?}", r.json());
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .expect("text")
+            .starts_with("malformed JSON at line 1 column 12"),
+        "{:?}",
+        r.json()
+    );
 }
 
 #[tokio::test]
@@ -183,23 +318,55 @@ async fn auth_failures_are_401() {
     let r = s.post("/api/users/update", None, body.clone()).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["code"], "Unauthorized");
-    assert!(r.json()["error"].as_str().expect("text").contains("missing API key"));
-    let r = s.post("/api/users/update", Some("sk_not_a_key"), body.clone()).await;
-    assert_eq!((r.status.as_u16(), r.json()["error"].clone()), (401, json!("unknown API key")));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .expect("text")
+            .contains("missing API key")
+    );
+    let r = s
+        .post("/api/users/update", Some("sk_not_a_key"), body.clone())
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.json()["error"].clone()),
+        (401, json!("unknown API key"))
+    );
 
     let mut conn = Connection::connect(s.addr).await.expect("connect");
     let bearer = format!("Bearer {}", s.key);
-    let r = conn.post("/api/users/update", &[("authorization", &bearer)], body.clone().into()).await.expect("request");
+    let r = conn
+        .post(
+            "/api/users/update",
+            &[("authorization", &bearer)],
+            body.clone().into(),
+        )
+        .await
+        .expect("request");
     assert_eq!(r.status, 200, "Bearer works");
     let basic = "Basic c2tfYWJjOg==";
-    let r = conn.post("/api/users/update", &[("authorization", basic)], body.clone().into()).await.expect("request");
+    let r = conn
+        .post(
+            "/api/users/update",
+            &[("authorization", basic)],
+            body.clone().into(),
+        )
+        .await
+        .expect("request");
     assert_eq!(r.status, 401, "Basic is only for Segment routes");
 
-    s.registry.set_org_active("default", false).await.expect("disable");
+    s.registry
+        .set_org_active("default", false)
+        .await
+        .expect("disable");
     tokio::time::sleep(Duration::from_millis(120)).await; // past the key cache TTL
     let r = s.post("/api/users/update", Some(&s.key), body).await;
     assert_eq!(r.status, 401);
-    assert!(r.json()["error"].as_str().expect("text").contains("disabled"));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .expect("text")
+            .contains("disabled")
+    );
     assert_eq!(s.records().len(), 1);
 }
 
@@ -213,22 +380,53 @@ async fn keys_only_write_their_own_org() {
     // A client cannot pick its org: an "org" field in the body is ignored.
     for (key, user) in [(&acme, "same-user"), (&globex, "same-user")] {
         let r = s
-            .post("/api/users/update", Some(key), json!({"userId": user, "org": "default", "dataFields": {}}).to_string())
+            .post(
+                "/api/users/update",
+                Some(key),
+                json!({"userId": user, "org": "default", "dataFields": {}}).to_string(),
+            )
             .await;
         assert_eq!(r.status, 200);
     }
     let mut seen: Vec<(String, String)> = s
         .values()
         .iter()
-        .map(|v| (v["org"].as_str().unwrap_or("").to_string(), v["userId"].as_str().unwrap_or("").to_string()))
+        .map(|v| {
+            (
+                v["org"].as_str().unwrap_or("").to_string(),
+                v["userId"].as_str().unwrap_or("").to_string(),
+            )
+        })
         .collect();
     seen.sort();
-    assert_eq!(seen, [("acme".into(), "same-user".into()), ("globex".into(), "same-user".into())]);
-    let keys: Vec<_> = s.records().iter().map(|r| String::from_utf8_lossy(&r.key).into_owned()).collect();
-    assert!(keys.contains(&"acme:u:same-user".to_string()) && keys.contains(&"globex:u:same-user".to_string()));
-    s.registry.set_org_active("acme", false).await.expect("disable");
+    assert_eq!(
+        seen,
+        [
+            ("acme".into(), "same-user".into()),
+            ("globex".into(), "same-user".into())
+        ]
+    );
+    let keys: Vec<_> = s
+        .records()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.key).into_owned())
+        .collect();
+    assert!(
+        keys.contains(&"acme:u:same-user".to_string())
+            && keys.contains(&"globex:u:same-user".to_string())
+    );
+    s.registry
+        .set_org_active("acme", false)
+        .await
+        .expect("disable");
     tokio::time::sleep(Duration::from_millis(120)).await;
-    let ok = s.post("/api/users/update", Some(&globex), json!({"userId": "x", "dataFields": {}}).to_string()).await;
+    let ok = s
+        .post(
+            "/api/users/update",
+            Some(&globex),
+            json!({"userId": "x", "dataFields": {}}).to_string(),
+        )
+        .await;
     assert_eq!(ok.status, 200, "disabling one org leaves the other alone");
 }
 
@@ -236,13 +434,28 @@ async fn keys_only_write_their_own_org() {
 async fn size_limits_are_413_and_oversized_bulk_items_are_failures() {
     let s = TestServer::start(small_limits()).await;
     let big = "x".repeat(5000);
-    let r = s.post_json("/api/users/update", json!({"userId": "a", "dataFields": {"big": big}})).await;
+    let r = s
+        .post_json(
+            "/api/users/update",
+            json!({"userId": "a", "dataFields": {"big": big}}),
+        )
+        .await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["code"], "TooLarge");
-    assert!(r.json()["error"].as_str().expect("text").contains("limit is 4096 bytes"));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .expect("text")
+            .contains("limit is 4096 bytes")
+    );
 
     let item = "y".repeat(300);
-    let r = s.post_json("/api/events/track", json!({"userId": "a", "eventName": "e", "dataFields": {"y": item}})).await;
+    let r = s
+        .post_json(
+            "/api/events/track",
+            json!({"userId": "a", "eventName": "e", "dataFields": {"y": item}}),
+        )
+        .await;
     assert_eq!(r.status, 413, "one item over max_item_bytes");
 
     let r = s
@@ -253,16 +466,32 @@ async fn size_limits_are_413_and_oversized_bulk_items_are_failures() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["failures"][0]["index"], 1);
-    assert!(r.json()["failures"][0]["error"].as_str().expect("text").contains("limit is 256 bytes"));
+    assert!(
+        r.json()["failures"][0]["error"]
+            .as_str()
+            .expect("text")
+            .contains("limit is 256 bytes")
+    );
 
-    let six: Vec<Value> = (0..6).map(|i| json!({"userId": i.to_string(), "eventName": "e"})).collect();
-    let r = s.post_json("/api/events/trackBulk", json!({"events": six})).await;
+    let six: Vec<Value> = (0..6)
+        .map(|i| json!({"userId": i.to_string(), "eventName": "e"}))
+        .collect();
+    let r = s
+        .post_json("/api/events/trackBulk", json!({"events": six}))
+        .await;
     assert_eq!(r.status, 413);
-    assert!(r.json()["error"].as_str().expect("text").contains("6 items; the limit is 5"));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .expect("text")
+            .contains("6 items; the limit is 5")
+    );
 
     // A chunked body (no Content-Length) streamed past the limit is cut off too.
     let payload = hyper_body_over_limit();
-    let stream = tokio::net::TcpStream::connect(s.addr).await.expect("connect");
+    let stream = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
     let request = format!(
         "POST /api/users/update HTTP/1.1\r\nhost: x\r\napi-key: {}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{}\r\n0\r\n\r\n",
         s.key,
@@ -276,7 +505,10 @@ async fn size_limits_are_413_and_oversized_bulk_items_are_failures() {
 }
 
 fn hyper_body_over_limit() -> Bytes {
-    Bytes::from(format!("{{\"userId\":\"a\",\"dataFields\":{{\"p\":\"{}\"}}}}", "z".repeat(8000)))
+    Bytes::from(format!(
+        "{{\"userId\":\"a\",\"dataFields\":{{\"p\":\"{}\"}}}}",
+        "z".repeat(8000)
+    ))
 }
 
 #[tokio::test]
@@ -285,15 +517,36 @@ async fn segment_routes_map_calls_and_accept_basic_and_write_key() {
     let mut conn = Connection::connect(s.addr).await.expect("connect");
     let basic = format!("Basic {}", base64(&format!("{}:", s.key)));
     let calls = [
-        ("/v1/identify", json!({"userId": "u1", "traits": {"name": "Ann"}, "messageId": "s1"})),
-        ("/v1/track", json!({"anonymousId": "anon", "event": "Clicked", "properties": {"b": 1}, "messageId": "s2"})),
-        ("/v1/page", json!({"userId": "u1", "name": "Home", "messageId": "s3"})),
-        ("/v1/screen", json!({"userId": "u1", "name": "Main", "messageId": "s4"})),
-        ("/v1/group", json!({"userId": "u1", "groupId": "g", "messageId": "s5"})),
-        ("/v1/alias", json!({"userId": "u1", "previousId": "old", "messageId": "s6"})),
+        (
+            "/v1/identify",
+            json!({"userId": "u1", "traits": {"name": "Ann"}, "messageId": "s1"}),
+        ),
+        (
+            "/v1/track",
+            json!({"anonymousId": "anon", "event": "Clicked", "properties": {"b": 1}, "messageId": "s2"}),
+        ),
+        (
+            "/v1/page",
+            json!({"userId": "u1", "name": "Home", "messageId": "s3"}),
+        ),
+        (
+            "/v1/screen",
+            json!({"userId": "u1", "name": "Main", "messageId": "s4"}),
+        ),
+        (
+            "/v1/group",
+            json!({"userId": "u1", "groupId": "g", "messageId": "s5"}),
+        ),
+        (
+            "/v1/alias",
+            json!({"userId": "u1", "previousId": "old", "messageId": "s6"}),
+        ),
     ];
     for (path, body) in calls {
-        let r = conn.post(path, &[("authorization", &basic)], body.to_string().into()).await.expect("request");
+        let r = conn
+            .post(path, &[("authorization", &basic)], body.to_string().into())
+            .await
+            .expect("request");
         assert_eq!(r.status, 200, "{path}: {:?}", r.json());
     }
     let batch = json!({"writeKey": s.key, "batch": [
@@ -303,16 +556,33 @@ async fn segment_routes_map_calls_and_accept_basic_and_write_key() {
     let r = s.post("/v1/batch", None, batch.to_string()).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["failed"], 1);
-    let r = s.post("/v1/track", None, json!({"userId": "x", "event": "e"}).to_string()).await;
+    let r = s
+        .post(
+            "/v1/track",
+            None,
+            json!({"userId": "x", "event": "e"}).to_string(),
+        )
+        .await;
     assert_eq!(r.status, 401);
 
     let values = s.values();
-    let by_id = |id: &str| values.iter().find(|v| v["messageId"] == id).cloned().expect(id);
+    let by_id = |id: &str| {
+        values
+            .iter()
+            .find(|v| v["messageId"] == id)
+            .cloned()
+            .expect(id)
+    };
     assert_eq!(by_id("s1")["kind"], "user_update");
     assert_eq!(by_id("s1")["dataFields"], json!({"name": "Ann"}));
     assert_eq!(by_id("s2")["userId"], "anon");
     assert_eq!(by_id("s2")["eventName"], "Clicked");
-    for (id, name) in [("s3", "page"), ("s4", "screen"), ("s5", "group"), ("s6", "alias")] {
+    for (id, name) in [
+        ("s3", "page"),
+        ("s4", "screen"),
+        ("s5", "group"),
+        ("s6", "alias"),
+    ] {
         assert_eq!(by_id(id)["eventName"], name);
     }
     assert_eq!(by_id("s7")["eventName"], "Bought");
@@ -323,7 +593,9 @@ fn base64(input: &str) -> String {
     let b = input.as_bytes();
     let mut out = String::new();
     for chunk in b.chunks(3) {
-        let n = (u32::from(chunk[0]) << 16) | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8) | u32::from(*chunk.get(2).unwrap_or(&0));
+        let n = (u32::from(chunk[0]) << 16)
+            | (u32::from(*chunk.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*chunk.get(2).unwrap_or(&0));
         for i in 0..4 {
             if i <= chunk.len() {
                 out.push(T[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -339,23 +611,45 @@ fn base64(input: &str) -> String {
 async fn health_and_readiness() {
     let s = TestServer::start(Limits::default()).await;
     let mut conn = Connection::connect(s.addr).await.expect("connect");
-    assert_eq!(conn.get("/healthz", &[]).await.expect("healthz").status, 200);
+    assert_eq!(
+        conn.get("/healthz", &[]).await.expect("healthz").status,
+        200
+    );
     assert_eq!(conn.get("/readyz", &[]).await.expect("readyz").status, 200);
     s.state.start_draining();
     let r = conn.get("/readyz", &[]).await.expect("readyz");
     assert_eq!(r.status, 503);
-    assert!(r.json()["reasons"][0].as_str().expect("text").contains("draining"));
-    assert_eq!(conn.get("/healthz", &[]).await.expect("healthz").status, 200, "alive while draining");
+    assert!(
+        r.json()["reasons"][0]
+            .as_str()
+            .expect("text")
+            .contains("draining")
+    );
+    assert_eq!(
+        conn.get("/healthz", &[]).await.expect("healthz").status,
+        200,
+        "alive while draining"
+    );
 }
 
 #[tokio::test]
 async fn a_log_that_cannot_make_data_durable_gives_503_with_retry_after() {
     let s = TestServer::start(Limits::default()).await;
     s.log.close().await.expect("close");
-    let r = s.post_json("/api/events/track", json!({"userId": "a", "eventName": "e"})).await;
+    let r = s
+        .post_json(
+            "/api/events/track",
+            json!({"userId": "a", "eventName": "e"}),
+        )
+        .await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["code"], "Unavailable");
-    assert!(r.json()["error"].as_str().expect("text").contains("could not be made durable"));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .expect("text")
+            .contains("could not be made durable")
+    );
     let mut conn = Connection::connect(s.addr).await.expect("connect");
     assert_eq!(conn.get("/readyz", &[]).await.expect("readyz").status, 503);
 }
@@ -364,7 +658,9 @@ async fn a_log_that_cannot_make_data_durable_gives_503_with_retry_after() {
 async fn retry_after_header_is_set_on_503() {
     let s = TestServer::start(Limits::default()).await;
     s.log.close().await.expect("close");
-    let stream = tokio::net::TcpStream::connect(s.addr).await.expect("connect");
+    let stream = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .expect("connect");
     let body = json!({"userId": "a", "eventName": "e"}).to_string();
     let request = format!(
         "POST /api/events/track HTTP/1.1\r\nhost: x\r\napi-key: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",

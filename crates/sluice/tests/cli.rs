@@ -21,7 +21,12 @@ fn sluice(data_dir: &Path) -> Command {
 
 fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().expect("sluice runs");
-    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
@@ -71,11 +76,19 @@ impl Server {
         }
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, addr: addr.expect("banner has the address"), first_key }
+        Server {
+            child,
+            addr: addr.expect("banner has the address"),
+            first_key,
+        }
     }
 
     fn sigterm(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status().expect("kill");
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
         assert!(status.success());
         wait_timeout(&mut self.child, Duration::from_secs(30)).expect("exits after SIGTERM")
     }
@@ -110,13 +123,26 @@ fn admin_commands_manage_orgs_keys_and_bans() {
     let data = dir.path().join("data");
     run_ok(sluice(&data).args(["orgs", "create", "acme"]));
     let key = run_ok(sluice(&data).args(["keys", "create", "--org", "acme"]));
-    assert!(key.starts_with("sk_") && key.trim_end().len() == 51 && key.lines().count() == 1, "only the key: {key:?}");
+    assert!(
+        key.starts_with("sk_") && key.trim_end().len() == 51 && key.lines().count() == 1,
+        "only the key: {key:?}"
+    );
     let list = run_ok(sluice(&data).args(["orgs", "list"]));
-    assert!(list.lines().any(|l| l.starts_with("acme") && l.contains("active")), "{list}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("acme") && l.contains("active")),
+        "{list}"
+    );
     run_ok(sluice(&data).args(["orgs", "disable", "acme"]));
-    assert!(run_ok(sluice(&data).args(["orgs", "list"])).lines().any(|l| l.starts_with("acme") && l.contains("disabled")));
+    assert!(
+        run_ok(sluice(&data).args(["orgs", "list"]))
+            .lines()
+            .any(|l| l.starts_with("acme") && l.contains("disabled"))
+    );
     run_ok(sluice(&data).args(["users", "ban", "--org", "acme", "u1"]));
-    assert!(run_ok(sluice(&data).args(["users", "unban", "--org", "acme", "u1"])).contains("unbanned"));
+    assert!(
+        run_ok(sluice(&data).args(["users", "unban", "--org", "acme", "u1"])).contains("unbanned")
+    );
 
     let err = run_err(sluice(&data).args(["keys", "create", "--org", "nope"]));
     assert!(err.contains("no org named \"nope\""), "{err}");
@@ -137,7 +163,12 @@ fn config_default_prints_a_file_the_server_accepts() {
     std::fs::write(&path, text.replace("partitions = 8", "partitions = 3")).expect("write");
     // Config file < env < flags: the env var beats the file, the flag beats the env var.
     let data = dir.path().join("data");
-    run_ok(sluice(&data).arg("--config").arg(&path).args(["orgs", "create", "from-file"]));
+    run_ok(
+        sluice(&data)
+            .arg("--config")
+            .arg(&path)
+            .args(["orgs", "create", "from-file"]),
+    );
     let err = run_err(
         sluice(&data)
             .arg("--config")
@@ -145,7 +176,10 @@ fn config_default_prints_a_file_the_server_accepts() {
             .env("SLUICE_REGISTRY", "postgres://nowhere")
             .args(["orgs", "list"]),
     );
-    assert!(err.contains("registry = \"postgres://nowhere\""), "env overrides the file: {err}");
+    assert!(
+        err.contains("registry = \"postgres://nowhere\""),
+        "env overrides the file: {err}"
+    );
     run_ok(
         sluice(&data)
             .arg("--config")
@@ -154,13 +188,24 @@ fn config_default_prints_a_file_the_server_accepts() {
             .args(["--registry", "embedded", "orgs", "list"]),
     );
     std::fs::write(&path, "partitons = 3\n").expect("write");
-    let err = run_err(sluice(&data).arg("--config").arg(&path).args(["orgs", "list"]));
-    assert!(err.contains("unknown field `partitons`") && err.contains("sluice.toml"), "{err}");
+    let err = run_err(
+        sluice(&data)
+            .arg("--config")
+            .arg(&path)
+            .args(["orgs", "list"]),
+    );
+    assert!(
+        err.contains("unknown field `partitons`") && err.contains("sluice.toml"),
+        "{err}"
+    );
 }
 
 async fn post(addr: SocketAddr, key: &str, path: &str, body: Value) -> (u16, Value) {
     let mut conn = Connection::connect(addr).await.expect("connect");
-    let r = conn.post(path, &[("api-key", key)], body.to_string().into()).await.expect("request");
+    let r = conn
+        .post(path, &[("api-key", key)], body.to_string().into())
+        .await
+        .expect("request");
     (r.status.as_u16(), r.json())
 }
 
@@ -170,23 +215,49 @@ async fn serve_prints_a_key_once_and_admin_commands_work_while_it_runs() {
     let data = dir.path().join("data");
     let mut server = Server::start(&data, &["--key-cache-ttl", "100ms"]);
     let key = server.first_key.clone().expect("first start prints a key");
-    let (status, _) = post(server.addr, &key, "/api/events/track", json!({"userId": "u", "eventName": "e"})).await;
+    let (status, _) = post(
+        server.addr,
+        &key,
+        "/api/events/track",
+        json!({"userId": "u", "eventName": "e"}),
+    )
+    .await;
     assert_eq!(status, 200);
 
     // A new org and key, created by a second process while the server runs.
     run_ok(sluice(&data).args(["orgs", "create", "late"]));
-    let late = run_ok(sluice(&data).args(["keys", "create", "--org", "late"])).trim().to_string();
-    let (status, _) = post(server.addr, &late, "/api/users/update", json!({"userId": "u", "dataFields": {}})).await;
+    let late = run_ok(sluice(&data).args(["keys", "create", "--org", "late"]))
+        .trim()
+        .to_string();
+    let (status, _) = post(
+        server.addr,
+        &late,
+        "/api/users/update",
+        json!({"userId": "u", "dataFields": {}}),
+    )
+    .await;
     assert_eq!(status, 200);
     run_ok(sluice(&data).args(["orgs", "disable", "late"]));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (status, body) = post(server.addr, &late, "/api/users/update", json!({"userId": "u", "dataFields": {}})).await;
+    let (status, body) = post(
+        server.addr,
+        &late,
+        "/api/users/update",
+        json!({"userId": "u", "dataFields": {}}),
+    )
+    .await;
     assert_eq!(status, 401, "{body}");
 
     let status = server.sigterm();
-    assert!(status.success(), "drains and exits 0 on SIGTERM: {status:?}");
+    assert!(
+        status.success(),
+        "drains and exits 0 on SIGTERM: {status:?}"
+    );
     let again = Server::start(&data, &[]);
-    assert!(again.first_key.is_none(), "the key is printed on first start only");
+    assert!(
+        again.first_key.is_none(),
+        "the key is printed on first start only"
+    );
 }
 
 /// What one client saw: the message ids the server acknowledged, in the order it sent them.
@@ -196,10 +267,14 @@ type Acked = Vec<String>;
 /// Ids are `c<client>-<seq>-<item>`; users are `c<client>-u<n>`.
 async fn client_load(addr: SocketAddr, key: String, client: usize, round: usize) -> Acked {
     let mut acked = Vec::new();
-    let Ok(mut conn) = Connection::connect(addr).await else { return acked };
+    let Ok(mut conn) = Connection::connect(addr).await else {
+        return acked;
+    };
     for seq in 0.. {
         let (path, body, ids): (&str, Value, Vec<String>) = if seq % 4 == 3 {
-            let ids: Vec<String> = (0..10).map(|i| format!("r{round}-c{client}-{seq}-{i}")).collect();
+            let ids: Vec<String> = (0..10)
+                .map(|i| format!("r{round}-c{client}-{seq}-{i}"))
+                .collect();
             let events: Vec<Value> = ids
                 .iter()
                 .enumerate()
@@ -211,9 +286,16 @@ async fn client_load(addr: SocketAddr, key: String, client: usize, round: usize)
             let body = json!({"userId": format!("c{client}-u{}", seq % 3), "id": id, "dataFields": {"seq": seq}});
             ("/api/users/update", body, vec![id])
         };
-        match conn.post(path, &[("api-key", &key)], body.to_string().into()).await {
+        match conn
+            .post(path, &[("api-key", &key)], body.to_string().into())
+            .await
+        {
             Ok(reply) if reply.status == 200 => acked.extend(ids),
-            Ok(reply) => panic!("unexpected status {} before the kill: {:?}", reply.status, reply.json()),
+            Ok(reply) => panic!(
+                "unexpected status {} before the kill: {:?}",
+                reply.status,
+                reply.json()
+            ),
             Err(_) => return acked, // the server died under us
         }
     }
@@ -224,7 +306,11 @@ async fn client_load(addr: SocketAddr, key: String, client: usize, round: usize)
 fn send_position(id: &str) -> (usize, usize, usize, usize) {
     let parts: Vec<usize> = id
         .split('-')
-        .map(|p| p.trim_start_matches(['r', 'c']).parse().expect("numeric id part"))
+        .map(|p| {
+            p.trim_start_matches(['r', 'c'])
+                .parse()
+                .expect("numeric id part")
+        })
         .collect();
     (parts[0], parts[1], parts[2], parts[3])
 }
@@ -250,15 +336,24 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
             all_acked.extend(c.await.expect("client task"));
         }
     }
-    eprintln!("crash test: {} acknowledged messages over 3 SIGKILLs", all_acked.len());
-    assert!(all_acked.len() > 1000, "the load did real work: {} acks", all_acked.len());
+    eprintln!(
+        "crash test: {} acknowledged messages over 3 SIGKILLs",
+        all_acked.len()
+    );
+    assert!(
+        all_acked.len() > 1000,
+        "the load did real work: {} acks",
+        all_acked.len()
+    );
 
     // Restart once more: the data dir must open cleanly after the kills.
     let mut server = Server::start(&data, &[]);
     let status = server.sigterm();
     assert!(status.success());
 
-    let log = Arc::new(EmbeddedLog::open(&data.join("log"), EmbeddedLogConfig::default()).expect("log reopens"));
+    let log = Arc::new(
+        EmbeddedLog::open(&data.join("log"), EmbeddedLogConfig::default()).expect("log reopens"),
+    );
     let mut count: HashMap<String, usize> = HashMap::new();
     let mut per_user: HashMap<String, Vec<(usize, usize, usize, usize)>> = HashMap::new();
     for p in 0..log.partitions() {
@@ -268,16 +363,31 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
             let v: Value = serde_json::from_slice(&r.value).expect("every record is intact JSON");
             let id = v["messageId"].as_str().expect("messageId").to_string();
             let user = String::from_utf8_lossy(&r.key).into_owned();
-            assert_eq!(user, format!("default:u:{}", v["userId"].as_str().expect("userId")));
+            assert_eq!(
+                user,
+                format!("default:u:{}", v["userId"].as_str().expect("userId"))
+            );
             *count.entry(id.clone()).or_default() += 1;
             per_user.entry(user).or_default().push(send_position(&id));
         }
     }
-    let acked_in_log = all_acked.iter().filter(|id| count.get(*id) == Some(&1)).count();
-    assert_eq!(acked_in_log, all_acked.len(), "every acknowledged message is in the log exactly once");
-    assert!(count.values().all(|&n| n == 1), "no message is in the log twice");
+    let acked_in_log = all_acked
+        .iter()
+        .filter(|id| count.get(*id) == Some(&1))
+        .count();
+    assert_eq!(
+        acked_in_log,
+        all_acked.len(),
+        "every acknowledged message is in the log exactly once"
+    );
+    assert!(
+        count.values().all(|&n| n == 1),
+        "no message is in the log twice"
+    );
     for (user, positions) in per_user {
-        assert!(positions.windows(2).all(|w| w[0] < w[1]), "{user}: log order follows send order: {positions:?}");
+        assert!(
+            positions.windows(2).all(|w| w[0] < w[1]),
+            "{user}: log order follows send order: {positions:?}"
+        );
     }
 }
-

@@ -31,13 +31,20 @@ impl ChunkBuilder {
     pub(crate) fn new(first_offset: u64) -> Self {
         let mut buf = Vec::with_capacity(4096);
         buf.extend_from_slice(&0u32.to_be_bytes());
-        ChunkBuilder { first_offset, buf, count: 0 }
+        ChunkBuilder {
+            first_offset,
+            buf,
+            count: 0,
+        }
     }
 
     pub(crate) fn push(&mut self, record: &Record) {
-        self.buf.extend_from_slice(&record.timestamp_ms.to_be_bytes());
-        self.buf.extend_from_slice(&(record.key.len() as u32).to_be_bytes());
-        self.buf.extend_from_slice(&(record.value.len() as u32).to_be_bytes());
+        self.buf
+            .extend_from_slice(&record.timestamp_ms.to_be_bytes());
+        self.buf
+            .extend_from_slice(&(record.key.len() as u32).to_be_bytes());
+        self.buf
+            .extend_from_slice(&(record.value.len() as u32).to_be_bytes());
         self.buf.extend_from_slice(&record.key);
         self.buf.extend_from_slice(&record.value);
         self.count += 1;
@@ -51,7 +58,9 @@ impl ChunkBuilder {
 
 /// Number of records in a stored chunk.
 pub(crate) fn chunk_len(stored: &[u8]) -> Option<u64> {
-    Some(u64::from(u32::from_be_bytes(stored.get(..CHUNK_HEADER)?.try_into().ok()?)))
+    Some(u64::from(u32::from_be_bytes(
+        stored.get(..CHUNK_HEADER)?.try_into().ok()?,
+    )))
 }
 
 /// One record inside a chunk, as byte ranges into the chunk.
@@ -75,7 +84,11 @@ fn records(stored: &[u8]) -> impl Iterator<Item = Option<RawRecord>> + '_ {
             return None;
         }
         at = value.end;
-        Some(RawRecord { timestamp_ms, key, value })
+        Some(RawRecord {
+            timestamp_ms,
+            key,
+            value,
+        })
     })
 }
 
@@ -128,7 +141,11 @@ mod tests {
     use super::*;
 
     fn record(key: &str, value: &str, ts: i64) -> Record {
-        Record { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec(), timestamp_ms: ts }
+        Record {
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            timestamp_ms: ts,
+        }
     }
 
     #[test]
@@ -143,7 +160,10 @@ mod tests {
         assert_eq!(chunk_summary(&stored), Some((104, 5 * stored_len(1, 2))));
         let mut out = Vec::new();
         decode_chunk(3, 10, &stored, 12, 14, 100, &mut out).expect("decodes");
-        let got: Vec<_> = out.iter().map(|r| (r.offset, String::from_utf8_lossy(&r.value).into_owned())).collect();
+        let got: Vec<_> = out
+            .iter()
+            .map(|r| (r.offset, String::from_utf8_lossy(&r.value).into_owned()))
+            .collect();
         assert_eq!(got, [(12, "v2".to_string()), (13, "v3".to_string())]);
         assert!(out.iter().all(|r| r.partition == 3 && &r.key[..] == b"k"));
         out.clear();
@@ -158,7 +178,10 @@ mod tests {
         let (_, stored) = chunk.finish();
         for cut in 4..stored.len() {
             let mut out = Vec::new();
-            assert!(decode_chunk(0, 0, &stored[..cut], 0, u64::MAX, 10, &mut out).is_none(), "cut at {cut}");
+            assert!(
+                decode_chunk(0, 0, &stored[..cut], 0, u64::MAX, 10, &mut out).is_none(),
+                "cut at {cut}"
+            );
             assert!(chunk_summary(&stored[..cut]).is_none());
         }
     }

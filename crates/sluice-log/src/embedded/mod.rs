@@ -196,7 +196,9 @@ impl EmbeddedLog {
         let mut high_watermarks = Vec::with_capacity(config.partitions as usize);
         let mut extents = Vec::with_capacity(config.partitions as usize);
         for p in 0..config.partitions {
-            let ks = db.keyspace(&format!("p{p}"), partition_opts).map_err(storage)?;
+            let ks = db
+                .keyspace(&format!("p{p}"), partition_opts)
+                .map_err(storage)?;
             let start = meta
                 .get(meta_key(META_START, p))
                 .map_err(storage)?
@@ -286,7 +288,12 @@ impl EmbeddedLog {
     }
 
     /// Reads up to `max` durable records of `partition` from `from` on, in offset order.
-    pub fn read(&self, partition: u32, from: u64, max: usize) -> Result<Vec<crate::LogRecord>, LogError> {
+    pub fn read(
+        &self,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<crate::LogRecord>, LogError> {
         reader::read_range(&self.shared, partition, from, max)
     }
 
@@ -321,7 +328,11 @@ impl EmbeddedLog {
                 let now = now_ms();
                 match tokio::task::spawn_blocking(move || log.enforce_retention(now)).await {
                     Ok(Ok(report)) if report.deleted > 0 => {
-                        tracing::info!(deleted = report.deleted, freed_bytes = report.freed_bytes, "log retention");
+                        tracing::info!(
+                            deleted = report.deleted,
+                            freed_bytes = report.freed_bytes,
+                            "log retention"
+                        );
                     }
                     Ok(Ok(_)) => {}
                     Ok(Err(e)) => tracing::warn!(error = %e, "log retention failed"),
@@ -354,7 +365,10 @@ impl crate::Log for EmbeddedLog {
         if records.is_empty() {
             return Ok(Vec::new());
         }
-        let bytes: usize = records.iter().map(|r| r.key.len() + r.value.len() + 16).sum();
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.key.len() + r.value.len() + 16)
+            .sum();
         // A single request larger than the whole queue still goes through, alone.
         let want = bytes.min(self.shared.config.max_queued_bytes) as u32;
         let permit = Arc::clone(&self.queued_bytes)
@@ -364,7 +378,11 @@ impl crate::Log for EmbeddedLog {
         let sender = lock(&self.sender).clone().ok_or(LogError::Closed)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         sender
-            .send(AppendRequest { records, reply, _permit: permit })
+            .send(AppendRequest {
+                records,
+                reply,
+                _permit: permit,
+            })
             .await
             .map_err(|_| LogError::Closed)?;
         answer.await.map_err(|_| LogError::Closed)?

@@ -22,11 +22,14 @@ pub(super) fn all_committed(shared: &Shared, partition: u32) -> Result<Vec<u64>,
     let mut out = Vec::new();
     for guard in shared.offsets.iter() {
         let (key, value) = guard.into_inner().map_err(|e| shared.storage_error(e))?;
-        let Some(split) = key.len().checked_sub(5) else { continue };
-        if key[split] == 0 && key[split + 1..] == partition.to_be_bytes() {
-            if let Some(offset) = read_u64(&value) {
-                out.push(offset);
-            }
+        let Some(split) = key.len().checked_sub(5) else {
+            continue;
+        };
+        if key[split] == 0
+            && key[split + 1..] == partition.to_be_bytes()
+            && let Some(offset) = read_u64(&value)
+        {
+            out.push(offset);
         }
     }
     Ok(out)
@@ -55,16 +58,26 @@ pub(super) fn read_range(
         }
         let (key, chunk) = guard.into_inner().map_err(|e| shared.storage_error(e))?;
         let first = read_u64(&key).ok_or_else(|| {
-            shared.storage_error(format!("partition {partition}: malformed chunk key {key:?}"))
+            shared.storage_error(format!(
+                "partition {partition}: malformed chunk key {key:?}"
+            ))
         })?;
-        codec::decode_chunk(partition, first, &chunk, from, end, max, &mut out).ok_or_else(|| {
-            shared.storage_error(format!("partition {partition} chunk at offset {first}: malformed record"))
-        })?;
+        codec::decode_chunk(partition, first, &chunk, from, end, max, &mut out).ok_or_else(
+            || {
+                shared.storage_error(format!(
+                    "partition {partition} chunk at offset {first}: malformed record"
+                ))
+            },
+        )?;
     }
     Ok(out)
 }
 
-pub(super) fn committed(shared: &Shared, group: &str, partition: u32) -> Result<Option<u64>, LogError> {
+pub(super) fn committed(
+    shared: &Shared,
+    group: &str,
+    partition: u32,
+) -> Result<Option<u64>, LogError> {
     shared.partition(partition)?;
     Ok(shared
         .offsets
@@ -73,14 +86,27 @@ pub(super) fn committed(shared: &Shared, group: &str, partition: u32) -> Result<
         .and_then(|v| read_u64(&v)))
 }
 
-pub(super) fn commit(shared: &Shared, group: &str, partition: u32, next_offset: u64) -> Result<(), LogError> {
+pub(super) fn commit(
+    shared: &Shared,
+    group: &str,
+    partition: u32,
+    next_offset: u64,
+) -> Result<(), LogError> {
     shared.partition(partition)?;
     let end = *shared.high_watermarks[partition as usize].borrow();
     if next_offset > end {
-        return Err(LogError::CommitBeyondEnd { partition, offset: next_offset, end });
+        return Err(LogError::CommitBeyondEnd {
+            partition,
+            offset: next_offset,
+            end,
+        });
     }
     let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
-    batch.insert(&shared.offsets, offset_key(group, partition), next_offset.to_be_bytes());
+    batch.insert(
+        &shared.offsets,
+        offset_key(group, partition),
+        next_offset.to_be_bytes(),
+    );
     batch.commit().map_err(|e| shared.storage_error(e))
 }
 
@@ -96,7 +122,10 @@ pub(super) fn subscribe(
         }
         active.push(group.to_string());
     }
-    let guard = GroupGuard { active_groups: Arc::clone(active_groups), group: group.to_string() };
+    let guard = GroupGuard {
+        active_groups: Arc::clone(active_groups),
+        group: group.to_string(),
+    };
     // A new group starts at the beginning of what is stored, and from now on holds retention.
     let mut positions = Vec::with_capacity(shared.parts.len());
     for p in 0..shared.config.partitions {
@@ -183,19 +212,20 @@ impl PartitionStream for EmbeddedPartitionStream {
             .map_err(|_| LogError::Closed)?;
         let shared = Arc::clone(&self.shared);
         let partition = self.partition;
-        let records = tokio::task::spawn_blocking(move || read_range(&shared, partition, position, max))
-            .await
-            .map_err(|e| self.shared.storage_error(format!("read task failed: {e}")))??;
-        if let Some(first) = records.first() {
-            if first.offset > position {
-                tracing::warn!(
-                    partition,
-                    group = %self.group,
-                    from = position,
-                    to = first.offset,
-                    "records were deleted by retention before this group read them"
-                );
-            }
+        let records =
+            tokio::task::spawn_blocking(move || read_range(&shared, partition, position, max))
+                .await
+                .map_err(|e| self.shared.storage_error(format!("read task failed: {e}")))??;
+        if let Some(first) = records.first()
+            && first.offset > position
+        {
+            tracing::warn!(
+                partition,
+                group = %self.group,
+                from = position,
+                to = first.offset,
+                "records were deleted by retention before this group read them"
+            );
         }
         if let Some(last) = records.last() {
             self.position = last.offset + 1;
@@ -209,6 +239,9 @@ impl PartitionStream for EmbeddedPartitionStream {
         let partition = self.partition;
         tokio::task::spawn_blocking(move || commit(&shared, &group, partition, next_offset))
             .await
-            .map_err(|e| self.shared.storage_error(format!("commit task failed: {e}")))?
+            .map_err(|e| {
+                self.shared
+                    .storage_error(format!("commit task failed: {e}"))
+            })?
     }
 }

@@ -28,7 +28,10 @@ pub(super) fn enforce(shared: &Shared, now_ms: i64) -> Result<RetentionReport, L
     for partition in 0..shared.config.partitions {
         let p = partition as usize;
         // Records below every group's commit are done with. No group: nothing is committed.
-        let committed_floor = reader::all_committed(shared, partition)?.into_iter().min().unwrap_or(0);
+        let committed_floor = reader::all_committed(shared, partition)?
+            .into_iter()
+            .min()
+            .unwrap_or(0);
         loop {
             let (start, bytes) = {
                 let e = lock(&shared.extents)[p];
@@ -38,17 +41,27 @@ pub(super) fn enforce(shared: &Shared, now_ms: i64) -> Result<RetentionReport, L
             let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
             let mut new_start = start;
             let mut freed = 0u64;
-            for guard in shared.parts[p].range(start.to_be_bytes()..end.to_be_bytes()).take(CHUNKS_PER_BATCH) {
+            for guard in shared.parts[p]
+                .range(start.to_be_bytes()..end.to_be_bytes())
+                .take(CHUNKS_PER_BATCH)
+            {
                 let (key, chunk) = guard.into_inner().map_err(|e| shared.storage_error(e))?;
-                let (Some(first), Some(count), Some((newest, size))) =
-                    (read_u64(&key), codec::chunk_len(&chunk), codec::chunk_summary(&chunk))
-                else {
-                    return Err(shared.storage_error(format!("partition {partition}: malformed chunk during retention")));
+                let (Some(first), Some(count), Some((newest, size))) = (
+                    read_u64(&key),
+                    codec::chunk_len(&chunk),
+                    codec::chunk_summary(&chunk),
+                ) else {
+                    return Err(shared.storage_error(format!(
+                        "partition {partition}: malformed chunk during retention"
+                    )));
                 };
                 // A chunk goes only when every record in it may go.
                 let committed = first + count <= committed_floor;
                 let too_old = age_floor.is_some_and(|floor| newest < floor);
-                let too_big = shared.config.retention_max_bytes.is_some_and(|cap| bytes - freed > cap);
+                let too_big = shared
+                    .config
+                    .retention_max_bytes
+                    .is_some_and(|cap| bytes - freed > cap);
                 if !(committed || too_old || too_big) {
                     break;
                 }
@@ -63,8 +76,16 @@ pub(super) fn enforce(shared: &Shared, now_ms: i64) -> Result<RetentionReport, L
             let mut extents = lock(&shared.extents);
             // The writer may have added bytes since we looked; subtract from the current value.
             let remaining = extents[p].bytes.saturating_sub(freed);
-            batch.insert(&shared.meta, meta_key(META_START, partition), new_start.to_be_bytes());
-            batch.insert(&shared.meta, meta_key(META_BYTES, partition), remaining.to_be_bytes());
+            batch.insert(
+                &shared.meta,
+                meta_key(META_START, partition),
+                new_start.to_be_bytes(),
+            );
+            batch.insert(
+                &shared.meta,
+                meta_key(META_BYTES, partition),
+                remaining.to_be_bytes(),
+            );
             batch.commit().map_err(|e| shared.storage_error(e))?;
             extents[p].start = new_start;
             extents[p].bytes = remaining;

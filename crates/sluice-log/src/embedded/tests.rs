@@ -8,11 +8,20 @@ use super::*;
 use crate::{Assignment, Log, PartitionStream};
 
 fn record(key: &str, value: &str, ts: i64) -> Record {
-    Record { key: key.as_bytes().to_vec(), value: value.as_bytes().to_vec(), timestamp_ms: ts }
+    Record {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+        timestamp_ms: ts,
+    }
 }
 
 fn config(partitions: u32) -> EmbeddedLogConfig {
-    EmbeddedLogConfig { partitions, retention_max_age: None, retention_max_bytes: None, ..Default::default() }
+    EmbeddedLogConfig {
+        partitions,
+        retention_max_age: None,
+        retention_max_bytes: None,
+        ..Default::default()
+    }
 }
 
 fn open(dir: &Path, partitions: u32) -> Arc<EmbeddedLog> {
@@ -93,7 +102,9 @@ async fn reopening_keeps_records_offsets_and_commits() {
     {
         let log = open(dir.path(), 2);
         for i in 0..10 {
-            log.append(vec![record("k", &i.to_string(), 0)]).await.expect("append");
+            log.append(vec![record("k", &i.to_string(), 0)])
+                .await
+                .expect("append");
         }
         let p = partition_for_key(b"k", 2);
         log.commit("g", p, 4).expect("commit");
@@ -103,13 +114,19 @@ async fn reopening_keeps_records_offsets_and_commits() {
     let p = partition_for_key(b"k", 2);
     assert_eq!(log.end_offset(p).expect("end"), 10);
     assert_eq!(log.committed("g", p).expect("committed"), Some(4));
-    let acks = log.append(vec![record("k", "10", 0)]).await.expect("append");
+    let acks = log
+        .append(vec![record("k", "10", 0)])
+        .await
+        .expect("append");
     assert_eq!(acks[0].offset, 10);
     let mut streams = all_streams(&log, "g").await;
     let stream = &mut streams[p as usize];
     assert_eq!(stream.position(), 4);
     let batch = stream.next_batch(100).await.expect("batch");
-    let values: Vec<_> = batch.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()).collect();
+    let values: Vec<_> = batch
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect();
     assert_eq!(values, ["4", "5", "6", "7", "8", "9", "10"]);
 }
 
@@ -117,8 +134,14 @@ async fn reopening_keeps_records_offsets_and_commits() {
 async fn partition_count_cannot_change() {
     let dir = tempfile::tempdir().expect("tempdir");
     open(dir.path(), 4).close().await.expect("close");
-    let err = EmbeddedLog::open(dir.path(), config(8)).err().expect("mismatch refused");
-    assert!(err.to_string().contains("has 4 partitions but 8 are configured"), "{err}");
+    let err = EmbeddedLog::open(dir.path(), config(8))
+        .err()
+        .expect("mismatch refused");
+    assert!(
+        err.to_string()
+            .contains("has 4 partitions but 8 are configured"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -129,7 +152,9 @@ async fn a_stream_waits_for_new_records_and_commits() {
     let mut stream = streams.pop().expect("one partition");
     let waiting = tokio::time::timeout(Duration::from_millis(50), stream.next_batch(10)).await;
     assert!(waiting.is_err(), "no record yet: next_batch waits");
-    log.append(vec![record("a", "1", 0), record("a", "2", 0)]).await.expect("append");
+    log.append(vec![record("a", "1", 0), record("a", "2", 0)])
+        .await
+        .expect("append");
     let batch = tokio::time::timeout(Duration::from_secs(5), stream.next_batch(10))
         .await
         .expect("wakes up")
@@ -139,7 +164,10 @@ async fn a_stream_waits_for_new_records_and_commits() {
     stream.commit(2).await.expect("commit");
     assert_eq!(log.committed("pipeline", 0).expect("committed"), Some(2));
     let err = stream.commit(3).await.expect_err("beyond the end");
-    assert!(matches!(err, LogError::CommitBeyondEnd { end: 2, .. }), "{err}");
+    assert!(
+        matches!(err, LogError::CommitBeyondEnd { end: 2, .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -147,7 +175,10 @@ async fn a_group_subscribes_once_per_process() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open(dir.path(), 1);
     let streams = all_streams(&log, "g").await;
-    assert!(matches!(log.subscribe("g").await.err(), Some(LogError::GroupBusy(_))));
+    assert!(matches!(
+        log.subscribe("g").await.err(),
+        Some(LogError::GroupBusy(_))
+    ));
     drop(streams);
     log.subscribe("g").await.expect("free again once dropped");
 }
@@ -157,7 +188,9 @@ async fn retention_deletes_only_what_every_group_committed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open(dir.path(), 1);
     for i in 0..100 {
-        log.append(vec![record("k", &i.to_string(), 0)]).await.expect("append");
+        log.append(vec![record("k", &i.to_string(), 0)])
+            .await
+            .expect("append");
     }
     // No group: nothing is committed, nothing goes.
     assert_eq!(log.enforce_retention(0).expect("retention").deleted, 0);
@@ -169,7 +202,10 @@ async fn retention_deletes_only_what_every_group_committed() {
     assert_eq!(log.read(0, 0, 1).expect("read")[0].offset, 30);
     log.commit("slow", 0, 100).expect("commit");
     assert_eq!(log.enforce_retention(0).expect("retention").deleted, 50);
-    assert_eq!(log.stored_bytes(0).expect("bytes"), 20 * codec::stored_len(1, 2));
+    assert_eq!(
+        log.stored_bytes(0).expect("bytes"),
+        20 * codec::stored_len(1, 2)
+    );
     log.commit("fast", 0, 100).expect("commit");
     assert_eq!(log.enforce_retention(0).expect("retention").deleted, 20);
     assert_eq!(log.stored_bytes(0).expect("bytes"), 0);
@@ -180,7 +216,10 @@ async fn retention_deletes_only_what_every_group_committed() {
     let log = open(dir.path(), 1);
     assert_eq!(log.start_offset(0).expect("start"), 100);
     assert_eq!(log.end_offset(0).expect("end"), 100);
-    let acks = log.append(vec![record("k", "new", 0)]).await.expect("append");
+    let acks = log
+        .append(vec![record("k", "new", 0)])
+        .await
+        .expect("append");
     assert_eq!(acks[0].offset, 100);
 }
 
@@ -198,12 +237,20 @@ async fn age_and_size_caps_delete_the_oldest_first() {
     // 5 records older than a minute, then 20 fresh ones of 3-byte values.
     for i in 0..25 {
         let ts = if i < 5 { now - 120_000 } else { now };
-        log.append(vec![record("k", &format!("{i:03}"), ts)]).await.expect("append");
+        log.append(vec![record("k", &format!("{i:03}"), ts)])
+            .await
+            .expect("append");
     }
     let report = log.enforce_retention(now).expect("retention");
-    assert_eq!(report.deleted, 15, "5 by age, then 10 more to get under the byte cap");
+    assert_eq!(
+        report.deleted, 15,
+        "5 by age, then 10 more to get under the byte cap"
+    );
     assert_eq!(log.start_offset(0).expect("start"), 15);
-    assert_eq!(log.stored_bytes(0).expect("bytes"), 10 * codec::stored_len(1, 3));
+    assert_eq!(
+        log.stored_bytes(0).expect("bytes"),
+        10 * codec::stored_len(1, 3)
+    );
 }
 
 #[tokio::test]
@@ -211,7 +258,10 @@ async fn appends_after_close_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = open(dir.path(), 1);
     log.close().await.expect("close");
-    assert!(matches!(log.append(vec![record("a", "b", 0)]).await, Err(LogError::Closed)));
+    assert!(matches!(
+        log.append(vec![record("a", "b", 0)]).await,
+        Err(LogError::Closed)
+    ));
     assert!(!log.is_healthy());
 }
 
@@ -219,8 +269,13 @@ async fn appends_after_close_are_refused() {
 async fn a_second_process_cannot_open_the_same_log() {
     let dir = tempfile::tempdir().expect("tempdir");
     let _log = open(dir.path(), 1);
-    let err = EmbeddedLog::open(dir.path(), config(1)).err().expect("locked");
-    assert!(err.to_string().contains("in use by another process"), "{err}");
+    let err = EmbeddedLog::open(dir.path(), config(1))
+        .err()
+        .expect("locked");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -230,15 +285,28 @@ async fn reads_start_inside_a_chunk_and_retention_keeps_partly_committed_chunks(
     // One append is one group commit: these 100 records share one chunk.
     let batch: Vec<Record> = (0..100).map(|i| record("k", &i.to_string(), 0)).collect();
     log.append(batch).await.expect("append");
-    log.append(vec![record("k", "100", 0)]).await.expect("append");
+    log.append(vec![record("k", "100", 0)])
+        .await
+        .expect("append");
     let window = log.read(0, 37, 10).expect("read");
-    assert_eq!(window.iter().map(|r| r.offset).collect::<Vec<_>>(), (37..47).collect::<Vec<_>>());
+    assert_eq!(
+        window.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        (37..47).collect::<Vec<_>>()
+    );
     assert_eq!(&window[0].value[..], b"37");
     let tail = log.read(0, 99, 10).expect("read");
-    assert_eq!(tail.iter().map(|r| r.offset).collect::<Vec<_>>(), [99, 100], "across the chunk boundary");
+    assert_eq!(
+        tail.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        [99, 100],
+        "across the chunk boundary"
+    );
 
     log.commit("g", 0, 50).expect("commit");
-    assert_eq!(log.enforce_retention(0).expect("retention").deleted, 0, "half the chunk is not committed");
+    assert_eq!(
+        log.enforce_retention(0).expect("retention").deleted,
+        0,
+        "half the chunk is not committed"
+    );
     assert_eq!(log.read(0, 0, 1).expect("read")[0].offset, 0);
     log.commit("g", 0, 100).expect("commit");
     assert_eq!(log.enforce_retention(0).expect("retention").deleted, 100);
@@ -247,5 +315,59 @@ async fn reads_start_inside_a_chunk_and_retention_keeps_partly_committed_chunks(
     drop(log);
     let log = open(dir.path(), 1);
     assert_eq!(log.end_offset(0).expect("end"), 101);
-    assert_eq!(log.read(0, 0, 10).expect("read").iter().map(|r| r.offset).collect::<Vec<_>>(), [100]);
+    assert_eq!(
+        log.read(0, 0, 10)
+            .expect("read")
+            .iter()
+            .map(|r| r.offset)
+            .collect::<Vec<_>>(),
+        [100]
+    );
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        /// For any sequence of append requests (each a batch of records with keys from a small
+        /// set), reading every partition back after a reopen gives: each record on its key's
+        /// murmur2 partition, offsets contiguous from 0, and each key's values in append order.
+        #[test]
+        fn appends_keep_per_key_order_across_reopen(
+            requests in proptest::collection::vec(proptest::collection::vec(0u8..12, 1..20), 1..25),
+            partitions in 1u32..6,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut expected: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+            let mut n = 0u32;
+            runtime.block_on(async {
+                let log = open(dir.path(), partitions);
+                for keys in &requests {
+                    let batch: Vec<Record> = keys.iter().map(|k| {
+                        n += 1;
+                        let key = format!("org:u:{k}").into_bytes();
+                        let value = n.to_string().into_bytes();
+                        expected.entry(key.clone()).or_default().push(value.clone());
+                        Record { key, value, timestamp_ms: 0 }
+                    }).collect();
+                    log.append(batch).await.expect("append");
+                }
+                log.close().await.expect("close");
+            });
+            let log = EmbeddedLog::open(dir.path(), config(partitions)).expect("reopen");
+            let mut seen: HashMap<Vec<u8>, Vec<Vec<u8>>> = HashMap::new();
+            for p in 0..partitions {
+                for (i, r) in log.read(p, 0, usize::MAX).expect("read").into_iter().enumerate() {
+                    prop_assert_eq!(r.offset, i as u64);
+                    prop_assert_eq!(partition_for_key(&r.key, partitions), p);
+                    seen.entry(r.key.to_vec()).or_default().push(r.value.to_vec());
+                }
+            }
+            prop_assert_eq!(seen, expected);
+        }
+    }
 }

@@ -26,7 +26,11 @@ const GROUP_DELAY: std::time::Duration = std::time::Duration::from_micros(200);
 const BUSY_GROUP: usize = 4;
 
 /// Moves every waiting request into the group, up to the record cap.
-fn drain(receiver: &mut mpsc::Receiver<AppendRequest>, group: &mut Vec<AppendRequest>, records: &mut usize) {
+fn drain(
+    receiver: &mut mpsc::Receiver<AppendRequest>,
+    group: &mut Vec<AppendRequest>,
+    records: &mut usize,
+) {
     while *records < MAX_GROUP_RECORDS {
         match receiver.try_recv() {
             Ok(request) => {
@@ -71,7 +75,9 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
                 next[p] += 1;
                 touched[p] = true;
                 added_bytes[p] += codec::stored_len(record.key.len(), record.value.len());
-                chunks[p].get_or_insert_with(|| codec::ChunkBuilder::new(offset)).push(record);
+                chunks[p]
+                    .get_or_insert_with(|| codec::ChunkBuilder::new(offset))
+                    .push(record);
                 request_acks.push(Ack { partition, offset });
             }
             acks.push(request_acks);
@@ -90,7 +96,11 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
             for (p, extent) in extents.iter().enumerate() {
                 if touched[p] {
                     let bytes = extent.bytes + added_bytes[p];
-                    batch.insert(&shared.meta, meta_key(META_BYTES, p as u32), bytes.to_be_bytes());
+                    batch.insert(
+                        &shared.meta,
+                        meta_key(META_BYTES, p as u32),
+                        bytes.to_be_bytes(),
+                    );
                 }
             }
             let result = batch.commit();
@@ -110,8 +120,14 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
                     }
                 }
                 shared.counters.syncs.fetch_add(1, Ordering::Relaxed);
-                shared.counters.requests.fetch_add(group.len() as u64, Ordering::Relaxed);
-                shared.counters.records.fetch_add(records as u64, Ordering::Relaxed);
+                shared
+                    .counters
+                    .requests
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                shared
+                    .counters
+                    .records
+                    .fetch_add(records as u64, Ordering::Relaxed);
                 for (request, request_acks) in group.drain(..).zip(acks) {
                     // The requester may have given up (timeout); its records are durable anyway.
                     let _ = request.reply.send(Ok(request_acks));
@@ -129,4 +145,3 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
         }
     }
 }
-
