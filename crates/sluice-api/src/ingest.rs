@@ -1,8 +1,6 @@
 //! The native ingest routes: `/api/users/update`, `/api/users/bulkUpdate`, `/api/events/track`,
 //! `/api/events/trackBulk`.
 
-use std::borrow::Cow;
-
 use axum::extract::{Request, State};
 use axum::http::HeaderMap;
 use serde::Deserialize;
@@ -151,30 +149,21 @@ pub(crate) async fn accept(
         return Err(ApiError::NoValidItem { summary, failures });
     }
     let now = now_ms();
-    let mut records = Vec::with_capacity(messages.len());
-    let mut message_ids = Vec::with_capacity(messages.len());
-    for message in &messages {
-        let (key, value) = message.to_record(&org.name, now);
-        records.push(Record {
-            key,
-            value,
-            timestamp_ms: now,
-        });
-    }
-    for message in messages {
-        message_ids.push(match message.message_id {
-            Cow::Borrowed(id) => id.to_string(),
-            Cow::Owned(id) => id,
-        });
-    }
+    let records: Vec<Record> = messages
+        .iter()
+        .map(|message| {
+            let (key, value) = message.to_record(&org.name, now);
+            Record {
+                key,
+                value,
+                timestamp_ms: now,
+            }
+        })
+        .collect();
+    let answer = Accepted::new(&messages, &failures);
+    drop(messages);
     match tokio::time::timeout(app.log_ack_timeout, app.log.append(records)).await {
-        Ok(Ok(_acks)) => Ok(Accepted {
-            code: "Success",
-            accepted: message_ids.len(),
-            failed: failures.len(),
-            failures,
-            message_ids,
-        }),
+        Ok(Ok(_acks)) => Ok(answer),
         Ok(Err(e)) => Err(ApiError::Unavailable(format!(
             "the messages could not be made durable: {e}"
         ))),

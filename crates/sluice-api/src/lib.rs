@@ -73,26 +73,36 @@ impl Default for ApiConfig {
     }
 }
 
-/// Shared state of every handler.
+/// Shared state of every handler: one `Arc`, so a request clones one pointer.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppInner>);
+
+pub struct AppInner {
     pub(crate) log: Arc<dyn Log>,
-    pub(crate) auth: Arc<Authenticator>,
+    pub(crate) auth: Authenticator,
     pub(crate) limits: Limits,
     pub(crate) log_ack_timeout: Duration,
     /// Set when the server starts draining: `/readyz` turns 503 so balancers stop sending.
-    pub(crate) draining: Arc<AtomicBool>,
+    pub(crate) draining: AtomicBool,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppInner;
+
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
 }
 
 impl AppState {
     pub fn new(log: Arc<dyn Log>, registry: Arc<dyn Registry>, config: &ApiConfig) -> Self {
-        AppState {
+        AppState(Arc::new(AppInner {
             log,
-            auth: Arc::new(Authenticator::new(registry, config.key_cache_ttl)),
+            auth: Authenticator::new(registry, config.key_cache_ttl),
             limits: config.limits,
             log_ack_timeout: config.log_ack_timeout,
-            draining: Arc::new(AtomicBool::new(false)),
-        }
+            draining: AtomicBool::new(false),
+        }))
     }
 
     /// Marks the server as draining (readyz fails from now on).

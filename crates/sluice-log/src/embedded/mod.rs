@@ -411,6 +411,14 @@ impl crate::Log for EmbeddedLog {
                     message: "writer thread panicked".into(),
                 })?;
         }
+        let stats = self.stats();
+        tracing::info!(
+            requests = stats.requests,
+            records = stats.records,
+            fsyncs = stats.syncs,
+            requests_per_fsync = stats.requests as f64 / stats.syncs.max(1) as f64,
+            "log closed"
+        );
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || shared.db.persist(PersistMode::SyncAll))
             .await
