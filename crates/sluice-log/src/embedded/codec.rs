@@ -20,16 +20,16 @@ pub(crate) fn stored_len(key: usize, value: usize) -> u64 {
     (RECORD_HEADER + key + value) as u64
 }
 
-/// A chunk being built by the writer.
-pub(crate) struct ChunkBuilder {
+/// A chunk being built by the writer, in a buffer the writer reuses from group to group.
+pub(crate) struct ChunkBuilder<'a> {
     pub(crate) first_offset: u64,
-    buf: Vec<u8>,
+    buf: &'a mut Vec<u8>,
     count: u32,
 }
 
-impl ChunkBuilder {
-    pub(crate) fn new(first_offset: u64) -> Self {
-        let mut buf = Vec::with_capacity(4096);
+impl<'a> ChunkBuilder<'a> {
+    pub(crate) fn new(first_offset: u64, buf: &'a mut Vec<u8>) -> Self {
+        buf.clear();
         buf.extend_from_slice(&0u32.to_be_bytes());
         ChunkBuilder {
             first_offset,
@@ -50,9 +50,10 @@ impl ChunkBuilder {
         self.count += 1;
     }
 
-    pub(crate) fn finish(mut self) -> (u64, Vec<u8>) {
+    /// The first offset and the encoded chunk.
+    pub(crate) fn finish(self) -> (u64, &'a [u8]) {
         self.buf[..CHUNK_HEADER].copy_from_slice(&self.count.to_be_bytes());
-        (self.first_offset, self.buf)
+        (self.first_offset, self.buf.as_slice())
     }
 }
 
@@ -150,11 +151,13 @@ mod tests {
 
     #[test]
     fn chunks_round_trip_and_decode_a_window() {
-        let mut chunk = ChunkBuilder::new(10);
+        let mut buf = Vec::new();
+        let mut chunk = ChunkBuilder::new(10, &mut buf);
         for i in 0..5 {
             chunk.push(&record("k", &format!("v{i}"), 100 + i));
         }
         let (first, stored) = chunk.finish();
+        let stored = stored.to_vec();
         assert_eq!(first, 10);
         assert_eq!(chunk_len(&stored), Some(5));
         assert_eq!(chunk_summary(&stored), Some((104, 5 * stored_len(1, 2))));
@@ -173,9 +176,11 @@ mod tests {
 
     #[test]
     fn truncated_chunks_are_reported_not_misread() {
-        let mut chunk = ChunkBuilder::new(0);
+        let mut buf = Vec::new();
+        let mut chunk = ChunkBuilder::new(0, &mut buf);
         chunk.push(&record("key", "value", 1));
         let (_, stored) = chunk.finish();
+        let stored = stored.to_vec();
         for cut in 4..stored.len() {
             let mut out = Vec::new();
             assert!(

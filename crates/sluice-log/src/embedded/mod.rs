@@ -113,7 +113,9 @@ impl Shared {
 
 pub(crate) struct AppendRequest {
     records: Vec<Record>,
-    reply: tokio::sync::oneshot::Sender<Result<Vec<Ack>, LogError>>,
+    /// The answer, with the records handed back so they are freed on the requester's thread,
+    /// which allocated them (a glibc free from another thread takes that arena's lock).
+    reply: tokio::sync::oneshot::Sender<(Result<Vec<Ack>, LogError>, Vec<Record>)>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
@@ -385,7 +387,9 @@ impl crate::Log for EmbeddedLog {
             })
             .await
             .map_err(|_| LogError::Closed)?;
-        answer.await.map_err(|_| LogError::Closed)?
+        let (result, records) = answer.await.map_err(|_| LogError::Closed)?;
+        drop(records);
+        result
     }
 
     async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, LogError> {

@@ -48,6 +48,10 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
     let mut group: Vec<AppendRequest> = Vec::new();
     let mut touched = vec![false; partitions as usize];
     let mut added_bytes = vec![0u64; partitions as usize];
+    // Per-partition chunk buffers, reused from group to group (fjall copies what it keeps).
+    let mut buffers: Vec<Vec<u8>> = (0..partitions)
+        .map(|_| Vec::with_capacity(64 << 10))
+        .collect();
 
     let mut previous_group = 0;
     while let Some(first) = receiver.blocking_recv() {
@@ -64,7 +68,9 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
         touched.fill(false);
         added_bytes.fill(0);
         let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
-        let mut chunks: Vec<Option<codec::ChunkBuilder>> = (0..partitions).map(|_| None).collect();
+        let mut chunks: Vec<Option<codec::ChunkBuilder<'_>>> =
+            (0..partitions).map(|_| None).collect();
+        let mut free_buffers: Vec<Option<&mut Vec<u8>>> = buffers.iter_mut().map(Some).collect();
         let mut acks: Vec<Vec<Ack>> = Vec::with_capacity(group.len());
         for request in &group {
             let mut request_acks = Vec::with_capacity(request.records.len());
@@ -75,9 +81,14 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
                 next[p] += 1;
                 touched[p] = true;
                 added_bytes[p] += codec::stored_len(record.key.len(), record.value.len());
-                chunks[p]
-                    .get_or_insert_with(|| codec::ChunkBuilder::new(offset))
-                    .push(record);
+                if chunks[p].is_none() {
+                    if let Some(buf) = free_buffers[p].take() {
+                        chunks[p] = Some(codec::ChunkBuilder::new(offset, buf));
+                    }
+                }
+                if let Some(chunk) = chunks[p].as_mut() {
+                    chunk.push(record);
+                }
                 request_acks.push(Ack { partition, offset });
             }
             acks.push(request_acks);
@@ -130,7 +141,7 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
                     .fetch_add(records as u64, Ordering::Relaxed);
                 for (request, request_acks) in group.drain(..).zip(acks) {
                     // The requester may have given up (timeout); its records are durable anyway.
-                    let _ = request.reply.send(Ok(request_acks));
+                    let _ = request.reply.send((Ok(request_acks), request.records));
                 }
             }
             Err(e) => {
@@ -139,7 +150,7 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
                 next = before;
                 let error = shared.storage_error(e);
                 for request in group.drain(..) {
-                    let _ = request.reply.send(Err(error.clone()));
+                    let _ = request.reply.send((Err(error.clone()), request.records));
                 }
             }
         }
