@@ -111,11 +111,14 @@ impl Shared {
     }
 }
 
+/// The writer's answer to one append request, and the request's records handed back.
+pub(crate) type AppendAnswer = (Result<Vec<Ack>, LogError>, Vec<Record>);
+
 pub(crate) struct AppendRequest {
     records: Vec<Record>,
     /// The answer, with the records handed back so they are freed on the requester's thread,
     /// which allocated them (a glibc free from another thread takes that arena's lock).
-    reply: tokio::sync::oneshot::Sender<(Result<Vec<Ack>, LogError>, Vec<Record>)>,
+    reply: tokio::sync::oneshot::Sender<AppendAnswer>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 

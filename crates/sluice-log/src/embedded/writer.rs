@@ -81,10 +81,10 @@ pub(super) fn run(shared: &Shared, mut receiver: mpsc::Receiver<AppendRequest>) 
                 next[p] += 1;
                 touched[p] = true;
                 added_bytes[p] += codec::stored_len(record.key.len(), record.value.len());
-                if chunks[p].is_none() {
-                    if let Some(buf) = free_buffers[p].take() {
-                        chunks[p] = Some(codec::ChunkBuilder::new(offset, buf));
-                    }
+                if chunks[p].is_none()
+                    && let Some(buf) = free_buffers[p].take()
+                {
+                    chunks[p] = Some(codec::ChunkBuilder::new(offset, buf));
                 }
                 if let Some(chunk) = chunks[p].as_mut() {
                     chunk.push(record);
