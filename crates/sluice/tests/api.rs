@@ -89,6 +89,19 @@ impl TestServer {
     }
 }
 
+/// The `error` text of an error body ("" if there is none, which fails the caller's check).
+fn error_text(r: &Reply) -> String {
+    r.json()["error"].as_str().unwrap_or_default().to_string()
+}
+
+/// The error text of failure `i` of a bulk answer.
+fn failure_text(r: &Reply, i: usize) -> String {
+    r.json()["failures"][i]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 fn small_limits() -> Limits {
     Limits {
         max_item_bytes: 256,
@@ -186,7 +199,7 @@ async fn bulk_routes_unbatch_and_report_invalid_items_by_index() {
     assert!(
         body["failures"][1]["error"]
             .as_str()
-            .expect("text")
+            .unwrap_or_default()
             .contains("dataFields must be a JSON object")
     );
     assert_eq!(body["messageIds"].as_array().map(Vec::len), Some(2));
@@ -253,7 +266,7 @@ async fn a_request_with_no_valid_item_is_400_with_every_failure() {
     assert!(
         body["error"]
             .as_str()
-            .expect("text")
+            .unwrap_or_default()
             .contains("item 0: eventName is required")
     );
     let r = s
@@ -264,12 +277,7 @@ async fn a_request_with_no_valid_item_is_400_with_every_failure() {
         .post_json("/api/users/bulkUpdate", json!({"people": []}))
         .await;
     assert_eq!(r.status, 400);
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .expect("text")
-            .contains("missing field `users`")
-    );
+    assert!(error_text(&r).contains("missing field `users`"));
     let r = s
         .post_json("/api/events/track", json!({"userId": "a"}))
         .await;
@@ -302,10 +310,7 @@ async fn malformed_json_is_400_with_line_and_column() {
         .await;
     assert_eq!(r.status, 400);
     assert!(
-        r.json()["error"]
-            .as_str()
-            .expect("text")
-            .starts_with("malformed JSON at line 1 column 12"),
+        error_text(&r).starts_with("malformed JSON at line 1 column 12"),
         "{:?}",
         r.json()
     );
@@ -318,12 +323,7 @@ async fn auth_failures_are_401() {
     let r = s.post("/api/users/update", None, body.clone()).await;
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["code"], "Unauthorized");
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .expect("text")
-            .contains("missing API key")
-    );
+    assert!(error_text(&r).contains("missing API key"));
     let r = s
         .post("/api/users/update", Some("sk_not_a_key"), body.clone())
         .await;
@@ -361,12 +361,7 @@ async fn auth_failures_are_401() {
     tokio::time::sleep(Duration::from_millis(120)).await; // past the key cache TTL
     let r = s.post("/api/users/update", Some(&s.key), body).await;
     assert_eq!(r.status, 401);
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .expect("text")
-            .contains("disabled")
-    );
+    assert!(error_text(&r).contains("disabled"));
     assert_eq!(s.records().len(), 1);
 }
 
@@ -442,12 +437,7 @@ async fn size_limits_are_413_and_oversized_bulk_items_are_failures() {
         .await;
     assert_eq!(r.status, 413);
     assert_eq!(r.json()["code"], "TooLarge");
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .expect("text")
-            .contains("limit is 4096 bytes")
-    );
+    assert!(error_text(&r).contains("limit is 4096 bytes"));
 
     let item = "y".repeat(300);
     let r = s
@@ -466,12 +456,7 @@ async fn size_limits_are_413_and_oversized_bulk_items_are_failures() {
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["failures"][0]["index"], 1);
-    assert!(
-        r.json()["failures"][0]["error"]
-            .as_str()
-            .expect("text")
-            .contains("limit is 256 bytes")
-    );
+    assert!(failure_text(&r, 0).contains("limit is 256 bytes"));
 
     let six: Vec<Value> = (0..6)
         .map(|i| json!({"userId": i.to_string(), "eventName": "e"}))
@@ -480,12 +465,7 @@ async fn size_limits_are_413_and_oversized_bulk_items_are_failures() {
         .post_json("/api/events/trackBulk", json!({"events": six}))
         .await;
     assert_eq!(r.status, 413);
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .expect("text")
-            .contains("6 items; the limit is 5")
-    );
+    assert!(error_text(&r).contains("6 items; the limit is 5"));
 
     // A chunked body (no Content-Length) streamed past the limit is cut off too.
     let payload = hyper_body_over_limit();
@@ -644,12 +624,7 @@ async fn a_log_that_cannot_make_data_durable_gives_503_with_retry_after() {
         .await;
     assert_eq!(r.status, 503);
     assert_eq!(r.json()["code"], "Unavailable");
-    assert!(
-        r.json()["error"]
-            .as_str()
-            .expect("text")
-            .contains("could not be made durable")
-    );
+    assert!(error_text(&r).contains("could not be made durable"));
     let mut conn = Connection::connect(s.addr).await.expect("connect");
     assert_eq!(conn.get("/readyz", &[]).await.expect("readyz").status, 503);
 }
