@@ -655,3 +655,75 @@ async fn raw_exchange(mut stream: tokio::net::TcpStream, request: String) -> Str
     stream.read_to_end(&mut out).await.expect("read");
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A log that never acknowledges: the API must give up after `log_ack_timeout`.
+struct StalledLog;
+
+#[async_trait::async_trait]
+impl Log for StalledLog {
+    fn partitions(&self) -> u32 {
+        1
+    }
+    async fn append(
+        &self,
+        _records: Vec<sluice_log::Record>,
+    ) -> Result<Vec<sluice_log::Ack>, sluice_log::LogError> {
+        std::future::pending().await
+    }
+    async fn subscribe(
+        &self,
+        group: &str,
+    ) -> Result<Box<dyn sluice_log::Subscription>, sluice_log::LogError> {
+        Err(sluice_log::LogError::GroupBusy(group.to_string()))
+    }
+    fn is_healthy(&self) -> bool {
+        true
+    }
+    async fn close(&self) -> Result<(), sluice_log::LogError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_log_that_does_not_acknowledge_in_time_gives_503() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Arc::new(
+        SqliteRegistry::open(&dir.path().join("registry.db"))
+            .await
+            .expect("registry"),
+    );
+    let key = sluice_registry::bootstrap(registry.as_ref())
+        .await
+        .expect("bootstrap")
+        .expect("key");
+    let config = ApiConfig {
+        log_ack_timeout: Duration::from_millis(200),
+        ..ApiConfig::default()
+    };
+    let state = AppState::new(Arc::new(StalledLog), registry, &config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, sluice_api::router(state)).await });
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let started = std::time::Instant::now();
+    let r = conn
+        .post(
+            "/api/events/track",
+            &[("api-key", &key)],
+            json!({"userId": "a", "eventName": "e"}).to_string().into(),
+        )
+        .await
+        .expect("request");
+    assert_eq!(r.status, 503);
+    assert!(
+        error_text(&r).contains("did not acknowledge within 200ms"),
+        "{:?}",
+        r.json()
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answers at the timeout, not later"
+    );
+}

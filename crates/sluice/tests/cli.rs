@@ -391,3 +391,65 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_counts_exactly_what_the_server_made_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &[]);
+    let key = server.first_key.clone().expect("first key");
+    let url = format!("http://{}", server.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        run_ok(Command::new(env!("CARGO_BIN_EXE_sluice")).args([
+            "bench",
+            "--url",
+            &url,
+            "--key",
+            &key,
+            "--duration",
+            "1",
+            "--connections",
+            "4",
+            "--bulk",
+            "5",
+            "--kind",
+            "mixed",
+            "--users",
+            "50",
+            "--json",
+        ]))
+    })
+    .await
+    .expect("bench task");
+    let report: Value = serde_json::from_str(&out).expect("--json prints one JSON object");
+    let ingest = &report["ingest"];
+    let requests = ingest["requests_ok"].as_u64().expect("requests_ok");
+    let messages = ingest["messages_ok"].as_u64().expect("messages_ok");
+    assert!(requests > 10, "the bench sent real requests: {report}");
+    assert_eq!(ingest["requests_failed"], 0, "{report}");
+    assert_eq!(messages, requests * 5, "bulk of 5");
+    assert!(ingest["latency_ms"]["p99"].as_f64().expect("p99") > 0.0);
+    assert!(server.sigterm().success());
+
+    let log = EmbeddedLog::open(&data.join("log"), EmbeddedLogConfig::default()).expect("log");
+    let mut in_log = 0u64;
+    let mut kinds: HashMap<String, u64> = HashMap::new();
+    for p in 0..log.partitions() {
+        for r in log.read(p, 0, usize::MAX).expect("read") {
+            let v: Value = serde_json::from_slice(&r.value).expect("json");
+            *kinds
+                .entry(v["kind"].as_str().unwrap_or("?").to_string())
+                .or_default() += 1;
+            in_log += 1;
+        }
+    }
+    assert_eq!(
+        in_log, messages,
+        "every message the bench counted is in the log, and no more"
+    );
+    assert!(
+        kinds.get("user_update").copied().unwrap_or(0) > 0
+            && kinds.get("event").copied().unwrap_or(0) > 0,
+        "mixed: {kinds:?}"
+    );
+}
