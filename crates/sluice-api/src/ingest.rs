@@ -149,17 +149,18 @@ pub(crate) async fn accept(
         return Err(ApiError::NoValidItem { summary, failures });
     }
     let now = now_ms();
-    let records: Vec<Record> = messages
+    let records = messages
         .iter()
         .map(|message| {
-            let (key, value) = message.to_record(&org.name, now);
-            Record {
+            let (key, value) = message.to_record(&org.name, now)?;
+            Ok(Record {
                 key,
                 value,
                 timestamp_ms: now,
-            }
+            })
         })
-        .collect();
+        .collect::<Result<Vec<Record>, ItemError>>()
+        .map_err(|e| ApiError::BadRequest(e.0))?;
     let answer = Accepted::new(&messages, &failures);
     drop(messages);
     match tokio::time::timeout(app.log_ack_timeout, app.log.append(records)).await {

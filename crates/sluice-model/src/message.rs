@@ -88,7 +88,13 @@ impl<'a> Message<'a> {
     }
 
     /// The log record for this message: its key and its JSON value (SPEC §5).
-    pub fn to_record(&self, org: &str, received_at_ms: i64) -> (Vec<u8>, Vec<u8>) {
+    /// Serialization of strings, integers and already-valid raw JSON into a `Vec` does not fail
+    /// in practice; if it ever did, the error says so instead of writing an empty record.
+    pub fn to_record(
+        &self,
+        org: &str,
+        received_at_ms: i64,
+    ) -> Result<(Vec<u8>, Vec<u8>), ItemError> {
         let key = self.user_key().record_key(org);
         let value = LogValue {
             v: LOG_FORMAT_VERSION,
@@ -105,11 +111,13 @@ impl<'a> Message<'a> {
         };
         let mut buf =
             Vec::with_capacity(160 + self.data_fields.as_ref().map_or(0, |d| d.get().len()));
-        // Serializing plain strings, integers and already-valid raw JSON into a Vec cannot fail.
-        if serde_json::to_writer(&mut buf, &value).is_err() {
-            buf.clear();
-        }
-        (key, buf)
+        serde_json::to_writer(&mut buf, &value).map_err(|e| {
+            ItemError(format!(
+                "message {} could not be encoded: {e}",
+                self.message_id
+            ))
+        })?;
+        Ok((key, buf))
     }
 }
 
@@ -406,7 +414,7 @@ mod tests {
             r#"{"userId":"42","dataFields":{"plan":"pro","n":{"a":1}},"mergeNestedObjects":true,"id":"m1"}"#,
         );
         let msg = parse_user_update(item).expect("valid");
-        let (key, value) = msg.to_record("acme", 1_700_000_000_000);
+        let (key, value) = msg.to_record("acme", 1_700_000_000_000).expect("encodes");
         assert_eq!(key, b"acme:u:42");
         let back: LogValue<'_> = serde_json::from_slice(&value).expect("log value parses");
         assert_eq!(back.kind, Kind::UserUpdate);
@@ -434,7 +442,7 @@ mod tests {
             uuid::Uuid::parse_str(&msg.message_id).map(|u| u.get_version_num()),
             Ok(7)
         );
-        let (key, _) = msg.to_record("o", 0);
+        let (key, _) = msg.to_record("o", 0).expect("encodes");
         assert_eq!(key, b"o:e:ann@example.com");
     }
 

@@ -269,7 +269,7 @@ mod tests {
         for (input, name, fields) in cases {
             let m = parse_segment(raw(input), None).expect(input);
             assert_eq!(m.event_name.as_deref(), Some(name));
-            let (_, value) = m.to_record("o", 0);
+            let (_, value) = m.to_record("o", 0).expect("encodes");
             let v: LogValue<'_> = serde_json::from_slice(&value).expect("log value");
             let got: Value =
                 serde_json::from_str(v.data_fields.as_deref().map_or("null", RawValue::get))

@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -273,7 +273,6 @@ async fn load(
     shots: Arc<Vec<Arc<Vec<Shot>>>>,
 ) -> anyhow::Result<RunReport> {
     let done = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let progress = progress_bar(args, label);
     let interval = args
         .rate
@@ -285,9 +284,8 @@ async fn load(
         let my_shots = Arc::clone(&shots[w % shots.len()]);
         let key = args.key.clone();
         let done = Arc::clone(&done);
-        let stop = Arc::clone(&stop);
         workers.push(tokio::spawn(worker(
-            addr, key, my_shots, deadline, interval, done, stop,
+            addr, key, my_shots, deadline, interval, done,
         )));
     }
     let ticker = {
@@ -322,15 +320,10 @@ async fn load(
             *failures.entry(k).or_insert(0) += v;
         }
     }
-    stop.store(true, Ordering::Relaxed);
     ticker.abort();
     progress.finish_and_clear();
-    let seconds = started
-        .elapsed()
-        .as_secs_f64()
-        .min(args.duration.as_secs_f64().max(1e-9))
-        .max(1e-9);
-    let seconds = seconds.max(started.elapsed().as_secs_f64().min(seconds));
+    // Real elapsed time, including the wait for the last in-flight responses: never overstates.
+    let seconds = started.elapsed().as_secs_f64().max(1e-9);
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     Ok(RunReport {
         target: label.to_string(),
@@ -370,7 +363,6 @@ async fn worker(
     deadline: Instant,
     interval: Option<Duration>,
     done: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
 ) -> anyhow::Result<WorkerResult> {
     let mut result = WorkerResult {
         histogram: Histogram::new_with_bounds(1, 60_000_000, 3).context("histogram bounds")?,
@@ -382,7 +374,7 @@ async fn worker(
     let mut connection: Option<Connection> = None;
     let mut next_send = Instant::now();
     let mut i = 0usize;
-    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+    while Instant::now() < deadline {
         if let Some(interval) = interval {
             let now = Instant::now();
             if next_send > now {
