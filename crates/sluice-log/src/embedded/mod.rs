@@ -400,7 +400,9 @@ impl crate::Log for EmbeddedLog {
     }
 
     fn is_healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::Relaxed) && lock(&self.sender).is_some()
+        // Unhealthy after a storage error, after `close`, or if the writer thread is gone.
+        self.shared.healthy.load(Ordering::Relaxed)
+            && lock(&self.sender).as_ref().is_some_and(|s| !s.is_closed())
     }
 
     async fn close(&self) -> Result<(), LogError> {
