@@ -45,34 +45,48 @@ struct BulkEvents<'a> {
     events: Vec<&'a RawValue>,
 }
 
+/// Pulls the items out of a bulk body in one typed pass.
+type ExtractItems = for<'a> fn(&'a [u8]) -> Result<Vec<&'a RawValue>, serde_json::Error>;
+
+fn users_items(body: &[u8]) -> Result<Vec<&RawValue>, serde_json::Error> {
+    serde_json::from_slice::<BulkUsers<'_>>(body).map(|bulk| bulk.users)
+}
+
+fn events_items(body: &[u8]) -> Result<Vec<&RawValue>, serde_json::Error> {
+    serde_json::from_slice::<BulkEvents<'_>>(body).map(|bulk| bulk.events)
+}
+
 pub(crate) async fn users_bulk_update(
     State(app): State<AppState>,
     request: Request,
 ) -> Result<Accepted, ApiError> {
-    let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
-    let org = app
-        .auth
-        .authenticate(&parts.headers, KeySources::Standard)
-        .await?;
-    let bulk: BulkUsers<'_> = serde_json::from_slice(&body)
-        .map_err(|e| json_error(&e, "body must be {\"users\": [...]}"))?;
-    let (messages, failures) = parse_items(&bulk.users, "users", &app.limits, parse_user_update)?;
-    accept(&app, &org, messages, failures).await
+    bulk(&app, request, "users", users_items, parse_user_update).await
 }
 
 pub(crate) async fn events_track_bulk(
     State(app): State<AppState>,
     request: Request,
 ) -> Result<Accepted, ApiError> {
+    bulk(&app, request, "events", events_items, parse_event).await
+}
+
+/// A bulk route: `{"<field>": [item, ...]}`, one message per valid item.
+async fn bulk(
+    app: &AppState,
+    request: Request,
+    field: &str,
+    extract: ExtractItems,
+    parse: ItemParser,
+) -> Result<Accepted, ApiError> {
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
     let org = app
         .auth
         .authenticate(&parts.headers, KeySources::Standard)
         .await?;
-    let bulk: BulkEvents<'_> = serde_json::from_slice(&body)
-        .map_err(|e| json_error(&e, "body must be {\"events\": [...]}"))?;
-    let (messages, failures) = parse_items(&bulk.events, "events", &app.limits, parse_event)?;
-    accept(&app, &org, messages, failures).await
+    let items = extract(&body)
+        .map_err(|e| json_error(&e, &format!("body must be {{\"{field}\": [...]}}")))?;
+    let (messages, failures) = parse_items(&items, field, &app.limits, parse)?;
+    accept(app, &org, messages, failures).await
 }
 
 async fn single(

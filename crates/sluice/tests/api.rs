@@ -21,18 +21,35 @@ struct TestServer {
     _dir: tempfile::TempDir,
 }
 
+/// A registry in `dir` with its first org and key, as `sluice serve` creates them.
+async fn registry_with_key(dir: &std::path::Path) -> (Arc<SqliteRegistry>, String) {
+    let registry = Arc::new(
+        SqliteRegistry::open(&dir.join("registry.db"))
+            .await
+            .expect("registry"),
+    );
+    let key = sluice_registry::bootstrap(registry.as_ref())
+        .await
+        .expect("bootstrap")
+        .expect("first key");
+    (registry, key)
+}
+
+/// Serves the API for `state` on a free port.
+async fn spawn_api(state: AppState) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let app = sluice_api::router(state);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
 impl TestServer {
     async fn start(limits: Limits) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
-        let registry = Arc::new(
-            SqliteRegistry::open(&dir.path().join("registry.db"))
-                .await
-                .expect("registry"),
-        );
-        let key = sluice_registry::bootstrap(registry.as_ref())
-            .await
-            .expect("bootstrap")
-            .expect("first key");
+        let (registry, key) = registry_with_key(dir.path()).await;
         let log = Arc::new(
             EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"),
         );
@@ -46,12 +63,7 @@ impl TestServer {
             Arc::clone(&registry) as Arc<dyn Registry>,
             &config,
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let app = sluice_api::router(state.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = spawn_api(state.clone()).await;
         TestServer {
             addr,
             log,
@@ -687,25 +699,12 @@ impl Log for StalledLog {
 #[tokio::test]
 async fn a_log_that_does_not_acknowledge_in_time_gives_503() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let registry = Arc::new(
-        SqliteRegistry::open(&dir.path().join("registry.db"))
-            .await
-            .expect("registry"),
-    );
-    let key = sluice_registry::bootstrap(registry.as_ref())
-        .await
-        .expect("bootstrap")
-        .expect("key");
+    let (registry, key) = registry_with_key(dir.path()).await;
     let config = ApiConfig {
         log_ack_timeout: Duration::from_millis(200),
         ..ApiConfig::default()
     };
-    let state = AppState::new(Arc::new(StalledLog), registry, &config);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move { axum::serve(listener, sluice_api::router(state)).await });
+    let addr = spawn_api(AppState::new(Arc::new(StalledLog), registry, &config)).await;
     let mut conn = Connection::connect(addr).await.expect("connect");
     let started = std::time::Instant::now();
     let r = conn
