@@ -1,0 +1,12 @@
+//! The pipeline stages that run per log partition, strictly in offset order (SPEC §6):
+//! validate → batch → dedup → merge → index → mark processed → triggers → commit.
+//!
+//! Layout (what exists so far):
+//! - `batch`: collect records from a `PartitionStream` up to a size or a timeout.
+//! - `merge`: fold consecutive user updates into one patch per user, and give each event the
+//!   user's profile delta as it stood at that event in log order.
+//!
+//! Invariant: no stage reorders the records of one partition.
+
+pub mod batch;
+pub mod merge;
