@@ -1,1 +1,193 @@
-//! placeholder
+//! The batch stage (SPEC §6 step 2): up to `max_records` records, or whatever arrived within
+//! `timeout` of the first record of the batch, whichever comes first.
+//!
+//! Waiting for the first record has no limit (an idle partition produces no empty batches);
+//! the window starts when the first record arrives, so a lone record waits at most `timeout`.
+
+use std::time::Duration;
+
+use sluice_log::{LogError, LogRecord, PartitionStream};
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchConfig {
+    pub max_records: usize,
+    pub timeout: Duration,
+}
+
+impl Default for BatchConfig {
+    /// Iterable's numbers: 5000 records or 250 ms.
+    fn default() -> Self {
+        BatchConfig {
+            max_records: 5000,
+            timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Collects the next batch from `source`, in offset order.
+///
+/// An error after some records were collected returns those records; the error comes back
+/// from the next call (the stream's position is past the records returned, so none is lost).
+pub async fn next_batch(
+    source: &mut dyn PartitionStream,
+    config: &BatchConfig,
+) -> Result<Vec<LogRecord>, LogError> {
+    let max = config.max_records.max(1);
+    let mut batch = source.next_batch(max).await?;
+    let deadline = Instant::now() + config.timeout;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, source.next_batch(max - batch.len())).await {
+            Ok(Ok(more)) => batch.extend(more),
+            Ok(Err(e)) if batch.is_empty() => return Err(e),
+            Ok(Err(_)) | Err(_) => break,
+        }
+    }
+    Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use tokio::sync::mpsc;
+
+    /// A partition fed by the test through a channel; `next_batch` behaves like the log's:
+    /// waits for at least one record, then returns what is there (cancel-safe).
+    struct ChannelPartition {
+        records: mpsc::UnboundedReceiver<LogRecord>,
+        position: u64,
+    }
+
+    #[async_trait::async_trait]
+    impl PartitionStream for ChannelPartition {
+        fn partition(&self) -> u32 {
+            0
+        }
+        fn position(&self) -> u64 {
+            self.position
+        }
+        async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
+            let first = self.records.recv().await.ok_or(LogError::Closed)?;
+            let mut out = vec![first];
+            while out.len() < max {
+                match self.records.try_recv() {
+                    Ok(r) => out.push(r),
+                    Err(_) => break,
+                }
+            }
+            self.position = out.last().map_or(self.position, |r| r.offset + 1);
+            Ok(out)
+        }
+        async fn commit(&mut self, _next_offset: u64) -> Result<(), LogError> {
+            Ok(())
+        }
+    }
+
+    fn record(offset: u64) -> LogRecord {
+        LogRecord {
+            partition: 0,
+            offset,
+            timestamp_ms: 0,
+            key: Bytes::new(),
+            value: Bytes::new(),
+        }
+    }
+
+    fn partition() -> (mpsc::UnboundedSender<LogRecord>, ChannelPartition) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            tx,
+            ChannelPartition {
+                records: rx,
+                position: 0,
+            },
+        )
+    }
+
+    fn offsets(batch: &[LogRecord]) -> Vec<u64> {
+        batch.iter().map(|r| r.offset).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_batch_flushes_when_the_window_closes() {
+        let (tx, mut source) = partition();
+        for i in 0..3 {
+            tx.send(record(i)).expect("send");
+        }
+        let start = Instant::now();
+        let batch = next_batch(&mut source, &BatchConfig::default())
+            .await
+            .expect("batch");
+        assert_eq!(offsets(&batch), [0, 1, 2]);
+        assert_eq!(start.elapsed(), Duration::from_millis(250));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_batch_does_not_wait() {
+        let (tx, mut source) = partition();
+        for i in 0..10 {
+            tx.send(record(i)).expect("send");
+        }
+        let start = Instant::now();
+        let config = BatchConfig {
+            max_records: 4,
+            timeout: Duration::from_millis(250),
+        };
+        assert_eq!(
+            offsets(&next_batch(&mut source, &config).await.expect("batch")),
+            [0, 1, 2, 3]
+        );
+        assert_eq!(
+            offsets(&next_batch(&mut source, &config).await.expect("batch")),
+            [4, 5, 6, 7]
+        );
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        let rest = next_batch(&mut source, &config).await.expect("batch");
+        assert_eq!(offsets(&rest), [8, 9]);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(250),
+            "the last two waited for the window"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_window_starts_at_the_first_record_and_late_records_go_to_the_next_batch() {
+        let (tx, mut source) = partition();
+        let producer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1000)).await; // idle partition first
+            tx.send(record(0)).expect("send");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send(record(1)).expect("send");
+            tokio::time::sleep(Duration::from_millis(200)).await; // t = 300 ms after the first
+            tx.send(record(2)).expect("send");
+            tx
+        });
+        let start = Instant::now();
+        let first = next_batch(&mut source, &BatchConfig::default())
+            .await
+            .expect("batch");
+        assert_eq!(offsets(&first), [0, 1]);
+        assert_eq!(start.elapsed(), Duration::from_millis(1250));
+        let second = next_batch(&mut source, &BatchConfig::default())
+            .await
+            .expect("batch");
+        assert_eq!(offsets(&second), [2]);
+        drop(producer.await.expect("producer"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_partition_yields_no_empty_batch() {
+        let (_tx, mut source) = partition();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(3600),
+            next_batch(&mut source, &BatchConfig::default()),
+        )
+        .await;
+        assert!(
+            waited.is_err(),
+            "still waiting after an hour of virtual time"
+        );
+    }
+}

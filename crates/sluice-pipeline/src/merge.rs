@@ -289,9 +289,8 @@ mod tests {
                 let Item::Event { user } = &items[*position] else { panic!("snapshot of a non-event") };
                 let mut expected = stored.clone();
                 for item in &items[..*position] {
-                    if let Item::Update { user: u, patch } = item {
-                        if u == user { patch.apply(&mut expected); }
-                    }
+                    if let Item::Update { user: u, patch } = item
+                        && u == user { patch.apply(&mut expected); }
                 }
                 let mut got = stored.clone();
                 snapshot.apply(&mut got);
@@ -301,9 +300,8 @@ mod tests {
             for (user, patch) in &merged.updates {
                 let mut expected = stored.clone();
                 for item in &items {
-                    if let Item::Update { user: u, patch } = item {
-                        if u == user { patch.apply(&mut expected); }
-                    }
+                    if let Item::Update { user: u, patch } = item
+                        && u == user { patch.apply(&mut expected); }
                 }
                 let mut got = stored.clone();
                 patch.apply(&mut got);
