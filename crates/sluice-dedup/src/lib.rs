@@ -1,0 +1,40 @@
+//! The dedup store (SPEC §6 step 3 and 6): which messages were already processed.
+//!
+//! A message is identified by (org, message id). `check` answers, for a batch of ids, which
+//! were marked within the window (default 7 days); `mark` records a batch as processed. The
+//! pipeline marks only after the index write succeeded and before it commits the offset, so a
+//! redelivered message is recognised and skipped.
+//!
+//! `embedded` implements it on fjall under the data dir; Redis comes with the distributed
+//! backends.
+
+use async_trait::async_trait;
+
+pub mod embedded;
+
+pub use embedded::EmbeddedDedup;
+
+/// Default dedup window: 7 days.
+pub const DEFAULT_WINDOW: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// One message's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MessageKey<'a> {
+    pub org: &'a str,
+    pub message_id: &'a str,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DedupError {
+    #[error("dedup store error at {path}: {message}")]
+    Storage { path: String, message: String },
+}
+
+#[async_trait]
+pub trait Dedup: Send + Sync + 'static {
+    /// For each key, in order, whether it was marked within the window.
+    async fn check(&self, keys: &[MessageKey<'_>]) -> Result<Vec<bool>, DedupError>;
+
+    /// Marks every key as processed now. Durable when it returns.
+    async fn mark(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError>;
+}
