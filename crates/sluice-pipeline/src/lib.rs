@@ -2,6 +2,8 @@
 //! validate → batch → dedup → merge → index → mark processed → triggers → commit.
 //!
 //! Layout (what exists so far):
+//! - `validate`: decode each record and check org, ban list and fields; rejects become
+//!   dead-letter reasons.
 //! - `batch`: collect records from a `PartitionStream` up to a size or a timeout.
 //! - `merge`: fold consecutive user updates into one patch per user, and give each event the
 //!   user's profile delta as it stood at that event in log order.
@@ -10,3 +12,4 @@
 
 pub mod batch;
 pub mod merge;
+pub mod validate;
