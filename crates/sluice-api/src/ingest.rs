@@ -162,7 +162,7 @@ pub(crate) async fn accept(
             .map_or_else(String::new, |f| format!("item {}: {}", f.index, f.error));
         return Err(ApiError::NoValidItem { summary, failures });
     }
-    let now = now_ms();
+    let now = sluice_model::time::now_ms();
     let records = messages
         .iter()
         .map(|message| {
@@ -187,10 +187,4 @@ pub(crate) async fn accept(
             app.log_ack_timeout
         ))),
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }

@@ -13,6 +13,8 @@ use async_trait::async_trait;
 use fjall::compaction::filter::{CompactionFilter, Context, Factory, ItemAccessor, Verdict};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
+use sluice_model::time::now_ms;
+
 use crate::{Dedup, DedupError, MessageKey};
 
 const KEYSPACE: &str = "seen";
@@ -39,12 +41,6 @@ fn encode_key(key: &MessageKey<'_>) -> Vec<u8> {
 
 fn decode_time(value: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(value.try_into().ok()?))
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Drops marks older than the window when fjall compacts.

@@ -1,4 +1,4 @@
-//! `createdAt` parsing: unix seconds, unix milliseconds, or an RFC 3339 string, all normalised to
+//! Time: the clock (`now_ms`), and `createdAt` parsing: unix seconds, unix milliseconds, or an RFC 3339 string, all normalised to
 //! unix milliseconds.
 
 use serde_json::Value;
@@ -38,6 +38,13 @@ pub fn parse_timestamp_ms(value: &Value) -> Result<i64, String> {
             json_type_name(other)
         )),
     }
+}
+
+/// The current time in unix milliseconds (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 pub(crate) fn json_type_name(v: &Value) -> &'static str {

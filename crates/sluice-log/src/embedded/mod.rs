@@ -330,7 +330,7 @@ impl EmbeddedLog {
                 if !crate::Log::is_healthy(log.as_ref()) {
                     return;
                 }
-                let now = now_ms();
+                let now = sluice_model::time::now_ms();
                 match tokio::task::spawn_blocking(move || log.enforce_retention(now)).await {
                     Ok(Ok(report)) if report.deleted > 0 => {
                         tracing::info!(
@@ -346,12 +346,6 @@ impl EmbeddedLog {
             }
         })
     }
-}
-
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical section
