@@ -7,12 +7,14 @@
 //! - `message`: parsing and validating one client item (a user update or an event) into a
 //!   `Message`, and turning a `Message` into its log record (key and JSON value, SPEC §5).
 //! - `segment`: the Segment HTTP Tracking API calls mapped onto messages.
+//! - `patch`: a user update as a `Patch` tree, and folding patches (shallow vs deep merge).
 //! - `time`: the accepted `createdAt` forms (unix seconds, unix milliseconds, RFC 3339).
 //!
 //! Invariant: this crate does no I/O. It is pure data so every stage can test against it.
 
 pub mod message;
 pub mod partition;
+pub mod patch;
 pub mod segment;
 pub mod time;
 
@@ -20,3 +22,4 @@ pub use message::{
     ItemError, Kind, LogValue, Message, MessageBuilder, UserKey, parse_event, parse_user_update,
 };
 pub use partition::{murmur2, partition_for_key};
+pub use patch::{Op, Patch};

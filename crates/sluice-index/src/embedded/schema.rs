@@ -1,0 +1,275 @@
+//! The tantivy schemas of the two indexes, and the documents written into them.
+//!
+//! Every document stores its JSON as returned by the read API in `_source` (bytes): reads return
+//! exactly what was written, and an upsert starts from it. The other fields exist to find and
+//! aggregate: ids and names are raw strings (exact match, `terms` aggregations), timestamps are
+//! millisecond dates (ranges, `date_histogram`), and `dataFields` is a JSON field whose strings
+//! are tokenized for search (`dataFields.name:alice` finds "Alice Smith") and kept raw in the
+//! fast columns for aggregations.
+
+use serde_json::{Map, Value, json};
+use tantivy::schema::{
+    DateOptions, DateTimePrecision, FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions,
+    STORED, STRING, Schema, TextFieldIndexing,
+};
+use tantivy::{DateTime, TantivyDocument};
+
+use crate::{EventDoc, UserUpsert};
+
+/// The fields of both schemas; the ones a schema lacks are `None`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fields {
+    pub id: Field,
+    pub org: Field,
+    pub user: Option<Field>,
+    pub user_id: Field,
+    pub email: Field,
+    pub created_at: Field,
+    pub updated_at: Option<Field>,
+    pub received_at: Option<Field>,
+    pub event_name: Option<Field>,
+    pub message_id: Option<Field>,
+    pub data_fields: Field,
+    pub source: Field,
+    /// What a bare word in a query searches.
+    pub default_fields: &'static [&'static str],
+}
+
+fn date() -> DateOptions {
+    DateOptions::from(INDEXED | FAST).set_precision(DateTimePrecision::Milliseconds)
+}
+
+fn data_fields_options() -> JsonObjectOptions {
+    JsonObjectOptions::default()
+        .set_indexing_options(
+            TextFieldIndexing::default()
+                .set_tokenizer("default")
+                .set_index_option(IndexRecordOption::WithFreqsAndPositions),
+        )
+        .set_fast("raw")
+        .set_expand_dots_enabled()
+}
+
+pub(crate) fn users() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let id = b.add_text_field("_id", STRING);
+    let org = b.add_text_field("_org", STRING);
+    let user_id = b.add_text_field("userId", STRING | FAST);
+    let email = b.add_text_field("email", STRING | FAST);
+    let created_at = b.add_date_field("createdAt", date());
+    let updated_at = b.add_date_field("updatedAt", date());
+    let data_fields = b.add_json_field("dataFields", data_fields_options());
+    let source = b.add_bytes_field("_source", STORED);
+    let fields = Fields {
+        id,
+        org,
+        user: None,
+        user_id,
+        email,
+        created_at,
+        updated_at: Some(updated_at),
+        received_at: None,
+        event_name: None,
+        message_id: None,
+        data_fields,
+        source,
+        default_fields: &["userId", "email", "dataFields"],
+    };
+    (b.build(), fields)
+}
+
+pub(crate) fn events() -> (Schema, Fields) {
+    let mut b = Schema::builder();
+    let id = b.add_text_field("_id", STRING);
+    let org = b.add_text_field("_org", STRING);
+    let user = b.add_text_field("_user", STRING);
+    let message_id = b.add_text_field("messageId", STRING | FAST);
+    let event_name = b.add_text_field("eventName", STRING | FAST);
+    let user_id = b.add_text_field("userId", STRING | FAST);
+    let email = b.add_text_field("email", STRING | FAST);
+    let created_at = b.add_date_field("createdAt", date());
+    let received_at = b.add_date_field("receivedAt", date());
+    let data_fields = b.add_json_field("dataFields", data_fields_options());
+    let source = b.add_bytes_field("_source", STORED);
+    let fields = Fields {
+        id,
+        org,
+        user: Some(user),
+        user_id,
+        email,
+        created_at,
+        updated_at: None,
+        received_at: Some(received_at),
+        event_name: Some(event_name),
+        message_id: Some(message_id),
+        data_fields,
+        source,
+        default_fields: &["eventName", "userId", "email", "dataFields"],
+    };
+    (b.build(), fields)
+}
+
+/// Doc id of a profile.
+pub(crate) fn user_doc_id(org: &str, user_key: &str) -> String {
+    format!("{org}:{user_key}")
+}
+
+/// Doc id of an event.
+pub(crate) fn event_doc_id(org: &str, message_id: &str) -> String {
+    format!("{org}:{message_id}")
+}
+
+/// The profile after `upsert`, starting from the stored one (if any).
+pub(crate) fn upserted_profile(stored: Option<Value>, upsert: &UserUpsert) -> Value {
+    let mut profile = match stored {
+        Some(Value::Object(map)) => map,
+        _ => {
+            let mut map = Map::new();
+            map.insert("createdAt".into(), json!(upsert.updated_at));
+            map
+        }
+    };
+    if let Some(user_id) = &upsert.user_id {
+        profile.insert("userId".into(), json!(user_id));
+    }
+    if let Some(email) = &upsert.email {
+        profile.insert("email".into(), json!(email));
+    }
+    let data_fields = profile
+        .entry("dataFields")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !data_fields.is_object() {
+        *data_fields = Value::Object(Map::new());
+    }
+    if let Value::Object(map) = data_fields {
+        upsert.patch.apply(map);
+    }
+    profile.insert("updatedAt".into(), json!(upsert.updated_at));
+    Value::Object(profile)
+}
+
+/// The tantivy document of a profile.
+pub(crate) fn user_document(
+    f: &Fields,
+    doc_id: &str,
+    org: &str,
+    profile: &Value,
+) -> TantivyDocument {
+    let mut doc = TantivyDocument::new();
+    doc.add_text(f.id, doc_id);
+    doc.add_text(f.org, org);
+    if let Some(user_id) = profile.get("userId").and_then(Value::as_str) {
+        doc.add_text(f.user_id, user_id);
+    }
+    if let Some(email) = profile.get("email").and_then(Value::as_str) {
+        doc.add_text(f.email, email.to_lowercase());
+    }
+    if let Some(ms) = profile.get("createdAt").and_then(Value::as_i64) {
+        doc.add_date(f.created_at, DateTime::from_timestamp_millis(ms));
+    }
+    if let (Some(field), Some(ms)) = (
+        f.updated_at,
+        profile.get("updatedAt").and_then(Value::as_i64),
+    ) {
+        doc.add_date(field, DateTime::from_timestamp_millis(ms));
+    }
+    if let Some(data_fields) = profile.get("dataFields").filter(|v| v.is_object()) {
+        doc.add_field_value(f.data_fields, data_fields);
+    }
+    doc.add_bytes(f.source, &serde_json::to_vec(profile).unwrap_or_default());
+    doc
+}
+
+/// The JSON of an event, as the read API returns it.
+pub(crate) fn event_source(event: &EventDoc) -> Value {
+    let mut map = Map::new();
+    map.insert("messageId".into(), json!(event.message_id));
+    map.insert("eventName".into(), json!(event.event_name));
+    if let Some(user_id) = &event.user_id {
+        map.insert("userId".into(), json!(user_id));
+    }
+    if let Some(email) = &event.email {
+        map.insert("email".into(), json!(email));
+    }
+    map.insert("createdAt".into(), json!(event.created_at));
+    map.insert("receivedAt".into(), json!(event.received_at));
+    map.insert(
+        "dataFields".into(),
+        Value::Object(event.data_fields.clone()),
+    );
+    Value::Object(map)
+}
+
+/// The tantivy document of an event.
+pub(crate) fn event_document(f: &Fields, event: &EventDoc) -> TantivyDocument {
+    let mut doc = TantivyDocument::new();
+    doc.add_text(f.id, event_doc_id(&event.org, &event.message_id));
+    doc.add_text(f.org, &event.org);
+    if let Some(field) = f.user {
+        doc.add_text(field, user_doc_id(&event.org, &event.user_key));
+    }
+    if let Some(field) = f.message_id {
+        doc.add_text(field, &event.message_id);
+    }
+    if let Some(field) = f.event_name {
+        doc.add_text(field, &event.event_name);
+    }
+    if let Some(user_id) = &event.user_id {
+        doc.add_text(f.user_id, user_id);
+    }
+    if let Some(email) = &event.email {
+        doc.add_text(f.email, email.to_lowercase());
+    }
+    doc.add_date(
+        f.created_at,
+        DateTime::from_timestamp_millis(event.created_at),
+    );
+    if let Some(field) = f.received_at {
+        doc.add_date(field, DateTime::from_timestamp_millis(event.received_at));
+    }
+    let source = event_source(event);
+    if let Some(data_fields) = source.get("dataFields") {
+        doc.add_field_value(f.data_fields, data_fields);
+    }
+    doc.add_bytes(f.source, &serde_json::to_vec(&source).unwrap_or_default());
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_model::Patch;
+
+    fn upsert(fields: Value, deep: bool, at: i64) -> UserUpsert {
+        let Value::Object(map) = fields else {
+            panic!("fields must be an object")
+        };
+        UserUpsert {
+            org: "acme".into(),
+            user_key: "u:1".into(),
+            user_id: Some("1".into()),
+            email: None,
+            patch: Patch::from_update(&map, deep),
+            updated_at: at,
+        }
+    }
+
+    #[test]
+    fn a_new_profile_gets_created_at_and_the_patch() {
+        let profile = upserted_profile(None, &upsert(json!({"plan": "pro"}), false, 5));
+        assert_eq!(
+            profile,
+            json!({"userId": "1", "dataFields": {"plan": "pro"}, "createdAt": 5, "updatedAt": 5})
+        );
+    }
+
+    #[test]
+    fn an_upsert_keeps_created_at_and_other_fields() {
+        let stored = json!({"userId": "1", "email": "a@x.io", "dataFields": {"plan": "pro", "n": 1}, "createdAt": 5, "updatedAt": 5});
+        let profile = upserted_profile(Some(stored), &upsert(json!({"n": 2}), false, 9));
+        assert_eq!(
+            profile,
+            json!({"userId": "1", "email": "a@x.io", "dataFields": {"plan": "pro", "n": 2}, "createdAt": 5, "updatedAt": 9})
+        );
+    }
+}

@@ -1,0 +1,151 @@
+//! The writer thread: the only owner of the two `IndexWriter`s.
+//!
+//! Group commit, as in the log: the thread takes a write request, then every request already
+//! queued behind it, applies them all, and makes them durable with one commit per index; then
+//! it reloads the readers and answers every request of the group. Under load many partitions'
+//! batches share one commit; when idle a lone batch commits at once (no timer to wait for).
+//!
+//! A profile upsert reads the stored profile, applies the patch and replaces the document. The
+//! profile written earlier in the same (uncommitted) group is not visible to the searcher yet,
+//! so the thread keeps the group's profiles in `pending_users` and reads those first.
+
+use std::collections::{HashMap, HashSet};
+
+use serde_json::Value;
+use tantivy::{IndexWriter, Term};
+use tokio::sync::{mpsc, oneshot};
+
+use super::schema::{self, event_doc_id, user_doc_id};
+use super::{Side, storage_error};
+use crate::{IndexError, WriteBatch, WriteOutcome};
+
+pub(crate) enum Command {
+    Write(
+        WriteBatch,
+        oneshot::Sender<Result<WriteOutcome, IndexError>>,
+    ),
+}
+
+pub(crate) struct Writer {
+    pub users: Side,
+    pub events: Side,
+    pub users_writer: IndexWriter,
+    pub events_writer: IndexWriter,
+    /// Profiles written since the last commit, by doc id.
+    pub pending_users: HashMap<String, Value>,
+    /// Event doc ids written since the last commit.
+    pub pending_events: HashSet<String>,
+}
+
+type Reply = oneshot::Sender<Result<WriteOutcome, IndexError>>;
+
+impl Writer {
+    /// Runs until every sender is dropped, then commits what is left and waits for merges.
+    pub fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut replies: Vec<(Reply, WriteOutcome)> = Vec::new();
+        while let Some(first) = commands.blocking_recv() {
+            let mut result = Ok(());
+            let mut next = Some(first);
+            while let Some(Command::Write(batch, reply)) = next.take() {
+                if result.is_ok() {
+                    result = self.apply(&batch);
+                }
+                replies.push((reply, WriteOutcome::default()));
+                next = commands.try_recv().ok();
+            }
+            let result = result.and_then(|()| self.commit());
+            if result.is_err() {
+                self.rollback();
+            }
+            for (reply, outcome) in replies.drain(..) {
+                let _ = reply.send(result.clone().map(|()| outcome));
+            }
+        }
+        if let Err(e) = self.commit() {
+            tracing::error!(error = %e, "index: final commit failed");
+        }
+        for (name, writer) in [("users", self.users_writer), ("events", self.events_writer)] {
+            if let Err(e) = writer.wait_merging_threads() {
+                tracing::warn!(index = name, error = %e, "index: waiting for merges failed");
+            }
+        }
+    }
+
+    fn apply(&mut self, batch: &WriteBatch) -> Result<(), IndexError> {
+        let users_searcher = self.users.reader.searcher();
+        for upsert in &batch.users {
+            let doc_id = user_doc_id(&upsert.org, &upsert.user_key);
+            let stored = match self.pending_users.remove(&doc_id) {
+                Some(profile) => Some(profile),
+                None => self.users.find_source(&users_searcher, &doc_id)?,
+            };
+            let existed = stored.is_some();
+            let profile = schema::upserted_profile(stored, upsert);
+            if existed {
+                self.users_writer
+                    .delete_term(Term::from_field_text(self.users.fields.id, &doc_id));
+            }
+            let doc = schema::user_document(&self.users.fields, &doc_id, &upsert.org, &profile);
+            self.users_writer
+                .add_document(doc)
+                .map_err(|e| storage_error(&self.users.path, e))?;
+            self.pending_users.insert(doc_id, profile);
+        }
+        let events_searcher = self.events.reader.searcher();
+        for event in &batch.events {
+            let doc_id = event_doc_id(&event.org, &event.message_id);
+            let existed = self.pending_events.contains(&doc_id)
+                || self.events.find(&events_searcher, &doc_id)?.is_some();
+            if existed {
+                self.events_writer
+                    .delete_term(Term::from_field_text(self.events.fields.id, &doc_id));
+            }
+            let doc = schema::event_document(&self.events.fields, event);
+            self.events_writer
+                .add_document(doc)
+                .map_err(|e| storage_error(&self.events.path, e))?;
+            self.pending_events.insert(doc_id);
+        }
+        Ok(())
+    }
+
+    /// Makes everything applied durable and visible.
+    fn commit(&mut self) -> Result<(), IndexError> {
+        if !self.pending_events.is_empty() {
+            self.events_writer
+                .commit()
+                .map_err(|e| storage_error(&self.events.path, e))?;
+            self.events
+                .reader
+                .reload()
+                .map_err(|e| storage_error(&self.events.path, e))?;
+            self.pending_events.clear();
+        }
+        if !self.pending_users.is_empty() {
+            self.users_writer
+                .commit()
+                .map_err(|e| storage_error(&self.users.path, e))?;
+            self.users
+                .reader
+                .reload()
+                .map_err(|e| storage_error(&self.users.path, e))?;
+            self.pending_users.clear();
+        }
+        Ok(())
+    }
+
+    /// Drops everything applied since the last commit (after a failure: the requests of the
+    /// group all failed and will be retried).
+    fn rollback(&mut self) {
+        for (path, writer) in [
+            (&self.users.path, &mut self.users_writer),
+            (&self.events.path, &mut self.events_writer),
+        ] {
+            if let Err(e) = writer.rollback() {
+                tracing::error!(path = %path.display(), error = %e, "index: rollback failed");
+            }
+        }
+        self.pending_users.clear();
+        self.pending_events.clear();
+    }
+}

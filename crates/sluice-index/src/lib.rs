@@ -1,0 +1,180 @@
+//! The search store (SPEC §6 step 5, and the read API of SPEC §4): where profiles and events end
+//! up, and where they are read, filtered and aggregated.
+//!
+//! The `Index` trait is the whole contract:
+//! - `write`: one bulk write of merged user upserts and events. When it returns `Ok`, every
+//!   write in it is durable and visible to reads. Users are upserted by doc id
+//!   `<org>:<userKey>`: the patch is applied to the stored profile. Events are written by doc id
+//!   `<org>:<messageId>`, so writing one again replaces it instead of adding a copy.
+//! - `get_user`, `get_user_by_email`, `user_events`: point reads, org-scoped.
+//! - `search`: a Lucene-syntax query string plus Elasticsearch-style aggregations, org-scoped.
+//!
+//! `embedded` implements it on tantivy under the data dir. Elasticsearch/OpenSearch comes with
+//! the distributed backends and must give the same answers in the same shapes.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sluice_model::Patch;
+
+pub mod embedded;
+
+pub use embedded::{EmbeddedIndex, EmbeddedIndexConfig};
+
+/// A merged update of one user: the fold of that user's updates in a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserUpsert {
+    pub org: String,
+    /// `u:<userId>` or `e:<email>`, as in the record key.
+    pub user_key: String,
+    /// The latest `userId` / `email` the updates carried (a profile keyed by userId can carry an
+    /// email, and the other way round).
+    pub user_id: Option<String>,
+    pub email: Option<String>,
+    pub patch: Patch,
+    /// `receivedAt` of the last folded update, unix ms.
+    pub updated_at: i64,
+}
+
+/// One event, as it is stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventDoc {
+    pub org: String,
+    pub message_id: String,
+    pub user_key: String,
+    pub user_id: Option<String>,
+    pub email: Option<String>,
+    pub event_name: String,
+    /// unix ms: the client's `createdAt`, else `receivedAt`.
+    pub created_at: i64,
+    pub received_at: i64,
+    pub data_fields: Map<String, Value>,
+}
+
+/// One bulk write. Users and events of many partitions may share one durable commit.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WriteBatch {
+    pub users: Vec<UserUpsert>,
+    pub events: Vec<EventDoc>,
+}
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty() && self.events.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len() + self.events.len()
+    }
+}
+
+/// A document the index refused for its content: an unrecoverable error (dead letter).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    User { position: usize, reason: String },
+    Event { position: usize, reason: String },
+}
+
+/// What a write did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WriteOutcome {
+    /// Documents refused for their content (positions in `WriteBatch::users` / `events`);
+    /// everything else was written.
+    pub refused: Vec<Refused>,
+}
+
+/// Which documents a search runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Users,
+    Events,
+}
+
+impl Target {
+    pub fn name(self) -> &'static str {
+        match self {
+            Target::Users => "users",
+            Target::Events => "events",
+        }
+    }
+}
+
+/// `POST /api/search/users|events` body.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SearchRequest {
+    /// Lucene syntax; empty or absent matches everything.
+    #[serde(default)]
+    pub query: String,
+    #[serde(default = "default_size")]
+    pub size: usize,
+    /// Elasticsearch-style aggregations, passed through as JSON.
+    #[serde(default)]
+    pub aggs: Option<Value>,
+}
+
+fn default_size() -> usize {
+    10
+}
+
+/// The largest `size` a search accepts.
+pub const MAX_SEARCH_SIZE: usize = 10_000;
+
+/// The answer to a search: the same shape on every backend.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SearchResponse {
+    pub total: u64,
+    pub hits: Vec<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aggregations: Option<Value>,
+}
+
+/// What can go wrong at the index boundary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IndexError {
+    /// The client's query or aggregation is wrong (a 400).
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("index storage error at {path}: {message}")]
+    Storage { path: String, message: String },
+    #[error("the index is closed")]
+    Closed,
+}
+
+impl IndexError {
+    /// Whether trying again later may succeed.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, IndexError::Storage { .. })
+    }
+}
+
+/// The search store. See the crate docs for the guarantees.
+#[async_trait]
+pub trait Index: Send + Sync + 'static {
+    /// Writes a batch; durable and visible when it returns `Ok`.
+    async fn write(&self, batch: WriteBatch) -> Result<WriteOutcome, IndexError>;
+
+    /// The profile with doc id `<org>:<user_key>`.
+    async fn get_user(&self, org: &str, user_key: &str) -> Result<Option<Value>, IndexError>;
+
+    /// The most recently updated profile that carries this email.
+    async fn get_user_by_email(&self, org: &str, email: &str) -> Result<Option<Value>, IndexError>;
+
+    /// A user's events, newest (`createdAt`) first.
+    async fn user_events(
+        &self,
+        org: &str,
+        user_key: &str,
+        limit: usize,
+    ) -> Result<Vec<Value>, IndexError>;
+
+    async fn search(
+        &self,
+        org: &str,
+        target: Target,
+        request: &SearchRequest,
+    ) -> Result<SearchResponse, IndexError>;
+
+    /// Finishes pending writes and releases resources.
+    async fn close(&self) -> Result<(), IndexError>;
+}

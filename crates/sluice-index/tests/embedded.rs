@@ -1,0 +1,414 @@
+//! The embedded index against real tantivy files in a temp dir.
+
+use serde_json::{Map, Value, json};
+use sluice_index::{
+    EmbeddedIndex, EmbeddedIndexConfig, EventDoc, Index, IndexError, SearchRequest, Target,
+    UserUpsert, WriteBatch,
+};
+use sluice_model::Patch;
+
+fn open(dir: &std::path::Path) -> EmbeddedIndex {
+    let mut config = EmbeddedIndexConfig::new(dir);
+    config.threads = 1;
+    EmbeddedIndex::open(config).expect("open index")
+}
+
+fn fields(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+fn upsert(org: &str, id: &str, data: Value, deep: bool, at: i64) -> UserUpsert {
+    UserUpsert {
+        org: org.into(),
+        user_key: format!("u:{id}"),
+        user_id: Some(id.into()),
+        email: None,
+        patch: Patch::from_update(&fields(data), deep),
+        updated_at: at,
+    }
+}
+
+fn event(org: &str, user: &str, id: &str, name: &str, at: i64, data: Value) -> EventDoc {
+    EventDoc {
+        org: org.into(),
+        message_id: id.into(),
+        user_key: format!("u:{user}"),
+        user_id: Some(user.into()),
+        email: None,
+        event_name: name.into(),
+        created_at: at,
+        received_at: at,
+        data_fields: fields(data),
+    }
+}
+
+fn search(query: &str, size: usize, aggs: Option<Value>) -> SearchRequest {
+    SearchRequest {
+        query: query.into(),
+        size,
+        aggs,
+    }
+}
+
+#[tokio::test]
+async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = open(dir.path());
+    let first = json!({"plan": "free", "address": {"city": "Paris", "zip": "75001"}});
+    index
+        .write(WriteBatch {
+            users: vec![upsert("acme", "1", first, false, 10)],
+            events: vec![],
+        })
+        .await
+        .expect("write");
+    // Same user twice in one batch (the second reads the first from the pending group), one
+    // deep and one shallow.
+    index
+        .write(WriteBatch {
+            users: vec![
+                upsert("acme", "1", json!({"address": {"city": "Lyon"}}), true, 20),
+                upsert("acme", "1", json!({"plan": "pro"}), false, 30),
+            ],
+            events: vec![],
+        })
+        .await
+        .expect("write");
+    let expected = json!({
+        "userId": "1",
+        "dataFields": {"plan": "pro", "address": {"city": "Lyon", "zip": "75001"}},
+        "createdAt": 10,
+        "updatedAt": 30,
+    });
+    assert_eq!(
+        index.get_user("acme", "u:1").await.expect("get"),
+        Some(expected.clone())
+    );
+    assert_eq!(index.doc_counts().0, 1, "one document per user");
+    // Shallow: the nested object is replaced.
+    index
+        .write(WriteBatch {
+            users: vec![upsert(
+                "acme",
+                "1",
+                json!({"address": {"city": "Nice"}}),
+                false,
+                40,
+            )],
+            events: vec![],
+        })
+        .await
+        .expect("write");
+    index.close().await.expect("close");
+
+    let index = open(dir.path());
+    let profile = index
+        .get_user("acme", "u:1")
+        .await
+        .expect("get")
+        .expect("profile");
+    assert_eq!(
+        profile["dataFields"],
+        json!({"plan": "pro", "address": {"city": "Nice"}})
+    );
+    assert_eq!(index.doc_counts().0, 1);
+    assert_eq!(
+        index.get_user("other", "u:1").await.expect("get"),
+        None,
+        "org-scoped"
+    );
+    index.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn events_are_idempotent_by_id_and_listed_newest_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = open(dir.path());
+    let events: Vec<EventDoc> = (0..5)
+        .map(|i| {
+            event(
+                "acme",
+                "1",
+                &format!("m{i}"),
+                "click",
+                1000 + i,
+                json!({"i": i}),
+            )
+        })
+        .collect();
+    index
+        .write(WriteBatch {
+            users: vec![],
+            events: events.clone(),
+        })
+        .await
+        .expect("write");
+    // Replayed, in one batch with a changed copy of m0 and in a later batch.
+    let mut changed = events[0].clone();
+    changed.data_fields = fields(json!({"i": 100}));
+    index
+        .write(WriteBatch {
+            users: vec![],
+            events: vec![events[1].clone(), changed],
+        })
+        .await
+        .expect("write");
+    index
+        .write(WriteBatch {
+            users: vec![],
+            events: events.clone(),
+        })
+        .await
+        .expect("write");
+    assert_eq!(index.doc_counts().1, 5);
+    let listed = index.user_events("acme", "u:1", 3).await.expect("list");
+    let ids: Vec<&str> = listed
+        .iter()
+        .filter_map(|e| e["messageId"].as_str())
+        .collect();
+    assert_eq!(ids, ["m4", "m3", "m2"]);
+    assert_eq!(listed[0]["dataFields"], json!({"i": 4}));
+    assert_eq!(
+        index.user_events("other", "u:1", 3).await.expect("list"),
+        Vec::<Value>::new()
+    );
+    index.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn by_email_finds_the_profile_carrying_that_email() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = open(dir.path());
+    let mut by_id = upsert("acme", "7", json!({"n": 1}), false, 10);
+    by_id.email = Some("Ann@Example.com".into());
+    index
+        .write(WriteBatch {
+            users: vec![by_id],
+            events: vec![],
+        })
+        .await
+        .expect("write");
+    let profile = index
+        .get_user_by_email("acme", "ann@example.COM")
+        .await
+        .expect("get")
+        .expect("found");
+    assert_eq!(profile["userId"], "7");
+    assert_eq!(
+        index
+            .get_user_by_email("other", "ann@example.com")
+            .await
+            .expect("get"),
+        None
+    );
+    index.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn search_queries_and_aggregations_are_org_scoped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = open(dir.path());
+    let plans = ["free", "pro", "pro", "enterprise"];
+    let users = (0..4)
+        .map(|i| {
+            upsert(
+                "acme",
+                &i.to_string(),
+                json!({"plan": plans[i], "seq": i * 10, "name": format!("User Number{i}")}),
+                false,
+                1_700_000_000_000,
+            )
+        })
+        .chain([upsert(
+            "evil",
+            "x",
+            json!({"plan": "pro", "seq": 1000}),
+            false,
+            1,
+        )])
+        .collect();
+    let day = 86_400_000;
+    let events = (0..6)
+        .map(|i| {
+            event(
+                "acme",
+                &(i % 2).to_string(),
+                &format!("e{i}"),
+                if i < 4 { "click" } else { "purchase" },
+                1_700_000_000_000 + (i / 2) * day,
+                json!({"amount": i * 5}),
+            )
+        })
+        .chain([event("evil", "x", "e0", "click", 1, json!({"amount": 999}))])
+        .collect();
+    index
+        .write(WriteBatch { users, events })
+        .await
+        .expect("write");
+
+    let all = index
+        .search("acme", Target::Users, &search("", 10, None))
+        .await
+        .expect("search");
+    assert_eq!(all.total, 4, "only acme's users");
+
+    let pro = index
+        .search(
+            "acme",
+            Target::Users,
+            &search("dataFields.plan:pro", 10, None),
+        )
+        .await
+        .expect("search");
+    assert_eq!(pro.total, 2);
+    assert!(pro.hits.iter().all(|h| h["dataFields"]["plan"] == "pro"));
+
+    let range = index
+        .search(
+            "acme",
+            Target::Users,
+            &search("dataFields.seq:[10 TO 20] AND NOT userId:2", 10, None),
+        )
+        .await
+        .expect("search");
+    assert_eq!(range.total, 1);
+    assert_eq!(range.hits[0]["userId"], "1");
+    for (query, expected) in [
+        ("NOT userId:2", 3),
+        ("dataFields.seq:[10 TO 20] -userId:2", 1),
+        (
+            "userId:1 OR (dataFields.seq:>=20 AND NOT dataFields.plan:enterprise)",
+            2,
+        ),
+        // A field that is not in the schema is looked up in dataFields.
+        ("plan:pro", 2),
+    ] {
+        let found = index
+            .search("acme", Target::Users, &search(query, 10, None))
+            .await
+            .expect("search");
+        assert_eq!(found.total, expected, "{query}");
+    }
+
+    let words = index
+        .search(
+            "acme",
+            Target::Users,
+            &search("dataFields.name:number3", 0, None),
+        )
+        .await
+        .expect("search");
+    assert_eq!(
+        (words.total, words.hits.len()),
+        (1, 0),
+        "tokenized text, size 0"
+    );
+
+    let aggs = json!({
+        "plans": {"terms": {"field": "dataFields.plan"}},
+        "seq_avg": {"avg": {"field": "dataFields.seq"}},
+        "seq_sum": {"sum": {"field": "dataFields.seq"}},
+        "seq_min": {"min": {"field": "dataFields.seq"}},
+        "seq_max": {"max": {"field": "dataFields.seq"}},
+        "seq_count": {"value_count": {"field": "dataFields.seq"}},
+        "distinct_plans": {"cardinality": {"field": "dataFields.plan"}},
+        "seq_ranges": {"range": {"field": "dataFields.seq", "ranges": [{"to": 15}, {"from": 15}]}},
+    });
+    let users = index
+        .search("acme", Target::Users, &search("", 0, Some(aggs)))
+        .await
+        .expect("search");
+    let a = users.aggregations.expect("aggregations");
+    let buckets: Vec<(String, u64)> = a["plans"]["buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .map(|b| {
+            (
+                b["key"].as_str().unwrap_or("").to_string(),
+                b["doc_count"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(buckets[0], ("pro".to_string(), 2));
+    assert_eq!(buckets.len(), 3);
+    assert_eq!(a["seq_avg"]["value"], json!(15.0));
+    assert_eq!(a["seq_sum"]["value"], json!(60.0));
+    assert_eq!(a["seq_min"]["value"], json!(0.0));
+    assert_eq!(a["seq_max"]["value"], json!(30.0));
+    assert_eq!(a["seq_count"]["value"], json!(4.0));
+    assert_eq!(a["distinct_plans"]["value"], json!(3.0));
+    let ranges: Vec<u64> = a["seq_ranges"]["buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .map(|b| b["doc_count"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(ranges, [2, 2]);
+
+    let per_day = json!({"per_day": {"date_histogram": {"field": "createdAt", "fixed_interval": "1d"}},
+                         "names": {"terms": {"field": "eventName"}}});
+    let events = index
+        .search(
+            "acme",
+            Target::Events,
+            &search("eventName:click OR eventName:purchase", 2, Some(per_day)),
+        )
+        .await
+        .expect("search");
+    assert_eq!(events.total, 6);
+    assert_eq!(events.hits.len(), 2);
+    let a = events.aggregations.expect("aggregations");
+    let counts: Vec<u64> = a["per_day"]["buckets"]
+        .as_array()
+        .expect("buckets")
+        .iter()
+        .map(|b| b["doc_count"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(counts, [2, 2, 2]);
+    assert_eq!(a["names"]["buckets"][0]["key"], "click");
+    assert_eq!(a["names"]["buckets"][0]["doc_count"], 4);
+
+    let dated = index
+        .search(
+            "acme",
+            Target::Events,
+            &search("createdAt:[2023-11-15T00:00:00Z TO *]", 10, None),
+        )
+        .await
+        .expect("search");
+    assert_eq!(dated.total, 4, "RFC 3339 date ranges");
+    index.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn bad_queries_and_aggregations_are_the_clients_fault() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = open(dir.path());
+    for request in [
+        search("dataFields.plan:(pro", 10, None),
+        search("_source:x", 10, None),
+        search("createdAt:[yesterday TO *]", 10, None),
+        search("", 10, Some(json!({"x": {"terms": {}}}))),
+        search(
+            "",
+            10,
+            Some(json!({"x": {"percentile_of_nothing": {"field": "x"}}})),
+        ),
+        search(
+            "",
+            10,
+            Some(json!({"x": {"date_histogram": {"field": "createdAt", "interval": "30d"}}})),
+        ),
+        search("", 10_001, None),
+    ] {
+        match index.search("acme", Target::Users, &request).await {
+            Err(IndexError::BadRequest(message)) => assert!(!message.is_empty()),
+            other => panic!("{request:?} gave {other:?}, expected a bad request"),
+        }
+    }
+    index.close().await.expect("close");
+}
