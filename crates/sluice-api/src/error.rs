@@ -26,6 +26,8 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
@@ -39,6 +41,7 @@ impl ApiError {
                 (StatusCode::BAD_REQUEST, "BadRequest")
             }
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "TooLarge"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable"),
         }
@@ -105,5 +108,14 @@ fn strip_position(message: &str) -> String {
     match message.rfind(" at line ") {
         Some(i) => message[..i].to_string(),
         None => message.to_string(),
+    }
+}
+
+impl From<sluice_index::IndexError> for ApiError {
+    fn from(e: sluice_index::IndexError) -> Self {
+        match e {
+            sluice_index::IndexError::BadRequest(message) => ApiError::BadRequest(message),
+            other => ApiError::Unavailable(format!("cannot read the index right now: {other}")),
+        }
     }
 }

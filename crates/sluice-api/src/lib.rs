@@ -4,6 +4,7 @@
 //! Layout:
 //! - `ingest`: the `/api/users/*` and `/api/events/*` routes.
 //! - `segment`: the Segment HTTP Tracking API routes (`/v1/*`).
+//! - `read`: profiles, a user's events, and search (`/api/users/{id}`, `/api/search/*`).
 //! - `auth`: API key → org, through a TTL cache.
 //! - `body`: body size limits; `error`: the error type and its status codes, in one place;
 //!   `response`: the success body.
@@ -15,6 +16,7 @@ mod auth;
 mod body;
 mod error;
 mod ingest;
+mod read;
 mod response;
 mod segment;
 
@@ -28,6 +30,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use sluice_index::Index;
 use sluice_log::Log;
 use sluice_registry::Registry;
 
@@ -79,6 +82,7 @@ pub struct AppState(Arc<AppInner>);
 
 pub struct AppInner {
     pub(crate) log: Arc<dyn Log>,
+    pub(crate) index: Arc<dyn Index>,
     pub(crate) auth: Authenticator,
     pub(crate) limits: Limits,
     pub(crate) log_ack_timeout: Duration,
@@ -95,9 +99,15 @@ impl std::ops::Deref for AppState {
 }
 
 impl AppState {
-    pub fn new(log: Arc<dyn Log>, registry: Arc<dyn Registry>, config: &ApiConfig) -> Self {
+    pub fn new(
+        log: Arc<dyn Log>,
+        registry: Arc<dyn Registry>,
+        index: Arc<dyn Index>,
+        config: &ApiConfig,
+    ) -> Self {
         AppState(Arc::new(AppInner {
             log,
+            index,
             auth: Authenticator::new(registry, config.key_cache_ttl),
             limits: config.limits,
             log_ack_timeout: config.log_ack_timeout,
@@ -118,6 +128,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/users/bulkUpdate", post(ingest::users_bulk_update))
         .route("/api/events/track", post(ingest::events_track))
         .route("/api/events/trackBulk", post(ingest::events_track_bulk))
+        .route("/api/users/by-email/{email}", get(read::user_by_email))
+        .route("/api/users/{user_id}", get(read::user_by_id))
+        .route("/api/users/{user_id}/events", get(read::user_events))
+        .route("/api/search/users", post(read::search_users))
+        .route("/api/search/events", post(read::search_events))
         .route("/v1/identify", post(segment::identify))
         .route("/v1/track", post(segment::track))
         .route("/v1/page", post(segment::page))

@@ -152,7 +152,7 @@ impl IndexError {
 #[async_trait]
 pub trait Index: Send + Sync + 'static {
     /// Writes a batch; durable and visible when it returns `Ok`.
-    async fn write(&self, batch: WriteBatch) -> Result<WriteOutcome, IndexError>;
+    async fn write(&self, batch: std::sync::Arc<WriteBatch>) -> Result<WriteOutcome, IndexError>;
 
     /// The profile with doc id `<org>:<user_key>`.
     async fn get_user(&self, org: &str, user_key: &str) -> Result<Option<Value>, IndexError>;

@@ -1,5 +1,7 @@
 //! The embedded index against real tantivy files in a temp dir.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value, json};
 use sluice_index::{
     EmbeddedIndex, EmbeddedIndexConfig, EventDoc, Index, IndexError, SearchRequest, Target,
@@ -59,22 +61,22 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen() {
     let index = open(dir.path());
     let first = json!({"plan": "free", "address": {"city": "Paris", "zip": "75001"}});
     index
-        .write(WriteBatch {
+        .write(Arc::new(WriteBatch {
             users: vec![upsert("acme", "1", first, false, 10)],
             events: vec![],
-        })
+        }))
         .await
         .expect("write");
     // Same user twice in one batch (the second reads the first from the pending group), one
     // deep and one shallow.
     index
-        .write(WriteBatch {
+        .write(Arc::new(WriteBatch {
             users: vec![
                 upsert("acme", "1", json!({"address": {"city": "Lyon"}}), true, 20),
                 upsert("acme", "1", json!({"plan": "pro"}), false, 30),
             ],
             events: vec![],
-        })
+        }))
         .await
         .expect("write");
     let expected = json!({
@@ -90,7 +92,7 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen() {
     assert_eq!(index.doc_counts().0, 1, "one document per user");
     // Shallow: the nested object is replaced.
     index
-        .write(WriteBatch {
+        .write(Arc::new(WriteBatch {
             users: vec![upsert(
                 "acme",
                 "1",
@@ -99,7 +101,7 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen() {
                 40,
             )],
             events: vec![],
-        })
+        }))
         .await
         .expect("write");
     index.close().await.expect("close");
@@ -140,27 +142,27 @@ async fn events_are_idempotent_by_id_and_listed_newest_first() {
         })
         .collect();
     index
-        .write(WriteBatch {
+        .write(Arc::new(WriteBatch {
             users: vec![],
             events: events.clone(),
-        })
+        }))
         .await
         .expect("write");
     // Replayed, in one batch with a changed copy of m0 and in a later batch.
     let mut changed = events[0].clone();
     changed.data_fields = fields(json!({"i": 100}));
     index
-        .write(WriteBatch {
+        .write(Arc::new(WriteBatch {
             users: vec![],
             events: vec![events[1].clone(), changed],
-        })
+        }))
         .await
         .expect("write");
     index
-        .write(WriteBatch {
+        .write(Arc::new(WriteBatch {
             users: vec![],
             events: events.clone(),
-        })
+        }))
         .await
         .expect("write");
     assert_eq!(index.doc_counts().1, 5);
@@ -185,10 +187,10 @@ async fn by_email_finds_the_profile_carrying_that_email() {
     let mut by_id = upsert("acme", "7", json!({"n": 1}), false, 10);
     by_id.email = Some("Ann@Example.com".into());
     index
-        .write(WriteBatch {
+        .write(Arc::new(WriteBatch {
             users: vec![by_id],
             events: vec![],
-        })
+        }))
         .await
         .expect("write");
     let profile = index
@@ -245,7 +247,7 @@ async fn search_queries_and_aggregations_are_org_scoped() {
         .chain([event("evil", "x", "e0", "click", 1, json!({"amount": 999}))])
         .collect();
     index
-        .write(WriteBatch { users, events })
+        .write(Arc::new(WriteBatch { users, events }))
         .await
         .expect("write");
 

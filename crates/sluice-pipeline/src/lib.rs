@@ -12,4 +12,7 @@
 
 pub mod batch;
 pub mod merge;
+pub mod runner;
 pub mod validate;
+
+pub use runner::{Pipeline, PipelineConfig, PipelineError, PipelineStats};

@@ -34,6 +34,11 @@ pub struct Config {
     pub retention_max_bytes: u64,
     #[serde(with = "duration")]
     pub key_cache_ttl: Duration,
+    pub batch_size: usize,
+    #[serde(with = "duration")]
+    pub batch_timeout: Duration,
+    #[serde(with = "duration")]
+    pub dedup_window: Duration,
 }
 
 impl Default for Config {
@@ -54,6 +59,9 @@ impl Default for Config {
             retention_max_age: Duration::from_secs(7 * 24 * 3600),
             retention_max_bytes: 0,
             key_cache_ttl: Duration::from_secs(5),
+            batch_size: 5000,
+            batch_timeout: Duration::from_millis(250),
+            dedup_window: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -66,7 +74,7 @@ pub const DEFAULT_CONFIG_TOML: &str = r#"# sluice configuration. Every key is op
 # Address the HTTP API listens on.
 listen = "127.0.0.1:8080"
 
-# Where embedded state lives: the log, the registry (registry.db) and, later, dedup and index.
+# Where embedded state lives: log/, dedup/, index/ and registry.db.
 data_dir = "./sluice-data"
 
 # Backends, by URL. This build implements `embedded` for all four; kafka://, redis://,
@@ -97,7 +105,16 @@ retention_max_age = "7days"
 retention_max_bytes = 0
 
 # How long an API key lookup is cached: a new key or a disabled org takes effect within this.
+# The pipeline caches org and ban lookups for as long.
 key_cache_ttl = "5s"
+
+# Pipeline batches: up to batch_size messages per partition, or what arrived within
+# batch_timeout of the batch's first message.
+batch_size = 5000
+batch_timeout = "250ms"
+
+# A message id seen again within this window is dropped as a duplicate.
+dedup_window = "7days"
 "#;
 
 /// Flags (with their `SLUICE_*` variables) that override the file. Global to every command.
@@ -151,6 +168,15 @@ pub struct ConfigArgs {
     /// How long API key lookups are cached [default: 5s].
     #[arg(long, global = true, env = "SLUICE_KEY_CACHE_TTL", value_parser = parse_duration)]
     pub key_cache_ttl: Option<Duration>,
+    /// Most messages per pipeline batch [default: 5000].
+    #[arg(long, global = true, env = "SLUICE_BATCH_SIZE")]
+    pub batch_size: Option<usize>,
+    /// Longest a pipeline batch waits to fill [default: 250ms].
+    #[arg(long, global = true, env = "SLUICE_BATCH_TIMEOUT", value_parser = parse_duration)]
+    pub batch_timeout: Option<Duration>,
+    /// Dedup window of message ids [default: 7days].
+    #[arg(long, global = true, env = "SLUICE_DEDUP_WINDOW", value_parser = parse_duration)]
+    pub dedup_window: Option<Duration>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -192,7 +218,10 @@ impl Config {
             max_request_items,
             retention_max_age,
             retention_max_bytes,
-            key_cache_ttl
+            key_cache_ttl,
+            batch_size,
+            batch_timeout,
+            dedup_window
         );
         config.validate()?;
         Ok(config)
@@ -220,6 +249,9 @@ impl Config {
         if self.partitions == 0 {
             bail!("partitions must be at least 1");
         }
+        if self.batch_size == 0 {
+            bail!("batch_size must be at least 1");
+        }
         if self.max_item_bytes == 0 || self.max_request_bytes == 0 || self.max_request_items == 0 {
             bail!("max_item_bytes, max_request_bytes and max_request_items must be positive");
         }
@@ -232,6 +264,14 @@ impl Config {
 
     pub fn log_path(&self) -> PathBuf {
         self.data_dir.join("log")
+    }
+
+    pub fn dedup_path(&self) -> PathBuf {
+        self.data_dir.join("dedup")
+    }
+
+    pub fn index_path(&self) -> PathBuf {
+        self.data_dir.join("index")
     }
 }
 

@@ -1,5 +1,10 @@
 //! `sluice serve`: the embedded deployment in one process. Opens the registry (creating org
-//! `default` on first start), the log, and the HTTP API, and drains cleanly on SIGTERM/SIGINT.
+//! `default` on first start), the log, the dedup store and the index, runs the HTTP API and the
+//! pipeline side by side, and drains cleanly on SIGTERM/SIGINT: the API stops taking requests
+//! and finishes the ones in flight, then each partition finishes and commits its batch.
+//!
+//! If the pipeline stops on an unknown error (a bug), the server drains too and the process
+//! exits non-zero, so a supervisor restarts it; it resumes from the last commit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,10 +12,16 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use sluice_api::{ApiConfig, AppState, Limits};
+use sluice_dedup::{Dedup, EmbeddedDedup};
+use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
+use sluice_pipeline::batch::BatchConfig;
+use sluice_pipeline::validate::Validator;
+use sluice_pipeline::{Pipeline, PipelineConfig};
 use sluice_registry::{Registry, SqliteRegistry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::config::Config;
 
@@ -34,6 +45,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         },
     )?);
     let retention = log.spawn_retention(RETENTION_INTERVAL);
+    let dedup: Arc<dyn Dedup> = Arc::new(EmbeddedDedup::open(
+        &config.dedup_path(),
+        config.dedup_window,
+    )?);
+    let index: Arc<dyn Index> = Arc::new(EmbeddedIndex::open(EmbeddedIndexConfig::new(
+        config.index_path(),
+    ))?);
+    let pipeline = Pipeline::new(
+        Arc::clone(&log) as Arc<dyn Log>,
+        Validator::new(Arc::clone(&registry), config.key_cache_ttl),
+        dedup,
+        Arc::clone(&index),
+        PipelineConfig {
+            batch: BatchConfig {
+                max_records: config.batch_size,
+                timeout: config.batch_timeout,
+            },
+            ..PipelineConfig::default()
+        },
+    );
 
     let api_config = ApiConfig {
         limits: Limits {
@@ -47,6 +78,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = AppState::new(
         Arc::clone(&log) as Arc<dyn Log>,
         Arc::clone(&registry),
+        Arc::clone(&index),
         &api_config,
     );
 
@@ -60,14 +92,33 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let signals = ShutdownSignals::install()?;
     print_banner(&config, addr, first_key.as_deref());
 
-    // The signal handler flips this; the server stops accepting and `main` starts the clock.
-    let (stop_tx, mut stop_rx) = watch::channel(false);
+    // A signal, or the pipeline failing, flips this; the server stops accepting and the
+    // shutdown clock starts.
+    // It holds the moment the drain started.
+    let (stop_tx, mut stop_rx) = watch::channel(None::<Instant>);
+    let stop_tx = Arc::new(stop_tx);
     let drain_state = state.clone();
+    let signal_stop = Arc::clone(&stop_tx);
     tokio::spawn(async move {
         signals.recv().await;
         tracing::info!("shutdown signal received: draining");
         drain_state.start_draining();
-        let _ = stop_tx.send(true);
+        signal_stop.send_if_modified(start_drain);
+    });
+
+    // The pipeline stops on its own `stop` only after the HTTP server has drained, so the
+    // requests it acknowledged last are still picked up by a running pipeline if time allows.
+    let (pipeline_stop_tx, pipeline_stop_rx) = watch::channel(false);
+    let pipeline_state = state.clone();
+    let pipeline_failed_stop = Arc::clone(&stop_tx);
+    let mut pipeline_task = tokio::spawn(async move {
+        let result = pipeline.run(pipeline_stop_rx).await;
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "pipeline stopped on an unexpected error: shutting down");
+            pipeline_state.start_draining();
+            pipeline_failed_stop.send_if_modified(start_drain);
+        }
+        result
     });
 
     let app = sluice_api::router(state);
@@ -78,22 +129,50 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     let mut graceful_rx = stop_rx.clone();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        let _ = graceful_rx.wait_for(|stop| *stop).await;
+        let _ = graceful_rx.wait_for(Option::is_some).await;
     });
     let mut server = std::pin::pin!(server.into_future());
+    let drain_deadline =
+        |stop: &Option<Instant>| stop.map_or_else(Instant::now, |at| at) + config.shutdown_timeout;
     tokio::select! {
         result = &mut server => result.context("HTTP server failed")?,
         () = async {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-            tokio::time::sleep(config.shutdown_timeout).await;
+            let deadline = stop_rx.wait_for(Option::is_some).await.map(|s| drain_deadline(&s));
+            tokio::time::sleep_until(deadline.unwrap_or_else(|_| Instant::now())).await;
         } => {
             tracing::warn!(timeout = ?config.shutdown_timeout, "in-flight requests did not finish within the shutdown timeout");
         }
     }
+    // The server has drained; now let each partition finish and commit its batch. The
+    // deadline was set when the stop came, so the whole drain fits in shutdown_timeout.
+    let _ = pipeline_stop_tx.send(true);
+    let deadline = drain_deadline(&stop_rx.borrow());
+    let pipeline_result = match tokio::time::timeout_at(deadline, &mut pipeline_task).await {
+        Ok(Ok(result)) => result.map_err(anyhow::Error::from),
+        Ok(Err(join)) => Err(anyhow::anyhow!("the pipeline task panicked: {join}")),
+        Err(_) => {
+            tracing::warn!(
+                "the pipeline did not finish its batches within the shutdown timeout; they will be processed again after restart"
+            );
+            pipeline_task.abort();
+            Ok(())
+        }
+    };
     retention.abort();
+    index.close().await.context("closing the index")?;
     log.close().await.context("closing the log")?;
+    pipeline_result.context("the pipeline failed")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Marks the start of the drain, once.
+fn start_drain(stop: &mut Option<Instant>) -> bool {
+    if stop.is_some() {
+        return false;
+    }
+    *stop = Some(Instant::now());
+    true
 }
 
 /// The banner. `listening on` is always the last line, so a supervisor or test that reads it

@@ -35,6 +35,13 @@ async fn registry_with_key(dir: &std::path::Path) -> (Arc<SqliteRegistry>, Strin
     (registry, key)
 }
 
+/// An embedded index under `dir` (the API's read routes need one).
+fn index_in(dir: &std::path::Path) -> Arc<dyn sluice_index::Index> {
+    let mut config = sluice_index::EmbeddedIndexConfig::new(dir.join("index"));
+    config.threads = 1;
+    Arc::new(sluice_index::EmbeddedIndex::open(config).expect("index"))
+}
+
 /// Serves the API for `state` on a free port.
 async fn spawn_api(state: AppState) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -61,6 +68,7 @@ impl TestServer {
         let state = AppState::new(
             Arc::clone(&log) as Arc<dyn Log>,
             Arc::clone(&registry) as Arc<dyn Registry>,
+            index_in(dir.path()),
             &config,
         );
         let addr = spawn_api(state.clone()).await;
@@ -704,7 +712,13 @@ async fn a_log_that_does_not_acknowledge_in_time_gives_503() {
         log_ack_timeout: Duration::from_millis(200),
         ..ApiConfig::default()
     };
-    let addr = spawn_api(AppState::new(Arc::new(StalledLog), registry, &config)).await;
+    let addr = spawn_api(AppState::new(
+        Arc::new(StalledLog),
+        registry,
+        index_in(dir.path()),
+        &config,
+    ))
+    .await;
     let mut conn = Connection::connect(addr).await.expect("connect");
     let started = std::time::Instant::now();
     let r = conn

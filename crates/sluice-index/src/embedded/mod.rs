@@ -12,7 +12,7 @@ mod search;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use serde_json::Value;
@@ -247,7 +247,7 @@ impl EmbeddedIndex {
 
 #[async_trait]
 impl Index for EmbeddedIndex {
-    async fn write(&self, batch: WriteBatch) -> Result<WriteOutcome, IndexError> {
+    async fn write(&self, batch: Arc<WriteBatch>) -> Result<WriteOutcome, IndexError> {
         if batch.is_empty() {
             return Ok(WriteOutcome::default());
         }

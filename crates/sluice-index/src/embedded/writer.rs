@@ -10,6 +10,7 @@
 //! so the thread keeps the group's profiles in `pending_users` and reads those first.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use serde_json::Value;
 use tantivy::{IndexWriter, Term};
@@ -21,7 +22,7 @@ use crate::{IndexError, WriteBatch, WriteOutcome};
 
 pub(crate) enum Command {
     Write(
-        WriteBatch,
+        Arc<WriteBatch>,
         oneshot::Sender<Result<WriteOutcome, IndexError>>,
     ),
 }

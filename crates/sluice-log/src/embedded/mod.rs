@@ -322,7 +322,10 @@ impl EmbeddedLog {
     pub fn spawn_retention(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         let log = Arc::downgrade(self);
         tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
+            // The first pass runs one interval after start, not at start: a restart does no
+            // heavy work before serving.
+            let mut ticker =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;

@@ -1,0 +1,125 @@
+//! The read routes (SPEC §4): profiles, a user's events, and search with aggregations. Every
+//! read is scoped to the org of the API key.
+
+use axum::Json;
+use axum::extract::{Path, Query, Request, State};
+use serde::Deserialize;
+use serde_json::Value;
+use sluice_index::{MAX_SEARCH_SIZE, SearchRequest, SearchResponse, Target};
+
+use crate::AppState;
+use crate::auth::KeySources;
+use crate::body::read_request;
+use crate::error::{ApiError, json_error};
+
+pub(crate) async fn user_by_id(
+    State(app): State<AppState>,
+    Path(user_id): Path<String>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    let org = app
+        .auth
+        .authenticate(request.headers(), KeySources::Standard)
+        .await?;
+    app.index
+        .get_user(&org.name, &format!("u:{user_id}"))
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no user with userId {user_id:?} in org {:?}",
+                org.name
+            ))
+        })
+}
+
+pub(crate) async fn user_by_email(
+    State(app): State<AppState>,
+    Path(email): Path<String>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    let org = app
+        .auth
+        .authenticate(request.headers(), KeySources::Standard)
+        .await?;
+    app.index
+        .get_user_by_email(&org.name, &email)
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no user with email {email:?} in org {:?}",
+                org.name
+            ))
+        })
+}
+
+/// Default number of events `GET /api/users/{userId}/events` returns.
+const DEFAULT_EVENTS_LIMIT: usize = 50;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct EventsParams {
+    limit: Option<usize>,
+}
+
+pub(crate) async fn user_events(
+    State(app): State<AppState>,
+    Path(user_id): Path<String>,
+    params: Result<Query<EventsParams>, axum::extract::rejection::QueryRejection>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    let org = app
+        .auth
+        .authenticate(request.headers(), KeySources::Standard)
+        .await?;
+    let Query(params) = params.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "query string: {} (expected ?limit=N)",
+            e.body_text()
+        ))
+    })?;
+    let limit = params.limit.unwrap_or(DEFAULT_EVENTS_LIMIT);
+    if limit > MAX_SEARCH_SIZE {
+        return Err(ApiError::BadRequest(format!(
+            "limit {limit} is too large: at most {MAX_SEARCH_SIZE}"
+        )));
+    }
+    let events = app
+        .index
+        .user_events(&org.name, &format!("u:{user_id}"), limit)
+        .await?;
+    Ok(Json(serde_json::json!({ "events": events })))
+}
+
+pub(crate) async fn search_users(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Json<SearchResponse>, ApiError> {
+    search(&app, request, Target::Users).await
+}
+
+pub(crate) async fn search_events(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Json<SearchResponse>, ApiError> {
+    search(&app, request, Target::Events).await
+}
+
+async fn search(
+    app: &AppState,
+    request: Request,
+    target: Target,
+) -> Result<Json<SearchResponse>, ApiError> {
+    let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
+    let org = app
+        .auth
+        .authenticate(&parts.headers, KeySources::Standard)
+        .await?;
+    let search: SearchRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::from_str("{}").map_err(|e| json_error(&e, "search request"))?
+    } else {
+        serde_json::from_slice(&body).map_err(|e| json_error(&e, "search request"))?
+    };
+    Ok(Json(app.index.search(&org.name, target, &search).await?))
+}

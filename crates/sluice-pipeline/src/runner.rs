@@ -1,0 +1,494 @@
+//! The per-partition loop that drives the stages (SPEC §6): one task per assigned partition,
+//! one batch in flight per partition, all partitions in parallel.
+//!
+//! For each batch, in order: validate → dedup check → merge → index write (durable) → mark
+//! processed → commit the offset after the batch. Nothing is committed before the index write
+//! and the dedup mark of every message up to that offset succeeded, so a crash at any point
+//! replays from the last commit, and the dedup store plus idempotent index writes keep the
+//! effects single.
+//!
+//! Recoverable failures (registry, dedup store, index storage, commit) are retried with
+//! exponential backoff and jitter, forever, without moving past the batch. A stop request
+//! abandons the batch being retried (it is not committed, so it is read again after restart).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use sluice_dedup::{Dedup, DedupError, MessageKey};
+use sluice_index::{EventDoc, Index, IndexError, Refused, UserUpsert, WriteBatch};
+use sluice_log::{Assignment, Log, LogError, LogRecord, PartitionStream};
+use sluice_model::{Kind, Patch};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::batch::{BatchConfig, next_batch};
+use crate::merge::{Item, merge};
+use crate::validate::{ValidMessage, Validator};
+
+/// Settings of the pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Consumer group on the log.
+    pub group: String,
+    pub batch: BatchConfig,
+    /// Longest wait between two attempts of a failing step.
+    pub max_retry_delay: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            group: "sluice-pipeline".into(),
+            batch: BatchConfig::default(),
+            max_retry_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Counters since start, shared by every partition task.
+#[derive(Debug, Default)]
+pub struct PipelineStats {
+    pub batches: AtomicU64,
+    /// Records read from the log.
+    pub records: AtomicU64,
+    /// Messages dropped because they were already processed.
+    pub duplicates: AtomicU64,
+    /// Messages refused by validation or by the index (dead letters).
+    pub dead_letters: AtomicU64,
+    pub users_upserted: AtomicU64,
+    pub events_indexed: AtomicU64,
+    /// Attempts that failed with a recoverable error and were retried.
+    pub retries: AtomicU64,
+}
+
+impl PipelineStats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A failure that stops the pipeline: a bug or a broken invariant (SPEC §6 "unknown").
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("cannot join consumer group {group:?}: {source}")]
+    Subscribe { group: String, source: LogError },
+    #[error("partition {partition}, offsets {first}..={last}: {message}")]
+    Stream {
+        partition: u32,
+        first: u64,
+        last: u64,
+        message: String,
+    },
+    #[error("a partition task panicked: {0}")]
+    Panicked(String),
+}
+
+/// The stages and their backends, shared by every partition task.
+pub struct Pipeline {
+    log: Arc<dyn Log>,
+    validator: Validator,
+    dedup: Arc<dyn Dedup>,
+    index: Arc<dyn Index>,
+    config: PipelineConfig,
+    stats: Arc<PipelineStats>,
+}
+
+/// Why a retried step gave up.
+enum Abandon {
+    /// A stop was requested while retrying.
+    Stopped,
+    /// A non-recoverable error.
+    Fatal(String),
+}
+
+impl Pipeline {
+    pub fn new(
+        log: Arc<dyn Log>,
+        validator: Validator,
+        dedup: Arc<dyn Dedup>,
+        index: Arc<dyn Index>,
+        config: PipelineConfig,
+    ) -> Arc<Pipeline> {
+        Arc::new(Pipeline {
+            log,
+            validator,
+            dedup,
+            index,
+            config,
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn stats(&self) -> Arc<PipelineStats> {
+        self.stats.clone()
+    }
+
+    /// Consumes the log until `stop` turns true (then finishes each partition's batch in
+    /// flight and commits it) or a partition task fails.
+    pub async fn run(
+        self: Arc<Self>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        let mut subscription = self
+            .log
+            .subscribe(&self.config.group)
+            .await
+            .map_err(|source| PipelineError::Subscribe {
+                group: self.config.group.clone(),
+                source,
+            })?;
+        let mut tasks = JoinSet::new();
+        let mut partition_stops: HashMap<u32, watch::Sender<bool>> = HashMap::new();
+        let mut result = Ok(());
+        loop {
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                assignment = subscription.next() => match assignment {
+                    Some(Assignment::Assigned(stream)) => {
+                        let (tx, rx) = watch::channel(false);
+                        partition_stops.insert(stream.partition(), tx);
+                        tasks.spawn(self.clone().run_partition(stream, rx));
+                    }
+                    Some(Assignment::Revoked(partition)) => {
+                        if let Some(tx) = partition_stops.remove(&partition) {
+                            let _ = tx.send(true);
+                        }
+                    }
+                    None => break,
+                },
+                Some(joined) = tasks.join_next() => {
+                    if let Err(e) = flatten(joined) {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        for tx in partition_stops.values() {
+            let _ = tx.send(true);
+        }
+        while let Some(joined) = tasks.join_next().await {
+            if let Err(e) = flatten(joined)
+                && result.is_ok()
+            {
+                result = Err(e);
+            }
+        }
+        result
+    }
+
+    async fn run_partition(
+        self: Arc<Self>,
+        mut stream: Box<dyn PartitionStream>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<(), PipelineError> {
+        let partition = stream.partition();
+        tracing::info!(
+            partition,
+            position = stream.position(),
+            "pipeline: partition assigned"
+        );
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                batch = next_batch(&mut *stream, &self.config.batch) => batch,
+            };
+            let records = match batch {
+                Ok(records) => records,
+                Err(LogError::Closed) => break,
+                Err(e) if e.is_retriable() => {
+                    tracing::warn!(partition, error = %e, "pipeline: reading the log failed; retrying");
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                Err(e) => return Err(stream_error(partition, 0, 0, e.to_string())),
+            };
+            let (Some(first), Some(last)) = (records.first(), records.last()) else {
+                continue;
+            };
+            let (first, last) = (first.offset, last.offset);
+            match self.process(&records, &mut stop).await {
+                Ok(()) => {}
+                Err(Abandon::Stopped) => break,
+                Err(Abandon::Fatal(message)) => {
+                    return Err(stream_error(partition, first, last, message));
+                }
+            }
+            let mut retrier = self.retrier();
+            loop {
+                let error = match stream.commit(last + 1).await {
+                    Ok(()) => break,
+                    Err(e) if e.is_retriable() => e,
+                    Err(e) => {
+                        return Err(stream_error(partition, first, last, format!("commit: {e}")));
+                    }
+                };
+                if retrier
+                    .wait(&mut stop, "commit the offset", &error)
+                    .await
+                    .is_err()
+                {
+                    tracing::info!(partition, "pipeline: stopped while retrying a commit");
+                    return Ok(());
+                }
+            }
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(
+            partition,
+            position = stream.position(),
+            "pipeline: partition released"
+        );
+        Ok(())
+    }
+
+    /// One batch through validate → dedup → merge → index → mark.
+    async fn process(
+        &self,
+        records: &[LogRecord],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Abandon> {
+        self.stats
+            .records
+            .fetch_add(records.len() as u64, Ordering::Relaxed);
+        let validated = self
+            .retry(
+                "validate",
+                stop,
+                || self.validator.validate(records),
+                |_| true,
+            )
+            .await?;
+        let mut valid = Vec::with_capacity(validated.len());
+        for result in validated {
+            match result {
+                Ok(message) => valid.push(message),
+                Err(rejected) => {
+                    self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(offset = rejected.offset, reason = %rejected.reason, "pipeline: dead letter (validate)");
+                }
+            }
+        }
+
+        // Dedup: drop what was processed before, and repeats within the batch.
+        let keys: Vec<MessageKey<'_>> = valid.iter().map(message_key).collect();
+        let seen = self
+            .retry(
+                "check the dedup store",
+                stop,
+                || self.dedup.check(&keys),
+                |_| true,
+            )
+            .await?;
+        let mut in_batch = HashSet::with_capacity(valid.len());
+        let fresh: Vec<&ValidMessage> = valid
+            .iter()
+            .zip(seen)
+            .filter(|(m, seen)| !seen && in_batch.insert(message_key(m)))
+            .map(|(m, _)| m)
+            .collect();
+        self.stats
+            .duplicates
+            .fetch_add((valid.len() - fresh.len()) as u64, Ordering::Relaxed);
+        if fresh.is_empty() {
+            return Ok(());
+        }
+
+        let write = Arc::new(build_write(&fresh));
+        let (users, events) = (write.users.len() as u64, write.events.len() as u64);
+        let outcome = self
+            .retry(
+                "write to the index",
+                stop,
+                || self.index.write(write.clone()),
+                IndexError::is_retriable,
+            )
+            .await?;
+        for refused in &outcome.refused {
+            self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
+            let (kind, position, reason) = match refused {
+                Refused::User { position, reason } => ("user", position, reason),
+                Refused::Event { position, reason } => ("event", position, reason),
+            };
+            tracing::warn!(kind, position, %reason, "pipeline: dead letter (index refused)");
+        }
+        self.stats
+            .users_upserted
+            .fetch_add(users, Ordering::Relaxed);
+        self.stats
+            .events_indexed
+            .fetch_add(events, Ordering::Relaxed);
+
+        let processed: Vec<MessageKey<'_>> = fresh.iter().map(|m| message_key(m)).collect();
+        self.retry(
+            "mark processed",
+            stop,
+            || self.dedup.mark(&processed),
+            |_: &DedupError| true,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Runs `attempt` until it succeeds, fails with an error `retriable` refuses, or `stop`.
+    async fn retry<T, E, F, Fut>(
+        &self,
+        what: &str,
+        stop: &mut watch::Receiver<bool>,
+        mut attempt: F,
+        retriable: impl Fn(&E) -> bool,
+    ) -> Result<T, Abandon>
+    where
+        E: std::fmt::Display + Sync,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut retrier = self.retrier();
+        loop {
+            match attempt().await {
+                Ok(value) => return Ok(value),
+                Err(e) if retriable(&e) => retrier.wait(stop, what, &e).await?,
+                Err(e) => return Err(Abandon::Fatal(format!("{what}: {e}"))),
+            }
+        }
+    }
+
+    fn retrier(&self) -> Retrier {
+        Retrier {
+            delays: ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(self.config.max_retry_delay)
+                .with_jitter()
+                .without_max_times()
+                .build(),
+            max: self.config.max_retry_delay,
+            stats: self.stats.clone(),
+        }
+    }
+}
+
+/// Exponential backoff with jitter between attempts of one failing step.
+struct Retrier {
+    delays: backon::ExponentialBackoff,
+    max: Duration,
+    stats: Arc<PipelineStats>,
+}
+
+impl Retrier {
+    /// Logs the failure and sleeps before the next attempt; `Err` if a stop came first.
+    async fn wait(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+        what: &str,
+        error: &(dyn std::fmt::Display + Sync),
+    ) -> Result<(), Abandon> {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        let delay = self.delays.next().unwrap_or(self.max);
+        tracing::warn!(step = what, error = %error, retry_in = ?delay, "pipeline: recoverable error");
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|s| *s) => Err(Abandon::Stopped),
+            () = tokio::time::sleep(delay) => Ok(()),
+        }
+    }
+}
+
+fn message_key(message: &ValidMessage) -> MessageKey<'_> {
+    MessageKey {
+        org: &message.org.name,
+        message_id: &message.message_id,
+    }
+}
+
+/// Merge stage output as one index write: one upsert per user (its updates folded in log
+/// order) and every event.
+fn build_write(messages: &[&ValidMessage]) -> WriteBatch {
+    let items: Vec<Item> = messages
+        .iter()
+        .map(|m| {
+            let user = format!("{}:{}", m.org.name, m.user_key);
+            match m.kind {
+                Kind::UserUpdate => Item::Update {
+                    user,
+                    patch: Patch::from_update(&m.data_fields, m.merge_nested_objects),
+                },
+                Kind::Event => Item::Event { user },
+            }
+        })
+        .collect();
+    let merged = merge(&items);
+
+    // The identity fields of each user's upsert: the latest the updates carried.
+    let mut latest: HashMap<&str, (&ValidMessage, Option<&str>, Option<&str>, i64)> =
+        HashMap::new();
+    for (message, item) in messages.iter().zip(&items) {
+        if let Item::Update { user, .. } = item {
+            let entry =
+                latest
+                    .entry(user.as_str())
+                    .or_insert((message, None, None, message.received_at));
+            entry.0 = message;
+            if let Some(id) = message.user_id.as_deref() {
+                entry.1 = Some(id);
+            }
+            if let Some(email) = message.email.as_deref() {
+                entry.2 = Some(email);
+            }
+            entry.3 = entry.3.max(message.received_at);
+        }
+    }
+    let users = merged
+        .updates
+        .into_iter()
+        .filter_map(|(user, patch)| {
+            let (message, user_id, email, updated_at) = latest.get(user.as_str())?;
+            Some(UserUpsert {
+                org: message.org.name.clone(),
+                user_key: message.user_key.clone(),
+                user_id: user_id.map(str::to_owned),
+                email: email.map(str::to_owned),
+                patch,
+                updated_at: *updated_at,
+            })
+        })
+        .collect();
+    let events = messages
+        .iter()
+        .filter(|m| m.kind == Kind::Event)
+        .map(|m| EventDoc {
+            org: m.org.name.clone(),
+            message_id: m.message_id.clone(),
+            user_key: m.user_key.clone(),
+            user_id: m.user_id.clone(),
+            email: m.email.clone(),
+            event_name: m.event_name.clone().unwrap_or_default(),
+            created_at: m.created_at.unwrap_or(m.received_at),
+            received_at: m.received_at,
+            data_fields: m.data_fields.clone(),
+        })
+        .collect();
+    WriteBatch { users, events }
+}
+
+fn stream_error(partition: u32, first: u64, last: u64, message: String) -> PipelineError {
+    PipelineError::Stream {
+        partition,
+        first,
+        last,
+        message,
+    }
+}
+
+fn flatten(
+    joined: Result<Result<(), PipelineError>, tokio::task::JoinError>,
+) -> Result<(), PipelineError> {
+    match joined {
+        Ok(result) => result,
+        Err(e) => Err(PipelineError::Panicked(e.to_string())),
+    }
+}

@@ -1,0 +1,479 @@
+//! The whole embedded stack in one process, as `sluice serve` wires it: the HTTP API on a real
+//! port, the embedded log, registry, dedup store and tantivy index on a temp dir, and the
+//! pipeline consuming the log. Everything is checked through the HTTP read and search routes.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sluice::client::{Connection, Reply};
+use sluice_api::{ApiConfig, AppState};
+use sluice_dedup::EmbeddedDedup;
+use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
+use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
+use sluice_pipeline::batch::BatchConfig;
+use sluice_pipeline::validate::Validator;
+use sluice_pipeline::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
+use sluice_registry::{Registry, SqliteRegistry};
+use tokio::sync::watch;
+
+struct Stack {
+    addr: std::net::SocketAddr,
+    key: String,
+    registry: Arc<SqliteRegistry>,
+    index: Arc<EmbeddedIndex>,
+    log: Arc<EmbeddedLog>,
+    stats: Arc<PipelineStats>,
+    stop: watch::Sender<bool>,
+    pipeline: tokio::task::JoinHandle<Result<(), PipelineError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    async fn start() -> Stack {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let registry = Arc::new(
+            SqliteRegistry::open(&dir.path().join("registry.db"))
+                .await
+                .expect("registry"),
+        );
+        let key = sluice_registry::bootstrap(registry.as_ref())
+            .await
+            .expect("bootstrap")
+            .expect("first key");
+        let log = Arc::new(
+            EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"),
+        );
+        let dedup = Arc::new(
+            EmbeddedDedup::open(&dir.path().join("dedup"), sluice_dedup::DEFAULT_WINDOW)
+                .expect("dedup"),
+        );
+        let mut index_config = EmbeddedIndexConfig::new(dir.path().join("index"));
+        index_config.threads = 1;
+        let index = Arc::new(EmbeddedIndex::open(index_config).expect("index"));
+        let pipeline = Pipeline::new(
+            Arc::clone(&log) as Arc<dyn Log>,
+            Validator::new(
+                Arc::clone(&registry) as Arc<dyn Registry>,
+                Duration::from_millis(50),
+            ),
+            dedup,
+            Arc::clone(&index) as Arc<dyn Index>,
+            PipelineConfig {
+                batch: BatchConfig {
+                    max_records: 5000,
+                    timeout: Duration::from_millis(20),
+                },
+                ..PipelineConfig::default()
+            },
+        );
+        let stats = pipeline.stats();
+        let (stop, stop_rx) = watch::channel(false);
+        let pipeline = tokio::spawn(pipeline.run(stop_rx));
+        let state = AppState::new(
+            Arc::clone(&log) as Arc<dyn Log>,
+            Arc::clone(&registry) as Arc<dyn Registry>,
+            Arc::clone(&index) as Arc<dyn Index>,
+            &ApiConfig::default(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = sluice_api::router(state);
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Stack {
+            addr,
+            key,
+            registry,
+            index,
+            log,
+            stats,
+            stop,
+            pipeline,
+            _dir: dir,
+        }
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Reply {
+        self.post_as(&self.key, path, body).await
+    }
+
+    async fn post_as(&self, key: &str, path: &str, body: Value) -> Reply {
+        let mut conn = Connection::connect(self.addr).await.expect("connect");
+        conn.post(path, &[("api-key", key)], body.to_string().into())
+            .await
+            .expect("request")
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.get_as(&self.key, path).await
+    }
+
+    async fn get_as(&self, key: &str, path: &str) -> Reply {
+        let mut conn = Connection::connect(self.addr).await.expect("connect");
+        conn.get(path, &[("api-key", key)]).await.expect("request")
+    }
+
+    /// Records appended to the log so far.
+    fn log_end(&self) -> u64 {
+        (0..self.log.partitions())
+            .map(|p| self.log.read(p, 0, usize::MAX).expect("read").len() as u64)
+            .sum()
+    }
+
+    /// Waits until the pipeline has read and finished every record in the log.
+    async fn wait_processed(&self) {
+        let end = self.log_end();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let done = self.stats.records.load(Ordering::Relaxed);
+            let batches_idle = done >= end;
+            if batches_idle {
+                // `records` counts a batch when it starts; its write and commit may still be
+                // running. A second look after the batch window settles it.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if self.stats.records.load(Ordering::Relaxed) == done && self.committed() >= end {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pipeline processed {done} of {end} records within 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sum over partitions of the pipeline group's committed offsets.
+    fn committed(&self) -> u64 {
+        (0..self.log.partitions())
+            .map(|p| {
+                self.log
+                    .committed("sluice-pipeline", p)
+                    .expect("committed offset")
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    async fn search(&self, target: &str, body: Value) -> Value {
+        let r = self.post(&format!("/api/search/{target}"), body).await;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+        r.json()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.pipeline
+            .await
+            .expect("pipeline task")
+            .expect("pipeline stops cleanly");
+        self.index.close().await.expect("close index");
+        self.log.close().await.expect("close log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posted_updates_and_events_become_readable_and_searchable() {
+    let stack = Stack::start().await;
+    for (user, plan, email) in [("1", "pro", "Ann@X.io"), ("2", "free", "bob@x.io")] {
+        let r = stack
+            .post(
+                "/api/users/update",
+                json!({"userId": user, "email": email, "dataFields": {"plan": plan, "age": 30}}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.json());
+    }
+    let events: Vec<Value> = (0..5)
+        .map(|i| json!({"userId": "1", "eventName": if i < 3 {"click"} else {"purchase"}, "id": format!("ev{i}"), "createdAt": 1_700_000_000 + i, "dataFields": {"amount": i * 10}}))
+        .collect();
+    let r = stack
+        .post("/api/events/trackBulk", json!({ "events": events }))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    stack.wait_processed().await;
+
+    let profile = stack.get("/api/users/1").await;
+    assert_eq!(profile.status, 200);
+    let profile = profile.json();
+    assert_eq!(profile["dataFields"], json!({"plan": "pro", "age": 30}));
+    assert_eq!(profile["email"], "ann@x.io");
+    let by_email = stack.get("/api/users/by-email/ANN@x.io").await;
+    assert_eq!(by_email.status, 200);
+    assert_eq!(by_email.json()["userId"], "1");
+    let missing = stack.get("/api/users/nobody").await;
+    assert_eq!(missing.status, 404);
+    assert!(
+        missing.json()["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("nobody")
+    );
+
+    let listed = stack.get("/api/users/1/events?limit=2").await;
+    assert_eq!(listed.status, 200);
+    let ids: Vec<String> = listed.json()["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(ids, ["ev4", "ev3"], "newest first");
+    assert_eq!(stack.get("/api/users/1/events?limit=x").await.status, 400);
+
+    let found = stack
+        .search(
+            "users",
+            json!({"query": "dataFields.plan:pro AND dataFields.age:[18 TO 40]"}),
+        )
+        .await;
+    assert_eq!(found["total"], 1);
+    assert_eq!(found["hits"][0]["userId"], "1");
+
+    let aggs = stack
+        .search(
+            "events",
+            json!({"query": "", "size": 0, "aggs": {
+                "names": {"terms": {"field": "eventName"}},
+                "spent": {"sum": {"field": "dataFields.amount"}},
+            }}),
+        )
+        .await;
+    assert_eq!(aggs["total"], 5);
+    assert_eq!(aggs["hits"], json!([]));
+    assert_eq!(aggs["aggregations"]["spent"]["value"], json!(100.0));
+    assert_eq!(aggs["aggregations"]["names"]["buckets"][0]["key"], "click");
+
+    let bad = stack
+        .post("/api/search/users", json!({"query": "plan:(pro"}))
+        .await;
+    assert_eq!(bad.status, 400, "{:?}", bad.json());
+    let bad = stack.post("/api/search/users", json!({"qeury": "x"})).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"].as_str().unwrap_or("").contains("qeury"));
+    let unauthorized = stack.get_as("nope", "/api/users/1").await;
+    assert_eq!(unauthorized.status, 401);
+
+    // Another org sees none of it.
+    stack.registry.create_org("other").await.expect("org");
+    let other_key = stack.registry.create_key("other").await.expect("key");
+    assert_eq!(stack.get_as(&other_key, "/api/users/1").await.status, 404);
+    let r = stack
+        .post_as(&other_key, "/api/search/events", json!({}))
+        .await;
+    assert_eq!(r.json()["total"], 0);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_ordered_updates_per_user_end_at_the_last_value() {
+    let stack = Arc::new(Stack::start().await);
+    const USERS_PER_CLIENT: usize = 8;
+    const CLIENTS: usize = 5;
+    const UPDATES: usize = 1000;
+    // Each client owns its users and sends their updates in order, in bulk requests that
+    // interleave users and carry an event after every tenth update.
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let stack = Arc::clone(&stack);
+            tokio::spawn(async move {
+                let mut events = 0;
+                for chunk in 0..UPDATES / 50 {
+                    let mut users = Vec::new();
+                    let mut tracked = Vec::new();
+                    for seq in chunk * 50..(chunk + 1) * 50 {
+                        for u in 0..USERS_PER_CLIENT {
+                            let user = format!("c{c}-u{u}");
+                            users.push(json!({"userId": user, "dataFields": {"seq": seq, "last": {"by": c}}}));
+                            if seq % 10 == 0 {
+                                tracked.push(json!({"userId": user, "eventName": "tick", "dataFields": {"seq": seq}}));
+                            }
+                        }
+                    }
+                    let r = stack.post("/api/users/bulkUpdate", json!({ "users": users })).await;
+                    assert_eq!(r.status, 200);
+                    events += tracked.len();
+                    let r = stack.post("/api/events/trackBulk", json!({ "events": tracked })).await;
+                    assert_eq!(r.status, 200);
+                }
+                events
+            })
+        })
+        .collect();
+    let mut events = 0;
+    for c in clients {
+        events += c.await.expect("client");
+    }
+    stack.wait_processed().await;
+    for c in 0..CLIENTS {
+        for u in 0..USERS_PER_CLIENT {
+            let profile = stack.get(&format!("/api/users/c{c}-u{u}")).await.json();
+            assert_eq!(
+                profile["dataFields"],
+                json!({"seq": UPDATES - 1, "last": {"by": c}}),
+                "c{c}-u{u}"
+            );
+        }
+    }
+    let users = stack.search("users", json!({"size": 0})).await;
+    assert_eq!(users["total"], CLIENTS * USERS_PER_CLIENT);
+    let found = stack.search("events", json!({"size": 0})).await;
+    assert_eq!(found["total"], events);
+    let partitions: std::collections::HashSet<u32> = (0..CLIENTS)
+        .flat_map(|c| (0..USERS_PER_CLIENT).map(move |u| format!("default:u:c{c}-u{u}")))
+        .map(|key| sluice_model::partition_for_key(key.as_bytes(), 8))
+        .collect();
+    assert!(
+        partitions.len() >= 6,
+        "users spread over partitions: {partitions:?}"
+    );
+    let stats = Arc::try_unwrap(stack).ok().expect("clients are done");
+    assert!(
+        stats.stats.users_upserted.load(Ordering::Relaxed)
+            < (CLIENTS * USERS_PER_CLIENT * UPDATES) as u64,
+        "updates of a user within a batch were folded"
+    );
+    stats.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_and_shallow_merges_follow_the_spec() {
+    let stack = Stack::start().await;
+    let steps = [
+        json!({"userId": "m", "dataFields": {"address": {"city": "Paris", "zip": "75001"}, "plan": "free"}}),
+        // Deep: merges into address, keeps zip.
+        json!({"userId": "m", "dataFields": {"address": {"city": "Lyon"}}, "mergeNestedObjects": true}),
+        // Shallow: replaces tags and keeps the rest.
+        json!({"userId": "m", "dataFields": {"tags": {"a": 1}}}),
+        json!({"userId": "m", "dataFields": {"tags": {"b": 2}}}),
+    ];
+    for step in &steps {
+        assert_eq!(
+            stack.post("/api/users/update", step.clone()).await.status,
+            200
+        );
+    }
+    // The same four again, in one bulk request: folded in one batch, same result.
+    let bulk: Vec<Value> = steps
+        .iter()
+        .map(|s| {
+            let mut s = s.clone();
+            s["userId"] = json!("n");
+            s
+        })
+        .collect();
+    assert_eq!(
+        stack
+            .post("/api/users/bulkUpdate", json!({ "users": bulk }))
+            .await
+            .status,
+        200
+    );
+    stack.wait_processed().await;
+    let expected =
+        json!({"address": {"city": "Lyon", "zip": "75001"}, "plan": "free", "tags": {"b": 2}});
+    for user in ["m", "n"] {
+        let profile = stack.get(&format!("/api/users/{user}")).await.json();
+        assert_eq!(profile["dataFields"], expected, "{user}");
+    }
+    stack.stop().await;
+}
+
+/// Totals and every document (sorted JSON text) of both indexes.
+async fn snapshot(stack: &Stack) -> (Value, Value, Vec<String>) {
+    let users = stack.search("users", json!({"size": 100})).await;
+    let events = stack.search("events", json!({"size": 100})).await;
+    let mut all: Vec<String> = users["hits"]
+        .as_array()
+        .into_iter()
+        .chain(events["hits"].as_array())
+        .flatten()
+        .map(Value::to_string)
+        .collect();
+    all.sort();
+    (users["total"].clone(), events["total"].clone(), all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reposting_the_same_message_ids_changes_nothing() {
+    let stack = Stack::start().await;
+    let users: Vec<Value> = (0..20)
+        .map(|i| json!({"userId": format!("u{i}"), "id": format!("up{i}"), "dataFields": {"n": i}}))
+        .collect();
+    let events: Vec<Value> = (0..50)
+        .map(|i| json!({"userId": format!("u{}", i % 20), "eventName": "e", "id": format!("ev{i}"), "dataFields": {"n": i}}))
+        .collect();
+    let post_all = || async {
+        assert_eq!(
+            stack
+                .post("/api/users/bulkUpdate", json!({ "users": users }))
+                .await
+                .status,
+            200
+        );
+        assert_eq!(
+            stack
+                .post("/api/events/trackBulk", json!({ "events": events }))
+                .await
+                .status,
+            200
+        );
+    };
+    post_all().await;
+    stack.wait_processed().await;
+    let before = snapshot(&stack).await;
+    assert_eq!((before.0.clone(), before.1.clone()), (json!(20), json!(50)));
+
+    // The same ids again, twice, with different content: all dropped as duplicates.
+    post_all().await;
+    let changed: Vec<Value> = (0..20)
+        .map(
+            |i| json!({"userId": format!("u{i}"), "id": format!("up{i}"), "dataFields": {"n": -1}}),
+        )
+        .collect();
+    assert_eq!(
+        stack
+            .post("/api/users/bulkUpdate", json!({ "users": changed }))
+            .await
+            .status,
+        200
+    );
+    stack.wait_processed().await;
+    assert_eq!(snapshot(&stack).await, before);
+    assert_eq!(stack.stats.duplicates.load(Ordering::Relaxed), 90);
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn banned_users_are_dead_lettered_and_the_rest_is_indexed() {
+    let stack = Stack::start().await;
+    stack
+        .registry
+        .ban_user("default", "bad")
+        .await
+        .expect("ban");
+    let events: Vec<Value> = ["good", "bad", "good"]
+        .iter()
+        .enumerate()
+        .map(|(i, u)| json!({"userId": u, "eventName": "e", "id": format!("x{i}")}))
+        .collect();
+    assert_eq!(
+        stack
+            .post("/api/events/trackBulk", json!({ "events": events }))
+            .await
+            .status,
+        200
+    );
+    stack.wait_processed().await;
+    assert_eq!(stack.stats.dead_letters.load(Ordering::Relaxed), 1);
+    let found = stack.search("events", json!({})).await;
+    assert_eq!(found["total"], 2);
+    assert_eq!(
+        stack.get("/api/users/bad/events").await.json()["events"],
+        json!([])
+    );
+    stack.stop().await;
+}
