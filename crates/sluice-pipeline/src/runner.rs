@@ -405,6 +405,14 @@ fn message_key(message: &ValidMessage) -> MessageKey<'_> {
     }
 }
 
+/// Who a user's folded upsert is for.
+struct Identity<'a> {
+    message: &'a ValidMessage,
+    user_id: Option<&'a str>,
+    email: Option<&'a str>,
+    updated_at: i64,
+}
+
 /// Merge stage output as one index write: one upsert per user (its updates folded in log
 /// order) and every event.
 fn build_write(messages: &[&ValidMessage]) -> WriteBatch {
@@ -424,36 +432,32 @@ fn build_write(messages: &[&ValidMessage]) -> WriteBatch {
     let merged = merge(&items);
 
     // The identity fields of each user's upsert: the latest the updates carried.
-    let mut latest: HashMap<&str, (&ValidMessage, Option<&str>, Option<&str>, i64)> =
-        HashMap::new();
+    let mut identities: HashMap<&str, Identity<'_>> = HashMap::new();
     for (message, item) in messages.iter().zip(&items) {
         if let Item::Update { user, .. } = item {
-            let entry =
-                latest
-                    .entry(user.as_str())
-                    .or_insert((message, None, None, message.received_at));
-            entry.0 = message;
-            if let Some(id) = message.user_id.as_deref() {
-                entry.1 = Some(id);
-            }
-            if let Some(email) = message.email.as_deref() {
-                entry.2 = Some(email);
-            }
-            entry.3 = entry.3.max(message.received_at);
+            let identity = identities.entry(user.as_str()).or_insert(Identity {
+                message,
+                user_id: None,
+                email: None,
+                updated_at: message.received_at,
+            });
+            identity.user_id = message.user_id.as_deref().or(identity.user_id);
+            identity.email = message.email.as_deref().or(identity.email);
+            identity.updated_at = identity.updated_at.max(message.received_at);
         }
     }
     let users = merged
         .updates
         .into_iter()
         .filter_map(|(user, patch)| {
-            let (message, user_id, email, updated_at) = latest.get(user.as_str())?;
+            let identity = identities.get(user.as_str())?;
             Some(UserUpsert {
-                org: message.org.name.clone(),
-                user_key: message.user_key.clone(),
-                user_id: user_id.map(str::to_owned),
-                email: email.map(str::to_owned),
+                org: identity.message.org.name.clone(),
+                user_key: identity.message.user_key.clone(),
+                user_id: identity.user_id.map(str::to_owned),
+                email: identity.email.map(str::to_owned),
                 patch,
-                updated_at: *updated_at,
+                updated_at: identity.updated_at,
             })
         })
         .collect();
