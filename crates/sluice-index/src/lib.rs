@@ -14,7 +14,8 @@
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
 use sluice_model::Patch;
 
 pub mod embedded;
@@ -37,7 +38,7 @@ pub struct UserUpsert {
 }
 
 /// One event, as it is stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct EventDoc {
     pub org: String,
     pub message_id: String,
@@ -48,11 +49,12 @@ pub struct EventDoc {
     /// unix ms: the client's `createdAt`, else `receivedAt`.
     pub created_at: i64,
     pub received_at: i64,
-    pub data_fields: Map<String, Value>,
+    /// The event's `dataFields`: a JSON object, as the client wrote it.
+    pub data_fields: Box<RawValue>,
 }
 
 /// One bulk write. Users and events of many partitions may share one durable commit.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
     pub users: Vec<UserUpsert>,
     pub events: Vec<EventDoc>,

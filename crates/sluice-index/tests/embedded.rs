@@ -22,6 +22,10 @@ fn fields(v: Value) -> Map<String, Value> {
     }
 }
 
+fn raw(v: Value) -> Box<serde_json::value::RawValue> {
+    serde_json::value::to_raw_value(&v).expect("raw JSON")
+}
+
 fn upsert(org: &str, id: &str, data: Value, deep: bool, at: i64) -> UserUpsert {
     UserUpsert {
         org: org.into(),
@@ -43,7 +47,7 @@ fn event(org: &str, user: &str, id: &str, name: &str, at: i64, data: Value) -> E
         event_name: name.into(),
         created_at: at,
         received_at: at,
-        data_fields: fields(data),
+        data_fields: raw(data),
     }
 }
 
@@ -150,7 +154,7 @@ async fn events_are_idempotent_by_id_and_listed_newest_first() {
         .expect("write");
     // Replayed, in one batch with a changed copy of m0 and in a later batch.
     let mut changed = events[0].clone();
-    changed.data_fields = fields(json!({"i": 100}));
+    changed.data_fields = raw(json!({"i": 100}));
     index
         .write(Arc::new(WriteBatch {
             users: vec![],
@@ -412,5 +416,28 @@ async fn bad_queries_and_aggregations_are_the_clients_fault() {
             other => panic!("{request:?} gave {other:?}, expected a bad request"),
         }
     }
+    index.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn an_event_whose_data_fields_is_not_an_object_is_refused_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let index = open(dir.path());
+    let mut bad = event("acme", "1", "bad", "click", 1, json!({}));
+    bad.data_fields = raw(json!([1, 2]));
+    let good = event("acme", "1", "good", "click", 2, json!({"ok": true}));
+    let outcome = index
+        .write(Arc::new(WriteBatch {
+            users: vec![],
+            events: vec![bad, good],
+        }))
+        .await
+        .expect("write");
+    assert_eq!(outcome.refused.len(), 1);
+    assert!(matches!(
+        &outcome.refused[0],
+        sluice_index::Refused::Event { position: 0, reason } if reason.contains("not a JSON object")
+    ));
+    assert_eq!(index.doc_counts().1, 1, "the good event is written");
     index.close().await.expect("close");
 }

@@ -3,20 +3,23 @@
 //! becomes an unrecoverable error with a readable reason (the dead-letter path); a registry
 //! that cannot be reached is a recoverable error for the whole batch.
 //!
-//! Lookups go through short TTL caches, so a batch of thousands of records of a few orgs and
-//! users costs a few registry queries, and a ban or a disabled org takes effect within the TTL.
+//! Each org's record and its whole ban list are loaded together and kept for a short TTL, so a
+//! batch of thousands of records costs no registry query and no per-message cache lookup
+//! (the last org seen is reused), and a ban or a disabled org takes effect within the TTL.
+//! Ban lists are expected to be small (they are rare, human decisions).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use moka::future::Cache;
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
 use sluice_log::LogRecord;
 use sluice_model::{Kind, LogValue};
 use sluice_registry::{Org, Registry, RegistryError};
 
 /// A record that passed validation, decoded.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ValidMessage {
     pub offset: u64,
     pub org: Arc<Org>,
@@ -29,7 +32,9 @@ pub struct ValidMessage {
     pub event_name: Option<String>,
     pub created_at: Option<i64>,
     pub received_at: i64,
-    pub data_fields: Map<String, Value>,
+    /// The `dataFields` JSON object, as written (`{}` when absent). Checked to be an object;
+    /// parsed only where it is needed (the merge of updates, the index).
+    pub data_fields: Box<RawValue>,
     pub merge_nested_objects: bool,
 }
 
@@ -42,8 +47,14 @@ pub struct Rejected {
 
 pub struct Validator {
     registry: Arc<dyn Registry>,
-    orgs: Cache<String, Option<Arc<Org>>>,
-    bans: Cache<(i64, String), bool>,
+    orgs: Cache<String, Option<Arc<OrgRules>>>,
+}
+
+/// What validation needs to know about one org.
+#[derive(Debug)]
+struct OrgRules {
+    org: Arc<Org>,
+    banned: HashSet<String>,
 }
 
 impl Validator {
@@ -51,11 +62,7 @@ impl Validator {
         Validator {
             registry,
             orgs: Cache::builder()
-                .max_capacity(10_000)
-                .time_to_live(ttl)
-                .build(),
-            bans: Cache::builder()
-                .max_capacity(1_000_000)
+                .max_capacity(100_000)
                 .time_to_live(ttl)
                 .build(),
         }
@@ -67,8 +74,9 @@ impl Validator {
         records: &[LogRecord],
     ) -> Result<Vec<Result<ValidMessage, Rejected>>, RegistryError> {
         let mut out = Vec::with_capacity(records.len());
+        let mut last: Option<(String, Option<Arc<OrgRules>>)> = None;
         for record in records {
-            out.push(self.validate_one(record).await?);
+            out.push(self.validate_one(record, &mut last).await?);
         }
         Ok(out)
     }
@@ -76,6 +84,7 @@ impl Validator {
     async fn validate_one(
         &self,
         record: &LogRecord,
+        last: &mut Option<(String, Option<Arc<OrgRules>>)>,
     ) -> Result<Result<ValidMessage, Rejected>, RegistryError> {
         let reject = |reason: String| {
             Ok(Err(Rejected {
@@ -94,9 +103,18 @@ impl Validator {
         if value.v != sluice_model::message::LOG_FORMAT_VERSION {
             return reject(format!("unsupported record format version {}", value.v));
         }
-        let Some(org) = self.org(&value.org).await? else {
+        let rules = match last {
+            Some((name, rules)) if *name == *value.org => rules.clone(),
+            _ => {
+                let rules = self.org_rules(&value.org).await?;
+                *last = Some((value.org.to_string(), rules.clone()));
+                rules
+            }
+        };
+        let Some(rules) = rules else {
             return reject(format!("org {:?} does not exist", value.org));
         };
+        let org = &rules.org;
         if !org.active {
             return reject(format!("org {:?} is disabled", org.name));
         }
@@ -105,35 +123,39 @@ impl Validator {
             (_, Some(email)) if !email.is_empty() => format!("e:{email}"),
             _ => return reject("the record has neither userId nor email".into()),
         };
-        let expected_key = format!("{}:{user_key}", org.name);
-        if record.key[..] != *expected_key.as_bytes() {
+        let key_matches = record.key.len() == org.name.len() + 1 + user_key.len()
+            && record.key.starts_with(org.name.as_bytes())
+            && record.key[org.name.len()] == b':'
+            && record.key.ends_with(user_key.as_bytes());
+        if !key_matches {
             return reject(format!(
-                "record key {:?} does not match its value (expected {expected_key:?})",
-                String::from_utf8_lossy(&record.key)
+                "record key {:?} does not match its value (expected \"{}:{user_key}\")",
+                String::from_utf8_lossy(&record.key),
+                org.name
             ));
         }
-        for who in [value.user_id.as_deref(), value.email.as_deref()]
-            .into_iter()
-            .flatten()
-        {
-            if self.banned(org.id, who).await? {
-                return reject(format!("user {who:?} is banned in org {:?}", org.name));
+        if !rules.banned.is_empty() {
+            for who in [value.user_id.as_deref(), value.email.as_deref()]
+                .into_iter()
+                .flatten()
+            {
+                if rules.banned.contains(who) {
+                    return reject(format!("user {who:?} is banned in org {:?}", org.name));
+                }
             }
         }
         if value.kind == Kind::Event && value.event_name.as_deref().is_none_or(str::is_empty) {
             return reject("an event without eventName".into());
         }
+        // The log value parser already checked the JSON; an object starts with `{`.
         let data_fields = match value.data_fields.as_deref() {
-            None => Map::new(),
-            Some(raw) => match serde_json::from_str::<Value>(raw.get()) {
-                Ok(Value::Object(map)) => map,
-                Ok(_) => return reject("dataFields is not a JSON object".into()),
-                Err(e) => return reject(format!("dataFields is not valid JSON: {e}")),
-            },
+            None => empty_object(),
+            Some(raw) if raw.get().trim_start().starts_with('{') => raw.to_owned(),
+            Some(_) => return reject("dataFields is not a JSON object".into()),
         };
         Ok(Ok(ValidMessage {
             offset: record.offset,
-            org,
+            org: Arc::clone(org),
             kind: value.kind,
             message_id: value.message_id.into_owned(),
             user_key,
@@ -147,31 +169,35 @@ impl Validator {
         }))
     }
 
-    async fn org(&self, name: &str) -> Result<Option<Arc<Org>>, RegistryError> {
+    /// The org and its ban list, through the TTL cache; `None` if the org does not exist.
+    async fn org_rules(&self, name: &str) -> Result<Option<Arc<OrgRules>>, RegistryError> {
         if let Some(found) = self.orgs.get(name).await {
             return Ok(found);
         }
-        let found = self.registry.org(name).await?.map(Arc::new);
-        self.orgs.insert(name.to_string(), found.clone()).await;
-        Ok(found)
+        let rules = match self.registry.org(name).await? {
+            Some(org) => {
+                let banned = self.registry.banned_users(org.id).await?;
+                Some(Arc::new(OrgRules {
+                    org: Arc::new(org),
+                    banned: banned.into_iter().collect(),
+                }))
+            }
+            None => None,
+        };
+        self.orgs.insert(name.to_string(), rules.clone()).await;
+        Ok(rules)
     }
+}
 
-    async fn banned(&self, org_id: i64, user: &str) -> Result<bool, RegistryError> {
-        let key = (org_id, user.to_string());
-        if let Some(banned) = self.bans.get(&key).await {
-            return Ok(banned);
-        }
-        let banned = self.registry.is_banned(org_id, user).await?;
-        self.bans.insert(key, banned).await;
-        Ok(banned)
-    }
+fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_string()).unwrap_or_else(|_| unreachable!("{{}} is JSON"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use serde_json::json;
+    use serde_json::{Value, json};
     use sluice_registry::SqliteRegistry;
 
     fn record(offset: u64, key: &str, value: Value) -> LogRecord {
@@ -253,7 +279,7 @@ mod tests {
             ),
             ("acme", "u:ok", "m0")
         );
-        assert_eq!(valid.data_fields.get("plan"), Some(&json!("pro")));
+        assert_eq!(valid.data_fields.get(), r#"{"plan":"pro"}"#);
         let reason = |i: usize| {
             results[i]
                 .as_ref()

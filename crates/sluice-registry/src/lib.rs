@@ -92,6 +92,8 @@ pub trait Registry: Send + Sync + 'static {
     /// Returns whether the user was banned.
     async fn unban_user(&self, org: &str, user_id: &str) -> Result<bool, RegistryError>;
     async fn is_banned(&self, org_id: i64, user_id: &str) -> Result<bool, RegistryError>;
+    /// Every banned user of an org (the pipeline holds this set in memory and refreshes it).
+    async fn banned_users(&self, org_id: i64) -> Result<Vec<String>, RegistryError>;
 }
 
 /// On an empty registry, creates org `default` and one key for it, and returns that key.

@@ -195,6 +195,14 @@ impl Registry for SqliteRegistry {
             .map_err(|e| self.err(e))?;
         Ok(row.is_some())
     }
+
+    async fn banned_users(&self, org_id: i64) -> Result<Vec<String>, RegistryError> {
+        sqlx::query_scalar("SELECT user_id FROM banned_users WHERE org_id = ? ORDER BY user_id")
+            .bind(org_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| self.err(e))
+    }
 }
 
 #[cfg(test)]
@@ -295,6 +303,8 @@ mod tests {
             .expect("banning twice is fine");
         assert!(reg.is_banned(acme.id, "u1").await.expect("check"));
         assert!(!reg.is_banned(other.id, "u1").await.expect("check"));
+        assert_eq!(reg.banned_users(acme.id).await.expect("list"), ["u1"]);
+        assert!(reg.banned_users(other.id).await.expect("list").is_empty());
         assert!(reg.unban_user("acme", "u1").await.expect("unban"));
         assert!(!reg.unban_user("acme", "u1").await.expect("unban"));
         assert!(!reg.is_banned(acme.id, "u1").await.expect("check"));

@@ -4,6 +4,9 @@
 //! back (or paced, with `--rate`), recording each request's latency in an HDR histogram. With
 //! `--baseline` it first runs the same load against `GET /healthz`, so the durable ingest rate
 //! can be read as a fraction of what the HTTP stack does with a trivial handler in the same run.
+//! With `--until-indexed` (events only) it then waits until every event it sent is searchable
+//! and reports the end-to-end rate: events sent ÷ time from the first request until the last
+//! event was searchable.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,6 +62,10 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// After the load, wait until every sent event is searchable and report the end-to-end
+    /// rate (API → index). Needs `--kind events`.
+    #[arg(long)]
+    pub until_indexed: bool,
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -107,6 +114,19 @@ struct BenchReport {
     /// ingest requests/s ÷ baseline requests/s.
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio_to_baseline: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    end_to_end: Option<EndToEnd>,
+}
+
+/// API → searchable, measured with `--until-indexed`.
+#[derive(Debug, Serialize)]
+struct EndToEnd {
+    events: u64,
+    /// From the first request until the last event was searchable.
+    seconds: f64,
+    events_per_sec: f64,
+    /// How long after the last acknowledgement the last event became searchable.
+    lag_seconds: f64,
 }
 
 /// One request a worker can send.
@@ -120,6 +140,9 @@ struct Shot {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if args.connections == 0 || args.bulk == 0 || args.users == 0 {
         bail!("--connections, --bulk and --users must be at least 1");
+    }
+    if args.until_indexed && args.kind != BenchKind::Events {
+        bail!("--until-indexed counts searchable events: use it with --kind events");
     }
     let addr = resolve(&args.url).await?;
     let baseline = if args.baseline {
@@ -149,7 +172,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             format!("bulk of {}", args.bulk)
         }
     );
+    let indexed_before = if args.until_indexed {
+        Some(indexed_events(addr, &args.key).await?)
+    } else {
+        None
+    };
+    let started = Instant::now();
     let ingest = load(&args, addr, &label, Arc::new(per_worker)).await?;
+    let end_to_end = match indexed_before {
+        Some(before) => Some(wait_indexed(addr, &args.key, before, &ingest, started).await?),
+        None => None,
+    };
     let ratio = baseline
         .as_ref()
         .filter(|b| b.requests_per_sec > 0.0)
@@ -163,6 +196,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         baseline,
         ingest,
         ratio_to_baseline: ratio,
+        end_to_end,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -178,8 +212,69 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         if let Some(r) = report.ratio_to_baseline {
             println!("durable ingest rate / healthz rate: {r:.2}");
         }
+        if let Some(e) = &report.end_to_end {
+            println!(
+                "end to end: {} events searchable {:.2}s after the first request: {:.0} events/s (last one {:.2}s after its ack)",
+                e.events, e.seconds, e.events_per_sec, e.lag_seconds
+            );
+        }
     }
     Ok(())
+}
+
+/// Events of the key's org in the index now.
+async fn indexed_events(addr: SocketAddr, key: &str) -> anyhow::Result<u64> {
+    let mut conn = Connection::connect(addr).await?;
+    let reply = conn
+        .post(
+            "/api/search/events",
+            &[("api-key", key)],
+            Bytes::from_static(br#"{"size":0}"#),
+        )
+        .await?;
+    if !reply.status.is_success() {
+        bail!(
+            "POST /api/search/events answered {}: {:?}",
+            reply.status,
+            reply.json()
+        );
+    }
+    reply.json()["total"]
+        .as_u64()
+        .context("search answer without a total")
+}
+
+/// Polls the index until it holds every event the load sent.
+async fn wait_indexed(
+    addr: SocketAddr,
+    key: &str,
+    before: u64,
+    ingest: &RunReport,
+    started: Instant,
+) -> anyhow::Result<EndToEnd> {
+    let target = before + ingest.messages_ok;
+    let acked_at = Instant::now();
+    let give_up = acked_at + Duration::from_secs(600);
+    loop {
+        let now = indexed_events(addr, key).await?;
+        if now >= target {
+            let seconds = started.elapsed().as_secs_f64();
+            return Ok(EndToEnd {
+                events: ingest.messages_ok,
+                seconds,
+                events_per_sec: ingest.messages_ok as f64 / seconds,
+                lag_seconds: acked_at.elapsed().as_secs_f64(),
+            });
+        }
+        if Instant::now() > give_up {
+            bail!(
+                "only {} of {} sent events searchable after 10 minutes",
+                now - before,
+                ingest.messages_ok
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn print_run(r: &RunReport) {

@@ -7,6 +7,8 @@
 //! are tokenized for search (`dataFields.name:alice` finds "Alice Smith") and kept raw in the
 //! fast columns for aggregations.
 
+use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use tantivy::schema::{
     DateOptions, DateTimePrecision, FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions,
@@ -181,27 +183,38 @@ pub(crate) fn user_document(
 }
 
 /// The JSON of an event, as the read API returns it.
-pub(crate) fn event_source(event: &EventDoc) -> Value {
-    let mut map = Map::new();
-    map.insert("messageId".into(), json!(event.message_id));
-    map.insert("eventName".into(), json!(event.event_name));
-    if let Some(user_id) = &event.user_id {
-        map.insert("userId".into(), json!(user_id));
-    }
-    if let Some(email) = &event.email {
-        map.insert("email".into(), json!(email));
-    }
-    map.insert("createdAt".into(), json!(event.created_at));
-    map.insert("receivedAt".into(), json!(event.received_at));
-    map.insert(
-        "dataFields".into(),
-        Value::Object(event.data_fields.clone()),
-    );
-    Value::Object(map)
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventSource<'a> {
+    message_id: &'a str,
+    event_name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    created_at: i64,
+    received_at: i64,
+    data_fields: &'a RawValue,
 }
 
-/// The tantivy document of an event.
-pub(crate) fn event_document(f: &Fields, event: &EventDoc) -> TantivyDocument {
+/// The tantivy document of an event, or why the event cannot be indexed.
+pub(crate) fn event_document(f: &Fields, event: &EventDoc) -> Result<TantivyDocument, String> {
+    let data_fields: Value = serde_json::from_str(event.data_fields.get())
+        .map_err(|e| format!("dataFields is not valid JSON: {e}"))?;
+    if !data_fields.is_object() {
+        return Err("dataFields is not a JSON object".into());
+    }
+    let source = EventSource {
+        message_id: &event.message_id,
+        event_name: &event.event_name,
+        user_id: event.user_id.as_deref(),
+        email: event.email.as_deref(),
+        created_at: event.created_at,
+        received_at: event.received_at,
+        data_fields: &event.data_fields,
+    };
+    let source =
+        serde_json::to_vec(&source).map_err(|e| format!("cannot encode the event: {e}"))?;
     let mut doc = TantivyDocument::new();
     doc.add_text(f.id, event_doc_id(&event.org, &event.message_id));
     doc.add_text(f.org, &event.org);
@@ -227,12 +240,9 @@ pub(crate) fn event_document(f: &Fields, event: &EventDoc) -> TantivyDocument {
     if let Some(field) = f.received_at {
         doc.add_date(field, DateTime::from_timestamp_millis(event.received_at));
     }
-    let source = event_source(event);
-    if let Some(data_fields) = source.get("dataFields") {
-        doc.add_field_value(f.data_fields, data_fields);
-    }
-    doc.add_bytes(f.source, &serde_json::to_vec(&source).unwrap_or_default());
-    doc
+    doc.add_field_value(f.data_fields, &data_fields);
+    doc.add_bytes(f.source, &source);
+    Ok(doc)
 }
 
 #[cfg(test)]

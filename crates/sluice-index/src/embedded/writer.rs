@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::schema::{self, event_doc_id, user_doc_id};
 use super::{Side, storage_error};
-use crate::{IndexError, WriteBatch, WriteOutcome};
+use crate::{IndexError, Refused, WriteBatch, WriteOutcome};
 
 pub(crate) enum Command {
     Write(
@@ -47,14 +47,26 @@ impl Writer {
         while let Some(first) = commands.blocking_recv() {
             let mut result = Ok(());
             let mut next = Some(first);
+            let started = std::time::Instant::now();
+            let mut docs = 0;
             while let Some(Command::Write(batch, reply)) = next.take() {
+                let mut outcome = WriteOutcome::default();
                 if result.is_ok() {
-                    result = self.apply(&batch);
+                    result = self.apply(&batch, &mut outcome);
                 }
-                replies.push((reply, WriteOutcome::default()));
+                docs += batch.len();
+                replies.push((reply, outcome));
                 next = commands.try_recv().ok();
             }
+            let applied = started.elapsed();
             let result = result.and_then(|()| self.commit());
+            tracing::debug!(
+                requests = replies.len(),
+                docs,
+                apply_ms = applied.as_millis() as u64,
+                commit_ms = (started.elapsed() - applied).as_millis() as u64,
+                "index: group committed"
+            );
             if result.is_err() {
                 self.rollback();
             }
@@ -72,7 +84,7 @@ impl Writer {
         }
     }
 
-    fn apply(&mut self, batch: &WriteBatch) -> Result<(), IndexError> {
+    fn apply(&mut self, batch: &WriteBatch, outcome: &mut WriteOutcome) -> Result<(), IndexError> {
         let users_searcher = self.users.reader.searcher();
         for upsert in &batch.users {
             let doc_id = user_doc_id(&upsert.org, &upsert.user_key);
@@ -93,7 +105,14 @@ impl Writer {
             self.pending_users.insert(doc_id, profile);
         }
         let events_searcher = self.events.reader.searcher();
-        for event in &batch.events {
+        for (position, event) in batch.events.iter().enumerate() {
+            let doc = match schema::event_document(&self.events.fields, event) {
+                Ok(doc) => doc,
+                Err(reason) => {
+                    outcome.refused.push(Refused::Event { position, reason });
+                    continue;
+                }
+            };
             let doc_id = event_doc_id(&event.org, &event.message_id);
             let existed = self.pending_events.contains(&doc_id)
                 || self.events.find(&events_searcher, &doc_id)?.is_some();
@@ -101,7 +120,6 @@ impl Writer {
                 self.events_writer
                     .delete_term(Term::from_field_text(self.events.fields.id, &doc_id));
             }
-            let doc = schema::event_document(&self.events.fields, event);
             self.events_writer
                 .add_document(doc)
                 .map_err(|e| storage_error(&self.events.path, e))?;

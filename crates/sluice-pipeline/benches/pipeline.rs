@@ -1,0 +1,269 @@
+//! `cargo bench -p sluice-pipeline --bench pipeline`: the pipeline's throughput against the
+//! embedded index's own, on the same documents.
+//!
+//! 1. Fills an embedded log with N messages (4 events : 1 user update, over U users).
+//! 2. pipeline: runs the real `Pipeline` (validate → dedup → merge → index → mark → commit)
+//!    over the log into a fresh index, until every partition has committed its last offset.
+//! 3. raw index: the same messages, already validated and merged into the same per-partition
+//!    batches, written straight to a fresh index (one writer task per partition, as the
+//!    pipeline does): the ceiling the pipeline is measured against.
+//! 4. one at a time: the first M messages written to a fresh index one message per write.
+//!
+//! Settings by environment: SLUICE_BENCH_MESSAGES (default 200000), SLUICE_BENCH_USERS
+//! (10000), SLUICE_BENCH_ONE_AT_A_TIME (500); SLUICE_BENCH_PIPELINE_ONLY=1 stops after step 2
+//! (for profiling).
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use serde_json::value::RawValue;
+use sluice_dedup::EmbeddedDedup;
+use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index, WriteBatch};
+use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log, Record};
+use sluice_pipeline::validate::Validator;
+use sluice_pipeline::{Pipeline, PipelineConfig, PipelineStats, runner::build_write};
+use sluice_registry::{Registry, SqliteRegistry};
+
+fn setting(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run())
+}
+
+fn index_at(dir: &std::path::Path) -> Result<Arc<EmbeddedIndex>, Box<dyn std::error::Error>> {
+    Ok(Arc::new(EmbeddedIndex::open(EmbeddedIndexConfig::new(
+        dir,
+    ))?))
+}
+
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    let messages = setting("SLUICE_BENCH_MESSAGES", 200_000);
+    let users = setting("SLUICE_BENCH_USERS", 10_000).max(1);
+    let singles = setting("SLUICE_BENCH_ONE_AT_A_TIME", 500);
+    let dir = tempfile::tempdir()?;
+    let registry: Arc<dyn Registry> =
+        Arc::new(SqliteRegistry::open(&dir.path().join("registry.db")).await?);
+    sluice_registry::bootstrap(registry.as_ref()).await?;
+    let log = Arc::new(EmbeddedLog::open(
+        &dir.path().join("log"),
+        EmbeddedLogConfig::default(),
+    )?);
+
+    // 1. The log.
+    let now = sluice_model::time::now_ms();
+    let mut chunk = Vec::with_capacity(1000);
+    for i in 0..messages {
+        let user = i % users;
+        let json = if i % 5 == 0 {
+            format!(
+                r#"{{"userId":"user-{user}","dataFields":{{"seq":{i},"plan":"pro","score":{},"address":{{"city":"c{}"}}}}}}"#,
+                i % 100,
+                i % 7
+            )
+        } else {
+            format!(
+                r#"{{"userId":"user-{user}","eventName":"page_view","dataFields":{{"seq":{i},"path":"/p/{}","ms":{}}}}}"#,
+                i % 50,
+                i % 1000
+            )
+        };
+        let raw: Box<RawValue> = serde_json::from_str(&json)?;
+        let message = if i % 5 == 0 {
+            sluice_model::parse_user_update(&raw)?
+        } else {
+            sluice_model::parse_event(&raw)?
+        };
+        let (key, value) = message.to_record("default", now)?;
+        chunk.push(Record {
+            key,
+            value,
+            timestamp_ms: now,
+        });
+        if chunk.len() == 1000 {
+            log.append(std::mem::take(&mut chunk)).await?;
+        }
+    }
+    if !chunk.is_empty() {
+        log.append(chunk).await?;
+    }
+    println!(
+        "{messages} messages over {users} users in {} partitions",
+        log.partitions()
+    );
+
+    // 2. The pipeline.
+    let index = index_at(&dir.path().join("index-pipeline"))?;
+    let dedup = Arc::new(EmbeddedDedup::open(
+        &dir.path().join("dedup"),
+        sluice_dedup::DEFAULT_WINDOW,
+    )?);
+    let config = PipelineConfig::default();
+    let pipeline = Pipeline::new(
+        Arc::clone(&log) as Arc<dyn Log>,
+        Validator::new(Arc::clone(&registry), Duration::from_secs(5)),
+        dedup,
+        Arc::clone(&index) as Arc<dyn Index>,
+        config.clone(),
+    );
+    let stats = pipeline.stats();
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let started = Instant::now();
+    let cpu = cpu_seconds();
+    let task = tokio::spawn(pipeline.run(stop_rx));
+    loop {
+        let committed: u64 = (0..log.partitions())
+            .map(|p| log.committed(&config.group, p).ok().flatten().unwrap_or(0))
+            .sum();
+        if committed >= messages as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pipeline_secs = started.elapsed().as_secs_f64();
+    let pipeline_cpu = cpu_seconds() - cpu;
+    let _ = stop.send(true);
+    task.await??;
+    index.close().await?;
+    let pipeline_rate = messages as f64 / pipeline_secs;
+    println!(
+        "pipeline:      {pipeline_secs:6.2} s  {pipeline_rate:9.0} msg/s  cpu {pipeline_cpu:5.2} s  ({} batches)",
+        PipelineStats::get(&stats.batches)
+    );
+    print_stages(&stats, pipeline_secs);
+    if std::env::var_os("SLUICE_BENCH_PIPELINE_ONLY").is_some() {
+        return Ok(());
+    }
+
+    // 3. The same batches straight into the index.
+    let validator = Validator::new(Arc::clone(&registry), Duration::from_secs(5));
+    let mut per_partition: Vec<Vec<Arc<WriteBatch>>> = Vec::new();
+    for p in 0..log.partitions() {
+        let mut batches = Vec::new();
+        let mut offset = 0;
+        loop {
+            let records = log.read(p, offset, config.batch.max_records)?;
+            let Some(last) = records.last() else { break };
+            offset = last.offset + 1;
+            let valid: Vec<_> = validator
+                .validate(&records)
+                .await?
+                .into_iter()
+                .filter_map(Result::ok)
+                .collect();
+            let refs: Vec<_> = valid.iter().collect();
+            batches.push(Arc::new(build_write(&refs)));
+        }
+        per_partition.push(batches);
+    }
+    let singles_source: Vec<Arc<WriteBatch>> = per_partition
+        .iter()
+        .flatten()
+        .flat_map(|b| {
+            b.users
+                .iter()
+                .map(|u| WriteBatch {
+                    users: vec![u.clone()],
+                    events: vec![],
+                })
+                .chain(b.events.iter().map(|e| WriteBatch {
+                    users: vec![],
+                    events: vec![e.clone()],
+                }))
+                .collect::<Vec<_>>()
+        })
+        .take(singles)
+        .map(Arc::new)
+        .collect();
+    let raw_index = index_at(&dir.path().join("index-raw"))?;
+    let started = Instant::now();
+    let cpu = cpu_seconds();
+    let writers: Vec<_> = per_partition
+        .into_iter()
+        .map(|batches| {
+            let index = Arc::clone(&raw_index);
+            tokio::spawn(async move {
+                for batch in batches {
+                    index.write(batch).await?;
+                }
+                Ok::<_, sluice_index::IndexError>(())
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await??;
+    }
+    let raw_secs = started.elapsed().as_secs_f64();
+    let raw_cpu = cpu_seconds() - cpu;
+    raw_index.close().await?;
+    let raw_rate = messages as f64 / raw_secs;
+    println!("raw index:     {raw_secs:6.2} s  {raw_rate:9.0} msg/s  cpu {raw_cpu:5.2} s");
+
+    // 4. One message per write.
+    let single_index = index_at(&dir.path().join("index-single"))?;
+    let started = Instant::now();
+    for batch in &singles_source {
+        single_index.write(Arc::clone(batch)).await?;
+    }
+    let single_secs = started.elapsed().as_secs_f64();
+    single_index.close().await?;
+    let single_rate = singles_source.len() as f64 / single_secs;
+    println!(
+        "one at a time: {single_secs:6.2} s  {single_rate:9.0} msg/s  ({} messages)",
+        singles_source.len()
+    );
+    println!(
+        "pipeline / raw index: {:.2}    batched raw / one at a time: {:.0}x",
+        pipeline_rate / raw_rate,
+        raw_rate / single_rate
+    );
+    Ok(())
+}
+
+/// CPU seconds (user + system) this process has used, from /proc/self/stat (0 elsewhere).
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn print_stages(stats: &PipelineStats, seconds: f64) {
+    let total = seconds * 1e6 * 8.0;
+    for (name, counter) in [
+        ("read", &stats.read_us),
+        ("validate", &stats.validate_us),
+        ("dedup check", &stats.dedup_check_us),
+        ("merge", &stats.merge_us),
+        ("index", &stats.index_us),
+        ("mark", &stats.mark_us),
+        ("commit", &stats.commit_us),
+    ] {
+        let us = counter.load(Ordering::Relaxed) as f64;
+        println!(
+            "  {name:12} {:7.2} s summed over partitions ({:4.1}% of partition time)",
+            us / 1e6,
+            100.0 * us / total
+        );
+    }
+}
