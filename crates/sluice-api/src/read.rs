@@ -21,16 +21,11 @@ pub(crate) async fn user_by_id(
         .auth
         .authenticate(request.headers(), KeySources::Standard)
         .await?;
-    app.index
+    let profile = app
+        .index
         .get_user(&org.name, &format!("u:{user_id}"))
-        .await?
-        .map(Json)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no user with userId {user_id:?} in org {:?}",
-                org.name
-            ))
-        })
+        .await?;
+    found(profile, "userId", &user_id, &org.name)
 }
 
 pub(crate) async fn user_by_email(
@@ -42,16 +37,20 @@ pub(crate) async fn user_by_email(
         .auth
         .authenticate(request.headers(), KeySources::Standard)
         .await?;
-    app.index
-        .get_user_by_email(&org.name, &email)
-        .await?
+    let profile = app.index.get_user_by_email(&org.name, &email).await?;
+    found(profile, "email", &email, &org.name)
+}
+
+/// The profile, or a 404 that says which lookup found nothing.
+fn found(
+    profile: Option<Value>,
+    by: &str,
+    value: &str,
+    org: &str,
+) -> Result<Json<Value>, ApiError> {
+    profile
         .map(Json)
-        .ok_or_else(|| {
-            ApiError::NotFound(format!(
-                "no user with email {email:?} in org {:?}",
-                org.name
-            ))
-        })
+        .ok_or_else(|| ApiError::NotFound(format!("no user with {by} {value:?} in org {org:?}")))
 }
 
 /// Default number of events `GET /api/users/{userId}/events` returns.

@@ -32,6 +32,11 @@ struct Stack {
 
 impl Stack {
     async fn start() -> Stack {
+        Stack::start_with(|index| index as Arc<dyn Index>).await
+    }
+
+    /// A stack whose pipeline writes through `wrap(index)` (reads use the index directly).
+    async fn start_with(wrap: impl FnOnce(Arc<EmbeddedIndex>) -> Arc<dyn Index>) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let registry = Arc::new(
             SqliteRegistry::open(&dir.path().join("registry.db"))
@@ -59,7 +64,7 @@ impl Stack {
                 Duration::from_millis(50),
             ),
             dedup,
-            Arc::clone(&index) as Arc<dyn Index>,
+            wrap(Arc::clone(&index)),
             PipelineConfig {
                 batch: BatchConfig {
                     max_records: 5000,
@@ -475,5 +480,98 @@ async fn banned_users_are_dead_lettered_and_the_rest_is_indexed() {
         stack.get("/api/users/bad/events").await.json()["events"],
         json!([])
     );
+    stack.stop().await;
+}
+
+/// The real index behind a switch that makes every write fail with a storage error, as a
+/// full disk would.
+struct FailingWrites {
+    inner: Arc<EmbeddedIndex>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl Index for FailingWrites {
+    async fn write(
+        &self,
+        batch: Arc<sluice_index::WriteBatch>,
+    ) -> Result<sluice_index::WriteOutcome, sluice_index::IndexError> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(sluice_index::IndexError::Storage {
+                path: "test".into(),
+                message: "injected: no space left on device".into(),
+            });
+        }
+        self.inner.write(batch).await
+    }
+    async fn get_user(
+        &self,
+        org: &str,
+        user_key: &str,
+    ) -> Result<Option<Value>, sluice_index::IndexError> {
+        self.inner.get_user(org, user_key).await
+    }
+    async fn get_user_by_email(
+        &self,
+        org: &str,
+        email: &str,
+    ) -> Result<Option<Value>, sluice_index::IndexError> {
+        self.inner.get_user_by_email(org, email).await
+    }
+    async fn user_events(
+        &self,
+        org: &str,
+        user_key: &str,
+        limit: usize,
+    ) -> Result<Vec<Value>, sluice_index::IndexError> {
+        self.inner.user_events(org, user_key, limit).await
+    }
+    async fn search(
+        &self,
+        org: &str,
+        target: sluice_index::Target,
+        request: &sluice_index::SearchRequest,
+    ) -> Result<sluice_index::SearchResponse, sluice_index::IndexError> {
+        self.inner.search(org, target, request).await
+    }
+    async fn close(&self) -> Result<(), sluice_index::IndexError> {
+        self.inner.close().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_index_is_retried_and_nothing_is_committed_past_it() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let switch = Arc::clone(&failing);
+    let stack = Stack::start_with(move |inner| {
+        Arc::new(FailingWrites {
+            inner,
+            failing: switch,
+        }) as Arc<dyn Index>
+    })
+    .await;
+    let events: Vec<Value> = (0..10)
+        .map(|i| json!({"userId": format!("u{i}"), "eventName": "e", "id": format!("f{i}")}))
+        .collect();
+    let r = stack
+        .post("/api/events/trackBulk", json!({ "events": events }))
+        .await;
+    assert_eq!(r.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.stats.retries.load(Ordering::Relaxed) < 3 {
+        assert!(Instant::now() < deadline, "the failing write is retried");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        stack.committed(),
+        0,
+        "no offset is committed while the index fails"
+    );
+    assert_eq!(stack.search("events", json!({})).await["total"], 0);
+
+    failing.store(false, Ordering::SeqCst);
+    stack.wait_processed().await;
+    assert_eq!(stack.search("events", json!({})).await["total"], 10);
+    assert_eq!(stack.committed(), 10);
     stack.stop().await;
 }
