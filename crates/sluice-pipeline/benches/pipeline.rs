@@ -118,6 +118,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let started = Instant::now();
     let cpu = cpu_seconds();
+    let threads_before = cpu_by_thread();
     let task = tokio::spawn(pipeline.run(stop_rx));
     loop {
         let committed: u64 = (0..log.partitions())
@@ -130,15 +131,30 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let pipeline_secs = started.elapsed().as_secs_f64();
     let pipeline_cpu = cpu_seconds() - cpu;
+    let threads_after = cpu_by_thread();
     let _ = stop.send(true);
     task.await??;
     index.close().await?;
     let pipeline_rate = messages as f64 / pipeline_secs;
     println!(
-        "pipeline:      {pipeline_secs:6.2} s  {pipeline_rate:9.0} msg/s  cpu {pipeline_cpu:5.2} s  ({} batches)",
-        PipelineStats::get(&stats.batches)
+        "pipeline:      {pipeline_secs:6.2} s  {pipeline_rate:9.0} msg/s  cpu {pipeline_cpu:5.2} s  ({} batches, {} index commits, index writer busy {:.0}%)",
+        PipelineStats::get(&stats.batches),
+        index.commits(),
+        100.0 * index.busy().as_secs_f64() / pipeline_secs
     );
     print_stages(&stats, pipeline_secs);
+    let by_thread: Vec<String> = threads_after
+        .iter()
+        .map(|(name, after)| {
+            (
+                name,
+                after - threads_before.get(name).copied().unwrap_or(0.0),
+            )
+        })
+        .filter(|(_, cpu)| *cpu >= 0.01)
+        .map(|(name, cpu)| format!("{name} {cpu:.2}"))
+        .collect();
+    println!("  cpu s by thread: {}", by_thread.join(", "));
     if std::env::var_os("SLUICE_BENCH_PIPELINE_ONLY").is_some() {
         return Ok(());
     }
@@ -203,9 +219,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let raw_secs = started.elapsed().as_secs_f64();
     let raw_cpu = cpu_seconds() - cpu;
+    let raw_commits = raw_index.commits();
+    let raw_busy = raw_index.busy().as_secs_f64();
     raw_index.close().await?;
     let raw_rate = messages as f64 / raw_secs;
-    println!("raw index:     {raw_secs:6.2} s  {raw_rate:9.0} msg/s  cpu {raw_cpu:5.2} s");
+    println!(
+        "raw index:     {raw_secs:6.2} s  {raw_rate:9.0} msg/s  cpu {raw_cpu:5.2} s  ({raw_commits} index commits, index writer busy {:.0}%)",
+        100.0 * raw_busy / raw_secs
+    );
 
     // 4. One message per write.
     let single_index = index_at(&dir.path().join("index-single"))?;
@@ -246,6 +267,39 @@ fn cpu_seconds() -> f64 {
     };
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds per thread name (threads alive now), from /proc/self/task.
+fn cpu_by_thread() -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("stat")),
+        ) else {
+            continue;
+        };
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // Group numbered threads ("merge_thread_0", "thrd-tantivy-index1") by their stem.
+        let stem = name
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '_' || c == '-');
+        *out.entry(stem.to_string()).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+    }
+    out
 }
 
 fn print_stages(stats: &PipelineStats, seconds: f64) {

@@ -177,6 +177,8 @@ pub struct EmbeddedIndex {
     events: Side,
     commands: Mutex<Option<mpsc::Sender<writer::Command>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
+    busy_us: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl EmbeddedIndex {
@@ -197,6 +199,8 @@ impl EmbeddedIndex {
             .writer_with_num_threads(threads, heap)
             .map_err(|e| storage_error(&events.path, e))?;
         let (tx, rx) = mpsc::channel(64);
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let busy_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writer = writer::Writer {
             users: users.clone(),
             events: events.clone(),
@@ -204,6 +208,8 @@ impl EmbeddedIndex {
             events_writer,
             pending_users: Default::default(),
             pending_events: Default::default(),
+            commits: Arc::clone(&commits),
+            busy_us: Arc::clone(&busy_us),
         };
         let thread = std::thread::Builder::new()
             .name("sluice-index".into())
@@ -214,6 +220,8 @@ impl EmbeddedIndex {
             events,
             commands: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
+            commits,
+            busy_us,
         })
     }
 
@@ -234,6 +242,16 @@ impl EmbeddedIndex {
         tokio::task::spawn_blocking(move || f(&side))
             .await
             .map_err(|e| storage_error(&self.side(target).path, e))?
+    }
+
+    /// Group commits so far (one per group of write requests, covering both indexes).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Time the writer thread spent applying and committing writes (it is idle otherwise).
+    pub fn busy(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.busy_us.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Documents in each index (live, committed), for tests and stats.

@@ -36,6 +36,10 @@ pub(crate) struct Writer {
     pub pending_users: HashMap<String, Value>,
     /// Event doc ids written since the last commit.
     pub pending_events: HashSet<String>,
+    /// Group commits done (both indexes count as one), and microseconds spent applying and
+    /// committing them.
+    pub commits: Arc<std::sync::atomic::AtomicU64>,
+    pub busy_us: Arc<std::sync::atomic::AtomicU64>,
 }
 
 type Reply = oneshot::Sender<Result<WriteOutcome, IndexError>>;
@@ -60,6 +64,12 @@ impl Writer {
             }
             let applied = started.elapsed();
             let result = result.and_then(|()| self.commit());
+            self.commits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.busy_us.fetch_add(
+                started.elapsed().as_micros() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             tracing::debug!(
                 requests = replies.len(),
                 docs,
