@@ -124,8 +124,15 @@ impl AppState {
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/api/users/update", post(ingest::users_update))
-        .route("/api/users/bulkUpdate", post(ingest::users_bulk_update))
+        // A user may be called "update" or "bulkUpdate": GET on these paths reads that user.
+        .route(
+            "/api/users/update",
+            post(ingest::users_update).get(read::user_named_update),
+        )
+        .route(
+            "/api/users/bulkUpdate",
+            post(ingest::users_bulk_update).get(read::user_named_bulk_update),
+        )
         .route("/api/events/track", post(ingest::events_track))
         .route("/api/events/trackBulk", post(ingest::events_track_bulk))
         .route("/api/users/by-email/{email}", get(read::user_by_email))
@@ -143,6 +150,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -167,6 +175,14 @@ async fn readyz(State(state): State<AppState>) -> Response {
         )
             .into_response()
     }
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(json!({"code": "MethodNotAllowed", "error": format!("{method} is not allowed on {}", uri.path())})),
+    )
+        .into_response()
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {

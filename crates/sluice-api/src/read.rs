@@ -17,6 +17,26 @@ pub(crate) async fn user_by_id(
     Path(user_id): Path<String>,
     request: Request,
 ) -> Result<Json<Value>, ApiError> {
+    user(app, user_id, request).await
+}
+
+/// `GET /api/users/update`: the user whose id is "update" (the path is also a POST route).
+pub(crate) async fn user_named_update(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    user(app, "update".into(), request).await
+}
+
+/// `GET /api/users/bulkUpdate`: the user whose id is "bulkUpdate".
+pub(crate) async fn user_named_bulk_update(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
+    user(app, "bulkUpdate".into(), request).await
+}
+
+async fn user(app: AppState, user_id: String, request: Request) -> Result<Json<Value>, ApiError> {
     let org = app
         .auth
         .authenticate(request.headers(), KeySources::Standard)

@@ -575,3 +575,28 @@ async fn a_failing_index_is_retried_and_nothing_is_committed_past_it() {
     assert_eq!(stack.committed(), 10);
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_named_like_routes_are_readable_and_wrong_methods_are_json_405() {
+    let stack = Stack::start().await;
+    for name in ["update", "bulkUpdate"] {
+        let r = stack
+            .post(
+                "/api/users/update",
+                json!({"userId": name, "dataFields": {"name": name}}),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    stack.wait_processed().await;
+    for name in ["update", "bulkUpdate"] {
+        let r = stack.get(&format!("/api/users/{name}")).await;
+        assert_eq!(r.status, 200, "{name}");
+        assert_eq!(r.json()["dataFields"]["name"], name);
+    }
+    let r = stack.get("/api/events/track").await;
+    assert_eq!(r.status, 405);
+    assert_eq!(r.json()["code"], "MethodNotAllowed");
+    assert!(r.json()["error"].as_str().unwrap_or("").contains("GET"));
+    stack.stop().await;
+}
