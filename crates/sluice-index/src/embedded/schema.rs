@@ -150,13 +150,13 @@ pub(crate) fn upserted_profile(stored: Option<Value>, upsert: &UserUpsert) -> Va
     Value::Object(profile)
 }
 
-/// The tantivy document of a profile.
+/// The tantivy document of a profile, or why it cannot be indexed.
 pub(crate) fn user_document(
     f: &Fields,
     doc_id: &str,
     org: &str,
     profile: &Value,
-) -> TantivyDocument {
+) -> Result<TantivyDocument, String> {
     let mut doc = TantivyDocument::new();
     doc.add_text(f.id, doc_id);
     doc.add_text(f.org, org);
@@ -178,8 +178,10 @@ pub(crate) fn user_document(
     if let Some(data_fields) = profile.get("dataFields").filter(|v| v.is_object()) {
         doc.add_field_value(f.data_fields, data_fields);
     }
-    doc.add_bytes(f.source, &serde_json::to_vec(profile).unwrap_or_default());
-    doc
+    let source =
+        serde_json::to_vec(profile).map_err(|e| format!("cannot encode the profile: {e}"))?;
+    doc.add_bytes(f.source, &source);
+    Ok(doc)
 }
 
 /// The JSON of an event, as the read API returns it.

@@ -96,19 +96,26 @@ impl Writer {
 
     fn apply(&mut self, batch: &WriteBatch, outcome: &mut WriteOutcome) -> Result<(), IndexError> {
         let users_searcher = self.users.reader.searcher();
-        for upsert in &batch.users {
+        for (position, upsert) in batch.users.iter().enumerate() {
             let doc_id = user_doc_id(&upsert.org, &upsert.user_key);
-            let stored = match self.pending_users.remove(&doc_id) {
-                Some(profile) => Some(profile),
+            let stored = match self.pending_users.get(&doc_id) {
+                Some(profile) => Some(profile.clone()),
                 None => self.users.find_source(&users_searcher, &doc_id)?,
             };
             let existed = stored.is_some();
             let profile = schema::upserted_profile(stored, upsert);
+            let doc =
+                match schema::user_document(&self.users.fields, &doc_id, &upsert.org, &profile) {
+                    Ok(doc) => doc,
+                    Err(reason) => {
+                        outcome.refused.push(Refused::User { position, reason });
+                        continue;
+                    }
+                };
             if existed {
                 self.users_writer
                     .delete_term(Term::from_field_text(self.users.fields.id, &doc_id));
             }
-            let doc = schema::user_document(&self.users.fields, &doc_id, &upsert.org, &profile);
             self.users_writer
                 .add_document(doc)
                 .map_err(|e| storage_error(&self.users.path, e))?;
