@@ -251,22 +251,21 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
 /// CPU seconds (user + system) this process has used, from /proc/self/stat (0 elsewhere).
 fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / 100.0
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| stat_cpu_seconds(&stat))
+        .unwrap_or(0.0)
+}
+
+/// utime + stime of a `/proc/.../stat` line, in seconds (clock ticks of 1/100 s).
+fn stat_cpu_seconds(stat: &str) -> Option<f64> {
+    // Fields after the command name, which is in parentheses and may hold spaces; utime and
+    // stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / 100.0)
 }
 
 /// CPU seconds per thread name (threads alive now), from /proc/self/task.
@@ -283,21 +282,11 @@ fn cpu_by_thread() -> std::collections::BTreeMap<String, f64> {
         ) else {
             continue;
         };
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
         // Group numbered threads ("merge_thread_0", "thrd-tantivy-index1") by their stem.
         let stem = name
             .trim()
             .trim_end_matches(|c: char| c.is_ascii_digit() || c == '_' || c == '-');
-        *out.entry(stem.to_string()).or_insert(0.0) += (ticks(11) + ticks(12)) / 100.0;
+        *out.entry(stem.to_string()).or_insert(0.0) += stat_cpu_seconds(&stat).unwrap_or(0.0);
     }
     out
 }
