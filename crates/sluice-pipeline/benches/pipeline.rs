@@ -9,7 +9,7 @@
 //!    pipeline does): the ceiling the pipeline is measured against.
 //! 4. one at a time: the first M messages written to a fresh index one message per write.
 //!
-//! Settings by environment: SLUICE_BENCH_MESSAGES (default 200000), SLUICE_BENCH_USERS
+//! Settings by environment: SLUICE_BENCH_MESSAGES (default 400000), SLUICE_BENCH_USERS
 //! (10000), SLUICE_BENCH_ONE_AT_A_TIME (500); SLUICE_BENCH_PIPELINE_ONLY=1 stops after step 2
 //! (for profiling).
 
@@ -51,7 +51,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let measuring = std::env::args().any(|a| a == "--bench");
     let (messages, users, singles) = if measuring {
         (
-            setting("SLUICE_BENCH_MESSAGES", 200_000),
+            setting("SLUICE_BENCH_MESSAGES", 400_000),
             setting("SLUICE_BENCH_USERS", 10_000).max(1),
             setting("SLUICE_BENCH_ONE_AT_A_TIME", 500),
         )
@@ -130,22 +130,26 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let cpu = cpu_seconds();
     let threads_before = cpu_by_thread();
     let task = tokio::spawn(pipeline.run(stop_rx));
+    let mut steady = Steady::new(messages as u64);
     loop {
         let committed: u64 = (0..log.partitions())
             .map(|p| log.committed(&config.group, p).ok().flatten().unwrap_or(0))
             .sum();
+        steady.sample(committed);
         if committed >= messages as u64 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let pipeline_secs = started.elapsed().as_secs_f64();
+    let pipeline_steady = steady.rate();
     let pipeline_cpu = cpu_seconds() - cpu;
     let threads_after = cpu_by_thread();
     let _ = stop.send(true);
     task.await??;
     index.close().await?;
     let pipeline_rate = messages as f64 / pipeline_secs;
+    println!("pipeline, steady (10%..90% committed): {pipeline_steady:9.0} msg/s");
     println!(
         "pipeline:      {pipeline_secs:6.2} s  {pipeline_rate:9.0} msg/s  cpu {pipeline_cpu:5.2} s  ({} batches, {} index commits, index writer busy {:.0}%)",
         PipelineStats::get(&stats.batches),
@@ -171,7 +175,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
 
     // 3. The same batches straight into the index.
     let validator = Validator::new(Arc::clone(&registry), Duration::from_secs(5));
-    let mut per_partition: Vec<Vec<Arc<WriteBatch>>> = Vec::new();
+    let mut per_partition: Vec<Vec<(Arc<WriteBatch>, u64)>> = Vec::new();
     for p in 0..log.partitions() {
         let mut batches = Vec::new();
         let mut offset = 0;
@@ -186,14 +190,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .filter_map(Result::ok)
                 .collect();
             let refs: Vec<_> = valid.iter().collect();
-            batches.push(Arc::new(build_write(&refs)));
+            batches.push((Arc::new(build_write(&refs)), records.len() as u64));
         }
         per_partition.push(batches);
     }
     let singles_source: Vec<Arc<WriteBatch>> = per_partition
         .iter()
         .flatten()
-        .flat_map(|b| {
+        .flat_map(|(b, _)| {
             b.users
                 .iter()
                 .map(|u| WriteBatch {
@@ -212,22 +216,32 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let raw_index = index_at(&dir.path().join("index-raw"))?;
     let started = Instant::now();
     let cpu = cpu_seconds();
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writers: Vec<_> = per_partition
         .into_iter()
         .map(|batches| {
             let index = Arc::clone(&raw_index);
+            let written = Arc::clone(&written);
             tokio::spawn(async move {
-                for batch in batches {
+                for (batch, records) in batches {
                     index.write(batch).await?;
+                    written.fetch_add(records, Ordering::Relaxed);
                 }
                 Ok::<_, sluice_index::IndexError>(())
             })
         })
         .collect();
+    let mut steady = Steady::new(messages as u64);
+    while !writers.iter().all(|w| w.is_finished()) {
+        steady.sample(written.load(Ordering::Relaxed));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     for writer in writers {
         writer.await??;
     }
     let raw_secs = started.elapsed().as_secs_f64();
+    steady.sample(written.load(Ordering::Relaxed));
+    let raw_steady = steady.rate();
     let raw_cpu = cpu_seconds() - cpu;
     let raw_commits = raw_index.commits();
     let raw_busy = raw_index.busy().as_secs_f64();
@@ -251,12 +265,52 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         "one at a time: {single_secs:6.2} s  {single_rate:9.0} msg/s  ({} messages)",
         singles_source.len()
     );
+    println!("raw index, steady (10%..90% written): {raw_steady:9.0} msg/s");
     println!(
-        "pipeline / raw index: {:.2}    batched raw / one at a time: {:.0}x",
+        "pipeline / raw index: {:.2} over the whole run, {:.2} steady    batched raw / one at a time: {:.0}x",
         pipeline_rate / raw_rate,
+        pipeline_steady / raw_steady,
         raw_rate / single_rate
     );
     Ok(())
+}
+
+/// The rate between the moments 10% and 90% of the messages were done: the throughput without
+/// the fixed costs at the ends (the first batches being read and checked before the index has
+/// work; the last, partial batches waiting out `batch_timeout`).
+struct Steady {
+    total: u64,
+    started: Instant,
+    at_10: Option<(f64, u64)>,
+    at_90: Option<(f64, u64)>,
+}
+
+impl Steady {
+    fn new(total: u64) -> Self {
+        Steady {
+            total,
+            started: Instant::now(),
+            at_10: None,
+            at_90: None,
+        }
+    }
+
+    fn sample(&mut self, done: u64) {
+        let now = self.started.elapsed().as_secs_f64();
+        if self.at_10.is_none() && done * 10 >= self.total {
+            self.at_10 = Some((now, done));
+        }
+        if self.at_90.is_none() && done * 10 >= self.total * 9 {
+            self.at_90 = Some((now, done));
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        match (self.at_10, self.at_90) {
+            (Some((t0, n0)), Some((t1, n1))) if t1 > t0 => (n1 - n0) as f64 / (t1 - t0),
+            _ => 0.0,
+        }
+    }
 }
 
 /// CPU seconds (user + system) this process has used, from /proc/self/stat (0 elsewhere).
