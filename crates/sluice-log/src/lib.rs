@@ -6,16 +6,18 @@
 //! - consumer: `subscribe` as a consumer group and get a `PartitionStream` per assigned
 //!   partition, which yields records strictly in offset order and commits the group's position.
 //!
-//! `embedded` implements it on local disk (fjall). A Kafka implementation comes later and must
-//! keep the same guarantees: partition = Kafka's murmur2 partitioner on the key, acknowledgement
-//! only after durability, commits as "next offset to read".
+//! `embedded` implements it on local disk (fjall); `kafka` on a Kafka cluster (the producer side
+//! so far), with the same guarantees: partition = Kafka's murmur2 partitioner on the key,
+//! acknowledgement only after durability (`acks=all`), commits as "next offset to read".
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 pub mod embedded;
+pub mod kafka;
 
 pub use embedded::{EmbeddedLog, EmbeddedLogConfig, LogStats};
+pub use kafka::{KafkaLog, KafkaLogConfig};
 
 /// A record to append.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +68,8 @@ pub enum LogError {
     GroupBusy(String),
     #[error("invalid log configuration: {0}")]
     Config(String),
+    #[error("kafka ({brokers}): {message}")]
+    Broker { brokers: String, message: String },
 }
 
 impl LogError {
@@ -73,7 +77,10 @@ impl LogError {
     pub fn is_retriable(&self) -> bool {
         matches!(
             self,
-            LogError::Storage { .. } | LogError::Timeout(_) | LogError::Closed
+            LogError::Storage { .. }
+                | LogError::Timeout(_)
+                | LogError::Closed
+                | LogError::Broker { .. }
         )
     }
 }

@@ -1,0 +1,275 @@
+//! The log on Kafka (SPEC §2, §5): the producer side and topic bootstrap.
+//!
+//! - `KafkaLog::connect` creates the topic if it is missing (with the configured partition
+//!   count) and reads its actual partition count: Kafka's partitions are fixed once created, and
+//!   the partitioner must use the real number.
+//! - `append` sends every record with an explicit partition, computed with the same murmur2
+//!   partitioner as the embedded log (`sluice_model::partition_for_key`), through an idempotent
+//!   producer with `acks=all`, and returns only when every delivery report came back: that is
+//!   the durability promise of the API's 200.
+//!
+//! The consumer side (a consumer group with one ordered stream per assigned partition) is not
+//! built yet: `subscribe` says so.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::{Ack, Log, LogError, Record, Subscription};
+
+/// Settings of the Kafka log.
+#[derive(Debug, Clone)]
+pub struct KafkaLogConfig {
+    /// `host:port[,host:port...]`.
+    pub brokers: String,
+    pub topic: String,
+    /// Partitions to create the topic with, if it does not exist.
+    pub partitions: u32,
+    /// Replication factor to create the topic with.
+    pub replication_factor: i32,
+    /// How long metadata and admin requests may take.
+    pub request_timeout: Duration,
+    /// Producer `linger.ms`: how long the producer waits to fill a batch.
+    pub linger: Duration,
+}
+
+impl KafkaLogConfig {
+    pub fn new(brokers: impl Into<String>, topic: impl Into<String>) -> Self {
+        KafkaLogConfig {
+            brokers: brokers.into(),
+            topic: topic.into(),
+            partitions: 8,
+            replication_factor: 1,
+            request_timeout: Duration::from_secs(10),
+            linger: Duration::from_millis(2),
+        }
+    }
+
+    /// Parses `kafka://host:port[,host:port]` into the broker list.
+    pub fn brokers_from_url(url: &str) -> Result<String, LogError> {
+        let brokers = url.strip_prefix("kafka://").ok_or_else(|| {
+            LogError::Config(format!(
+                "{url:?} is not a Kafka URL: expected kafka://host:port[,host:port...]"
+            ))
+        })?;
+        let brokers = brokers.trim_end_matches('/');
+        if brokers.is_empty() || brokers.split(',').any(|b| !b.contains(':')) {
+            return Err(LogError::Config(format!(
+                "{url:?}: every broker needs host:port, e.g. kafka://127.0.0.1:9092"
+            )));
+        }
+        Ok(brokers.to_string())
+    }
+}
+
+/// The log on a Kafka cluster.
+pub struct KafkaLog {
+    config: KafkaLogConfig,
+    producer: FutureProducer,
+    partitions: u32,
+}
+
+impl KafkaLog {
+    /// Connects, creates the topic if missing, and learns its partition count.
+    pub async fn connect(config: KafkaLogConfig) -> Result<KafkaLog, LogError> {
+        let broker_error = |what: &str, e: KafkaError| LogError::Broker {
+            brokers: config.brokers.clone(),
+            message: format!("{what}: {e}"),
+        };
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", config.linger.as_millis().to_string())
+            .set("compression.type", "lz4")
+            .set(
+                "message.timeout.ms",
+                config.request_timeout.as_millis().max(1).to_string(),
+            )
+            .create()
+            .map_err(|e| broker_error("cannot create the producer", e))?;
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            .create()
+            .map_err(|e| broker_error("cannot create the admin client", e))?;
+        let topic = NewTopic::new(
+            &config.topic,
+            config.partitions as i32,
+            TopicReplication::Fixed(config.replication_factor),
+        );
+        let options = AdminOptions::new()
+            .request_timeout(Some(config.request_timeout))
+            .operation_timeout(Some(config.request_timeout));
+        let results = tokio::time::timeout(
+            config.request_timeout + Duration::from_secs(1),
+            admin.create_topics([&topic], &options),
+        )
+        .await
+        .map_err(|_| LogError::Broker {
+            brokers: config.brokers.clone(),
+            message: format!(
+                "no answer within {:?} while creating topic {:?}: is the broker reachable?",
+                config.request_timeout, config.topic
+            ),
+        })?
+        .map_err(|e| broker_error(&format!("cannot create topic {:?}", config.topic), e))?;
+        for result in results {
+            match result {
+                Ok(name) => {
+                    tracing::info!(topic = %name, partitions = config.partitions, "kafka: created topic")
+                }
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(LogError::Broker {
+                        brokers: config.brokers.clone(),
+                        message: format!("cannot create topic {name:?}: {code}"),
+                    });
+                }
+            }
+        }
+        let partitions = topic_partitions(&producer, &config).await?;
+        if partitions != config.partitions {
+            tracing::warn!(
+                topic = %config.topic,
+                partitions,
+                configured = config.partitions,
+                "kafka: the topic exists with another partition count; using the topic's"
+            );
+        }
+        Ok(KafkaLog {
+            config,
+            producer,
+            partitions,
+        })
+    }
+
+    fn error(&self, message: String) -> LogError {
+        LogError::Broker {
+            brokers: self.config.brokers.clone(),
+            message,
+        }
+    }
+}
+
+/// The partition count of the topic, from the cluster's metadata.
+async fn topic_partitions(
+    producer: &FutureProducer,
+    config: &KafkaLogConfig,
+) -> Result<u32, LogError> {
+    let producer = producer.clone();
+    let topic = config.topic.clone();
+    let timeout = config.request_timeout;
+    let metadata = tokio::task::spawn_blocking(move || {
+        producer.client().fetch_metadata(Some(&topic), timeout)
+    })
+    .await
+    .map_err(|e| LogError::Broker {
+        brokers: config.brokers.clone(),
+        message: format!("metadata task failed: {e}"),
+    })?
+    .map_err(|e| LogError::Broker {
+        brokers: config.brokers.clone(),
+        message: format!("cannot read the metadata of topic {:?}: {e}", config.topic),
+    })?;
+    let count = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == config.topic)
+        .map_or(0, |t| t.partitions().len());
+    if count == 0 {
+        return Err(LogError::Broker {
+            brokers: config.brokers.clone(),
+            message: format!("topic {:?} has no partitions", config.topic),
+        });
+    }
+    Ok(count as u32)
+}
+
+#[async_trait]
+impl Log for KafkaLog {
+    fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    async fn append(&self, records: Vec<Record>) -> Result<Vec<Ack>, LogError> {
+        let mut deliveries = Vec::with_capacity(records.len());
+        for record in &records {
+            let partition = sluice_model::partition_for_key(&record.key, self.partitions) as i32;
+            let mut next = FutureRecord::to(&self.config.topic)
+                .key(&record.key[..])
+                .payload(&record.value[..])
+                .partition(partition)
+                .timestamp(record.timestamp_ms);
+            loop {
+                match self.producer.send_result(next) {
+                    Ok(delivery) => {
+                        deliveries.push(delivery);
+                        break;
+                    }
+                    // The local queue is full: wait for deliveries to free room (backpressure).
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        next = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    Err((e, _)) => return Err(self.error(format!("cannot send: {e}"))),
+                }
+            }
+        }
+        let mut acks = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            match delivery.await {
+                Ok(Ok(delivered)) => acks.push(Ack {
+                    partition: delivered.partition as u32,
+                    offset: delivered.offset as u64,
+                }),
+                Ok(Err((e, _))) => {
+                    return Err(self.error(format!("the broker did not acknowledge: {e}")));
+                }
+                Err(_) => return Err(LogError::Closed),
+            }
+        }
+        Ok(acks)
+    }
+
+    async fn subscribe(&self, _group: &str) -> Result<Box<dyn Subscription>, LogError> {
+        Err(LogError::Config(
+            "consuming from Kafka is not implemented yet (the producer side is)".into(),
+        ))
+    }
+
+    fn is_healthy(&self) -> bool {
+        // librdkafka reconnects by itself; a send that cannot be delivered fails the request.
+        true
+    }
+
+    async fn close(&self) -> Result<(), LogError> {
+        let producer = self.producer.clone();
+        let timeout = self.config.request_timeout;
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
+            .await
+            .map_err(|e| self.error(format!("flush task failed: {e}")))?
+            .map_err(|e| self.error(format!("cannot flush the producer: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_urls_are_parsed_and_bad_ones_explained() {
+        assert_eq!(
+            KafkaLogConfig::brokers_from_url("kafka://a:9092,b:9093").expect("valid"),
+            "a:9092,b:9093"
+        );
+        for bad in ["a:9092", "kafka://", "kafka://host"] {
+            let e = KafkaLogConfig::brokers_from_url(bad).expect_err("invalid");
+            assert!(e.to_string().contains("kafka://"), "{e}");
+        }
+    }
+}
