@@ -94,6 +94,34 @@ impl Patch {
     }
 }
 
+/// proptest strategies for documents and updates, shared with the crates that fold patches.
+#[cfg(any(test, feature = "proptest"))]
+pub mod strategies {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    /// Small JSON values: scalars, and objects over a few keys, a few levels deep (few keys, so
+    /// updates often touch the same ones).
+    pub fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            (0i64..5).prop_map(|n| json!(n)),
+            "[a-c]".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 3, |inner| {
+            proptest::collection::btree_map("[a-d]", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect()))
+        })
+    }
+
+    /// A `dataFields` object (or a stored profile's).
+    pub fn json_object() -> impl Strategy<Value = Map<String, Value>> {
+        proptest::collection::btree_map("[a-d]", json_value(), 0..4)
+            .prop_map(|m| m.into_iter().collect())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,24 +174,7 @@ mod tests {
         );
     }
 
-    /// Small JSON values: scalars, and objects over a few keys, a few levels deep.
-    fn json_value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            (0i64..5).prop_map(|n| json!(n)),
-            "[a-c]".prop_map(Value::String),
-        ];
-        leaf.prop_recursive(3, 16, 3, |inner| {
-            proptest::collection::btree_map("[a-d]", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect()))
-        })
-    }
-
-    fn json_object() -> impl Strategy<Value = Map<String, Value>> {
-        proptest::collection::btree_map("[a-d]", json_value(), 0..4)
-            .prop_map(|m| m.into_iter().collect())
-    }
+    use super::strategies::json_object;
 
     proptest! {
         /// Folding any sequence of shallow/deep updates, then applying once, equals applying

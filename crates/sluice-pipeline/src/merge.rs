@@ -113,24 +113,7 @@ mod tests {
         );
     }
 
-    /// Small JSON values: scalars, and objects over a few keys, a few levels deep.
-    fn json_value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            (0i64..5).prop_map(|n| json!(n)),
-            "[a-c]".prop_map(Value::String),
-        ];
-        leaf.prop_recursive(3, 16, 3, |inner| {
-            proptest::collection::btree_map("[a-d]", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect()))
-        })
-    }
-
-    fn json_object() -> impl Strategy<Value = Map<String, Value>> {
-        proptest::collection::btree_map("[a-d]", json_value(), 0..4)
-            .prop_map(|m| m.into_iter().collect())
-    }
+    use sluice_model::patch::strategies::json_object;
 
     proptest! {
         /// Each event's snapshot, applied to the stored profile, is the profile after exactly
