@@ -21,36 +21,13 @@ struct TestServer {
     _dir: tempfile::TempDir,
 }
 
-/// A registry in `dir` with its first org and key, as `sluice serve` creates them.
-async fn registry_with_key(dir: &std::path::Path) -> (Arc<SqliteRegistry>, String) {
-    let registry = Arc::new(
-        SqliteRegistry::open(&dir.join("registry.db"))
-            .await
-            .expect("registry"),
-    );
-    let key = sluice_registry::bootstrap(registry.as_ref())
-        .await
-        .expect("bootstrap")
-        .expect("first key");
-    (registry, key)
-}
+mod support;
+
+use support::{registry_with_key, spawn_api};
 
 /// An embedded index under `dir` (the API's read routes need one).
 fn index_in(dir: &std::path::Path) -> Arc<dyn sluice_index::Index> {
-    let mut config = sluice_index::EmbeddedIndexConfig::new(dir.join("index"));
-    config.threads = 1;
-    Arc::new(sluice_index::EmbeddedIndex::open(config).expect("index"))
-}
-
-/// Serves the API for `state` on a free port.
-async fn spawn_api(state: AppState) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app = sluice_api::router(state);
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    addr
+    support::embedded_index(dir)
 }
 
 impl TestServer {

@@ -10,13 +10,15 @@ use serde_json::{Value, json};
 use sluice::client::{Connection, Reply};
 use sluice_api::{ApiConfig, AppState};
 use sluice_dedup::EmbeddedDedup;
-use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
+use sluice_index::{EmbeddedIndex, Index};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
 use sluice_registry::{Registry, SqliteRegistry};
 use tokio::sync::watch;
+
+mod support;
 
 struct Stack {
     addr: std::net::SocketAddr,
@@ -38,15 +40,7 @@ impl Stack {
     /// A stack whose pipeline writes through `wrap(index)` (reads use the index directly).
     async fn start_with(wrap: impl FnOnce(Arc<EmbeddedIndex>) -> Arc<dyn Index>) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
-        let registry = Arc::new(
-            SqliteRegistry::open(&dir.path().join("registry.db"))
-                .await
-                .expect("registry"),
-        );
-        let key = sluice_registry::bootstrap(registry.as_ref())
-            .await
-            .expect("bootstrap")
-            .expect("first key");
+        let (registry, key) = support::registry_with_key(dir.path()).await;
         let log = Arc::new(
             EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"),
         );
@@ -54,9 +48,7 @@ impl Stack {
             EmbeddedDedup::open(&dir.path().join("dedup"), sluice_dedup::DEFAULT_WINDOW)
                 .expect("dedup"),
         );
-        let mut index_config = EmbeddedIndexConfig::new(dir.path().join("index"));
-        index_config.threads = 1;
-        let index = Arc::new(EmbeddedIndex::open(index_config).expect("index"));
+        let index = support::embedded_index(dir.path());
         let pipeline = Pipeline::new(
             Arc::clone(&log) as Arc<dyn Log>,
             Validator::new(
@@ -82,12 +74,7 @@ impl Stack {
             Arc::clone(&index) as Arc<dyn Index>,
             &ApiConfig::default(),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let app = sluice_api::router(state);
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let addr = support::spawn_api(state).await;
         Stack {
             addr,
             key,
