@@ -94,11 +94,27 @@ impl Patch {
     }
 }
 
-/// proptest strategies for documents and updates, shared with the crates that fold patches.
+/// Test support shared with the crates that fold patches: proptest strategies for documents,
+/// and shorthands to write documents and updates as `json!` literals.
 #[cfg(any(test, feature = "proptest"))]
-pub mod strategies {
+pub mod testing {
     use proptest::prelude::*;
     use serde_json::{Map, Value, json};
+
+    use super::Patch;
+
+    /// The object of a `json!` literal (an empty object for anything else).
+    pub fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    /// The patch of an update whose `dataFields` is the `json!` literal `v`.
+    pub fn update(v: Value, deep: bool) -> Patch {
+        Patch::from_update(&obj(v), deep)
+    }
 
     /// Small JSON values: scalars, and objects over a few keys, a few levels deep (few keys, so
     /// updates often touch the same ones).
@@ -127,17 +143,6 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
-
-    fn obj(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        }
-    }
-
-    fn update(v: Value, deep: bool) -> Patch {
-        Patch::from_update(&obj(v), deep)
-    }
 
     #[test]
     fn shallow_replaces_top_level_keys_and_deep_merges_nested_objects() {
@@ -174,7 +179,7 @@ mod tests {
         );
     }
 
-    use super::strategies::json_object;
+    use super::testing::{json_object, obj, update};
 
     proptest! {
         /// Folding any sequence of shallow/deep updates, then applying once, equals applying

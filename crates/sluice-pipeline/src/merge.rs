@@ -61,18 +61,7 @@ pub fn merge(items: &[Item]) -> Merged {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use serde_json::{Map, Value, json};
-
-    fn obj(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        }
-    }
-
-    fn update(v: Value, deep: bool) -> Patch {
-        Patch::from_update(&obj(v), deep)
-    }
+    use serde_json::json;
 
     #[test]
     fn events_see_the_profile_as_of_their_position() {
@@ -113,7 +102,7 @@ mod tests {
         );
     }
 
-    use sluice_model::patch::strategies::json_object;
+    use sluice_model::patch::testing::{json_object, update};
 
     proptest! {
         /// Each event's snapshot, applied to the stored profile, is the profile after exactly
