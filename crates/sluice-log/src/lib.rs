@@ -6,8 +6,8 @@
 //! - consumer: `subscribe` as a consumer group and get a `PartitionStream` per assigned
 //!   partition, which yields records strictly in offset order and commits the group's position.
 //!
-//! `embedded` implements it on local disk (fjall); `kafka` on a Kafka cluster (the producer side
-//! so far), with the same guarantees: partition = Kafka's murmur2 partitioner on the key,
+//! `embedded` implements it on local disk (fjall); `kafka` on a Kafka cluster, with the same
+//! guarantees: partition = Kafka's murmur2 partitioner on the key,
 //! acknowledgement only after durability (`acks=all`), commits as "next offset to read".
 
 use async_trait::async_trait;
@@ -70,6 +70,10 @@ pub enum LogError {
     Config(String),
     #[error("kafka ({brokers}): {message}")]
     Broker { brokers: String, message: String },
+    #[error("partition {0} was revoked from this consumer: it can no longer commit")]
+    Revoked(u32),
+    #[error("the log broke an invariant: {0}")]
+    Unexpected(String),
 }
 
 impl LogError {
@@ -108,7 +112,11 @@ pub trait Log: Send + Sync + 'static {
 /// A change in which partitions this consumer owns.
 pub enum Assignment {
     Assigned(Box<dyn PartitionStream>),
+    /// The partition's stream must finish or abandon its batch, commit, and be dropped: the
+    /// log waits for that (within a timeout) before handing the partition to another member.
     Revoked(u32),
+    /// The membership ended on an error; no further assignment follows.
+    Failed(LogError),
 }
 
 /// A consumer group membership.

@@ -1,68 +1,17 @@
 //! The Kafka log against a real Kafka-protocol broker: tansu, started here on a free port
 //! (`scripts/test` installs it and sets SLUICE_TANSU), with memory storage.
 
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::Message;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use sluice_log::{KafkaLog, KafkaLogConfig, Log, LogError, Record};
-
-/// A tansu broker process, killed on drop.
-struct Broker {
-    child: Child,
-    addr: String,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let tansu = std::env::var("SLUICE_TANSU").unwrap_or_else(|_| {
-            concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/tansu").to_string()
-        });
-        assert!(
-            std::path::Path::new(&tansu).exists(),
-            "no tansu broker at {tansu}: run ./scripts/test (it installs it), or set SLUICE_TANSU"
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let child = Command::new(&tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start tansu");
-        let addr = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(&addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "tansu did not listen on {addr} within 20 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Broker { child, addr }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use sluice_log::kafka::testing::Tansu;
+use sluice_log::{
+    Ack, Assignment, KafkaLog, KafkaLogConfig, Log, LogError, PartitionStream, Record, Subscription,
+};
 
 fn record(key: &str, value: &str) -> Record {
     Record {
@@ -111,7 +60,7 @@ fn read_all(brokers: &str, topic: &str, partitions: u32) -> Vec<(u32, u64, Strin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn appends_are_acknowledged_on_the_murmur2_partition_in_order() {
-    let broker = Broker::start();
+    let broker = Tansu::start();
     let log = KafkaLog::connect(KafkaLogConfig::new(&broker.addr, "sluice.ingest"))
         .await
         .expect("connect and create the topic");
@@ -127,7 +76,7 @@ async fn appends_are_acknowledged_on_the_murmur2_partition_in_order() {
         .collect();
     let acks = log.append(records.clone()).await.expect("append");
     assert_eq!(acks.len(), records.len());
-    let mut last_offset = std::collections::HashMap::new();
+    let mut last_offset = HashMap::new();
     for (record, ack) in records.iter().zip(&acks) {
         assert_eq!(
             ack.partition,
@@ -181,4 +130,225 @@ async fn an_unreachable_broker_is_a_clear_retriable_error() {
     assert!(matches!(error, LogError::Broker { .. }), "{error:?}");
     assert!(error.is_retriable());
     assert!(error.to_string().contains(&brokers), "{error}");
+}
+
+/// Appends `count` records over 97 users (every partition gets some); returns each partition's expected (offset, value).
+async fn fill(log: &KafkaLog, count: usize, tag: &str) -> BTreeMap<u32, Vec<(u64, String)>> {
+    let records: Vec<Record> = (0..count)
+        .map(|i| {
+            record(
+                &format!("acme:u:user-{}", i % 97),
+                &format!("{{\"tag\":\"{tag}\",\"n\":{i}}}"),
+            )
+        })
+        .collect();
+    let acks: Vec<Ack> = log.append(records.clone()).await.expect("append");
+    let mut expected: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
+    for (record, ack) in records.iter().zip(acks) {
+        expected.entry(ack.partition).or_default().push((
+            ack.offset,
+            String::from_utf8_lossy(&record.value).into_owned(),
+        ));
+    }
+    expected
+}
+
+/// The next assignment change, within `within`.
+async fn next_change(subscription: &mut Box<dyn Subscription>, within: Duration) -> Assignment {
+    match tokio::time::timeout(within, subscription.next()).await {
+        Ok(Some(change)) => change,
+        Ok(None) => panic!("the subscription ended"),
+        Err(_) => panic!("no assignment change within {within:?}"),
+    }
+}
+
+/// Collects `Assigned` streams until `count` partitions are owned.
+async fn assigned(
+    subscription: &mut Box<dyn Subscription>,
+    count: usize,
+) -> BTreeMap<u32, Box<dyn PartitionStream>> {
+    let mut streams = BTreeMap::new();
+    while streams.len() < count {
+        match next_change(subscription, Duration::from_secs(30)).await {
+            Assignment::Assigned(stream) => {
+                streams.insert(stream.partition(), stream);
+            }
+            Assignment::Revoked(p) => {
+                streams.remove(&p);
+            }
+            Assignment::Failed(e) => panic!("subscription failed: {e}"),
+        }
+    }
+    streams
+}
+
+/// Reads `count` records from a stream: (offset, value).
+async fn read(stream: &mut dyn PartitionStream, count: usize) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    while out.len() < count {
+        let batch = tokio::time::timeout(Duration::from_secs(20), stream.next_batch(100))
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "partition {}: only {} of {count} records within 20 s",
+                    stream.partition(),
+                    out.len()
+                )
+            })
+            .expect("read");
+        out.extend(
+            batch
+                .into_iter()
+                .map(|r| (r.offset, String::from_utf8_lossy(&r.value).into_owned())),
+        );
+    }
+    out
+}
+
+fn group_config(broker: &Tansu) -> KafkaLogConfig {
+    let mut config = KafkaLogConfig::new(&broker.addr, "sluice.ingest");
+    config.session_timeout = Duration::from_secs(6);
+    config.instance_id = Some("node-1".into());
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_reads_each_partition_in_order_and_resumes_after_its_commit() {
+    let broker = Tansu::start();
+    let log = KafkaLog::connect(group_config(&broker))
+        .await
+        .expect("connect");
+    let expected = fill(&log, 400, "first").await;
+
+    let mut subscription = log.subscribe("resume").await.expect("subscribe");
+    let mut streams = assigned(&mut subscription, 8).await;
+    let mut committed = BTreeMap::new();
+    for (partition, stream) in &mut streams {
+        let want = &expected[partition];
+        let got = read(stream.as_mut(), want.len()).await;
+        assert_eq!(&got, want, "partition {partition}: every record, in order");
+        // Commit only the first half: the rest must be read again after rejoining.
+        let half = want[want.len() / 2].0;
+        stream.commit(half).await.expect("commit");
+        committed.insert(*partition, half);
+    }
+    drop(streams);
+    drop(subscription);
+
+    let mut subscription = log.subscribe("resume").await.expect("subscribe again");
+    let mut streams = assigned(&mut subscription, 8).await;
+    for (partition, stream) in &mut streams {
+        let want: Vec<(u64, String)> = expected[partition]
+            .iter()
+            .filter(|(offset, _)| *offset >= committed[partition])
+            .cloned()
+            .collect();
+        let got = read(stream.as_mut(), want.len()).await;
+        assert_eq!(got, want, "partition {partition}: resumes at the commit");
+    }
+    drop(streams);
+    drop(subscription);
+    log.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_member_takes_partitions_only_after_they_are_released() {
+    let broker = Tansu::start();
+    let mut config = group_config(&broker);
+    config.revoke_timeout = Duration::from_secs(3);
+    let log = KafkaLog::connect(config).await.expect("connect");
+    let expected = fill(&log, 400, "share").await;
+
+    let mut first = log.subscribe("share").await.expect("subscribe");
+    let mut streams = assigned(&mut first, 8).await;
+    for (partition, stream) in &mut streams {
+        read(stream.as_mut(), expected[partition].len()).await;
+    }
+
+    // A second member joins: the first is asked to give everything back (eager protocol).
+    let mut second = log.subscribe("share").await.expect("second member");
+    let mut revoked = Vec::new();
+    while revoked.len() < 8 {
+        match next_change(&mut first, Duration::from_secs(30)).await {
+            Assignment::Revoked(p) => revoked.push(p),
+            Assignment::Assigned(s) => panic!("assigned {} before the revoke", s.partition()),
+            Assignment::Failed(e) => panic!("{e}"),
+        }
+    }
+    // Partitions 0..4 finish their "batch" and commit while the revoke waits for them, then
+    // are released; 4..8 are held past the revoke timeout, so their late commits are refused.
+    let mut held = BTreeMap::new();
+    for (partition, mut stream) in std::mem::take(&mut streams) {
+        let end = expected[&partition].last().expect("records").0 + 1;
+        if partition < 4 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            stream.commit(end).await.expect("commit during the revoke");
+        } else {
+            held.insert(partition, (stream, end));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for (partition, (stream, end)) in &mut held {
+        match stream.commit(*end).await {
+            Err(LogError::Revoked(p)) => assert_eq!(p, *partition),
+            other => panic!("partition {partition}: a commit after the revoke gave {other:?}"),
+        }
+    }
+    drop(held);
+
+    // The group settles with the partitions split between the two members.
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while a.len() + b.len() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "owned: {:?} + {:?}",
+            a.keys(),
+            b.keys()
+        );
+        tokio::select! {
+            change = first.next() => match change.expect("first ended") {
+                Assignment::Assigned(s) => { a.insert(s.partition(), s); }
+                Assignment::Revoked(p) => { a.remove(&p); }
+                Assignment::Failed(e) => panic!("{e}"),
+            },
+            change = second.next() => match change.expect("second ended") {
+                Assignment::Assigned(s) => { b.insert(s.partition(), s); }
+                Assignment::Revoked(p) => { b.remove(&p); }
+                Assignment::Failed(e) => panic!("{e}"),
+            },
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "{:?} / {:?}",
+        a.keys(),
+        b.keys()
+    );
+    assert!(
+        a.keys().all(|p| !b.contains_key(p)),
+        "no partition owned twice"
+    );
+    // Committed partitions resume after their commit (nothing left); the others start over.
+    for (partition, stream) in a.iter_mut().chain(b.iter_mut()) {
+        let want: Vec<(u64, String)> = if *partition < 4 {
+            Vec::new()
+        } else {
+            expected[partition].clone()
+        };
+        let got = if want.is_empty() {
+            let next = tokio::time::timeout(Duration::from_secs(2), stream.next_batch(10)).await;
+            assert!(
+                next.is_err(),
+                "partition {partition}: read past its commit: {next:?}"
+            );
+            Vec::new()
+        } else {
+            read(stream.as_mut(), want.len()).await
+        };
+        assert_eq!(got, want, "partition {partition}");
+    }
+    drop((a, b, first, second));
+    log.close().await.expect("close");
 }

@@ -91,6 +91,8 @@ impl PipelineStats {
 pub enum PipelineError {
     #[error("cannot join consumer group {group:?}: {source}")]
     Subscribe { group: String, source: LogError },
+    #[error("consumer group {group:?} failed: {source}")]
+    Consumer { group: String, source: LogError },
     #[error("partition {partition}, offsets {first}..={last}: {message}")]
     Stream {
         partition: u32,
@@ -173,6 +175,13 @@ impl Pipeline {
                             let _ = tx.send(true);
                         }
                     }
+                    Some(Assignment::Failed(source)) => {
+                        result = Err(PipelineError::Consumer {
+                            group: self.config.group.clone(),
+                            source,
+                        });
+                        break;
+                    }
                     None => break,
                 },
                 Some(joined) = tasks.join_next() => {
@@ -217,7 +226,8 @@ impl Pipeline {
             lap(&self.stats.read_us, &mut clock);
             let records = match batch {
                 Ok(records) => records,
-                Err(LogError::Closed) => break,
+                // Closed, or revoked and cut off: the partition is not ours to read any more.
+                Err(LogError::Closed | LogError::Revoked(_)) => break,
                 Err(e) if e.is_retriable() => {
                     tracing::warn!(partition, error = %e, "pipeline: reading the log failed; retrying");
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -242,6 +252,15 @@ impl Pipeline {
             loop {
                 let error = match stream.commit(last + 1).await {
                     Ok(()) => break,
+                    Err(LogError::Revoked(_)) => {
+                        tracing::warn!(
+                            partition,
+                            first,
+                            last,
+                            "pipeline: the partition was revoked before its batch was committed; its next owner processes it again"
+                        );
+                        return Ok(());
+                    }
                     Err(e) if e.is_retriable() => e,
                     Err(e) => {
                         return Err(stream_error(partition, first, last, format!("commit: {e}")));

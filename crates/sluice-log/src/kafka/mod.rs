@@ -1,16 +1,22 @@
-//! The log on Kafka (SPEC §2, §5): the producer side and topic bootstrap.
+//! The log on Kafka (SPEC §2, §5).
 //!
-//! - `KafkaLog::connect` creates the topic if it is missing (with the configured partition
-//!   count) and reads its actual partition count: Kafka's partitions are fixed once created, and
-//!   the partitioner must use the real number.
+//! - `KafkaLog::connect` creates sluice's topics if they are missing (the ingest topic, plus the
+//!   dead-letter and actions topics, with the configured partition count) and reads the ingest
+//!   topic's actual partition count: Kafka's partitions are fixed once created, and the
+//!   partitioner must use the real number.
 //! - `append` sends every record with an explicit partition, computed with the same murmur2
 //!   partitioner as the embedded log (`sluice_model::partition_for_key`), through an idempotent
 //!   producer with `acks=all`, and returns only when every delivery report came back: that is
 //!   the durability promise of the API's 200.
 //!
-//! The consumer side (a consumer group with one ordered stream per assigned partition) is not
-//! built yet: `subscribe` says so.
+//! - `subscribe` joins a consumer group: see `consumer` for how partitions are handed out,
+//!   revoked and committed.
 
+mod consumer;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -36,6 +42,18 @@ pub struct KafkaLogConfig {
     pub request_timeout: Duration,
     /// Producer `linger.ms`: how long the producer waits to fill a batch.
     pub linger: Duration,
+    /// Other topics to create if missing (dead letters, actions), same partitions.
+    pub other_topics: Vec<String>,
+    /// Consumer `session.timeout.ms`: how long a member that stopped heartbeating (killed)
+    /// keeps its partitions before the group hands them to another.
+    pub session_timeout: Duration,
+    /// How long a revoke waits for a partition's stream to finish its batch and commit.
+    pub revoke_timeout: Duration,
+    /// Static group membership (`group.instance.id`), stable across restarts of one node and
+    /// unique among running nodes; `None` for dynamic membership. A node restarted within
+    /// `session_timeout` gets its partitions back without a rebalance. Further subscriptions
+    /// of the same `KafkaLog` append `-2`, `-3`, ...
+    pub instance_id: Option<String>,
 }
 
 impl KafkaLogConfig {
@@ -47,6 +65,10 @@ impl KafkaLogConfig {
             replication_factor: 1,
             request_timeout: Duration::from_secs(10),
             linger: Duration::from_millis(2),
+            other_topics: vec!["sluice.dlq".into(), "sluice.actions".into()],
+            session_timeout: Duration::from_secs(10),
+            revoke_timeout: Duration::from_secs(30),
+            instance_id: None,
         }
     }
 
@@ -72,6 +94,10 @@ pub struct KafkaLog {
     config: KafkaLogConfig,
     producer: FutureProducer,
     partitions: u32,
+    /// Threads of the subscriptions; each ends once its subscription is dropped.
+    consumers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Which instance-id suffixes live subscriptions hold.
+    slots: consumer::Slots,
 }
 
 impl KafkaLog {
@@ -97,27 +123,32 @@ impl KafkaLog {
             .set("bootstrap.servers", &config.brokers)
             .create()
             .map_err(|e| broker_error("cannot create the admin client", e))?;
-        let topic = NewTopic::new(
-            &config.topic,
-            config.partitions as i32,
-            TopicReplication::Fixed(config.replication_factor),
-        );
+        let topics: Vec<NewTopic<'_>> = std::iter::once(&config.topic)
+            .chain(&config.other_topics)
+            .map(|name| {
+                NewTopic::new(
+                    name,
+                    config.partitions as i32,
+                    TopicReplication::Fixed(config.replication_factor),
+                )
+            })
+            .collect();
         let options = AdminOptions::new()
             .request_timeout(Some(config.request_timeout))
             .operation_timeout(Some(config.request_timeout));
         let results = tokio::time::timeout(
             config.request_timeout + Duration::from_secs(1),
-            admin.create_topics([&topic], &options),
+            admin.create_topics(&topics, &options),
         )
         .await
         .map_err(|_| LogError::Broker {
             brokers: config.brokers.clone(),
             message: format!(
-                "no answer within {:?} while creating topic {:?}: is the broker reachable?",
-                config.request_timeout, config.topic
+                "no answer within {:?} while creating topics: is the broker reachable?",
+                config.request_timeout
             ),
         })?
-        .map_err(|e| broker_error(&format!("cannot create topic {:?}", config.topic), e))?;
+        .map_err(|e| broker_error("cannot create topics", e))?;
         for result in results {
             match result {
                 Ok(name) => {
@@ -145,6 +176,8 @@ impl KafkaLog {
             config,
             producer,
             partitions,
+            consumers: Mutex::new(Vec::new()),
+            slots: consumer::Slots::default(),
         })
     }
 
@@ -236,10 +269,13 @@ impl Log for KafkaLog {
         Ok(acks)
     }
 
-    async fn subscribe(&self, _group: &str) -> Result<Box<dyn Subscription>, LogError> {
-        Err(LogError::Config(
-            "consuming from Kafka is not implemented yet (the producer side is)".into(),
-        ))
+    async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, LogError> {
+        let (subscription, thread) = consumer::subscribe(&self.config, group, &self.slots)?;
+        self.consumers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(thread);
+        Ok(subscription)
     }
 
     fn is_healthy(&self) -> bool {
@@ -250,6 +286,23 @@ impl Log for KafkaLog {
     async fn close(&self) -> Result<(), LogError> {
         let producer = self.producer.clone();
         let timeout = self.config.request_timeout;
+        let consumers = std::mem::take(
+            &mut *self
+                .consumers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        // Consumer threads end once their subscriptions are dropped; they leave their group.
+        let joined = tokio::task::spawn_blocking(move || {
+            for thread in consumers {
+                let _ = thread.join();
+            }
+        });
+        if tokio::time::timeout(timeout, joined).await.is_err() {
+            tracing::warn!(
+                "kafka: a consumer did not leave its group within {timeout:?}; closing anyway"
+            );
+        }
         tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
             .map_err(|e| self.error(format!("flush task failed: {e}")))?

@@ -1,0 +1,544 @@
+//! The consumer side of the Kafka log: a consumer-group member with one ordered stream per
+//! assigned partition.
+//!
+//! - One thread per subscription polls the consumer's main queue. librdkafka runs the rebalance
+//!   callbacks on that thread, so they may block without stalling the async runtime.
+//! - On assign, each partition's queue is split off *before* librdkafka's `assign` runs (in
+//!   `pre_rebalance`): a queue split that early is never forwarded back to the main queue, so
+//!   every record of the partition arrives on its own stream, in offset order. A record seen on
+//!   the main queue anyway would break that promise: the partition is marked broken and the
+//!   subscription fails instead of letting a commit skip it.
+//! - On revoke (a rebalance or the consumer closing), the callback announces `Revoked`, then
+//!   waits until each revoked stream has been dropped, that is until its owner finished or
+//!   abandoned its batch and committed, before librdkafka unassigns. A stream still alive after
+//!   `revoke_timeout` is cut off: its commits fail with `LogError::Revoked`, so no offset is
+//!   ever committed for a partition this member no longer owns.
+//! - Offsets are committed only by `PartitionStream::commit`, synchronously (auto-commit and
+//!   auto offset store are off); records older than the stream's position are dropped, so the
+//!   stream never goes backwards.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use tokio::sync::{Notify, mpsc};
+
+use super::KafkaLogConfig;
+use crate::{Assignment, LogError, LogRecord, PartitionStream, Subscription};
+
+type GroupConsumer = BaseConsumer<GroupContext>;
+
+/// How long the poll thread waits for an event before checking whether it should stop.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Joins `group` and starts the thread that serves its events.
+pub(super) fn subscribe(
+    config: &KafkaLogConfig,
+    group: &str,
+    slots: &Slots,
+) -> Result<(Box<dyn Subscription>, std::thread::JoinHandle<()>), LogError> {
+    let slot = slots.take();
+    let instance_id = config.instance_id.as_ref().map(|id| match slot.index {
+        0 => id.clone(),
+        n => format!("{id}-{}", n + 1),
+    });
+    let broker_error = |message: String| LogError::Broker {
+        brokers: config.brokers.clone(),
+        message,
+    };
+    let (events, receiver) = mpsc::unbounded_channel();
+    let context = GroupContext {
+        consumer: OnceLock::new(),
+        topic: config.topic.clone(),
+        brokers: config.brokers.clone(),
+        group: group.to_string(),
+        events,
+        owned: Mutex::new(HashMap::new()),
+        revoke_timeout: config.revoke_timeout,
+    };
+    let session_ms = config.session_timeout.as_millis().max(1);
+    let mut client = ClientConfig::new();
+    if let Some(id) = &instance_id {
+        // Static membership (KIP-345): a restarted member with the same id gets its partitions
+        // back without a rebalance, and closing does not leave the group.
+        client.set("group.instance.id", id);
+    }
+    if let Ok(debug) = std::env::var("SLUICE_KAFKA_DEBUG") {
+        // librdkafka's own debug contexts, e.g. `cgrp,fetch` (logged through tracing).
+        client.set("debug", debug);
+    }
+    let consumer: GroupConsumer = client
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        // A new group starts at the beginning: nothing acknowledged before it joined is skipped.
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", session_ms.to_string())
+        .set("heartbeat.interval.ms", (session_ms / 3).max(1).to_string())
+        // Prefetch per partition: enough to fill a few batches, bounded in memory.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.wait.max.ms", "100")
+        .create_with_context(context)
+        .map_err(|e| broker_error(format!("cannot create a consumer for group {group:?}: {e}")))?;
+    let consumer = Arc::new(consumer);
+    let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+    consumer.subscribe(&[&config.topic]).map_err(|e| {
+        broker_error(format!(
+            "cannot subscribe group {group:?} to topic {:?}: {e}",
+            config.topic
+        ))
+    })?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = Arc::clone(&stop);
+    let thread = std::thread::Builder::new()
+        .name(format!("kafka-group-{group}"))
+        .spawn(move || poll_main_queue(consumer, &thread_stop))
+        .map_err(|e| broker_error(format!("cannot start the consumer thread: {e}")))?;
+    Ok((
+        Box::new(KafkaSubscription {
+            receiver,
+            stop,
+            _slot: slot,
+        }),
+        thread,
+    ))
+}
+
+/// Instance-id suffixes held by live subscriptions: the first subscription of a log uses the
+/// configured id as is, so a restarted node reclaims its static membership.
+#[derive(Debug, Default, Clone)]
+pub(super) struct Slots(Arc<Mutex<Vec<bool>>>);
+
+impl Slots {
+    fn take(&self) -> Slot {
+        let mut taken = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let index = taken.iter().position(|t| !t).unwrap_or(taken.len());
+        if index == taken.len() {
+            taken.push(true);
+        } else {
+            taken[index] = true;
+        }
+        Slot {
+            slots: self.clone(),
+            index,
+        }
+    }
+}
+
+/// A held suffix, freed on drop.
+struct Slot {
+    slots: Slots,
+    index: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut taken = self
+            .slots
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(t) = taken.get_mut(self.index) {
+            *t = false;
+        }
+    }
+}
+
+/// Serves the main queue (rebalances, errors) until the subscription is dropped.
+fn poll_main_queue(consumer: Arc<GroupConsumer>, stop: &AtomicBool) {
+    let context = consumer.context();
+    while !stop.load(Ordering::Acquire) {
+        match consumer.poll(POLL_INTERVAL) {
+            None => {}
+            Some(Ok(message)) => context.unexpected_main_queue_record(&message),
+            Some(Err(e)) => {
+                if let Some((code, reason)) = consumer.client().fatal_error() {
+                    context.fail(format!("fatal consumer error {code:?}: {reason}"));
+                    break;
+                }
+                tracing::warn!(group = %context.group, brokers = %context.brokers, error = %e, "kafka: consumer error (librdkafka retries by itself)");
+            }
+        }
+    }
+    tracing::debug!(group = %context.group, "kafka: leaving the consumer group");
+    // Dropping the last handle closes the consumer: a final revoke, then (for a dynamic member)
+    // LeaveGroup. A static member stays in the group until its session times out, or until it
+    // comes back under the same instance id.
+}
+
+/// The subscription handed to the pipeline: assignment changes, in order.
+struct KafkaSubscription {
+    receiver: mpsc::UnboundedReceiver<Assignment>,
+    stop: Arc<AtomicBool>,
+    _slot: Slot,
+}
+
+#[async_trait]
+impl Subscription for KafkaSubscription {
+    async fn next(&mut self) -> Option<Assignment> {
+        self.receiver.recv().await
+    }
+}
+
+impl Drop for KafkaSubscription {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+    }
+}
+
+/// What a stream may still do with its partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Ownership {
+    Owned,
+    /// Revoked and not released in time: the stream must not commit.
+    Revoked,
+    /// A record of the partition bypassed the stream: committing could skip it.
+    Broken(String),
+}
+
+/// State one partition's stream shares with the rebalance callback.
+struct PartitionShared {
+    /// Held while committing, so a revoke waits for a commit in progress and no commit starts
+    /// after it.
+    ownership: Mutex<Ownership>,
+}
+
+impl PartitionShared {
+    fn set(&self, to: Ownership) {
+        let mut ownership = self
+            .ownership
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *ownership == Ownership::Owned {
+            *ownership = to;
+        }
+    }
+}
+
+/// A partition this member owns, as the callback tracks it.
+struct Owned {
+    shared: Arc<PartitionShared>,
+    /// Disconnects when the stream is dropped.
+    released: std::sync::mpsc::Receiver<()>,
+}
+
+/// The consumer's callbacks: turns rebalances into `Assignment`s.
+struct GroupContext {
+    /// The consumer itself, to split partition queues in the callbacks.
+    consumer: OnceLock<Weak<GroupConsumer>>,
+    topic: String,
+    brokers: String,
+    group: String,
+    events: mpsc::UnboundedSender<Assignment>,
+    owned: Mutex<HashMap<i32, Owned>>,
+    revoke_timeout: Duration,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _consumer: &GroupConsumer, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let partitions: Vec<i32> = list
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                self.assign(&partitions);
+            }
+            Rebalance::Revoke(list) => {
+                let partitions: Vec<i32> = list
+                    .elements_for_topic(&self.topic)
+                    .iter()
+                    .map(|e| e.partition())
+                    .collect();
+                self.revoke(&partitions);
+            }
+            Rebalance::Error(e) => {
+                tracing::warn!(group = %self.group, error = %e, "kafka: rebalance error");
+            }
+        }
+    }
+}
+
+impl GroupContext {
+    fn owned(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Owned>> {
+        self.owned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Splits each partition's queue off the main queue and hands out its stream.
+    fn assign(&self, partitions: &[i32]) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        for &partition in partitions {
+            let Some(queue) = consumer.split_partition_queue(&self.topic, partition) else {
+                self.fail(format!(
+                    "cannot split the queue of partition {partition} of topic {:?}",
+                    self.topic
+                ));
+                continue;
+            };
+            let shared = Arc::new(PartitionShared {
+                ownership: Mutex::new(Ownership::Owned),
+            });
+            let (release, released) = std::sync::mpsc::channel();
+            if let Some(stale) = self.owned().insert(
+                partition,
+                Owned {
+                    shared: Arc::clone(&shared),
+                    released,
+                },
+            ) {
+                // An assign without a revoke in between: the old stream must not commit.
+                stale.shared.set(Ownership::Revoked);
+            }
+            let stream = KafkaPartitionStream::new(
+                Arc::clone(&consumer),
+                queue,
+                self.topic.clone(),
+                partition,
+                shared,
+                release,
+            );
+            tracing::info!(group = %self.group, partition, "kafka: partition assigned");
+            let _ = self.events.send(Assignment::Assigned(Box::new(stream)));
+        }
+    }
+
+    /// Announces the revocation, then waits for the streams to be released (their last batch
+    /// finished and committed), up to `revoke_timeout` in all.
+    fn revoke(&self, partitions: &[i32]) {
+        let revoked: Vec<(i32, Owned)> = {
+            let mut owned = self.owned();
+            partitions
+                .iter()
+                .filter_map(|p| owned.remove(p).map(|o| (*p, o)))
+                .collect()
+        };
+        for (partition, _) in &revoked {
+            let _ = self.events.send(Assignment::Revoked(*partition as u32));
+        }
+        let deadline = Instant::now() + self.revoke_timeout;
+        for (partition, owned) in revoked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                owned.released.recv_timeout(left)
+            {
+                tracing::warn!(
+                    group = %self.group,
+                    partition,
+                    timeout = ?self.revoke_timeout,
+                    "kafka: a revoked partition was not released in time; its commits are refused from now on"
+                );
+            }
+            owned.shared.set(Ownership::Revoked);
+            tracing::info!(group = %self.group, partition, "kafka: partition revoked");
+        }
+    }
+
+    /// A record arrived on the main queue instead of its partition's stream.
+    fn unexpected_main_queue_record(&self, message: &BorrowedMessage<'_>) {
+        let reason = format!(
+            "record at offset {} of partition {} arrived outside its partition stream",
+            message.offset(),
+            message.partition()
+        );
+        if let Some(owned) = self.owned().get(&message.partition()) {
+            owned.shared.set(Ownership::Broken(reason.clone()));
+        }
+        self.fail(reason);
+    }
+
+    /// Ends the subscription with an error.
+    fn fail(&self, message: String) {
+        tracing::error!(group = %self.group, brokers = %self.brokers, %message, "kafka: consumer failed");
+        let _ = self.events.send(Assignment::Failed(LogError::Broker {
+            brokers: self.brokers.clone(),
+            message: format!("consumer group {:?}: {message}", self.group),
+        }));
+    }
+}
+
+/// One assigned partition, read from its own queue.
+struct KafkaPartitionStream {
+    /// Dropped with the stream, first (fields drop in order): tells a waiting revoke that the
+    /// partition is released, before the consumer handles below may close the consumer.
+    _release: std::sync::mpsc::Sender<()>,
+    consumer: Arc<GroupConsumer>,
+    queue: PartitionQueue<GroupContext>,
+    /// Signalled by librdkafka when the queue becomes non-empty.
+    ready: Arc<Notify>,
+    topic: String,
+    partition: i32,
+    /// Offset after the last record returned; 0 until the first.
+    position: u64,
+    shared: Arc<PartitionShared>,
+}
+
+impl KafkaPartitionStream {
+    fn new(
+        consumer: Arc<GroupConsumer>,
+        mut queue: PartitionQueue<GroupContext>,
+        topic: String,
+        partition: i32,
+        shared: Arc<PartitionShared>,
+        release: std::sync::mpsc::Sender<()>,
+    ) -> Self {
+        let ready = Arc::new(Notify::new());
+        let notify = Arc::clone(&ready);
+        queue.set_nonempty_callback(move || notify.notify_one());
+        KafkaPartitionStream {
+            _release: release,
+            consumer,
+            queue,
+            ready,
+            topic,
+            partition,
+            position: 0,
+            shared,
+        }
+    }
+
+    fn check_owned(&self) -> Result<(), LogError> {
+        let ownership = self
+            .shared
+            .ownership
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        ownership_result(&ownership, self.partition)
+    }
+
+    fn broker_error(&self, message: String) -> LogError {
+        LogError::Broker {
+            brokers: self.consumer.context().brokers.clone(),
+            message,
+        }
+    }
+}
+
+fn ownership_result(ownership: &Ownership, partition: i32) -> Result<(), LogError> {
+    match ownership {
+        Ownership::Owned => Ok(()),
+        Ownership::Revoked => Err(LogError::Revoked(partition as u32)),
+        Ownership::Broken(reason) => Err(LogError::Unexpected(reason.clone())),
+    }
+}
+
+#[async_trait]
+impl PartitionStream for KafkaPartitionStream {
+    fn partition(&self) -> u32 {
+        self.partition as u32
+    }
+
+    fn position(&self) -> u64 {
+        self.position
+    }
+
+    async fn next_batch(&mut self, max: usize) -> Result<Vec<LogRecord>, LogError> {
+        loop {
+            self.check_owned()?;
+            // Everything below runs without an await until it returns, so dropping this future
+            // never loses a record taken off the queue.
+            let mut records = Vec::new();
+            let mut error = None;
+            while records.len() < max.max(1) {
+                match self.queue.poll(Duration::ZERO) {
+                    None => break,
+                    Some(Ok(message)) => {
+                        let offset = message.offset().max(0) as u64;
+                        if offset < self.position {
+                            tracing::debug!(
+                                partition = self.partition,
+                                offset,
+                                position = self.position,
+                                "kafka: dropped a record behind the stream's position"
+                            );
+                            continue;
+                        }
+                        self.position = offset + 1;
+                        records.push(LogRecord {
+                            partition: self.partition as u32,
+                            offset,
+                            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+                            key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
+                            value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
+                        });
+                    }
+                    Some(Err(e)) => {
+                        error = Some(e);
+                        break;
+                    }
+                }
+            }
+            if !records.is_empty() {
+                return Ok(records);
+            }
+            if let Some(e) = error {
+                return Err(self.broker_error(format!(
+                    "reading partition {} of {:?}: {e}",
+                    self.partition, self.topic
+                )));
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    async fn commit(&mut self, next_offset: u64) -> Result<(), LogError> {
+        let consumer = Arc::clone(&self.consumer);
+        let shared = Arc::clone(&self.shared);
+        let (topic, partition) = (self.topic.clone(), self.partition);
+        let result = tokio::task::spawn_blocking(move || {
+            let ownership = shared
+                .ownership
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            ownership_result(&ownership, partition)?;
+            let mut list = TopicPartitionList::new();
+            list.add_partition_offset(&topic, partition, Offset::Offset(next_offset as i64))
+                .map_err(|e| commit_error(&consumer, partition, next_offset, &e))?;
+            consumer
+                .commit(&list, CommitMode::Sync)
+                .map_err(|e| commit_error(&consumer, partition, next_offset, &e))
+        })
+        .await;
+        match result {
+            Ok(result) => result,
+            Err(e) => Err(self.broker_error(format!("commit task failed: {e}"))),
+        }
+    }
+}
+
+fn commit_error(
+    consumer: &GroupConsumer,
+    partition: i32,
+    offset: u64,
+    error: &KafkaError,
+) -> LogError {
+    let context = consumer.context();
+    LogError::Broker {
+        brokers: context.brokers.clone(),
+        message: format!(
+            "cannot commit offset {offset} of partition {partition} for group {:?}: {error}",
+            context.group
+        ),
+    }
+}
