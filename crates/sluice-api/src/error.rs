@@ -31,6 +31,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The route exists but this node does not serve it (e.g. reads on an API-only node).
+    #[error("{0}")]
+    NotServed(String),
 }
 
 impl ApiError {
@@ -44,6 +47,7 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "TooLarge"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable"),
+            ApiError::NotServed(_) => (StatusCode::NOT_IMPLEMENTED, "NotServed"),
         }
     }
 }

@@ -82,7 +82,8 @@ pub struct AppState(Arc<AppInner>);
 
 pub struct AppInner {
     pub(crate) log: Arc<dyn Log>,
-    pub(crate) index: Arc<dyn Index>,
+    /// `None` on a node that only writes (`sluice api` without a shared index).
+    index: Option<Arc<dyn Index>>,
     pub(crate) auth: Authenticator,
     pub(crate) limits: Limits,
     pub(crate) log_ack_timeout: Duration,
@@ -102,7 +103,7 @@ impl AppState {
     pub fn new(
         log: Arc<dyn Log>,
         registry: Arc<dyn Registry>,
-        index: Arc<dyn Index>,
+        index: Option<Arc<dyn Index>>,
         config: &ApiConfig,
     ) -> Self {
         AppState(Arc::new(AppInner {
@@ -113,6 +114,16 @@ impl AppState {
             log_ack_timeout: config.log_ack_timeout,
             draining: AtomicBool::new(false),
         }))
+    }
+
+    /// The index that read routes use, or why there is none on this node.
+    pub(crate) fn index(&self) -> Result<&dyn Index, ApiError> {
+        self.index.as_deref().ok_or_else(|| {
+            ApiError::NotServed(
+                "this node only accepts writes: its index is local (`embedded`) and the ingest nodes write theirs; read from a `sluice serve` node, or configure a shared index (--index http://host:9200)"
+                    .into(),
+            )
+        })
     }
 
     /// Marks the server as draining (readyz fails from now on).

@@ -42,7 +42,7 @@ async fn user(app: AppState, user_id: String, request: Request) -> Result<Json<V
         .authenticate(request.headers(), KeySources::Standard)
         .await?;
     let profile = app
-        .index
+        .index()?
         .get_user(&org.name, &format!("u:{user_id}"))
         .await?;
     found(profile, "userId", &user_id, &org.name)
@@ -57,7 +57,7 @@ pub(crate) async fn user_by_email(
         .auth
         .authenticate(request.headers(), KeySources::Standard)
         .await?;
-    let profile = app.index.get_user_by_email(&org.name, &email).await?;
+    let profile = app.index()?.get_user_by_email(&org.name, &email).await?;
     found(profile, "email", &email, &org.name)
 }
 
@@ -105,7 +105,7 @@ pub(crate) async fn user_events(
         )));
     }
     let events = app
-        .index
+        .index()?
         .user_events(&org.name, &format!("u:{user_id}"), limit)
         .await?;
     Ok(Json(serde_json::json!({ "events": events })))
@@ -140,5 +140,5 @@ async fn search(
     } else {
         serde_json::from_slice(&body).map_err(|e| json_error(&e, "search request"))?
     };
-    Ok(Json(app.index.search(&org.name, target, &search).await?))
+    Ok(Json(app.index()?.search(&org.name, target, &search).await?))
 }

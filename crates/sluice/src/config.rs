@@ -39,6 +39,10 @@ pub struct Config {
     pub batch_timeout: Duration,
     #[serde(with = "duration")]
     pub dedup_window: Duration,
+    pub topic: String,
+    #[serde(with = "duration")]
+    pub kafka_session_timeout: Duration,
+    pub kafka_instance_id: String,
 }
 
 impl Default for Config {
@@ -62,6 +66,9 @@ impl Default for Config {
             batch_size: 5000,
             batch_timeout: Duration::from_millis(250),
             dedup_window: Duration::from_secs(7 * 24 * 3600),
+            topic: "sluice.ingest".into(),
+            kafka_session_timeout: Duration::from_secs(10),
+            kafka_instance_id: String::new(),
         }
     }
 }
@@ -77,16 +84,27 @@ listen = "127.0.0.1:8080"
 # Where embedded state lives: log/, dedup/, index/ and registry.db.
 data_dir = "./sluice-data"
 
-# Backends, by URL. This build implements `embedded` for all four; kafka://, redis://,
-# http(s):// (Elasticsearch/OpenSearch) and postgres:// are refused with a clear error until
-# they land.
+# Backends, by URL. The log is `embedded` or Kafka (`kafka://host:9092[,host:9093...]`); the
+# others are `embedded` in this build (redis://, http(s):// for Elasticsearch/OpenSearch and
+# postgres:// are refused with a clear error until they land).
 log = "embedded"
 dedup = "embedded"
 index = "embedded"
 registry = "embedded"
 
-# Partitions of the embedded log. Fixed when the log is first created.
+# Partitions of the log: the embedded log's, or those sluice creates its Kafka topics with.
+# Fixed once created; an existing topic keeps its own count.
 partitions = 8
+
+# Kafka only. The topic of users and events (sluice also creates sluice.dlq and sluice.actions).
+topic = "sluice.ingest"
+# How long a consumer that stopped (crashed, killed) keeps its partitions before the group
+# hands them to another ingest node.
+kafka_session_timeout = "10s"
+# Static group membership id of this consuming node: a node restarted within the session
+# timeout gets its partitions back without a rebalance. Must be unique among running nodes.
+# Empty: derived from the host name and the absolute data_dir.
+kafka_instance_id = ""
 
 # How long a request waits for the log to make its messages durable before answering 503.
 log_ack_timeout = "5s"
@@ -129,7 +147,7 @@ pub struct ConfigArgs {
     /// Directory of embedded state [default: ./sluice-data].
     #[arg(long, global = true, env = "SLUICE_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Log backend: `embedded` [default] (kafka://host:9092 comes later).
+    /// Log backend: `embedded` [default] or kafka://host:9092[,host:9093...].
     #[arg(long, global = true, env = "SLUICE_LOG", value_name = "URL")]
     pub log: Option<String>,
     /// Dedup backend: `embedded` [default].
@@ -177,6 +195,15 @@ pub struct ConfigArgs {
     /// Dedup window of message ids [default: 7days].
     #[arg(long, global = true, env = "SLUICE_DEDUP_WINDOW", value_parser = parse_duration)]
     pub dedup_window: Option<Duration>,
+    /// Kafka topic of users and events [default: sluice.ingest].
+    #[arg(long, global = true, env = "SLUICE_TOPIC")]
+    pub topic: Option<String>,
+    /// Kafka consumer session timeout [default: 10s].
+    #[arg(long, global = true, env = "SLUICE_KAFKA_SESSION_TIMEOUT", value_parser = parse_duration)]
+    pub kafka_session_timeout: Option<Duration>,
+    /// Kafka static membership id of this node [default: from host name and data dir].
+    #[arg(long, global = true, env = "SLUICE_KAFKA_INSTANCE_ID")]
+    pub kafka_instance_id: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -221,7 +248,10 @@ impl Config {
             key_cache_ttl,
             batch_size,
             batch_timeout,
-            dedup_window
+            dedup_window,
+            topic,
+            kafka_session_timeout,
+            kafka_instance_id
         );
         config.validate()?;
         Ok(config)
@@ -234,8 +264,14 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if self.log != "embedded" {
+            sluice_log::KafkaLogConfig::brokers_from_url(&self.log)
+                .map_err(|e| anyhow::anyhow!("log = {:?}: {e}", self.log))?;
+        }
+        if self.topic.trim().is_empty() {
+            bail!("topic must not be empty");
+        }
         for (name, value) in [
-            ("log", &self.log),
             ("dedup", &self.dedup),
             ("index", &self.index),
             ("registry", &self.registry),
@@ -273,6 +309,35 @@ impl Config {
     pub fn index_path(&self) -> PathBuf {
         self.data_dir.join("index")
     }
+
+    /// The Kafka brokers, when the log is Kafka.
+    pub fn kafka_brokers(&self) -> Option<String> {
+        sluice_log::KafkaLogConfig::brokers_from_url(&self.log).ok()
+    }
+
+    /// `kafka_instance_id`, or one derived from the host name and the absolute data dir, which
+    /// is stable across restarts and differs between nodes that do not share a data dir.
+    pub fn kafka_instance_id(&self) -> String {
+        if !self.kafka_instance_id.is_empty() {
+            return self.kafka_instance_id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "host".into());
+        let dir = std::path::absolute(&self.data_dir).unwrap_or_else(|_| self.data_dir.clone());
+        // FNV-1a: a short, stable name for the directory.
+        let hash = dir
+            .as_os_str()
+            .as_encoded_bytes()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        format!("sluice-{host}-{:08x}", hash as u32)
+    }
 }
 
 #[cfg(test)]
@@ -307,6 +372,28 @@ mod tests {
     }
 
     #[test]
+    fn the_kafka_instance_id_is_stable_per_data_dir_unless_set() {
+        let at = |dir: &str| Config {
+            data_dir: PathBuf::from(dir),
+            ..Config::default()
+        };
+        assert_eq!(
+            at("/srv/a").kafka_instance_id(),
+            at("/srv/a").kafka_instance_id()
+        );
+        assert_ne!(
+            at("/srv/a").kafka_instance_id(),
+            at("/srv/b").kafka_instance_id()
+        );
+        assert!(at("/srv/a").kafka_instance_id().starts_with("sluice-"));
+        let set = Config {
+            kafka_instance_id: "ingest-3".into(),
+            ..at("/srv/a")
+        };
+        assert_eq!(set.kafka_instance_id(), "ingest-3");
+    }
+
+    #[test]
     fn unknown_keys_and_unsupported_backends_are_explained() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("bad.toml");
@@ -317,10 +404,22 @@ mod tests {
             "{err}"
         );
         let args = ConfigArgs {
-            log: Some("kafka://localhost:9092".into()),
+            dedup: Some("redis://localhost:6379".into()),
             ..Default::default()
         };
         let err = Config::resolve(&args).expect_err("not yet").to_string();
         assert!(err.contains("only \"embedded\""), "{err}");
+        let args = ConfigArgs {
+            log: Some("kafka://nohostport".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).expect_err("bad url").to_string();
+        assert!(err.contains("host:port"), "{err}");
+        let args = ConfigArgs {
+            log: Some("kafka://127.0.0.1:9092".into()),
+            ..Default::default()
+        };
+        let config = Config::resolve(&args).expect("kafka is supported");
+        assert_eq!(config.kafka_brokers().as_deref(), Some("127.0.0.1:9092"));
     }
 }

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use sluice::admin::{KeysCommand, OrgsCommand, UsersCommand};
 use sluice::bench::BenchArgs;
 use sluice::config::{Config, ConfigArgs, DEFAULT_CONFIG_TOML};
+use sluice::serve::Role;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,8 +22,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the API and the log in one process, all state on local disk (the default).
+    /// Run the API and the pipeline in one process (the default); all state on local disk
+    /// unless backends are given by URL.
     Serve,
+    /// Run only the HTTP API: requests are made durable in the shared log (needs --log kafka://).
+    Api,
+    /// Run only the pipeline: consume the shared log as a group member (needs --log kafka://).
+    Ingest,
     /// Manage orgs.
     Orgs {
         #[command(subcommand)]
@@ -96,7 +102,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let config = Config::resolve(&cli.config)?;
     match command {
-        Command::Serve => sluice::serve::run(config).await,
+        Command::Serve => sluice::serve::run(config, Role::Serve).await,
+        Command::Api => sluice::serve::run(config, Role::Api).await,
+        Command::Ingest => sluice::serve::run(config, Role::Ingest).await,
         Command::Orgs { command } => sluice::admin::orgs(&config, command).await,
         Command::Keys { command } => sluice::admin::keys(&config, command).await,
         Command::Users { command } => sluice::admin::users(&config, command).await,

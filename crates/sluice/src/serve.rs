@@ -1,7 +1,8 @@
-//! `sluice serve`: the embedded deployment in one process. Opens the registry (creating org
-//! `default` on first start), the log, the dedup store and the index, runs the HTTP API and the
-//! pipeline side by side, and drains cleanly on SIGTERM/SIGINT: the API stops taking requests
-//! and finishes the ones in flight, then each partition finishes and commits its batch.
+//! `sluice serve`, `sluice api` and `sluice ingest`: one process running the HTTP API, the
+//! pipeline, or both (`Role`). Opens the registry (creating org `default` on first start of an
+//! API node), the log (embedded or Kafka), and for ingesting nodes the dedup store and the
+//! index; drains cleanly on SIGTERM/SIGINT: the API stops taking requests and finishes the ones
+//! in flight, then each partition finishes and commits its batch.
 //!
 //! If the pipeline stops on an unknown error (a bug), the server drains too and the process
 //! exits non-zero, so a supervisor restarts it; it resumes from the last commit.
@@ -14,7 +15,7 @@ use axum::serve::ListenerExt;
 use sluice_api::{ApiConfig, AppState, Limits};
 use sluice_dedup::{Dedup, EmbeddedDedup};
 use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
-use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
+use sluice_log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, KafkaLogConfig, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{Pipeline, PipelineConfig};
@@ -28,73 +29,150 @@ use crate::config::Config;
 /// How often retention looks for deletable log records.
 const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
 
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// Which parts of sluice a process runs (SPEC §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `sluice serve`: the HTTP API and the pipeline in one process.
+    Serve,
+    /// `sluice api`: HTTP → log only (the log must be shared: Kafka).
+    Api,
+    /// `sluice ingest`: log → pipeline only (the log must be shared: Kafka).
+    Ingest,
+}
+
+impl Role {
+    fn accepts(self) -> bool {
+        matches!(self, Role::Serve | Role::Api)
+    }
+
+    fn ingests(self) -> bool {
+        matches!(self, Role::Serve | Role::Ingest)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Role::Serve => "serve",
+            Role::Api => "api",
+            Role::Ingest => "ingest",
+        }
+    }
+}
+
+/// The log, as configured: embedded (with its retention task) or Kafka.
+async fn open_log(
+    config: &Config,
+    role: Role,
+) -> anyhow::Result<(Arc<dyn Log>, Option<tokio::task::JoinHandle<()>>)> {
+    let Some(brokers) = config.kafka_brokers() else {
+        let log = Arc::new(EmbeddedLog::open(
+            &config.log_path(),
+            EmbeddedLogConfig {
+                partitions: config.partitions,
+                retention_max_age: Some(config.retention_max_age).filter(|d| !d.is_zero()),
+                retention_max_bytes: Some(config.retention_max_bytes).filter(|b| *b > 0),
+                ..EmbeddedLogConfig::default()
+            },
+        )?);
+        let retention = log.spawn_retention(RETENTION_INTERVAL);
+        return Ok((log, Some(retention)));
+    };
+    let mut kafka = KafkaLogConfig::new(&brokers, &config.topic);
+    kafka.partitions = config.partitions;
+    kafka.session_timeout = config.kafka_session_timeout;
+    kafka.revoke_timeout = config.shutdown_timeout;
+    kafka.instance_id = role.ingests().then(|| config.kafka_instance_id());
+    let log = KafkaLog::connect(kafka)
+        .await
+        .with_context(|| format!("cannot use the Kafka log at {}", config.log))?;
+    Ok((Arc::new(log), None))
+}
+
+pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
+    if role != Role::Serve && config.kafka_brokers().is_none() {
+        anyhow::bail!(
+            "`sluice {}` needs a log shared with the other nodes: set --log kafka://host:9092 (or run `sluice serve` for everything in one process)",
+            role.name()
+        );
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     let registry: Arc<dyn Registry> =
         Arc::new(SqliteRegistry::open(&config.registry_path()).await?);
-    let first_key = sluice_registry::bootstrap(registry.as_ref()).await?;
-
-    let log = Arc::new(EmbeddedLog::open(
-        &config.log_path(),
-        EmbeddedLogConfig {
-            partitions: config.partitions,
-            retention_max_age: Some(config.retention_max_age).filter(|d| !d.is_zero()),
-            retention_max_bytes: Some(config.retention_max_bytes).filter(|b| *b > 0),
-            ..EmbeddedLogConfig::default()
-        },
-    )?);
-    let retention = log.spawn_retention(RETENTION_INTERVAL);
-    let dedup: Arc<dyn Dedup> = Arc::new(EmbeddedDedup::open(
-        &config.dedup_path(),
-        config.dedup_window,
-    )?);
-    let index: Arc<dyn Index> = Arc::new(EmbeddedIndex::open(EmbeddedIndexConfig::new(
-        config.index_path(),
-    ))?);
-    let pipeline = Pipeline::new(
-        Arc::clone(&log) as Arc<dyn Log>,
-        Validator::new(Arc::clone(&registry), config.key_cache_ttl),
-        dedup,
-        Arc::clone(&index),
-        PipelineConfig {
-            batch: BatchConfig {
-                max_records: config.batch_size,
-                timeout: config.batch_timeout,
-            },
-            ..PipelineConfig::default()
-        },
-    );
-
-    let api_config = ApiConfig {
-        limits: Limits {
-            max_item_bytes: config.max_item_bytes,
-            max_request_bytes: config.max_request_bytes,
-            max_request_items: config.max_request_items,
-        },
-        log_ack_timeout: config.log_ack_timeout,
-        key_cache_ttl: config.key_cache_ttl,
+    let first_key = if role.accepts() {
+        sluice_registry::bootstrap(registry.as_ref()).await?
+    } else {
+        None
     };
-    let state = AppState::new(
-        Arc::clone(&log) as Arc<dyn Log>,
-        Arc::clone(&registry),
-        Arc::clone(&index),
-        &api_config,
-    );
 
-    let listener = TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let addr = listener
-        .local_addr()
-        .context("listener has no local address")?;
-    // Install the handlers before the banner: once "listening on" is printed, SIGTERM drains.
+    let (log, retention) = open_log(&config, role).await?;
+    // An API-only node has no index of its own to read from (its reads answer 501).
+    let index: Option<Arc<dyn Index>> = if role.ingests() {
+        Some(Arc::new(EmbeddedIndex::open(EmbeddedIndexConfig::new(
+            config.index_path(),
+        ))?))
+    } else {
+        None
+    };
+    let pipeline = match &index {
+        Some(index) if role.ingests() => Some(Pipeline::new(
+            Arc::clone(&log),
+            Validator::new(Arc::clone(&registry), config.key_cache_ttl),
+            Arc::new(EmbeddedDedup::open(
+                &config.dedup_path(),
+                config.dedup_window,
+            )?) as Arc<dyn Dedup>,
+            Arc::clone(index),
+            PipelineConfig {
+                batch: BatchConfig {
+                    max_records: config.batch_size,
+                    timeout: config.batch_timeout,
+                },
+                ..PipelineConfig::default()
+            },
+        )),
+        _ => None,
+    };
+
+    let state = role.accepts().then(|| {
+        let api_config = ApiConfig {
+            limits: Limits {
+                max_item_bytes: config.max_item_bytes,
+                max_request_bytes: config.max_request_bytes,
+                max_request_items: config.max_request_items,
+            },
+            log_ack_timeout: config.log_ack_timeout,
+            key_cache_ttl: config.key_cache_ttl,
+        };
+        AppState::new(
+            Arc::clone(&log),
+            Arc::clone(&registry),
+            index.clone(),
+            &api_config,
+        )
+    });
+
+    let listener = match &state {
+        Some(_) => Some(
+            TcpListener::bind(&config.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", config.listen))?,
+        ),
+        None => None,
+    };
+    // Install the handlers before the banner: once the last line is printed, SIGTERM drains.
     let signals = ShutdownSignals::install()?;
-    print_banner(&config, addr, first_key.as_deref());
+    let addr = match &listener {
+        Some(listener) => Some(
+            listener
+                .local_addr()
+                .context("listener has no local address")?,
+        ),
+        None => None,
+    };
+    print_banner(&config, role, addr, first_key.as_deref());
 
     // A signal, or the pipeline failing, flips this; the server stops accepting and the
-    // shutdown clock starts.
-    // It holds the moment the drain started.
+    // shutdown clock starts. It holds the moment the drain started.
     let (stop_tx, mut stop_rx) = watch::channel(None::<Instant>);
     let stop_tx = Arc::new(stop_tx);
     let drain_state = state.clone();
@@ -102,40 +180,60 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(async move {
         signals.recv().await;
         tracing::info!("shutdown signal received: draining");
-        drain_state.start_draining();
+        if let Some(state) = &drain_state {
+            state.start_draining();
+        }
         signal_stop.send_if_modified(start_drain);
     });
 
     // The pipeline stops on its own `stop` only after the HTTP server has drained, so the
     // requests it acknowledged last are still picked up by a running pipeline if time allows.
     let (pipeline_stop_tx, pipeline_stop_rx) = watch::channel(false);
-    let pipeline_state = state.clone();
-    let pipeline_failed_stop = Arc::clone(&stop_tx);
-    let mut pipeline_task = tokio::spawn(async move {
-        let result = pipeline.run(pipeline_stop_rx).await;
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "pipeline stopped on an unexpected error: shutting down");
-            pipeline_state.start_draining();
-            pipeline_failed_stop.send_if_modified(start_drain);
-        }
-        result
+    let mut pipeline_task = pipeline.map(|pipeline| {
+        let pipeline_state = state.clone();
+        let pipeline_failed_stop = Arc::clone(&stop_tx);
+        tokio::spawn(async move {
+            let result = pipeline.run(pipeline_stop_rx).await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "pipeline stopped on an unexpected error: shutting down");
+                if let Some(state) = &pipeline_state {
+                    state.start_draining();
+                }
+                pipeline_failed_stop.send_if_modified(start_drain);
+            }
+            result
+        })
     });
 
-    let app = sluice_api::router(state);
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-        }
-    });
     let mut graceful_rx = stop_rx.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let stopped = async move {
         let _ = graceful_rx.wait_for(Option::is_some).await;
-    });
-    let mut server = std::pin::pin!(server.into_future());
+    };
+    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+        match (listener, state) {
+            (Some(listener), Some(state)) => {
+                let app = sluice_api::router(state);
+                let listener = listener.tap_io(|tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+                    }
+                });
+                Box::pin(
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(stopped)
+                        .into_future(),
+                )
+            }
+            // No HTTP: run until the stop.
+            _ => Box::pin(async move {
+                stopped.await;
+                Ok(())
+            }),
+        };
     let drain_deadline =
         |stop: &Option<Instant>| stop.map_or_else(Instant::now, |at| at) + config.shutdown_timeout;
     tokio::select! {
-        result = &mut server => result.context("HTTP server failed")?,
+        result = server => result.context("HTTP server failed")?,
         () = async {
             let deadline = stop_rx.wait_for(Option::is_some).await.map(|s| drain_deadline(&s));
             tokio::time::sleep_until(deadline.unwrap_or_else(|_| Instant::now())).await;
@@ -147,19 +245,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // deadline was set when the stop came, so the whole drain fits in shutdown_timeout.
     let _ = pipeline_stop_tx.send(true);
     let deadline = drain_deadline(&stop_rx.borrow());
-    let pipeline_result = match tokio::time::timeout_at(deadline, &mut pipeline_task).await {
-        Ok(Ok(result)) => result.map_err(anyhow::Error::from),
-        Ok(Err(join)) => Err(anyhow::anyhow!("the pipeline task panicked: {join}")),
-        Err(_) => {
-            tracing::warn!(
-                "the pipeline did not finish its batches within the shutdown timeout; they will be processed again after restart"
-            );
-            pipeline_task.abort();
-            Ok(())
-        }
+    let pipeline_result = match &mut pipeline_task {
+        None => Ok(()),
+        Some(task) => match tokio::time::timeout_at(deadline, &mut *task).await {
+            Ok(Ok(result)) => result.map_err(anyhow::Error::from),
+            Ok(Err(join)) => Err(anyhow::anyhow!("the pipeline task panicked: {join}")),
+            Err(_) => {
+                tracing::warn!(
+                    "the pipeline did not finish its batches within the shutdown timeout; they will be processed again after restart"
+                );
+                task.abort();
+                Ok(())
+            }
+        },
     };
-    retention.abort();
-    index.close().await.context("closing the index")?;
+    if let Some(retention) = retention {
+        retention.abort();
+    }
+    if let Some(index) = &index {
+        index.close().await.context("closing the index")?;
+    }
     log.close().await.context("closing the log")?;
     pipeline_result.context("the pipeline failed")?;
     tracing::info!("stopped");
@@ -175,20 +280,32 @@ fn start_drain(stop: &mut Option<Instant>) -> bool {
     true
 }
 
-/// The banner. `listening on` is always the last line, so a supervisor or test that reads it
-/// knows the server is accepting.
-fn print_banner(config: &Config, addr: std::net::SocketAddr, first_key: Option<&str>) {
+/// The banner. `listening on` (or, for an ingest node, `ingesting from`) is always the last
+/// line, so a supervisor or test that reads it knows the node is running.
+fn print_banner(
+    config: &Config,
+    role: Role,
+    addr: Option<std::net::SocketAddr>,
+    first_key: Option<&str>,
+) {
+    let log = match config.kafka_brokers() {
+        Some(brokers) => format!("log: kafka {brokers}, topic {}", config.topic),
+        None => format!("log: embedded, {} partitions", config.partitions),
+    };
     println!(
-        "sluice {} (embedded: data dir {}, {} log partitions)",
+        "sluice {} {} (data dir {}, {log})",
         env!("CARGO_PKG_VERSION"),
+        role.name(),
         config.data_dir.display(),
-        config.partitions
     );
     if let Some(key) = first_key {
         println!("  first start: created org \"default\"; its API key (shown once):");
         println!("  api key: {key}");
     }
-    println!("listening on http://{addr}");
+    match addr {
+        Some(addr) => println!("listening on http://{addr}"),
+        None => println!("ingesting from {}", config.log),
+    }
 }
 
 /// SIGINT and SIGTERM, registered up front so no signal can arrive unhandled.

@@ -45,7 +45,7 @@ impl TestServer {
         let state = AppState::new(
             Arc::clone(&log) as Arc<dyn Log>,
             Arc::clone(&registry) as Arc<dyn Registry>,
-            index_in(dir.path()),
+            Some(index_in(dir.path())),
             &config,
         );
         let addr = spawn_api(state.clone()).await;
@@ -692,7 +692,7 @@ async fn a_log_that_does_not_acknowledge_in_time_gives_503() {
     let addr = spawn_api(AppState::new(
         Arc::new(StalledLog),
         registry,
-        index_in(dir.path()),
+        Some(index_in(dir.path())),
         &config,
     ))
     .await;

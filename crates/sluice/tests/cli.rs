@@ -2,10 +2,9 @@
 //! beside it, and the crash test (SIGKILL under concurrent load, restart, verify the log).
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,109 +12,8 @@ use serde_json::{Value, json};
 use sluice::client::Connection;
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
 
-fn sluice(data_dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.arg("--data-dir").arg(data_dir).env("RUST_LOG", "warn");
-    cmd
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("sluice runs");
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
-}
-
-fn run_err(cmd: &mut Command) -> String {
-    let out = cmd.output().expect("sluice runs");
-    assert!(!out.status.success(), "{cmd:?} should fail");
-    String::from_utf8(out.stderr).expect("utf-8 stderr")
-}
-
-/// A `sluice serve` child process.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    /// The key printed in the banner on first start.
-    first_key: Option<String>,
-}
-
-impl Server {
-    fn start(data_dir: &Path, extra: &[&str]) -> Server {
-        let mut child = sluice(data_dir)
-            .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(data_dir.with_extension("stderr.log"))
-                    .expect("stderr file"),
-            ))
-            .spawn()
-            .expect("spawn sluice serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let mut addr = None;
-        let mut first_key = None;
-        for line in lines.by_ref() {
-            let line = line.expect("banner line");
-            if let Some(rest) = line.split("api key: ").nth(1) {
-                first_key = Some(rest.trim().to_string());
-            }
-            if let Some(rest) = line.split("listening on http://").nth(1) {
-                addr = Some(rest.trim().parse().expect("listen address"));
-                break;
-            }
-        }
-        // Keep draining stdout so the child never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server {
-            child,
-            addr: addr.expect("banner has the address"),
-            first_key,
-        }
-    }
-
-    fn sigterm(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-        wait_timeout(&mut self.child, Duration::from_secs(30)).expect("exits after SIGTERM")
-    }
-
-    fn sigkill(&mut self) {
-        self.child.kill().expect("SIGKILL");
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
+mod support;
+use support::{Server, run_err, run_ok, sluice};
 
 #[test]
 fn admin_commands_manage_orgs_keys_and_bans() {
@@ -150,8 +48,10 @@ fn admin_commands_manage_orgs_keys_and_bans() {
     assert!(err.contains("invalid org name"), "{err}");
     let err = run_err(sluice(&data).args(["orgs", "create", "acme"]));
     assert!(err.contains("already exists"), "{err}");
-    let err = run_err(sluice(&data).args(["--log", "kafka://x:9092", "orgs", "list"]));
+    let err = run_err(sluice(&data).args(["--dedup", "redis://x:6379", "orgs", "list"]));
     assert!(err.contains("not supported by this build yet"), "{err}");
+    let err = run_err(sluice(&data).args(["ingest"]));
+    assert!(err.contains("--log kafka://"), "{err}");
 }
 
 #[test]

@@ -71,7 +71,7 @@ impl Stack {
         let state = AppState::new(
             Arc::clone(&log) as Arc<dyn Log>,
             Arc::clone(&registry) as Arc<dyn Registry>,
-            Arc::clone(&index) as Arc<dyn Index>,
+            Some(Arc::clone(&index) as Arc<dyn Index>),
             &ApiConfig::default(),
         );
         let addr = support::spawn_api(state).await;
