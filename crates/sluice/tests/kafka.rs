@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -11,7 +12,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use sluice::client::Connection;
+use sluice_index::Index;
 use sluice_log::kafka::testing::Tansu;
+use sluice_log::{KafkaLog, KafkaLogConfig, Log, Record};
 
 mod support;
 use support::Server;
@@ -321,4 +324,187 @@ async fn an_independent_kafka_client_reads_what_sluice_writes_and_sluice_ingests
     // And what sluice wrote itself was ingested too.
     let (status, profile) = get(&mut conn, &key, "/api/users/s-3").await;
     assert_eq!((status, &profile["dataFields"]), (200, &json!({"n": 3})));
+}
+
+/// One ingest "node" in this process: its own Kafka consumer (group member) running the
+/// pipeline into the shared dedup store and index.
+struct Member {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), sluice_pipeline::PipelineError>>,
+    log: Arc<KafkaLog>,
+}
+
+async fn member(
+    brokers: &str,
+    name: &str,
+    registry: Arc<dyn sluice_registry::Registry>,
+    dedup: Arc<dyn sluice_dedup::Dedup>,
+    index: Arc<dyn sluice_index::Index>,
+) -> Member {
+    let mut config = KafkaLogConfig::new(brokers, "sluice.ingest");
+    config.session_timeout = Duration::from_secs(6);
+    config.instance_id = Some(name.to_string());
+    let log = Arc::new(KafkaLog::connect(config).await.expect("connect"));
+    let pipeline = sluice_pipeline::Pipeline::new(
+        Arc::clone(&log) as Arc<dyn Log>,
+        sluice_pipeline::validate::Validator::new(registry, Duration::from_secs(5)),
+        dedup,
+        index,
+        sluice_pipeline::PipelineConfig {
+            batch: sluice_pipeline::batch::BatchConfig {
+                max_records: 500,
+                timeout: Duration::from_millis(50),
+            },
+            ..sluice_pipeline::PipelineConfig::default()
+        },
+    );
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(pipeline.run(stop_rx));
+    Member { stop, task, log }
+}
+
+impl Member {
+    /// Graceful stop: every partition finishes and commits its batch, then leaves.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("stops within 30 s")
+            .expect("no panic")
+            .expect("no pipeline error");
+        self.log.close().await.expect("close");
+    }
+}
+
+/// A log record in the documented format: update `seq` of user `u`, or its event `seq`.
+fn log_record(u: usize, seq: usize, event: bool) -> Record {
+    let value = if event {
+        json!({"v": 1, "kind": "event", "org": "default", "messageId": format!("ev-{u}-{seq}"),
+               "userId": format!("r-{u}"), "eventName": "step", "receivedAt": 1_700_000_000_000_i64,
+               "createdAt": 1_700_000_000_000_i64 + seq as i64, "dataFields": {"seq": seq}})
+    } else {
+        json!({"v": 1, "kind": "user_update", "org": "default", "messageId": format!("up-{u}-{seq}"),
+               "userId": format!("r-{u}"), "receivedAt": 1_700_000_000_000_i64,
+               "dataFields": {"seq": seq, "u": u}})
+    };
+    Record {
+        key: format!("default:u:r-{u}").into_bytes(),
+        value: value.to_string().into_bytes(),
+        timestamp_ms: 1_700_000_000_000,
+    }
+}
+
+/// Appends step `step` of every user: its update, then its event.
+async fn append_step(log: &KafkaLog, users: usize, step: usize) {
+    let records: Vec<Record> = (0..users)
+        .flat_map(|u| [log_record(u, step, false), log_record(u, step, true)])
+        .collect();
+    log.append(records).await.expect("append");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// Waits until every user's profile shows its last step and it has all `steps` events, never
+/// more (an event indexed twice would show up here: ids are per step).
+async fn wait_complete(index: &dyn Index, users: usize, steps: usize) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    for u in 0..users {
+        let user_key = format!("u:r-{u}");
+        loop {
+            let profile = index.get_user("default", &user_key).await.expect("read");
+            let events = index
+                .user_events("default", &user_key, 10_000)
+                .await
+                .expect("events");
+            assert!(
+                events.len() <= steps,
+                "user r-{u}: {} events, some twice",
+                events.len()
+            );
+            let last = profile.as_ref().map(|p| p["dataFields"]["seq"].clone());
+            if last == Some(json!(steps - 1)) && events.len() == steps {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "user r-{u} not complete within 90 s: last update {last:?}, {} events",
+                events.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_joining_under_load_rebalance_without_losing_or_doubling_anything() {
+    const USERS: usize = 40;
+    const STEPS: usize = 300;
+    let broker = Tansu::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (registry, _key) = support::registry_with_key(dir.path()).await;
+    let registry = registry as Arc<dyn sluice_registry::Registry>;
+    let dedup: Arc<dyn sluice_dedup::Dedup> = Arc::new(
+        sluice_dedup::EmbeddedDedup::open(&dir.path().join("dedup"), Duration::from_secs(3600))
+            .expect("dedup"),
+    );
+    let index = support::embedded_index(dir.path());
+    let shared = |index: &Arc<sluice_index::EmbeddedIndex>| {
+        Arc::clone(index) as Arc<dyn sluice_index::Index>
+    };
+
+    let producer = KafkaLog::connect(KafkaLogConfig::new(&broker.addr, "sluice.ingest"))
+        .await
+        .expect("producer");
+    let a = member(
+        &broker.addr,
+        "node-a",
+        Arc::clone(&registry),
+        Arc::clone(&dedup),
+        shared(&index),
+    )
+    .await;
+
+    // Steps go out in order per user, one append per step for all users; a second member joins
+    // a third of the way in and a third member two thirds in: rebalances under load.
+    let mut b = None;
+    let mut c = None;
+    for step in 0..STEPS {
+        append_step(&producer, USERS, step).await;
+        if step == STEPS / 3 {
+            b = Some(
+                member(
+                    &broker.addr,
+                    "node-b",
+                    Arc::clone(&registry),
+                    Arc::clone(&dedup),
+                    shared(&index),
+                )
+                .await,
+            );
+        }
+        if step == 2 * STEPS / 3 {
+            c = Some(
+                member(
+                    &broker.addr,
+                    "node-c",
+                    Arc::clone(&registry),
+                    Arc::clone(&dedup),
+                    shared(&index),
+                )
+                .await,
+            );
+        }
+    }
+    wait_complete(index.as_ref(), USERS, STEPS).await;
+
+    // Graceful stops: each member finishes and commits its batches.
+    for member in [Some(a), b, c].into_iter().flatten() {
+        member.stop().await;
+    }
+    // Every partition is committed up to its end.
+    let mut expected: BTreeMap<i32, i64> = (0..8).map(|p| (p, 0)).collect();
+    for u in 0..USERS {
+        let partition = sluice_model::partition_for_key(format!("default:u:r-{u}").as_bytes(), 8);
+        *expected.entry(partition as i32).or_default() += (2 * STEPS) as i64;
+    }
+    assert_eq!(committed(&broker.addr, "sluice-pipeline"), expected);
 }
