@@ -469,24 +469,18 @@ async fn members_joining_under_load_rebalance_without_losing_or_doubling_anythin
     let mut c = None;
     for step in 0..STEPS {
         append_step(&producer, USERS, step).await;
-        if step == STEPS / 3 {
-            b = Some(
+        let joining = match step {
+            s if s == STEPS / 3 => Some(("node-b", &mut b)),
+            s if s == 2 * STEPS / 3 => Some(("node-c", &mut c)),
+            _ => None,
+        };
+        if let Some((name, slot)) = joining {
+            let registry = Arc::clone(&registry);
+            *slot = Some(
                 member(
                     &broker.addr,
-                    "node-b",
-                    Arc::clone(&registry),
-                    Arc::clone(&dedup),
-                    shared(&index),
-                )
-                .await,
-            );
-        }
-        if step == 2 * STEPS / 3 {
-            c = Some(
-                member(
-                    &broker.addr,
-                    "node-c",
-                    Arc::clone(&registry),
+                    name,
+                    registry,
                     Arc::clone(&dedup),
                     shared(&index),
                 )

@@ -253,23 +253,15 @@ impl ClientContext for GroupContext {}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &GroupConsumer, rebalance: &Rebalance<'_>) {
+        let ours = |list: &TopicPartitionList| -> Vec<i32> {
+            list.elements_for_topic(&self.topic)
+                .iter()
+                .map(|e| e.partition())
+                .collect()
+        };
         match rebalance {
-            Rebalance::Assign(list) => {
-                let partitions: Vec<i32> = list
-                    .elements_for_topic(&self.topic)
-                    .iter()
-                    .map(|e| e.partition())
-                    .collect();
-                self.assign(&partitions);
-            }
-            Rebalance::Revoke(list) => {
-                let partitions: Vec<i32> = list
-                    .elements_for_topic(&self.topic)
-                    .iter()
-                    .map(|e| e.partition())
-                    .collect();
-                self.revoke(&partitions);
-            }
+            Rebalance::Assign(list) => self.assign(&ours(list)),
+            Rebalance::Revoke(list) => self.revoke(&ours(list)),
             Rebalance::Error(e) => {
                 tracing::warn!(group = %self.group, error = %e, "kafka: rebalance error");
             }
