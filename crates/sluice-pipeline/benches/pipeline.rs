@@ -67,6 +67,21 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         &dir.path().join("log"),
         EmbeddedLogConfig::default(),
     )?);
+    // SLUICE_BENCH_LOG=kafka: the same pipeline fed by a tansu broker on a free port instead
+    // (pipeline part only; progress is records read, at most one batch per partition ahead).
+    let kafka = if std::env::var("SLUICE_BENCH_LOG").as_deref() == Ok("kafka") {
+        let broker = sluice_log::kafka::testing::Tansu::start();
+        let mut config = sluice_log::KafkaLogConfig::new(&broker.addr, "sluice.ingest");
+        config.instance_id = Some("bench".into());
+        let kafka = Arc::new(sluice_log::KafkaLog::connect(config).await?);
+        Some((broker, kafka))
+    } else {
+        None
+    };
+    let source: Arc<dyn Log> = match &kafka {
+        Some((_, kafka)) => Arc::clone(kafka) as Arc<dyn Log>,
+        None => Arc::clone(&log) as Arc<dyn Log>,
+    };
 
     // 1. The log.
     let now = sluice_model::time::now_ms();
@@ -99,11 +114,11 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             timestamp_ms: now,
         });
         if chunk.len() == 1000 {
-            log.append(std::mem::take(&mut chunk)).await?;
+            source.append(std::mem::take(&mut chunk)).await?;
         }
     }
     if !chunk.is_empty() {
-        log.append(chunk).await?;
+        source.append(chunk).await?;
     }
     println!(
         "{messages} messages over {users} users in {} partitions",
@@ -118,7 +133,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     )?);
     let config = PipelineConfig::default();
     let pipeline = Pipeline::new(
-        Arc::clone(&log) as Arc<dyn Log>,
+        Arc::clone(&source),
         Validator::new(Arc::clone(&registry), Duration::from_secs(5)),
         dedup,
         Arc::clone(&index) as Arc<dyn Index>,
@@ -132,9 +147,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let task = tokio::spawn(pipeline.run(stop_rx));
     let mut steady = Steady::new(messages as u64);
     loop {
-        let committed: u64 = (0..log.partitions())
-            .map(|p| log.committed(&config.group, p).ok().flatten().unwrap_or(0))
-            .sum();
+        let committed: u64 = if kafka.is_some() {
+            PipelineStats::get(&stats.records)
+        } else {
+            (0..log.partitions())
+                .map(|p| log.committed(&config.group, p).ok().flatten().unwrap_or(0))
+                .sum()
+        };
         steady.sample(committed);
         if committed >= messages as u64 {
             break;
@@ -169,7 +188,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .map(|(name, cpu)| format!("{name} {cpu:.2}"))
         .collect();
     println!("  cpu s by thread: {}", by_thread.join(", "));
-    if std::env::var_os("SLUICE_BENCH_PIPELINE_ONLY").is_some() {
+    if std::env::var_os("SLUICE_BENCH_PIPELINE_ONLY").is_some() || kafka.is_some() {
         return Ok(());
     }
 
