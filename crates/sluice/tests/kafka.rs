@@ -502,3 +502,110 @@ async fn members_joining_under_load_rebalance_without_losing_or_doubling_anythin
     }
     assert_eq!(committed(&broker.addr, "sluice-pipeline"), expected);
 }
+
+/// Every record of the ingest topic, each partition in offset order: the values.
+fn topic_values(brokers: &str) -> Vec<Vec<u8>> {
+    use rdkafka::Message;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "sluice-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for p in 0..8 {
+        list.add_partition_offset("sluice.ingest", p, Offset::Beginning)
+            .expect("assign");
+    }
+    consumer.assign(&list).expect("assign");
+    let mut by_partition: BTreeMap<i32, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
+    let mut idle_since = Instant::now();
+    while idle_since.elapsed() < Duration::from_secs(3) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                idle_since = Instant::now();
+                by_partition
+                    .entry(m.partition())
+                    .or_default()
+                    .push((m.offset(), m.payload().unwrap_or_default().to_vec()));
+            }
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None => {}
+        }
+    }
+    by_partition
+        .into_values()
+        .flat_map(|mut records| {
+            records.sort_by_key(|(offset, _)| *offset);
+            records.into_iter().map(|(_, value)| value)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_serve_on_kafka_under_load_loses_and_doubles_nothing() {
+    let broker = Tansu::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("node");
+    let url = format!("kafka://{}", broker.addr);
+    let args = [
+        "--log",
+        url.as_str(),
+        "--kafka-session-timeout",
+        "6s",
+        "--batch-timeout",
+        "50ms",
+    ];
+    let mut key = None;
+    let mut acked: Vec<String> = Vec::new();
+    // Killed while clients write and the pipeline indexes; restarted under the same static
+    // member id, it resumes from its last commits.
+    for (round, run_for) in [2500u64, 1500].into_iter().enumerate() {
+        let mut server = Server::start(&data, &args);
+        key = key.or_else(|| server.first_key.clone());
+        let key = key.clone().expect("key from the first start");
+        let clients: Vec<_> = (0..8)
+            .map(|c| tokio::spawn(support::client_load(server.addr, key.clone(), c, round)))
+            .collect();
+        tokio::time::sleep(Duration::from_millis(run_for)).await;
+        server.sigkill();
+        for c in clients {
+            acked.extend(c.await.expect("client task"));
+        }
+    }
+    assert!(
+        acked.len() > 500,
+        "the load did real work: {} acks",
+        acked.len()
+    );
+    let mut server = Server::start(&data, &args);
+    let key = key.expect("key");
+    support::wait_for_sentinels(server.addr, &key).await;
+    assert!(server.sigterm().success());
+
+    let values = topic_values(&broker.addr);
+    let ids: std::collections::HashMap<String, usize> =
+        values.iter().fold(Default::default(), |mut ids, v| {
+            let v: Value = serde_json::from_slice(v).expect("record JSON");
+            *ids.entry(v["messageId"].as_str().unwrap_or("").to_string())
+                .or_default() += 1;
+            ids
+        });
+    for id in &acked {
+        assert_eq!(
+            ids.get(id),
+            Some(&1),
+            "acknowledged {id} is in the topic once"
+        );
+    }
+    let values: Vec<Vec<u8>> = values
+        .into_iter()
+        .filter(|v| !String::from_utf8_lossy(v).contains("\"sentinel-"))
+        .collect();
+    eprintln!(
+        "kafka crash test: {} acknowledged messages over 2 SIGKILLs, {} records in the topic",
+        acked.len(),
+        values.len()
+    );
+    support::check_index_matches_log(&data.join("index"), &values).await;
+}

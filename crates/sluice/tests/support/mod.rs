@@ -4,6 +4,7 @@
 // Each test file uses the part it needs.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -11,6 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use serde_json::{Value, json};
+use sluice::client::Connection;
 use sluice_api::AppState;
 use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig};
 use sluice_registry::SqliteRegistry;
@@ -149,4 +152,164 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
         std::thread::sleep(Duration::from_millis(20));
     }
     None
+}
+
+/// What one client saw: the message ids the server acknowledged, in the order it sent them.
+pub type Acked = Vec<String>;
+
+/// One client: sequential requests over one connection, each user's messages in order.
+/// Ids are `c<client>-<seq>-<item>`; users are `c<client>-u<n>`.
+pub async fn client_load(addr: SocketAddr, key: String, client: usize, round: usize) -> Acked {
+    let mut acked = Vec::new();
+    let Ok(mut conn) = Connection::connect(addr).await else {
+        return acked;
+    };
+    for seq in 0.. {
+        let (path, body, ids): (&str, Value, Vec<String>) = if seq % 4 == 3 {
+            let ids: Vec<String> = (0..10)
+                .map(|i| format!("r{round}-c{client}-{seq}-{i}"))
+                .collect();
+            let events: Vec<Value> = ids
+                .iter()
+                .enumerate()
+                .map(|(i, id)| json!({"userId": format!("c{client}-u{}", i % 3), "eventName": "e", "id": id, "dataFields": {"seq": seq}}))
+                .collect();
+            ("/api/events/trackBulk", json!({"events": events}), ids)
+        } else {
+            let id = format!("r{round}-c{client}-{seq}-0");
+            let body = json!({"userId": format!("c{client}-u{}", seq % 3), "id": id, "dataFields": {"seq": seq, "round": round}});
+            ("/api/users/update", body, vec![id])
+        };
+        match conn
+            .post(path, &[("api-key", &key)], body.to_string().into())
+            .await
+        {
+            Ok(reply) if reply.status == 200 => acked.extend(ids),
+            Ok(reply) => panic!(
+                "unexpected status {} before the kill: {:?}",
+                reply.status,
+                reply.json()
+            ),
+            Err(_) => return acked, // the server died under us
+        }
+    }
+    acked
+}
+
+/// Parses `r<round>-c<client>-<seq>-<item>` into a sortable send position.
+pub fn send_position(id: &str) -> (usize, usize, usize, usize) {
+    let parts: Vec<usize> = id
+        .split('-')
+        .map(|p| {
+            p.trim_start_matches(['r', 'c'])
+                .parse()
+                .expect("numeric id part")
+        })
+        .collect();
+    (parts[0], parts[1], parts[2], parts[3])
+}
+
+/// Posts one event for a user on each of the 8 partitions and waits until all are readable.
+pub async fn wait_for_sentinels(addr: SocketAddr, key: &str) {
+    let mut sentinels: HashMap<u32, String> = HashMap::new();
+    for n in 0.. {
+        if sentinels.len() == 8 {
+            break;
+        }
+        let user = format!("sentinel-{n}");
+        let partition = sluice_model::partition_for_key(format!("default:u:{user}").as_bytes(), 8);
+        sentinels.entry(partition).or_insert(user);
+    }
+    for user in sentinels.values() {
+        let (status, body) = post(
+            addr,
+            key,
+            "/api/events/track",
+            json!({"userId": user, "eventName": "sentinel", "id": user}),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    for user in sentinels.values() {
+        loop {
+            let r = conn
+                .get(&format!("/api/users/{user}/events"), &[("api-key", key)])
+                .await
+                .expect("request");
+            if r.json()["events"].as_array().is_some_and(|e| !e.is_empty()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pipeline caught up within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Every durable message is in the index exactly once in effect: each user's profile is the
+/// last update of that user in the log, and each user's events are exactly the events in the
+/// log, none twice. `records` are the log's values, each partition in offset order.
+pub async fn check_index_matches_log(index_dir: &Path, records: &[Vec<u8>]) {
+    use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
+    let mut last_update: HashMap<String, Value> = HashMap::new();
+    let mut events: HashMap<String, Vec<String>> = HashMap::new();
+    for value in records {
+        let v: Value = serde_json::from_slice(value).expect("record JSON");
+        let user = v["userId"].as_str().expect("userId").to_string();
+        let id = v["messageId"].as_str().expect("messageId").to_string();
+        match v["kind"].as_str() {
+            Some("user_update") => {
+                last_update.insert(user, v["dataFields"].clone());
+            }
+            Some("event") => events.entry(user).or_default().push(id),
+            other => panic!("unexpected kind {other:?}"),
+        }
+    }
+    let index = EmbeddedIndex::open(EmbeddedIndexConfig::new(index_dir.to_path_buf()))
+        .expect("index reopens");
+    let mut checked_events = 0;
+    for (user, data_fields) in &last_update {
+        let profile = index
+            .get_user("default", &format!("u:{user}"))
+            .await
+            .expect("read")
+            .unwrap_or_else(|| panic!("no profile for {user}"));
+        assert_eq!(
+            &profile["dataFields"], data_fields,
+            "{user}: the last update"
+        );
+    }
+    for (user, ids) in &events {
+        let mut indexed: Vec<String> = index
+            .user_events("default", &format!("u:{user}"), 10_000)
+            .await
+            .expect("read")
+            .iter()
+            .map(|e| e["messageId"].as_str().unwrap_or("").to_string())
+            .collect();
+        indexed.sort();
+        let mut expected = ids.clone();
+        expected.sort();
+        assert_eq!(indexed, expected, "{user}: each event exactly once");
+        checked_events += ids.len();
+    }
+    eprintln!(
+        "crash test: index matches the log: {} profiles, {checked_events} events",
+        last_update.len()
+    );
+    index.close().await.expect("close index");
+}
+
+/// One JSON POST on a fresh connection: (status, body).
+pub async fn post(addr: SocketAddr, key: &str, path: &str, body: Value) -> (u16, Value) {
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let r = conn
+        .post(path, &[("api-key", key)], body.to_string().into())
+        .await
+        .expect("request");
+    (r.status.as_u16(), r.json())
 }
