@@ -37,6 +37,7 @@ pub struct Connection {
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: StatusCode,
+    pub headers: hyper::HeaderMap,
     pub body: Bytes,
 }
 
@@ -105,13 +106,12 @@ impl Connection {
         let request = request.body(Full::new(body))?;
         self.sender.ready().await.map_err(http)?;
         let response = self.sender.send_request(request).await.map_err(http)?;
-        let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(http)?
-            .to_bytes();
-        Ok(Reply { status, body })
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.map_err(http)?.to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
     }
 }

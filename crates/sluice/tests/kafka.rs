@@ -609,3 +609,77 @@ async fn sigkill_of_serve_on_kafka_under_load_loses_and_doubles_nothing() {
     );
     support::check_index_matches_log(&data.join("index"), &values).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_broker_is_a_503_with_retry_after_within_the_ack_timeout() {
+    let broker = Tansu::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("kafka://{}", broker.addr);
+    let server = Server::start(
+        &dir.path().join("node"),
+        &["--log", url.as_str(), "--log-ack-timeout", "1s"],
+    );
+    let key = server.first_key.clone().expect("key");
+    let mut conn = Connection::connect(server.addr).await.expect("connect");
+    let event = |n: usize| json!({"userId": "f-1", "eventName": "e", "id": format!("f-{n}")});
+    post(&mut conn, &key, "/api/events/track", event(0)).await;
+
+    let signal = |name: &str| {
+        let status = std::process::Command::new("kill")
+            .args([name, &broker.pid().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let started = Instant::now();
+    let reply = conn
+        .post(
+            "/api/events/track",
+            &[("api-key", key.as_str())],
+            event(1).to_string().into(),
+        )
+        .await
+        .expect("request");
+    let waited = started.elapsed();
+    signal("-CONT");
+    assert_eq!(reply.status.as_u16(), 503, "{}", reply.json());
+    assert!(
+        reply.headers.contains_key("retry-after"),
+        "{:?}",
+        reply.headers
+    );
+    assert!(
+        reply.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not acknowledge")),
+        "{}",
+        reply.json()
+    );
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "answered after {waited:?}"
+    );
+
+    // The broker is back: requests succeed again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = conn
+            .post(
+                "/api/events/track",
+                &[("api-key", key.as_str())],
+                event(2).to_string().into(),
+            )
+            .await
+            .expect("request");
+        if reply.status.as_u16() == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still {} after the broker resumed",
+            reply.status
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
