@@ -352,3 +352,24 @@ async fn a_joining_member_takes_partitions_only_after_they_are_released() {
     drop((a, b, first, second));
     log.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_reports_unhealthy_once_every_broker_is_down() {
+    let broker = Tansu::start();
+    let log = KafkaLog::connect(KafkaLogConfig::new(&broker.addr, "sluice.ingest"))
+        .await
+        .expect("connect");
+    log.append(vec![record("acme:u:1", "{}")])
+        .await
+        .expect("append");
+    assert!(log.is_healthy());
+    drop(broker); // killed
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while log.is_healthy() {
+        assert!(
+            Instant::now() < deadline,
+            "still healthy 20 s after the broker died"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

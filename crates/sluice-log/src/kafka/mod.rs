@@ -16,13 +16,14 @@ mod consumer;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
@@ -89,10 +90,26 @@ impl KafkaLogConfig {
     }
 }
 
+/// The producer's callbacks: notes when librdkafka reports every broker down, for
+/// `is_healthy`; the next delivered record clears it.
+struct ProducerHealth {
+    all_brokers_down: Arc<AtomicBool>,
+}
+
+impl ClientContext for ProducerHealth {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.all_brokers_down.store(true, Ordering::Relaxed);
+        }
+        tracing::warn!(%error, reason, "kafka producer");
+    }
+}
+
 /// The log on a Kafka cluster.
 pub struct KafkaLog {
     config: KafkaLogConfig,
-    producer: FutureProducer,
+    producer: FutureProducer<ProducerHealth>,
+    all_brokers_down: Arc<AtomicBool>,
     partitions: u32,
     /// Threads of the subscriptions; each ends once its subscription is dropped.
     consumers: Mutex<Vec<std::thread::JoinHandle<()>>>,
@@ -107,7 +124,8 @@ impl KafkaLog {
             brokers: config.brokers.clone(),
             message: format!("{what}: {e}"),
         };
-        let producer: FutureProducer = ClientConfig::new()
+        let all_brokers_down = Arc::new(AtomicBool::new(false));
+        let producer: FutureProducer<ProducerHealth> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -117,7 +135,9 @@ impl KafkaLog {
                 "message.timeout.ms",
                 config.request_timeout.as_millis().max(1).to_string(),
             )
-            .create()
+            .create_with_context(ProducerHealth {
+                all_brokers_down: Arc::clone(&all_brokers_down),
+            })
             .map_err(|e| broker_error("cannot create the producer", e))?;
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &config.brokers)
@@ -175,6 +195,7 @@ impl KafkaLog {
         Ok(KafkaLog {
             config,
             producer,
+            all_brokers_down,
             partitions,
             consumers: Mutex::new(Vec::new()),
             slots: consumer::Slots::default(),
@@ -191,7 +212,7 @@ impl KafkaLog {
 
 /// The partition count of the topic, from the cluster's metadata.
 async fn topic_partitions(
-    producer: &FutureProducer,
+    producer: &FutureProducer<ProducerHealth>,
     config: &KafkaLogConfig,
 ) -> Result<u32, LogError> {
     let producer = producer.clone();
@@ -256,10 +277,13 @@ impl Log for KafkaLog {
         let mut acks = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             match delivery.await {
-                Ok(Ok(delivered)) => acks.push(Ack {
-                    partition: delivered.partition as u32,
-                    offset: delivered.offset as u64,
-                }),
+                Ok(Ok(delivered)) => {
+                    self.all_brokers_down.store(false, Ordering::Relaxed);
+                    acks.push(Ack {
+                        partition: delivered.partition as u32,
+                        offset: delivered.offset as u64,
+                    });
+                }
                 Ok(Err((e, _))) => {
                     return Err(self.error(format!("the broker did not acknowledge: {e}")));
                 }
@@ -279,8 +303,9 @@ impl Log for KafkaLog {
     }
 
     fn is_healthy(&self) -> bool {
-        // librdkafka reconnects by itself; a send that cannot be delivered fails the request.
-        true
+        // librdkafka reconnects by itself; this turns false while it reports every broker
+        // down, until a record is delivered again.
+        !self.all_brokers_down.load(Ordering::Relaxed)
     }
 
     async fn close(&self) -> Result<(), LogError> {
