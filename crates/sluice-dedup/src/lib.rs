@@ -5,14 +5,16 @@
 //! pipeline marks only after the index write succeeded and before it commits the offset, so a
 //! redelivered message is recognised and skipped.
 //!
-//! `embedded` implements it on fjall under the data dir; Redis comes with the distributed
-//! backends.
+//! `embedded` implements it on fjall under the data dir; `redis` on a Redis server, for the
+//! distributed shape.
 
 use async_trait::async_trait;
 
 pub mod embedded;
+pub mod redis;
 
 pub use embedded::EmbeddedDedup;
+pub use redis::{RedisDedup, RedisDedupConfig};
 
 /// Default dedup window: 7 days.
 pub const DEFAULT_WINDOW: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
@@ -28,6 +30,11 @@ pub struct MessageKey<'a> {
 pub enum DedupError {
     #[error("dedup store error at {path}: {message}")]
     Storage { path: String, message: String },
+    /// The server could not be reached or did not answer; retrying may succeed.
+    #[error("dedup store {server}: {message}")]
+    Unavailable { server: String, message: String },
+    #[error("invalid dedup store configuration: {0}")]
+    Config(String),
 }
 
 #[async_trait]

@@ -43,6 +43,7 @@ pub struct Config {
     #[serde(with = "duration")]
     pub kafka_session_timeout: Duration,
     pub kafka_instance_id: String,
+    pub dedup_key_prefix: String,
 }
 
 impl Default for Config {
@@ -69,6 +70,7 @@ impl Default for Config {
             topic: "sluice.ingest".into(),
             kafka_session_timeout: Duration::from_secs(10),
             kafka_instance_id: String::new(),
+            dedup_key_prefix: "sluice:dedup".into(),
         }
     }
 }
@@ -85,8 +87,9 @@ listen = "127.0.0.1:8080"
 data_dir = "./sluice-data"
 
 # Backends, by URL. The log is `embedded` or Kafka (`kafka://host:9092[,host:9093...]`); the
-# others are `embedded` in this build (redis://, http(s):// for Elasticsearch/OpenSearch and
-# postgres:// are refused with a clear error until they land).
+# dedup store `embedded` or Redis (`redis://host:6379[/db]`); the index and the registry are
+# `embedded` in this build (http(s):// for Elasticsearch/OpenSearch and postgres:// are
+# refused with a clear error until they land).
 log = "embedded"
 dedup = "embedded"
 index = "embedded"
@@ -105,6 +108,9 @@ kafka_session_timeout = "10s"
 # timeout gets its partitions back without a rebalance. Must be unique among running nodes.
 # Empty: derived from the host name and the absolute data_dir.
 kafka_instance_id = ""
+
+# Redis dedup only: keys are `<dedup_key_prefix>:<org>:<message id>`, kept for dedup_window.
+dedup_key_prefix = "sluice:dedup"
 
 # How long a request waits for the log to make its messages durable before answering 503.
 log_ack_timeout = "5s"
@@ -150,7 +156,7 @@ pub struct ConfigArgs {
     /// Log backend: `embedded` [default] or kafka://host:9092[,host:9093...].
     #[arg(long, global = true, env = "SLUICE_LOG", value_name = "URL")]
     pub log: Option<String>,
-    /// Dedup backend: `embedded` [default].
+    /// Dedup backend: `embedded` [default] or redis://host:6379[/db].
     #[arg(long, global = true, env = "SLUICE_DEDUP", value_name = "URL")]
     pub dedup: Option<String>,
     /// Index backend: `embedded` [default].
@@ -204,6 +210,9 @@ pub struct ConfigArgs {
     /// Kafka static membership id of this node [default: from host name and data dir].
     #[arg(long, global = true, env = "SLUICE_KAFKA_INSTANCE_ID")]
     pub kafka_instance_id: Option<String>,
+    /// Key prefix of the Redis dedup store [default: sluice:dedup].
+    #[arg(long, global = true, env = "SLUICE_DEDUP_KEY_PREFIX")]
+    pub dedup_key_prefix: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -251,7 +260,8 @@ impl Config {
             dedup_window,
             topic,
             kafka_session_timeout,
-            kafka_instance_id
+            kafka_instance_id,
+            dedup_key_prefix
         );
         config.validate()?;
         Ok(config)
@@ -271,11 +281,16 @@ impl Config {
         if self.topic.trim().is_empty() {
             bail!("topic must not be empty");
         }
-        for (name, value) in [
-            ("dedup", &self.dedup),
-            ("index", &self.index),
-            ("registry", &self.registry),
-        ] {
+        if !(self.dedup == "embedded"
+            || self.dedup.starts_with("redis://")
+            || self.dedup.starts_with("rediss://"))
+        {
+            bail!(
+                "dedup = {:?}: expected `embedded` or redis://host:6379[/db]",
+                self.dedup
+            );
+        }
+        for (name, value) in [("index", &self.index), ("registry", &self.registry)] {
             if value != "embedded" {
                 bail!(
                     "{name} = {value:?} is not supported by this build yet: only \"embedded\" is implemented"
@@ -404,11 +419,17 @@ mod tests {
             "{err}"
         );
         let args = ConfigArgs {
-            dedup: Some("redis://localhost:6379".into()),
+            index: Some("http://localhost:9200".into()),
             ..Default::default()
         };
         let err = Config::resolve(&args).expect_err("not yet").to_string();
         assert!(err.contains("only \"embedded\""), "{err}");
+        let args = ConfigArgs {
+            dedup: Some("memcached://localhost".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(&args).expect_err("unknown").to_string();
+        assert!(err.contains("redis://"), "{err}");
         let args = ConfigArgs {
             log: Some("kafka://nohostport".into()),
             ..Default::default()

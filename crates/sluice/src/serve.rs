@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use sluice_api::{ApiConfig, AppState, Limits};
-use sluice_dedup::{Dedup, EmbeddedDedup};
+use sluice_dedup::{Dedup, EmbeddedDedup, RedisDedup, RedisDedupConfig};
 use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, KafkaLogConfig, Log};
 use sluice_pipeline::batch::BatchConfig;
@@ -87,6 +87,22 @@ async fn open_log(
     Ok((Arc::new(log), None))
 }
 
+/// The dedup store, as configured: embedded under the data dir, or Redis.
+async fn open_dedup(config: &Config) -> anyhow::Result<Arc<dyn Dedup>> {
+    if config.dedup == "embedded" {
+        return Ok(Arc::new(EmbeddedDedup::open(
+            &config.dedup_path(),
+            config.dedup_window,
+        )?));
+    }
+    let mut redis = RedisDedupConfig::new(&config.dedup, config.dedup_window);
+    redis.prefix = config.dedup_key_prefix.clone();
+    let dedup = RedisDedup::connect(redis)
+        .await
+        .context("cannot use the Redis dedup store")?;
+    Ok(Arc::new(dedup))
+}
+
 pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     if role != Role::Serve && config.kafka_brokers().is_none() {
         anyhow::bail!(
@@ -117,10 +133,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         Some(index) if role.ingests() => Some(Pipeline::new(
             Arc::clone(&log),
             Validator::new(Arc::clone(&registry), config.key_cache_ttl),
-            Arc::new(EmbeddedDedup::open(
-                &config.dedup_path(),
-                config.dedup_window,
-            )?) as Arc<dyn Dedup>,
+            open_dedup(&config).await?,
             Arc::clone(index),
             PipelineConfig {
                 batch: BatchConfig {

@@ -1,0 +1,151 @@
+//! The dedup store on Redis (SPEC §2, distributed shape): one key per processed message,
+//! `<prefix>:<org>:<message id>`, set with the window as its time to live, so Redis forgets
+//! marks by itself.
+//!
+//! A batch is one round trip either way: `check` pipelines one `EXISTS` per key, `mark` one
+//! `SET key 1 EX <window> NX` per key (the first processing time stands). The connection
+//! manager reconnects by itself; while Redis is unreachable every call fails with a retriable
+//! error naming the server, and the pipeline retries with backoff without skipping or
+//! committing anything.
+//!
+//! Durability is Redis's own: with persistence off, a Redis restart forgets the marks and
+//! messages redelivered after it are processed again (the index writes are idempotent).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use crate::{Dedup, DedupError, MessageKey};
+
+/// Settings of the Redis dedup store.
+#[derive(Debug, Clone)]
+pub struct RedisDedupConfig {
+    /// `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// How long a mark is kept.
+    pub window: Duration,
+    /// Namespace of the keys.
+    pub prefix: String,
+    /// How long one round trip may take before it counts as failed.
+    pub timeout: Duration,
+}
+
+impl RedisDedupConfig {
+    pub fn new(url: impl Into<String>, window: Duration) -> Self {
+        RedisDedupConfig {
+            url: url.into(),
+            window,
+            prefix: "sluice:dedup".into(),
+            timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The dedup store on a Redis server.
+#[derive(Clone)]
+pub struct RedisDedup {
+    connection: ConnectionManager,
+    config: RedisDedupConfig,
+    window_secs: u64,
+}
+
+impl RedisDedup {
+    /// Connects (the first connection must succeed, so a wrong URL fails at start).
+    pub async fn connect(config: RedisDedupConfig) -> Result<RedisDedup, DedupError> {
+        let unavailable = |message: String| DedupError::Unavailable {
+            server: redacted(&config.url),
+            message,
+        };
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| DedupError::Config(format!("{}: {e}", redacted(&config.url))))?;
+        let manager = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout));
+        let connection = tokio::time::timeout(
+            config.timeout * 2,
+            ConnectionManager::new_with_config(client, manager),
+        )
+        .await
+        .map_err(|_| unavailable(format!("no connection within {:?}", config.timeout * 2)))?
+        .map_err(|e| unavailable(format!("cannot connect: {e}")))?;
+        let window_secs = config.window.as_secs().max(1);
+        Ok(RedisDedup {
+            connection,
+            config,
+            window_secs,
+        })
+    }
+
+    fn key(&self, key: &MessageKey<'_>) -> String {
+        format!("{}:{}:{}", self.config.prefix, key.org, key.message_id)
+    }
+
+    fn error(&self, what: &str, e: &redis::RedisError) -> DedupError {
+        DedupError::Unavailable {
+            server: redacted(&self.config.url),
+            message: format!("{what}: {e}"),
+        }
+    }
+}
+
+/// The URL without its password, for messages.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}***{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[async_trait]
+impl Dedup for RedisDedup {
+    async fn check(&self, keys: &[MessageKey<'_>]) -> Result<Vec<bool>, DedupError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.exists(self.key(key));
+        }
+        let mut connection = self.connection.clone();
+        pipe.query_async::<Vec<bool>>(&mut connection)
+            .await
+            .map_err(|e| self.error("checking message ids", &e))
+    }
+
+    async fn mark(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET")
+                .arg(self.key(key))
+                .arg(1)
+                .arg("EX")
+                .arg(self.window_secs)
+                .arg("NX")
+                .ignore();
+        }
+        let mut connection = self.connection.clone();
+        pipe.query_async::<()>(&mut connection)
+            .await
+            .map_err(|e| self.error("marking message ids", &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(
+            redacted("redis://user:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
+    }
+}
