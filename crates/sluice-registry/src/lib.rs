@@ -1,18 +1,21 @@
 //! The registry: orgs, API keys and banned users.
 //!
 //! `Registry` is the contract; `SqliteRegistry` is the embedded implementation (one SQLite file
-//! in WAL mode, so admin commands can change it while a server runs). API keys are random
+//! in WAL mode, so admin commands can change it while a server runs), `PostgresRegistry` the
+//! shared one for the distributed shape. API keys are random
 //! 192-bit secrets; only their SHA-256 is stored, so a leaked registry leaks no key.
 //!
 //! Invariant: org names are `[A-Za-z0-9][A-Za-z0-9_.-]{0,63}`. They appear in log record keys
 //! (`<org>:<userKey>`), so they never contain `:`.
 
 mod keys;
+mod postgres;
 mod sqlite;
 
 use async_trait::async_trait;
 
 pub use keys::{generate_key, hash_key};
+pub use postgres::PostgresRegistry;
 pub use sqlite::SqliteRegistry;
 
 /// The org every first start of an empty data dir creates.

@@ -207,8 +207,9 @@ impl Registry for SqliteRegistry {
 
 #[cfg(test)]
 mod tests {
+    // The behaviour every registry shares is tested on both in `tests/registry.rs`; these
+    // are SQLite's own.
     use super::*;
-    use crate::bootstrap;
 
     async fn registry() -> (tempfile::TempDir, SqliteRegistry) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -216,25 +217,6 @@ mod tests {
             .await
             .expect("open");
         (dir, reg)
-    }
-
-    #[tokio::test]
-    async fn bootstrap_creates_default_org_and_key_once() {
-        let (_dir, reg) = registry().await;
-        let key = bootstrap(&reg)
-            .await
-            .expect("bootstrap")
-            .expect("a key on first start");
-        let org = reg
-            .org_for_key(&key)
-            .await
-            .expect("lookup")
-            .expect("key known");
-        assert_eq!(org.name, "default");
-        assert!(
-            bootstrap(&reg).await.expect("bootstrap").is_none(),
-            "second start creates nothing"
-        );
     }
 
     #[tokio::test]
@@ -264,50 +246,6 @@ mod tests {
             .await
             .expect("query");
         assert!(!stored.contains(&acme) && stored.contains(&hash_key(&acme)));
-    }
-
-    #[tokio::test]
-    async fn org_lifecycle_and_errors() {
-        let (_dir, reg) = registry().await;
-        reg.create_org("acme").await.expect("create");
-        assert!(matches!(
-            reg.create_org("acme").await,
-            Err(RegistryError::OrgExists(_))
-        ));
-        assert!(matches!(
-            reg.create_org("a:b").await,
-            Err(RegistryError::InvalidOrgName { .. })
-        ));
-        assert!(matches!(
-            reg.create_key("nope").await,
-            Err(RegistryError::NoSuchOrg(_))
-        ));
-        reg.set_org_active("acme", false).await.expect("disable");
-        let orgs = reg.list_orgs().await.expect("list");
-        assert_eq!(orgs.len(), 1);
-        assert!(!orgs[0].active);
-        assert!(matches!(
-            reg.set_org_active("nope", false).await,
-            Err(RegistryError::NoSuchOrg(_))
-        ));
-    }
-
-    #[tokio::test]
-    async fn bans_are_per_org() {
-        let (_dir, reg) = registry().await;
-        let acme = reg.create_org("acme").await.expect("create");
-        let other = reg.create_org("other").await.expect("create");
-        reg.ban_user("acme", "u1").await.expect("ban");
-        reg.ban_user("acme", "u1")
-            .await
-            .expect("banning twice is fine");
-        assert!(reg.is_banned(acme.id, "u1").await.expect("check"));
-        assert!(!reg.is_banned(other.id, "u1").await.expect("check"));
-        assert_eq!(reg.banned_users(acme.id).await.expect("list"), ["u1"]);
-        assert!(reg.banned_users(other.id).await.expect("list").is_empty());
-        assert!(reg.unban_user("acme", "u1").await.expect("unban"));
-        assert!(!reg.unban_user("acme", "u1").await.expect("unban"));
-        assert!(!reg.is_banned(acme.id, "u1").await.expect("check"));
     }
 
     #[tokio::test]

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Subcommand;
-use sluice_registry::{Registry, SqliteRegistry};
+use sluice_registry::{PostgresRegistry, Registry, SqliteRegistry};
 
 use crate::config::Config;
 
@@ -44,10 +44,20 @@ pub enum UsersCommand {
     },
 }
 
-async fn open(config: &Config) -> anyhow::Result<SqliteRegistry> {
+async fn open(config: &Config) -> anyhow::Result<Box<dyn Registry>> {
+    open_registry(config).await
+}
+
+/// The registry, as configured: SQLite under the data dir, or PostgreSQL.
+pub async fn open_registry(config: &Config) -> anyhow::Result<Box<dyn Registry>> {
+    if config.registry != "embedded" {
+        return Ok(Box::new(PostgresRegistry::connect(&config.registry).await?));
+    }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    Ok(SqliteRegistry::open(&config.registry_path()).await?)
+    Ok(Box::new(
+        SqliteRegistry::open(&config.registry_path()).await?,
+    ))
 }
 
 pub async fn orgs(config: &Config, command: OrgsCommand) -> anyhow::Result<()> {

@@ -87,9 +87,10 @@ listen = "127.0.0.1:8080"
 data_dir = "./sluice-data"
 
 # Backends, by URL. The log is `embedded` or Kafka (`kafka://host:9092[,host:9093...]`); the
-# dedup store `embedded` or Redis (`redis://host:6379[/db]`); the index and the registry are
-# `embedded` in this build (http(s):// for Elasticsearch/OpenSearch and postgres:// are
-# refused with a clear error until they land).
+# dedup store `embedded` or Redis (`redis://host:6379[/db]`); the registry `embedded` or
+# PostgreSQL (`postgres://user@host:5432/db`, options such as a schema may follow:
+# `?options=-c%20search_path%3Dsluice`); the index is `embedded` in this build (http(s):// for
+# Elasticsearch/OpenSearch is refused with a clear error until it lands).
 log = "embedded"
 dedup = "embedded"
 index = "embedded"
@@ -162,7 +163,7 @@ pub struct ConfigArgs {
     /// Index backend: `embedded` [default].
     #[arg(long, global = true, env = "SLUICE_INDEX", value_name = "URL")]
     pub index: Option<String>,
-    /// Registry backend: `embedded` [default].
+    /// Registry backend: `embedded` [default] or postgres://user@host:5432/db.
     #[arg(long, global = true, env = "SLUICE_REGISTRY", value_name = "URL")]
     pub registry: Option<String>,
     /// Partitions of the embedded log [default: 8].
@@ -290,12 +291,20 @@ impl Config {
                 self.dedup
             );
         }
-        for (name, value) in [("index", &self.index), ("registry", &self.registry)] {
-            if value != "embedded" {
-                bail!(
-                    "{name} = {value:?} is not supported by this build yet: only \"embedded\" is implemented"
-                );
-            }
+        if !(self.registry == "embedded"
+            || self.registry.starts_with("postgres://")
+            || self.registry.starts_with("postgresql://"))
+        {
+            bail!(
+                "registry = {:?}: expected `embedded` or postgres://user@host:5432/db",
+                self.registry
+            );
+        }
+        if self.index != "embedded" {
+            bail!(
+                "index = {:?} is not supported by this build yet: only \"embedded\" is implemented",
+                self.index
+            );
         }
         if self.partitions == 0 {
             bail!("partitions must be at least 1");

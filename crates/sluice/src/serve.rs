@@ -19,7 +19,7 @@ use sluice_log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, KafkaLogConfig, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{Pipeline, PipelineConfig};
-use sluice_registry::{Registry, SqliteRegistry};
+use sluice_registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -112,8 +112,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let registry: Arc<dyn Registry> =
-        Arc::new(SqliteRegistry::open(&config.registry_path()).await?);
+    let registry: Arc<dyn Registry> = Arc::from(crate::admin::open_registry(&config).await?);
     let first_key = if role.accepts() {
         sluice_registry::bootstrap(registry.as_ref()).await?
     } else {

@@ -48,7 +48,7 @@ fn admin_commands_manage_orgs_keys_and_bans() {
     assert!(err.contains("invalid org name"), "{err}");
     let err = run_err(sluice(&data).args(["orgs", "create", "acme"]));
     assert!(err.contains("already exists"), "{err}");
-    let err = run_err(sluice(&data).args(["--dedup", "redis://x:6379", "orgs", "list"]));
+    let err = run_err(sluice(&data).args(["--index", "http://x:9200", "orgs", "list"]));
     assert!(err.contains("not supported by this build yet"), "{err}");
     let err = run_err(sluice(&data).args(["ingest"]));
     assert!(err.contains("--log kafka://"), "{err}");

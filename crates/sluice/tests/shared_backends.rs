@@ -1,5 +1,7 @@
-//! `sluice serve --dedup redis://...` against the machine's Redis (127.0.0.1:6379), under a key
-//! prefix unique to the test and deleted at the end.
+//! `sluice` with shared backends by URL, against the machine's servers: `--dedup redis://...`
+//! (127.0.0.1:6379, keys under a prefix unique to the test, deleted at the end) and
+//! `--registry postgres://...` (127.0.0.1:5432, database `test`, a schema of the test's own,
+//! dropped at the end).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -8,7 +10,7 @@ use serde_json::{Value, json};
 use sluice::client::Connection;
 
 mod support;
-use support::Server;
+use support::{Server, run_ok, sluice};
 
 const REDIS: &str = "redis://127.0.0.1:6379";
 
@@ -131,4 +133,118 @@ async fn serve_with_redis_dedup_drops_a_reposted_id_and_keeps_its_marks_in_redis
         .parse()
         .expect("ttl");
     assert!(ttl > 6 * 24 * 3600, "ttl {ttl}");
+}
+
+/// A schema of its own in the `test` database, dropped on drop.
+struct Schema(String);
+
+impl Schema {
+    fn create() -> Schema {
+        let name = format!(
+            "sluice_test_{}_{}",
+            std::process::id(),
+            sluice_model::time::now_ms()
+        );
+        psql(&format!("CREATE SCHEMA {name}"));
+        Schema(name)
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D{}",
+            self.0
+        )
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        psql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
+    }
+}
+
+fn psql(sql: &str) {
+    let out = Command::new("psql")
+        .args([
+            "postgres://postgres@127.0.0.1:5432/test",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-q",
+            "-c",
+            sql,
+        ])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_and_serve_share_a_postgres_registry() {
+    let schema = Schema::create();
+    let url = schema.url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin_dir = dir.path().join("admin");
+    // An admin on another machine (another data dir) creates the org and its key.
+    run_ok(sluice(&admin_dir).args(["--registry", &url, "orgs", "create", "acme"]));
+    let key =
+        run_ok(sluice(&admin_dir).args(["--registry", &url, "keys", "create", "--org", "acme"]));
+    let key = key.trim().to_string();
+    run_ok(sluice(&admin_dir).args([
+        "--registry",
+        &url,
+        "users",
+        "ban",
+        "--org",
+        "acme",
+        "spammer",
+    ]));
+
+    let server = Server::start(
+        &dir.path().join("node"),
+        &["--registry", &url, "--batch-timeout", "20ms"],
+    );
+    let mut conn = Connection::connect(server.addr).await.expect("connect");
+    post(
+        &mut conn,
+        &key,
+        "/api/users/update",
+        json!({"userId": "p1", "dataFields": {"x": 1}}),
+    )
+    .await;
+    post(
+        &mut conn,
+        &key,
+        "/api/users/update",
+        json!({"userId": "spammer", "dataFields": {"x": 1}}),
+    )
+    .await;
+    post(
+        &mut conn,
+        &key,
+        "/api/users/update",
+        json!({"userId": "p2", "dataFields": {"x": 2}}),
+    )
+    .await;
+    profile_once(&mut conn, &key, "p2", |p| p["dataFields"]["x"] == 2).await;
+    profile_once(&mut conn, &key, "p1", |p| p["dataFields"]["x"] == 1).await;
+    let r = conn
+        .get("/api/users/spammer", &[("api-key", key.as_str())])
+        .await
+        .expect("request");
+    assert_eq!(
+        r.status.as_u16(),
+        404,
+        "the ban in PostgreSQL applies: {}",
+        r.json()
+    );
+    let listed = run_ok(sluice(&admin_dir).args(["--registry", &url, "orgs", "list"]));
+    // The registry already had an org, so the server's first start created no `default`.
+    assert!(
+        listed.contains("acme") && !listed.contains("default"),
+        "{listed}"
+    );
 }

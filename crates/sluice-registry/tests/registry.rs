@@ -1,0 +1,183 @@
+//! The registry contract, run on both implementations: SQLite in a temp dir, and PostgreSQL on
+//! the machine's server (127.0.0.1:5432, database `test`) in a schema of its own, dropped at
+//! the end.
+
+use std::process::Command;
+
+use sluice_registry::{PostgresRegistry, Registry, RegistryError, SqliteRegistry, bootstrap};
+
+const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// What every registry must do.
+async fn contract(reg: &dyn Registry) {
+    // First start: org `default` and its key, once.
+    let key = bootstrap(reg)
+        .await
+        .expect("bootstrap")
+        .expect("a key on first start");
+    let org = reg.org_for_key(&key).await.expect("lookup").expect("known");
+    assert_eq!(org.name, "default");
+    assert!(org.active);
+    assert!(bootstrap(reg).await.expect("again").is_none(), "only once");
+
+    // Keys belong to exactly one org.
+    reg.create_org("acme").await.expect("create");
+    reg.create_org("globex").await.expect("create");
+    let acme = reg.create_key("acme").await.expect("key");
+    let globex = reg.create_key("globex").await.expect("key");
+    let name = |o: Option<sluice_registry::Org>| o.map(|o| o.name);
+    assert_eq!(
+        name(reg.org_for_key(&acme).await.expect("lookup")),
+        Some("acme".into())
+    );
+    assert_eq!(
+        name(reg.org_for_key(&globex).await.expect("lookup")),
+        Some("globex".into())
+    );
+    assert_eq!(reg.org_for_key("sk_nope").await.expect("lookup"), None);
+
+    // Org lifecycle and its errors.
+    assert!(matches!(
+        reg.create_org("acme").await,
+        Err(RegistryError::OrgExists(_))
+    ));
+    assert!(matches!(
+        reg.create_org("a:b").await,
+        Err(RegistryError::InvalidOrgName { .. })
+    ));
+    assert!(matches!(
+        reg.create_key("nope").await,
+        Err(RegistryError::NoSuchOrg(_))
+    ));
+    reg.set_org_active("acme", false).await.expect("disable");
+    let acme_org = reg.org("acme").await.expect("org").expect("exists");
+    assert!(!acme_org.active);
+    assert!(
+        !reg.org_for_key(&acme)
+            .await
+            .expect("lookup")
+            .expect("known")
+            .active
+    );
+    assert!(matches!(
+        reg.set_org_active("nope", false).await,
+        Err(RegistryError::NoSuchOrg(_))
+    ));
+    let names: Vec<String> = reg
+        .list_orgs()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|o| o.name)
+        .collect();
+    assert_eq!(names, ["acme", "default", "globex"]);
+
+    // Bans are per org.
+    let globex_org = reg.org("globex").await.expect("org").expect("exists");
+    reg.ban_user("acme", "u1").await.expect("ban");
+    reg.ban_user("acme", "u1")
+        .await
+        .expect("banning twice is fine");
+    assert!(matches!(
+        reg.ban_user("acme", "").await,
+        Err(RegistryError::InvalidUserId(_))
+    ));
+    assert!(reg.is_banned(acme_org.id, "u1").await.expect("check"));
+    assert!(!reg.is_banned(globex_org.id, "u1").await.expect("check"));
+    assert_eq!(reg.banned_users(acme_org.id).await.expect("list"), ["u1"]);
+    assert!(
+        reg.banned_users(globex_org.id)
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert!(reg.unban_user("acme", "u1").await.expect("unban"));
+    assert!(!reg.unban_user("acme", "u1").await.expect("unban"));
+    assert!(!reg.is_banned(acme_org.id, "u1").await.expect("check"));
+}
+
+#[tokio::test]
+async fn sqlite_meets_the_contract() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reg = SqliteRegistry::open(&dir.path().join("registry.db"))
+        .await
+        .expect("open");
+    contract(&reg).await;
+}
+
+/// A schema of its own in the `test` database, dropped on drop.
+struct Schema(String);
+
+impl Schema {
+    fn create() -> Schema {
+        let name = format!(
+            "sluice_test_{}_{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        psql(&format!("CREATE SCHEMA {name}"));
+        Schema(name)
+    }
+
+    fn url(&self) -> String {
+        format!("{POSTGRES}?options=-c%20search_path%3D{}", self.0)
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        psql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
+    }
+}
+
+fn psql(sql: &str) {
+    let out = Command::new("psql")
+        .args([POSTGRES, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+        .output()
+        .expect("psql runs");
+    assert!(
+        out.status.success(),
+        "{sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn postgres_meets_the_contract_and_nodes_share_it() {
+    let schema = Schema::create();
+    let reg = PostgresRegistry::connect(&schema.url())
+        .await
+        .expect("connect");
+    contract(&reg).await;
+    // A second node (another connection pool) sees what the first wrote; migrations are
+    // applied once.
+    let other = PostgresRegistry::connect(&schema.url())
+        .await
+        .expect("connect again");
+    other.create_org("late").await.expect("create");
+    let key = other.create_key("late").await.expect("key");
+    assert_eq!(
+        reg.org_for_key(&key).await.expect("lookup").map(|o| o.name),
+        Some("late".into())
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_is_a_clear_error() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://postgres:hunter2@127.0.0.1:{port}/test");
+    let error = match PostgresRegistry::connect(&url).await {
+        Ok(_) => panic!("connected to a port where nothing listens"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
+    assert!(
+        !error.contains("hunter2"),
+        "no password in messages: {error}"
+    );
+}
