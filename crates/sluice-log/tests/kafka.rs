@@ -4,11 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
-use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use sluice_log::kafka::testing::Tansu;
+use sluice_log::kafka::testing::{Tansu, read_topic};
 use sluice_log::{
     Ack, Assignment, KafkaLog, KafkaLogConfig, Log, LogError, PartitionStream, Record, Subscription,
 };
@@ -19,43 +15,6 @@ fn record(key: &str, value: &str) -> Record {
         value: value.as_bytes().to_vec(),
         timestamp_ms: 1_700_000_000_000,
     }
-}
-
-/// Every record of `topic`, read by a plain librdkafka consumer: (partition, offset, key, value).
-fn read_all(brokers: &str, topic: &str, partitions: u32) -> Vec<(u32, u64, String, String)> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "sluice-test-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        assignment
-            .add_partition_offset(topic, p as i32, Offset::Beginning)
-            .expect("assign");
-    }
-    consumer.assign(&assignment).expect("assign");
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut idle_since = Instant::now();
-    while Instant::now() < deadline && idle_since.elapsed() < Duration::from_secs(2) {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                idle_since = Instant::now();
-                out.push((
-                    m.partition() as u32,
-                    m.offset() as u64,
-                    String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                    String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
-                ));
-            }
-            Some(Err(e)) => panic!("consumer error: {e}"),
-            None => {}
-        }
-    }
-    out.sort();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,15 +48,15 @@ async fn appends_are_acknowledged_on_the_murmur2_partition_in_order() {
     }
 
     // An independent client sees exactly these records where the acks said.
-    let read = read_all(&broker.addr, "sluice.ingest", 8);
+    let read = read_topic(&broker.addr, "sluice.ingest", 8);
     assert_eq!(read.len(), records.len());
     for (record, ack) in records.iter().zip(&acks) {
         let found = read
             .iter()
-            .find(|(p, o, _, _)| *p == ack.partition && *o == ack.offset)
+            .find(|r| r.partition == ack.partition && r.offset == ack.offset)
             .expect("acknowledged record is in the topic");
-        assert_eq!(found.2.as_bytes(), &record.key[..]);
-        assert_eq!(found.3.as_bytes(), &record.value[..]);
+        assert_eq!(found.key, record.key);
+        assert_eq!(found.value, record.value);
     }
     log.close().await.expect("close");
 

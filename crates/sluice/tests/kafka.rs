@@ -7,13 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
 use sluice::client::Connection;
 use sluice_index::Index;
-use sluice_log::kafka::testing::Tansu;
+use sluice_log::kafka::testing::{Tansu, committed_offsets, read_topic};
 use sluice_log::{KafkaLog, KafkaLogConfig, Log, Record};
 
 mod support;
@@ -97,40 +94,22 @@ async fn wait_indexed(addr: SocketAddr, key: &str) {
 
 /// Per partition: the offset `group` committed.
 fn committed(brokers: &str, group: &str) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .create()
-        .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for p in 0..8 {
-        list.add_partition("sluice.ingest", p);
-    }
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .expect("committed offsets");
-    (0..8)
-        .map(|p| {
-            let at = match committed
-                .find_partition("sluice.ingest", p)
-                .map(|e| e.offset())
-            {
-                Some(Offset::Offset(o)) => o,
-                _ => 0,
-            };
-            (p, at)
-        })
+    committed_offsets(brokers, group, "sluice.ingest", 8)
+        .into_iter()
+        .enumerate()
+        .map(|(p, offset)| (p as i32, offset as i64))
         .collect()
 }
 
-/// Per partition, how many records `load` wrote: the end offset (offsets start at 0 and have
-/// no gaps without transactions; tansu's own high watermark lags, so it is not used).
-fn loaded_per_partition() -> BTreeMap<i32, i64> {
+/// Per partition, how many records `per_user` records for each of `users` users named
+/// `<prefix><n>` in org `default` make: the end offsets (offsets start at 0 and have no gaps
+/// without transactions; tansu's own high watermark lags, so it is not used).
+fn records_per_partition(prefix: &str, users: usize, per_user: usize) -> BTreeMap<i32, i64> {
     let mut counts: BTreeMap<i32, i64> = (0..8).map(|p| (p, 0)).collect();
-    for u in 0..USERS {
-        let key = format!("default:u:k-{u}");
+    for u in 0..users {
+        let key = format!("default:u:{prefix}{u}");
         let partition = sluice_model::partition_for_key(key.as_bytes(), 8) as i32;
-        *counts.entry(partition).or_default() += (2 * ROUNDS) as i64;
+        *counts.entry(partition).or_default() += per_user as i64;
     }
     counts
 }
@@ -160,7 +139,7 @@ async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sig
     assert!(status.success(), "exit status {status:?}");
     assert_eq!(
         committed(&broker.addr, "sluice-pipeline"),
-        loaded_per_partition(),
+        records_per_partition("k-", USERS, 2 * ROUNDS),
         "every partition committed up to its end"
     );
 
@@ -495,51 +474,8 @@ async fn members_joining_under_load_rebalance_without_losing_or_doubling_anythin
         member.stop().await;
     }
     // Every partition is committed up to its end.
-    let mut expected: BTreeMap<i32, i64> = (0..8).map(|p| (p, 0)).collect();
-    for u in 0..USERS {
-        let partition = sluice_model::partition_for_key(format!("default:u:r-{u}").as_bytes(), 8);
-        *expected.entry(partition as i32).or_default() += (2 * STEPS) as i64;
-    }
+    let expected = records_per_partition("r-", USERS, 2 * STEPS);
     assert_eq!(committed(&broker.addr, "sluice-pipeline"), expected);
-}
-
-/// Every record of the ingest topic, each partition in offset order: the values.
-fn topic_values(brokers: &str) -> Vec<Vec<u8>> {
-    use rdkafka::Message;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "sluice-test-reader")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for p in 0..8 {
-        list.add_partition_offset("sluice.ingest", p, Offset::Beginning)
-            .expect("assign");
-    }
-    consumer.assign(&list).expect("assign");
-    let mut by_partition: BTreeMap<i32, Vec<(i64, Vec<u8>)>> = BTreeMap::new();
-    let mut idle_since = Instant::now();
-    while idle_since.elapsed() < Duration::from_secs(3) {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                idle_since = Instant::now();
-                by_partition
-                    .entry(m.partition())
-                    .or_default()
-                    .push((m.offset(), m.payload().unwrap_or_default().to_vec()));
-            }
-            Some(Err(e)) => panic!("consumer error: {e}"),
-            None => {}
-        }
-    }
-    by_partition
-        .into_values()
-        .flat_map(|mut records| {
-            records.sort_by_key(|(offset, _)| *offset);
-            records.into_iter().map(|(_, value)| value)
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -583,7 +519,10 @@ async fn sigkill_of_serve_on_kafka_under_load_loses_and_doubles_nothing() {
     support::wait_for_sentinels(server.addr, &key).await;
     assert!(server.sigterm().success());
 
-    let values = topic_values(&broker.addr);
+    let values: Vec<Vec<u8>> = read_topic(&broker.addr, "sluice.ingest", 8)
+        .into_iter()
+        .map(|r| r.value)
+        .collect();
     let ids: std::collections::HashMap<String, usize> =
         values.iter().fold(Default::default(), |mut ids, v| {
             let v: Value = serde_json::from_slice(v).expect("record JSON");
