@@ -2,11 +2,8 @@
 //! the machine's server (127.0.0.1:5432, database `test`) in a schema of its own, dropped at
 //! the end.
 
-use std::process::Command;
-
+use sluice_registry::testing::Schema;
 use sluice_registry::{PostgresRegistry, Registry, RegistryError, SqliteRegistry, bootstrap};
-
-const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// What every registry must do.
 async fn contract(reg: &dyn Registry) {
@@ -103,45 +100,6 @@ async fn sqlite_meets_the_contract() {
         .await
         .expect("open");
     contract(&reg).await;
-}
-
-/// A schema of its own in the `test` database, dropped on drop.
-struct Schema(String);
-
-impl Schema {
-    fn create() -> Schema {
-        let name = format!(
-            "sluice_test_{}_{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        );
-        psql(&format!("CREATE SCHEMA {name}"));
-        Schema(name)
-    }
-
-    fn url(&self) -> String {
-        format!("{POSTGRES}?options=-c%20search_path%3D{}", self.0)
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        psql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
-    }
-}
-
-fn psql(sql: &str) {
-    let out = Command::new("psql")
-        .args([POSTGRES, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test]

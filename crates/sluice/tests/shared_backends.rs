@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sluice::client::Connection;
 
+use sluice_registry::testing::Schema;
+
 mod support;
 use support::{Server, run_ok, sluice};
 
@@ -133,53 +135,6 @@ async fn serve_with_redis_dedup_drops_a_reposted_id_and_keeps_its_marks_in_redis
         .parse()
         .expect("ttl");
     assert!(ttl > 6 * 24 * 3600, "ttl {ttl}");
-}
-
-/// A schema of its own in the `test` database, dropped on drop.
-struct Schema(String);
-
-impl Schema {
-    fn create() -> Schema {
-        let name = format!(
-            "sluice_test_{}_{}",
-            std::process::id(),
-            sluice_model::time::now_ms()
-        );
-        psql(&format!("CREATE SCHEMA {name}"));
-        Schema(name)
-    }
-
-    fn url(&self) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:5432/test?options=-c%20search_path%3D{}",
-            self.0
-        )
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        psql(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
-    }
-}
-
-fn psql(sql: &str) {
-    let out = Command::new("psql")
-        .args([
-            "postgres://postgres@127.0.0.1:5432/test",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-q",
-            "-c",
-            sql,
-        ])
-        .output()
-        .expect("psql runs");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
