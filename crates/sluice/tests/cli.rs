@@ -73,19 +73,19 @@ fn config_default_prints_a_file_the_server_accepts() {
         sluice(&data)
             .arg("--config")
             .arg(&path)
-            .env("SLUICE_REGISTRY", "postgres://nowhere")
+            .env("SLUICE_INDEX", "http://nowhere:9200")
             .args(["orgs", "list"]),
     );
     assert!(
-        err.contains("registry = \"postgres://nowhere\""),
+        err.contains("index = \"http://nowhere:9200\""),
         "env overrides the file: {err}"
     );
     run_ok(
         sluice(&data)
             .arg("--config")
             .arg(&path)
-            .env("SLUICE_REGISTRY", "postgres://nowhere")
-            .args(["--registry", "embedded", "orgs", "list"]),
+            .env("SLUICE_INDEX", "http://nowhere:9200")
+            .args(["--index", "embedded", "orgs", "list"]),
     );
     std::fs::write(&path, "partitons = 3\n").expect("write");
     let err = run_err(
