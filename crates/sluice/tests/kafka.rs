@@ -114,20 +114,27 @@ fn records_per_partition(prefix: &str, users: usize, per_user: usize) -> BTreeMa
     counts
 }
 
+/// `sluice serve` flags for a node on `broker`: a short session timeout (so a stopped member
+/// is noticed within the test) and short batches.
+fn serve_args(broker: &Tansu) -> Vec<String> {
+    [
+        "--log".to_string(),
+        format!("kafka://{}", broker.addr),
+        "--kafka-session-timeout".into(),
+        "6s".into(),
+        "--batch-timeout".into(),
+        "50ms".into(),
+    ]
+    .into()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sigterm() {
     let broker = Tansu::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("node");
-    let url = format!("kafka://{}", broker.addr);
-    let args = [
-        "--log",
-        url.as_str(),
-        "--kafka-session-timeout",
-        "6s",
-        "--batch-timeout",
-        "50ms",
-    ];
+    let args = serve_args(&broker);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut server = Server::start(&data, &args);
     let key = server.first_key.clone().expect("first start prints a key");
 
@@ -483,15 +490,8 @@ async fn sigkill_of_serve_on_kafka_under_load_loses_and_doubles_nothing() {
     let broker = Tansu::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("node");
-    let url = format!("kafka://{}", broker.addr);
-    let args = [
-        "--log",
-        url.as_str(),
-        "--kafka-session-timeout",
-        "6s",
-        "--batch-timeout",
-        "50ms",
-    ];
+    let args = serve_args(&broker);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut key = None;
     let mut acked: Vec<String> = Vec::new();
     // Killed while clients write and the pipeline indexes; restarted under the same static
