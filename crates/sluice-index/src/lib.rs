@@ -9,8 +9,9 @@
 //! - `get_user`, `get_user_by_email`, `user_events`: point reads, org-scoped.
 //! - `search`: a Lucene-syntax query string plus Elasticsearch-style aggregations, org-scoped.
 //!
-//! `embedded` implements it on tantivy under the data dir. Elasticsearch/OpenSearch comes with
-//! the distributed backends and must give the same answers in the same shapes.
+//! `embedded` implements it on tantivy under the data dir; `elastic` on an Elasticsearch or
+//! OpenSearch cluster over its HTTP API. Both give the same answers in the same shapes (`doc`
+//! holds the documents they share).
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -18,8 +19,13 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use sluice_model::Patch;
 
+mod doc;
+pub mod elastic;
 pub mod embedded;
+#[cfg(feature = "testing")]
+pub mod testing;
 
+pub use elastic::{ElasticIndex, ElasticIndexConfig};
 pub use embedded::{EmbeddedIndex, EmbeddedIndexConfig};
 
 /// A merged update of one user: the fold of that user's updates in a batch.
@@ -86,7 +92,7 @@ pub struct WriteOutcome {
 }
 
 /// Which documents a search runs over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Target {
     Users,
     Events,
@@ -119,6 +125,19 @@ fn default_size() -> usize {
     10
 }
 
+impl SearchRequest {
+    /// Refuses what no backend runs: a `size` over `MAX_SEARCH_SIZE`.
+    pub fn check(&self) -> Result<(), IndexError> {
+        if self.size > MAX_SEARCH_SIZE {
+            return Err(IndexError::BadRequest(format!(
+                "size {} is too large: at most {MAX_SEARCH_SIZE}",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// The largest `size` a search accepts.
 pub const MAX_SEARCH_SIZE: usize = 10_000;
 
@@ -139,6 +158,17 @@ pub enum IndexError {
     BadRequest(String),
     #[error("index storage error at {path}: {message}")]
     Storage { path: String, message: String },
+    /// The search store cannot be reached or does not take requests right now (connection,
+    /// timeout, 429, 5xx, documents still failing after retries).
+    #[error("the index at {server} is unavailable: {message}")]
+    Unavailable { server: String, message: String },
+    /// The search store refused a request it should have taken: a wrong URL, an incompatible
+    /// server, a bug. Trying again does not help.
+    #[error("the index at {server} refused a request: {message}")]
+    Rejected { server: String, message: String },
+    /// A setting is wrong (the index URL, say).
+    #[error("{0}")]
+    Config(String),
     #[error("the index is closed")]
     Closed,
 }
@@ -146,7 +176,10 @@ pub enum IndexError {
 impl IndexError {
     /// Whether trying again later may succeed.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, IndexError::Storage { .. })
+        matches!(
+            self,
+            IndexError::Storage { .. } | IndexError::Unavailable { .. }
+        )
     }
 }
 

@@ -284,7 +284,7 @@ impl Index for EmbeddedIndex {
     }
 
     async fn get_user(&self, org: &str, user_key: &str) -> Result<Option<Value>, IndexError> {
-        let doc_id = schema::user_doc_id(org, user_key);
+        let doc_id = crate::doc::user_doc_id(org, user_key);
         self.read(Target::Users, move |side| {
             side.find_source(&side.reader.searcher(), &doc_id)
         })
@@ -309,7 +309,7 @@ impl Index for EmbeddedIndex {
         user_key: &str,
         limit: usize,
     ) -> Result<Vec<Value>, IndexError> {
-        let user = schema::user_doc_id(org, user_key);
+        let user = crate::doc::user_doc_id(org, user_key);
         let limit = limit.min(MAX_SEARCH_SIZE);
         self.read(Target::Events, move |side| {
             let Some(field) = side.fields.user else {

@@ -7,16 +7,15 @@
 //! are tokenized for search (`dataFields.name:alice` finds "Alice Smith") and kept raw in the
 //! fast columns for aggregations.
 
-use serde::Serialize;
-use serde_json::value::RawValue;
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use tantivy::schema::{
     DateOptions, DateTimePrecision, FAST, Field, INDEXED, IndexRecordOption, JsonObjectOptions,
     STORED, STRING, Schema, TextFieldIndexing,
 };
 use tantivy::{DateTime, TantivyDocument};
 
-use crate::{EventDoc, UserUpsert};
+use crate::EventDoc;
+use crate::doc::{EventSource, NOT_AN_OBJECT, event_doc_id, user_doc_id};
 
 /// The fields of both schemas; the ones a schema lacks are `None`.
 #[derive(Debug, Clone, Copy)]
@@ -111,45 +110,6 @@ pub(crate) fn events() -> (Schema, Fields) {
     (b.build(), fields)
 }
 
-/// Doc id of a profile.
-pub(crate) fn user_doc_id(org: &str, user_key: &str) -> String {
-    format!("{org}:{user_key}")
-}
-
-/// Doc id of an event.
-pub(crate) fn event_doc_id(org: &str, message_id: &str) -> String {
-    format!("{org}:{message_id}")
-}
-
-/// The profile after `upsert`, starting from the stored one (if any).
-pub(crate) fn upserted_profile(stored: Option<Value>, upsert: &UserUpsert) -> Value {
-    let mut profile = match stored {
-        Some(Value::Object(map)) => map,
-        _ => {
-            let mut map = Map::new();
-            map.insert("createdAt".into(), json!(upsert.updated_at));
-            map
-        }
-    };
-    if let Some(user_id) = &upsert.user_id {
-        profile.insert("userId".into(), json!(user_id));
-    }
-    if let Some(email) = &upsert.email {
-        profile.insert("email".into(), json!(email));
-    }
-    let data_fields = profile
-        .entry("dataFields")
-        .or_insert_with(|| Value::Object(Map::new()));
-    if !data_fields.is_object() {
-        *data_fields = Value::Object(Map::new());
-    }
-    if let Value::Object(map) = data_fields {
-        upsert.patch.apply(map);
-    }
-    profile.insert("updatedAt".into(), json!(upsert.updated_at));
-    Value::Object(profile)
-}
-
 /// The tantivy document of a profile, or why it cannot be indexed.
 pub(crate) fn user_document(
     f: &Fields,
@@ -184,39 +144,15 @@ pub(crate) fn user_document(
     Ok(doc)
 }
 
-/// The JSON of an event, as the read API returns it.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct EventSource<'a> {
-    message_id: &'a str,
-    event_name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    email: Option<&'a str>,
-    created_at: i64,
-    received_at: i64,
-    data_fields: &'a RawValue,
-}
-
 /// The tantivy document of an event, or why the event cannot be indexed.
 pub(crate) fn event_document(f: &Fields, event: &EventDoc) -> Result<TantivyDocument, String> {
     let data_fields: Value = serde_json::from_str(event.data_fields.get())
         .map_err(|e| format!("dataFields is not valid JSON: {e}"))?;
     if !data_fields.is_object() {
-        return Err("dataFields is not a JSON object".into());
+        return Err(NOT_AN_OBJECT.into());
     }
-    let source = EventSource {
-        message_id: &event.message_id,
-        event_name: &event.event_name,
-        user_id: event.user_id.as_deref(),
-        email: event.email.as_deref(),
-        created_at: event.created_at,
-        received_at: event.received_at,
-        data_fields: &event.data_fields,
-    };
-    let source =
-        serde_json::to_vec(&source).map_err(|e| format!("cannot encode the event: {e}"))?;
+    let source = serde_json::to_vec(&EventSource::of(event, None))
+        .map_err(|e| format!("cannot encode the event: {e}"))?;
     let mut doc = TantivyDocument::new();
     doc.add_text(f.id, event_doc_id(&event.org, &event.message_id));
     doc.add_text(f.org, &event.org);
@@ -245,43 +181,4 @@ pub(crate) fn event_document(f: &Fields, event: &EventDoc) -> Result<TantivyDocu
     doc.add_field_value(f.data_fields, &data_fields);
     doc.add_bytes(f.source, &source);
     Ok(doc)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sluice_model::Patch;
-
-    fn upsert(fields: Value, deep: bool, at: i64) -> UserUpsert {
-        let Value::Object(map) = fields else {
-            panic!("fields must be an object")
-        };
-        UserUpsert {
-            org: "acme".into(),
-            user_key: "u:1".into(),
-            user_id: Some("1".into()),
-            email: None,
-            patch: Patch::from_update(&map, deep),
-            updated_at: at,
-        }
-    }
-
-    #[test]
-    fn a_new_profile_gets_created_at_and_the_patch() {
-        let profile = upserted_profile(None, &upsert(json!({"plan": "pro"}), false, 5));
-        assert_eq!(
-            profile,
-            json!({"userId": "1", "dataFields": {"plan": "pro"}, "createdAt": 5, "updatedAt": 5})
-        );
-    }
-
-    #[test]
-    fn an_upsert_keeps_created_at_and_other_fields() {
-        let stored = json!({"userId": "1", "email": "a@x.io", "dataFields": {"plan": "pro", "n": 1}, "createdAt": 5, "updatedAt": 5});
-        let profile = upserted_profile(Some(stored), &upsert(json!({"n": 2}), false, 9));
-        assert_eq!(
-            profile,
-            json!({"userId": "1", "email": "a@x.io", "dataFields": {"plan": "pro", "n": 2}, "createdAt": 5, "updatedAt": 9})
-        );
-    }
 }

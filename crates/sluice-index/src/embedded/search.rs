@@ -10,19 +10,14 @@ use tantivy::query::{AllQuery, BooleanQuery, Occur, Query, QueryParser};
 use tantivy::query_grammar::{self, UserInputAst, UserInputLeaf};
 
 use super::{Side, storage_error, term_query};
-use crate::{IndexError, MAX_SEARCH_SIZE, SearchRequest, SearchResponse};
+use crate::{IndexError, SearchRequest, SearchResponse};
 
 pub(crate) fn search(
     side: &Side,
     org: &str,
     request: &SearchRequest,
 ) -> Result<SearchResponse, IndexError> {
-    if request.size > MAX_SEARCH_SIZE {
-        return Err(IndexError::BadRequest(format!(
-            "size {} is too large: at most {MAX_SEARCH_SIZE}",
-            request.size
-        )));
-    }
+    request.check()?;
     let query = BooleanQuery::new(vec![
         (Occur::Must, term_query(side.fields.org, org)),
         (Occur::Must, parse_query(side, &request.query)?),

@@ -16,8 +16,9 @@ use serde_json::Value;
 use tantivy::{IndexWriter, Term};
 use tokio::sync::{mpsc, oneshot};
 
-use super::schema::{self, event_doc_id, user_doc_id};
+use super::schema;
 use super::{Side, storage_error};
+use crate::doc::{self, event_doc_id, user_doc_id};
 use crate::{IndexError, Refused, WriteBatch, WriteOutcome};
 
 pub(crate) enum Command {
@@ -103,7 +104,7 @@ impl Writer {
                 None => self.users.find_source(&users_searcher, &doc_id)?,
             };
             let existed = stored.is_some();
-            let profile = schema::upserted_profile(stored, upsert);
+            let profile = doc::upserted_profile(stored, upsert);
             let doc =
                 match schema::user_document(&self.users.fields, &doc_id, &upsert.org, &profile) {
                     Ok(doc) => doc,
