@@ -44,6 +44,7 @@ pub struct Config {
     pub kafka_session_timeout: Duration,
     pub kafka_instance_id: String,
     pub dedup_key_prefix: String,
+    pub index_prefix: String,
 }
 
 impl Default for Config {
@@ -71,6 +72,7 @@ impl Default for Config {
             kafka_session_timeout: Duration::from_secs(10),
             kafka_instance_id: String::new(),
             dedup_key_prefix: "sluice:dedup".into(),
+            index_prefix: "sluice".into(),
         }
     }
 }
@@ -89,8 +91,8 @@ data_dir = "./sluice-data"
 # Backends, by URL. The log is `embedded` or Kafka (`kafka://host:9092[,host:9093...]`); the
 # dedup store `embedded` or Redis (`redis://host:6379[/db]`); the registry `embedded` or
 # PostgreSQL (`postgres://user@host:5432/db`, options such as a schema may follow:
-# `?options=-c%20search_path%3Dsluice`); the index is `embedded` in this build (http(s):// for
-# Elasticsearch/OpenSearch is refused with a clear error until it lands).
+# `?options=-c%20search_path%3Dsluice`); the index `embedded` or Elasticsearch/OpenSearch
+# (`http(s)://[user:password@]host:9200`).
 log = "embedded"
 dedup = "embedded"
 index = "embedded"
@@ -112,6 +114,10 @@ kafka_instance_id = ""
 
 # Redis dedup only: keys are `<dedup_key_prefix>:<org>:<message id>`, kept for dedup_window.
 dedup_key_prefix = "sluice:dedup"
+
+# Elasticsearch/OpenSearch index only: the indexes are `<index_prefix>-users` and
+# `<index_prefix>-events`, created with their mappings at start if missing.
+index_prefix = "sluice"
 
 # How long a request waits for the log to make its messages durable before answering 503.
 log_ack_timeout = "5s"
@@ -160,7 +166,7 @@ pub struct ConfigArgs {
     /// Dedup backend: `embedded` [default] or redis://host:6379[/db].
     #[arg(long, global = true, env = "SLUICE_DEDUP", value_name = "URL")]
     pub dedup: Option<String>,
-    /// Index backend: `embedded` [default].
+    /// Index backend: `embedded` [default] or http(s)://host:9200 (Elasticsearch/OpenSearch).
     #[arg(long, global = true, env = "SLUICE_INDEX", value_name = "URL")]
     pub index: Option<String>,
     /// Registry backend: `embedded` [default] or postgres://user@host:5432/db.
@@ -214,6 +220,9 @@ pub struct ConfigArgs {
     /// Key prefix of the Redis dedup store [default: sluice:dedup].
     #[arg(long, global = true, env = "SLUICE_DEDUP_KEY_PREFIX")]
     pub dedup_key_prefix: Option<String>,
+    /// Name prefix of the Elasticsearch/OpenSearch indexes [default: sluice].
+    #[arg(long, global = true, env = "SLUICE_INDEX_PREFIX")]
+    pub index_prefix: Option<String>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -262,7 +271,8 @@ impl Config {
             topic,
             kafka_session_timeout,
             kafka_instance_id,
-            dedup_key_prefix
+            dedup_key_prefix,
+            index_prefix
         );
         config.validate()?;
         Ok(config)
@@ -300,10 +310,13 @@ impl Config {
                 self.registry
             );
         }
-        if self.index != "embedded" {
+        if !(self.index == "embedded"
+            || self.index.starts_with("http://")
+            || self.index.starts_with("https://"))
+        {
             bail!(
-                "index = {:?} is not supported by this build yet: only \"embedded\" is implemented",
-                self.index
+                "index = {:?}: expected `embedded` or http(s)://host:9200 (Elasticsearch/OpenSearch)",
+                sluice_index::elastic::redacted(&self.index)
             );
         }
         if self.partitions == 0 {
@@ -428,11 +441,12 @@ mod tests {
             "{err}"
         );
         let args = ConfigArgs {
-            index: Some("http://localhost:9200".into()),
+            index: Some("solr://elastic:secret@localhost:8983".into()),
             ..Default::default()
         };
-        let err = Config::resolve(&args).expect_err("not yet").to_string();
-        assert!(err.contains("only \"embedded\""), "{err}");
+        let err = Config::resolve(&args).expect_err("unknown").to_string();
+        assert!(err.contains("http(s)://host:9200"), "{err}");
+        assert!(!err.contains("secret"), "the password is not shown: {err}");
         let args = ConfigArgs {
             dedup: Some("memcached://localhost".into()),
             ..Default::default()

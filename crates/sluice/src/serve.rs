@@ -14,7 +14,7 @@ use anyhow::Context;
 use axum::serve::ListenerExt;
 use sluice_api::{ApiConfig, AppState, Limits};
 use sluice_dedup::{Dedup, EmbeddedDedup, RedisDedup, RedisDedupConfig};
-use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
+use sluice_index::{ElasticIndex, ElasticIndexConfig, EmbeddedIndex, EmbeddedIndexConfig, Index};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, KafkaLogConfig, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
@@ -103,6 +103,21 @@ async fn open_dedup(config: &Config) -> anyhow::Result<Arc<dyn Dedup>> {
     Ok(Arc::new(dedup))
 }
 
+/// The index, as configured: embedded under the data dir, or Elasticsearch/OpenSearch.
+async fn open_index(config: &Config) -> anyhow::Result<Arc<dyn Index>> {
+    if config.index == "embedded" {
+        return Ok(Arc::new(EmbeddedIndex::open(EmbeddedIndexConfig::new(
+            config.index_path(),
+        ))?));
+    }
+    let mut elastic = ElasticIndexConfig::new(&config.index);
+    elastic.prefix = config.index_prefix.clone();
+    let index = ElasticIndex::open(elastic)
+        .await
+        .context("cannot use the Elasticsearch/OpenSearch index")?;
+    Ok(Arc::new(index))
+}
+
 pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     if role != Role::Serve && config.kafka_brokers().is_none() {
         anyhow::bail!(
@@ -120,11 +135,10 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     };
 
     let (log, retention) = open_log(&config, role).await?;
-    // An API-only node has no index of its own to read from (its reads answer 501).
-    let index: Option<Arc<dyn Index>> = if role.ingests() {
-        Some(Arc::new(EmbeddedIndex::open(EmbeddedIndexConfig::new(
-            config.index_path(),
-        ))?))
+    // An API-only node reads from a shared index (Elasticsearch/OpenSearch); it has no
+    // embedded index of its own (its reads then answer 501).
+    let index: Option<Arc<dyn Index>> = if role.ingests() || config.index != "embedded" {
+        Some(open_index(&config).await?)
     } else {
         None
     };
@@ -309,6 +323,13 @@ fn print_banner(
         env!("CARGO_PKG_VERSION"),
         role.name(),
         config.data_dir.display(),
+    );
+    let shown = |url: &str| sluice_index::elastic::redacted(url);
+    println!(
+        "  dedup: {}, index: {}, registry: {}",
+        shown(&config.dedup),
+        shown(&config.index),
+        shown(&config.registry)
     );
     if let Some(key) = first_key {
         println!("  first start: created org \"default\"; its API key (shown once):");

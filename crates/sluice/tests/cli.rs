@@ -48,8 +48,8 @@ fn admin_commands_manage_orgs_keys_and_bans() {
     assert!(err.contains("invalid org name"), "{err}");
     let err = run_err(sluice(&data).args(["orgs", "create", "acme"]));
     assert!(err.contains("already exists"), "{err}");
-    let err = run_err(sluice(&data).args(["--index", "http://x:9200", "orgs", "list"]));
-    assert!(err.contains("not supported by this build yet"), "{err}");
+    let err = run_err(sluice(&data).args(["--index", "solr://x:8983", "orgs", "list"]));
+    assert!(err.contains("expected `embedded` or http(s)://"), "{err}");
     let err = run_err(sluice(&data).args(["ingest"]));
     assert!(err.contains("--log kafka://"), "{err}");
 }
@@ -73,18 +73,18 @@ fn config_default_prints_a_file_the_server_accepts() {
         sluice(&data)
             .arg("--config")
             .arg(&path)
-            .env("SLUICE_INDEX", "http://nowhere:9200")
+            .env("SLUICE_INDEX", "solr://nowhere:8983")
             .args(["orgs", "list"]),
     );
     assert!(
-        err.contains("index = \"http://nowhere:9200\""),
+        err.contains("index = \"solr://nowhere:8983\""),
         "env overrides the file: {err}"
     );
     run_ok(
         sluice(&data)
             .arg("--config")
             .arg(&path)
-            .env("SLUICE_INDEX", "http://nowhere:9200")
+            .env("SLUICE_INDEX", "solr://nowhere:8983")
             .args(["--index", "embedded", "orgs", "list"]),
     );
     std::fs::write(&path, "partitons = 3\n").expect("write");

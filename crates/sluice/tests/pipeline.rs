@@ -1,6 +1,9 @@
-//! The whole embedded stack in one process, as `sluice serve` wires it: the HTTP API on a real
-//! port, the embedded log, registry, dedup store and tantivy index on a temp dir, and the
-//! pipeline consuming the log. Everything is checked through the HTTP read and search routes.
+//! The whole stack in one process, as `sluice serve` wires it: the HTTP API on a real port, the
+//! embedded log, and the pipeline consuming it into the index. Every test runs twice, by
+//! `e2e!`: on the embedded backends (registry, dedup store and tantivy index in a temp dir) and
+//! on the shared ones (PostgreSQL registry in a schema of its own, Redis dedup under a key
+//! prefix of its own, OpenSearch index — a real osmem-server — under an index prefix of its
+//! own). Everything is checked through the HTTP read and search routes.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,52 +12,124 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sluice::client::{Connection, Reply};
 use sluice_api::{ApiConfig, AppState};
-use sluice_dedup::EmbeddedDedup;
-use sluice_index::{EmbeddedIndex, Index};
+use sluice_dedup::{Dedup, EmbeddedDedup, RedisDedup, RedisDedupConfig};
+use sluice_index::{ElasticIndex, ElasticIndexConfig, Index};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
-use sluice_registry::{Registry, SqliteRegistry};
+use sluice_registry::testing::Schema;
+use sluice_registry::{PostgresRegistry, Registry, SqliteRegistry};
 use tokio::sync::watch;
 
 mod support;
 
+/// Which registry, dedup store and index a stack runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backends {
+    Embedded,
+    Shared,
+}
+
+macro_rules! e2e {
+    ($($test:ident),* $(,)?) => {
+        mod embedded {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::Backends::Embedded).await
+            })*
+        }
+        mod shared {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::Backends::Shared).await
+            })*
+        }
+    };
+}
+
+e2e!(
+    posted_updates_and_events_become_readable_and_searchable,
+    a_thousand_ordered_updates_per_user_end_at_the_last_value,
+    deep_and_shallow_merges_follow_the_spec,
+    reposting_the_same_message_ids_changes_nothing,
+    banned_users_are_dead_lettered_and_the_rest_is_indexed,
+    a_failing_index_is_retried_and_nothing_is_committed_past_it,
+    users_named_like_routes_are_readable_and_wrong_methods_are_json_405,
+);
+
 struct Stack {
     addr: std::net::SocketAddr,
     key: String,
-    registry: Arc<SqliteRegistry>,
-    index: Arc<EmbeddedIndex>,
+    registry: Arc<dyn Registry>,
+    index: Arc<dyn Index>,
     log: Arc<EmbeddedLog>,
     stats: Arc<PipelineStats>,
     stop: watch::Sender<bool>,
     pipeline: tokio::task::JoinHandle<Result<(), PipelineError>>,
     _dir: tempfile::TempDir,
+    /// The shared backends' test namespaces, removed on drop.
+    _schema: Option<Schema>,
+    _keys: Option<support::RedisKeys>,
 }
 
 impl Stack {
-    async fn start() -> Stack {
-        Stack::start_with(|index| index as Arc<dyn Index>).await
+    async fn start(backends: Backends) -> Stack {
+        Stack::start_with(backends, |index| index).await
     }
 
     /// A stack whose pipeline writes through `wrap(index)` (reads use the index directly).
-    async fn start_with(wrap: impl FnOnce(Arc<EmbeddedIndex>) -> Arc<dyn Index>) -> Stack {
+    async fn start_with(
+        backends: Backends,
+        wrap: impl FnOnce(Arc<dyn Index>) -> Arc<dyn Index>,
+    ) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (registry, key) = support::registry_with_key(dir.path()).await;
         let log = Arc::new(
             EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"),
         );
-        let dedup = Arc::new(
-            EmbeddedDedup::open(&dir.path().join("dedup"), sluice_dedup::DEFAULT_WINDOW)
-                .expect("dedup"),
-        );
-        let index = support::embedded_index(dir.path());
+        let (mut schema, mut keys) = (None, None);
+        let (registry, dedup, index): (Arc<dyn Registry>, Arc<dyn Dedup>, Arc<dyn Index>) =
+            match backends {
+                Backends::Embedded => (
+                    Arc::new(
+                        SqliteRegistry::open(&dir.path().join("registry.db"))
+                            .await
+                            .expect("registry"),
+                    ),
+                    Arc::new(
+                        EmbeddedDedup::open(
+                            &dir.path().join("dedup"),
+                            sluice_dedup::DEFAULT_WINDOW,
+                        )
+                        .expect("dedup"),
+                    ),
+                    support::embedded_index(dir.path()),
+                ),
+                Backends::Shared => {
+                    let pg = Schema::create();
+                    let registry = PostgresRegistry::connect(&pg.url())
+                        .await
+                        .expect("PostgreSQL registry");
+                    schema = Some(pg);
+                    let prefix = support::RedisKeys::new("e2e");
+                    let mut config =
+                        RedisDedupConfig::new(support::REDIS, sluice_dedup::DEFAULT_WINDOW);
+                    config.prefix = prefix.0.clone();
+                    keys = Some(prefix);
+                    let dedup = RedisDedup::connect(config).await.expect("Redis dedup");
+                    let mut config = ElasticIndexConfig::new(&support::osmem().url);
+                    config.prefix = format!("e2e-{}-{}", std::process::id(), support::unique());
+                    let index = ElasticIndex::open(config).await.expect("OpenSearch index");
+                    (Arc::new(registry), Arc::new(dedup), Arc::new(index))
+                }
+            };
+        let key = sluice_registry::bootstrap(registry.as_ref())
+            .await
+            .expect("bootstrap")
+            .expect("first key");
         let pipeline = Pipeline::new(
             Arc::clone(&log) as Arc<dyn Log>,
-            Validator::new(
-                Arc::clone(&registry) as Arc<dyn Registry>,
-                Duration::from_millis(50),
-            ),
+            Validator::new(Arc::clone(&registry), Duration::from_millis(50)),
             dedup,
             wrap(Arc::clone(&index)),
             PipelineConfig {
@@ -70,8 +145,8 @@ impl Stack {
         let pipeline = tokio::spawn(pipeline.run(stop_rx));
         let state = AppState::new(
             Arc::clone(&log) as Arc<dyn Log>,
-            Arc::clone(&registry) as Arc<dyn Registry>,
-            Some(Arc::clone(&index) as Arc<dyn Index>),
+            Arc::clone(&registry),
+            Some(Arc::clone(&index)),
             &ApiConfig::default(),
         );
         let addr = support::spawn_api(state).await;
@@ -85,6 +160,8 @@ impl Stack {
             stop,
             pipeline,
             _dir: dir,
+            _schema: schema,
+            _keys: keys,
         }
     }
 
@@ -167,9 +244,8 @@ impl Stack {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn posted_updates_and_events_become_readable_and_searchable() {
-    let stack = Stack::start().await;
+async fn posted_updates_and_events_become_readable_and_searchable(backends: Backends) {
+    let stack = Stack::start(backends).await;
     for (user, plan, email) in [("1", "pro", "Ann@X.io"), ("2", "free", "bob@x.io")] {
         let r = stack
             .post(
@@ -260,9 +336,8 @@ async fn posted_updates_and_events_become_readable_and_searchable() {
     stack.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_ordered_updates_per_user_end_at_the_last_value() {
-    let stack = Arc::new(Stack::start().await);
+async fn a_thousand_ordered_updates_per_user_end_at_the_last_value(backends: Backends) {
+    let stack = Arc::new(Stack::start(backends).await);
     const USERS_PER_CLIENT: usize = 8;
     const CLIENTS: usize = 5;
     const UPDATES: usize = 1000;
@@ -331,9 +406,8 @@ async fn a_thousand_ordered_updates_per_user_end_at_the_last_value() {
     stats.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deep_and_shallow_merges_follow_the_spec() {
-    let stack = Stack::start().await;
+async fn deep_and_shallow_merges_follow_the_spec(backends: Backends) {
+    let stack = Stack::start(backends).await;
     let steps = [
         json!({"userId": "m", "dataFields": {"address": {"city": "Paris", "zip": "75001"}, "plan": "free"}}),
         // Deep: merges into address, keeps zip.
@@ -389,9 +463,8 @@ async fn snapshot(stack: &Stack) -> (Value, Value, Vec<String>) {
     (users["total"].clone(), events["total"].clone(), all)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reposting_the_same_message_ids_changes_nothing() {
-    let stack = Stack::start().await;
+async fn reposting_the_same_message_ids_changes_nothing(backends: Backends) {
+    let stack = Stack::start(backends).await;
     let users: Vec<Value> = (0..20)
         .map(|i| json!({"userId": format!("u{i}"), "id": format!("up{i}"), "dataFields": {"n": i}}))
         .collect();
@@ -439,9 +512,8 @@ async fn reposting_the_same_message_ids_changes_nothing() {
     stack.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn banned_users_are_dead_lettered_and_the_rest_is_indexed() {
-    let stack = Stack::start().await;
+async fn banned_users_are_dead_lettered_and_the_rest_is_indexed(backends: Backends) {
+    let stack = Stack::start(backends).await;
     stack
         .registry
         .ban_user("default", "bad")
@@ -473,7 +545,7 @@ async fn banned_users_are_dead_lettered_and_the_rest_is_indexed() {
 /// The real index behind a switch that makes every write fail with a storage error, as a
 /// full disk would.
 struct FailingWrites {
-    inner: Arc<EmbeddedIndex>,
+    inner: Arc<dyn Index>,
     failing: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -526,11 +598,10 @@ impl Index for FailingWrites {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failing_index_is_retried_and_nothing_is_committed_past_it() {
+async fn a_failing_index_is_retried_and_nothing_is_committed_past_it(backends: Backends) {
     let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let switch = Arc::clone(&failing);
-    let stack = Stack::start_with(move |inner| {
+    let stack = Stack::start_with(backends, move |inner| {
         Arc::new(FailingWrites {
             inner,
             failing: switch,
@@ -563,9 +634,8 @@ async fn a_failing_index_is_retried_and_nothing_is_committed_past_it() {
     stack.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn users_named_like_routes_are_readable_and_wrong_methods_are_json_405() {
-    let stack = Stack::start().await;
+async fn users_named_like_routes_are_readable_and_wrong_methods_are_json_405(backends: Backends) {
+    let stack = Stack::start(backends).await;
     for name in ["update", "bulkUpdate"] {
         let r = stack
             .post(

@@ -1,9 +1,9 @@
-//! `sluice` with shared backends by URL, against the machine's servers: `--dedup redis://...`
-//! (127.0.0.1:6379, keys under a prefix unique to the test, deleted at the end) and
+//! `sluice` with shared backends by URL, against real servers: `--dedup redis://...`
+//! (127.0.0.1:6379, keys under a prefix unique to the test, deleted at the end),
 //! `--registry postgres://...` (127.0.0.1:5432, database `test`, a schema of the test's own,
-//! dropped at the end).
+//! dropped at the end) and `--index http://...` (an osmem-server started for the test binary,
+//! indexes under a prefix of the test's own).
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -12,34 +12,7 @@ use sluice::client::Connection;
 use sluice_registry::testing::Schema;
 
 mod support;
-use support::{Server, run_ok, sluice};
-
-const REDIS: &str = "redis://127.0.0.1:6379";
-
-fn redis_cli(args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-u", REDIS])
-        .args(args)
-        .output()
-        .expect("redis-cli runs");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// Deletes the test's keys when dropped.
-struct Keys(String);
-
-impl Drop for Keys {
-    fn drop(&mut self) {
-        let pattern = format!("{}:*", self.0);
-        let keys = redis_cli(&["--scan", "--pattern", &pattern]);
-        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
-        if !keys.is_empty() {
-            let mut args = vec!["DEL"];
-            args.extend(keys);
-            redis_cli(&args);
-        }
-    }
-}
+use support::{REDIS, RedisKeys, Server, redis_cli, run_ok, sluice};
 
 async fn post(conn: &mut Connection, key: &str, path: &str, body: Value) {
     let r = conn
@@ -74,13 +47,10 @@ async fn profile_once(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_with_redis_dedup_drops_a_reposted_id_and_keeps_its_marks_in_redis() {
-    let prefix = format!(
-        "sluice-test-{}-{}",
-        std::process::id(),
-        sluice_model::time::now_ms()
-    );
-    let _cleanup = Keys(prefix.clone());
+async fn serve_with_redis_dedup_and_an_opensearch_index_drops_a_reposted_id() {
+    let keys = RedisKeys::new("serve");
+    let prefix = keys.0.clone();
+    let index_prefix = format!("serve-{}-{}", std::process::id(), support::unique());
     let dir = tempfile::tempdir().expect("tempdir");
     let server = Server::start(
         &dir.path().join("node"),
@@ -89,6 +59,10 @@ async fn serve_with_redis_dedup_drops_a_reposted_id_and_keeps_its_marks_in_redis
             REDIS,
             "--dedup-key-prefix",
             &prefix,
+            "--index",
+            &support::osmem().url,
+            "--index-prefix",
+            &index_prefix,
             "--batch-timeout",
             "20ms",
         ],
@@ -128,13 +102,31 @@ async fn serve_with_redis_dedup_drops_a_reposted_id_and_keeps_its_marks_in_redis
 
     // The marks live in Redis, with the dedup window as their time to live.
     assert_eq!(
-        redis_cli(&["EXISTS", &format!("{prefix}:default:upd-1")]),
+        redis_cli(REDIS, &["EXISTS", &format!("{prefix}:default:upd-1")]),
         "1"
     );
-    let ttl: i64 = redis_cli(&["TTL", &format!("{prefix}:default:upd-2")])
+    let ttl: i64 = redis_cli(REDIS, &["TTL", &format!("{prefix}:default:upd-2")])
         .parse()
         .expect("ttl");
     assert!(ttl > 6 * 24 * 3600, "ttl {ttl}");
+
+    // The profile the API read is the one in the OpenSearch index.
+    let osmem: std::net::SocketAddr = support::osmem()
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("osmem address");
+    let mut conn = Connection::connect(osmem).await.expect("connect to osmem");
+    let stored = conn
+        .get(&format!("/{index_prefix}-users/_doc/default:u:r1"), &[])
+        .await
+        .expect("GET the stored profile")
+        .json();
+    assert_eq!(
+        stored["_source"]["dataFields"],
+        json!({"a": 1, "b": 1}),
+        "{stored}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,6 +39,57 @@ pub fn embedded_index(dir: &std::path::Path) -> Arc<EmbeddedIndex> {
     Arc::new(EmbeddedIndex::open(config).expect("index"))
 }
 
+/// The machine's Redis (tests use keys under a prefix of their own, see `RedisKeys`).
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+
+pub fn redis_cli(url: &str, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-u", url])
+        .args(args)
+        .output()
+        .expect("redis-cli runs");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A key prefix unique to this test, on the machine's Redis; its keys are deleted on drop.
+pub struct RedisKeys(pub String);
+
+impl RedisKeys {
+    pub fn new(what: &str) -> RedisKeys {
+        RedisKeys(format!(
+            "sluice-test:{what}:{}:{}",
+            std::process::id(),
+            unique()
+        ))
+    }
+}
+
+impl Drop for RedisKeys {
+    fn drop(&mut self) {
+        let pattern = format!("{}:*", self.0);
+        let keys = redis_cli(REDIS, &["--scan", "--pattern", &pattern]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        for chunk in keys.chunks(1000) {
+            let mut args = vec!["DEL"];
+            args.extend(chunk);
+            redis_cli(REDIS, &args);
+        }
+    }
+}
+
+/// A number no other call in this process gets.
+pub fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// One osmem-server (OpenSearch-compatible, in memory) per test binary; it exits with it.
+/// Tests use index prefixes of their own on it.
+pub fn osmem() -> &'static sluice_index::testing::Osmem {
+    static OSMEM: std::sync::OnceLock<sluice_index::testing::Osmem> = std::sync::OnceLock::new();
+    OSMEM.get_or_init(sluice_index::testing::Osmem::start)
+}
+
 /// Serves the API for `state` on a free port.
 pub async fn spawn_api(state: AppState) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -255,6 +306,14 @@ pub async fn wait_for_sentinels(addr: SocketAddr, key: &str) {
 /// log, none twice. `records` are the log's values, each partition in offset order.
 pub async fn check_index_matches_log(index_dir: &Path, records: &[Vec<u8>]) {
     use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
+    let index = EmbeddedIndex::open(EmbeddedIndexConfig::new(index_dir.to_path_buf()))
+        .expect("index reopens");
+    check_matches_log(&index, records).await;
+    index.close().await.expect("close index");
+}
+
+/// `check_index_matches_log` on any index.
+pub async fn check_matches_log(index: &dyn sluice_index::Index, records: &[Vec<u8>]) {
     let mut last_update: HashMap<String, Value> = HashMap::new();
     let mut events: HashMap<String, Vec<String>> = HashMap::new();
     for value in records {
@@ -269,8 +328,6 @@ pub async fn check_index_matches_log(index_dir: &Path, records: &[Vec<u8>]) {
             other => panic!("unexpected kind {other:?}"),
         }
     }
-    let index = EmbeddedIndex::open(EmbeddedIndexConfig::new(index_dir.to_path_buf()))
-        .expect("index reopens");
     let mut checked_events = 0;
     for (user, data_fields) in &last_update {
         let profile = index
@@ -301,7 +358,6 @@ pub async fn check_index_matches_log(index_dir: &Path, records: &[Vec<u8>]) {
         "crash test: index matches the log: {} profiles, {checked_events} events",
         last_update.len()
     );
-    index.close().await.expect("close index");
 }
 
 /// One JSON POST on a fresh connection: (status, body).
