@@ -12,6 +12,8 @@ use async_trait::async_trait;
 
 pub mod embedded;
 pub mod redis;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use embedded::EmbeddedDedup;
 pub use redis::{RedisDedup, RedisDedupConfig};

@@ -2,9 +2,10 @@
 //! a prefix unique to each test, deleted at the end) and, for the outage test, a `redis-server`
 //! started here on a free port.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sluice_dedup::testing::OwnRedis;
 use sluice_dedup::{Dedup, DedupError, MessageKey, RedisDedup, RedisDedupConfig};
 
 const URL: &str = "redis://127.0.0.1:6379";
@@ -123,47 +124,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// A redis-server of our own, on `port`, keeping nothing on disk; killed on drop.
-struct OwnRedis(Child);
-
-impl OwnRedis {
-    fn start(port: u16) -> OwnRedis {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server runs");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        OwnRedis(child)
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn a_restarted_server_fails_calls_while_down_and_serves_them_again_after() {
-    let port = free_port();
-    let server = OwnRedis::start(port);
+    let server = OwnRedis::start();
+    let port = server.port;
     let mut config =
         RedisDedupConfig::new(format!("redis://127.0.0.1:{port}"), Duration::from_secs(60));
     config.timeout = Duration::from_millis(500);
@@ -179,7 +143,7 @@ async fn a_restarted_server_fails_calls_while_down_and_serves_them_again_after()
     assert!(error.to_string().contains(&port.to_string()), "{error}");
 
     // Back (empty: it keeps nothing on disk): the same store works again by itself.
-    let _server = OwnRedis::start(port);
+    let _server = OwnRedis::start_on(port);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         match store.check(&[key("acme", "before")]).await {

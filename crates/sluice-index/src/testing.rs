@@ -93,6 +93,8 @@ struct Faults {
     requests: Mutex<Option<(u16, u64)>>,
     /// Bulk items withheld and answered with the fault status so far.
     withheld: AtomicU64,
+    /// Bulk items seen while an item fault was on.
+    items_seen: AtomicU64,
     /// Requests forwarded or answered.
     requests_seen: AtomicU64,
     down: AtomicBool,
@@ -101,7 +103,8 @@ struct Faults {
 #[derive(Clone, Copy)]
 struct ItemFault {
     status: u16,
-    /// Every `every`-th item of a bulk request (the first included).
+    /// Every `every`-th bulk item through the proxy (counted across requests, so an item sent
+    /// again is not necessarily failed again).
     every: usize,
     /// Items left to fail; the fault ends at 0.
     remaining: u64,
@@ -195,8 +198,8 @@ impl FaultProxy {
         }
     }
 
-    /// Answers `status` for every `every`-th item of each bulk request (withholding them from
-    /// the server), `count` items in all.
+    /// Answers `status` for every `every`-th bulk item (withholding them from the server),
+    /// `count` items in all.
     pub fn fail_items(&self, status: u16, every: usize, count: u64) {
         if let Ok(mut items) = self.faults.items.lock() {
             *items = Some(ItemFault {
@@ -395,7 +398,8 @@ fn withhold(faults: &Faults, body: &[u8], fault: ItemFault) -> (Bytes, Vec<(usiz
             .ok()
             .and_then(|v| v.as_object().and_then(|m| m.keys().next().cloned()))
             .unwrap_or_else(|| "index".into());
-        if remaining > 0 && position % fault.every == 0 {
+        let n = faults.items_seen.fetch_add(1, Ordering::Relaxed);
+        if remaining > 0 && n.is_multiple_of(fault.every as u64) {
             remaining -= 1;
             withheld.push((position, op, fault.status));
             continue;

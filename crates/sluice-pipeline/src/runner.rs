@@ -23,6 +23,7 @@ use sluice_log::{Assignment, Log, LogError, LogRecord, PartitionStream};
 use sluice_model::{Kind, Patch};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::batch::{BatchConfig, next_batch};
 use crate::merge::{Item, merge};
@@ -240,7 +241,10 @@ impl Pipeline {
                 continue;
             };
             let (first, last) = (first.offset, last.offset);
-            match self.process(&records, &mut stop).await {
+            // Every log line of the batch (retries, dead letters) names its partition and
+            // offsets.
+            let span = tracing::warn_span!("batch", partition, first, last);
+            match self.process(&records, &mut stop).instrument(span).await {
                 Ok(()) => {}
                 Err(Abandon::Stopped) => break,
                 Err(Abandon::Fatal(message)) => {
@@ -355,11 +359,26 @@ impl Pipeline {
         lap(&self.stats.index_us, &mut clock);
         for refused in &outcome.refused {
             self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-            let (kind, position, reason) = match refused {
-                Refused::User { position, reason } => ("user", position, reason),
-                Refused::Event { position, reason } => ("event", position, reason),
-            };
-            tracing::warn!(kind, position, %reason, "pipeline: dead letter (index refused)");
+            match refused {
+                Refused::User { position, reason } => {
+                    let user = write.users.get(*position);
+                    tracing::warn!(
+                        org = user.map(|u| u.org.as_str()),
+                        user = user.map(|u| u.user_key.as_str()),
+                        %reason,
+                        "pipeline: dead letter (the index refused the profile)"
+                    );
+                }
+                Refused::Event { position, reason } => {
+                    let event = write.events.get(*position);
+                    tracing::warn!(
+                        org = event.map(|e| e.org.as_str()),
+                        message_id = event.map(|e| e.message_id.as_str()),
+                        %reason,
+                        "pipeline: dead letter (the index refused the event)"
+                    );
+                }
+            }
         }
         self.stats
             .users_upserted

@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sluice::client::Connection;
 
+use sluice_dedup::testing::OwnRedis;
+use sluice_index::testing::FaultProxy;
+use sluice_index::{ElasticIndex, ElasticIndexConfig};
 use sluice_registry::testing::Schema;
 
 mod support;
-use support::{REDIS, RedisKeys, Server, redis_cli, run_ok, sluice};
+use support::{REDIS, RedisKeys, Server, TcpProxy, redis_cli, run_ok, sluice};
 
 async fn post(conn: &mut Connection, key: &str, path: &str, body: Value) {
     let r = conn
@@ -194,4 +197,125 @@ async fn admin_commands_and_serve_share_a_postgres_registry() {
         listed.contains("acme") && !listed.contains("default"),
         "{listed}"
     );
+}
+
+/// `sluice serve` on Redis + PostgreSQL + OpenSearch under steady load while each backend
+/// fails in turn: a storm of item-level 429s from the search store, the search store down for
+/// 20 s, PostgreSQL unreachable for 8 s (from just before the search store comes back, so the
+/// backlog meets it), Redis killed and restarted (empty). Clients retry
+/// what is answered 503, as real producers do. Afterwards: every acknowledged message is in
+/// the index exactly once in effect (each profile its user's last acknowledged update, each
+/// event once); processing resumed by itself; and the failures were logged with their
+/// partition and offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_on_shared_backends_rides_out_429_storms_and_outages_of_each_backend() {
+    let osmem = support::osmem();
+    let proxy = FaultProxy::start(&osmem.url);
+    let mut redis = Some(OwnRedis::start());
+    let redis_port = redis.as_ref().map_or(0, |r| r.port);
+    let redis_url = format!("redis://127.0.0.1:{redis_port}");
+    let schema = Schema::create();
+    let pg = TcpProxy::start("127.0.0.1:5432".parse().expect("address"));
+    let registry = schema.url().replace("127.0.0.1:5432", &pg.addr.to_string());
+    let index_prefix = format!("chaos-{}-{}", std::process::id(), support::unique());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("node");
+    let mut server = Server::start(
+        &data,
+        &[
+            "--dedup",
+            &redis_url,
+            "--registry",
+            &registry,
+            "--index",
+            &proxy.url,
+            "--index-prefix",
+            &index_prefix,
+            "--batch-timeout",
+            "20ms",
+            "--key-cache-ttl",
+            "200ms",
+        ],
+    );
+    let key = server.first_key.clone().expect("key");
+    let until = Instant::now() + Duration::from_secs(40);
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            tokio::spawn(support::client_load_retrying(
+                server.addr,
+                key.clone(),
+                c,
+                0,
+                until,
+                Duration::from_millis(5),
+            ))
+        })
+        .collect();
+    let pause = |s: u64| tokio::time::sleep(Duration::from_secs(s));
+
+    pause(2).await;
+    eprintln!("chaos: item-level 429 storm");
+    proxy.fail_items(429, 2, 1000);
+    pause(3).await;
+    eprintln!("chaos: the search store goes down for 20 s");
+    proxy.go_down();
+    pause(18).await;
+    // PostgreSQL goes away just before the search store comes back, so the backlog meets it.
+    eprintln!("chaos: PostgreSQL unreachable for 8 s");
+    pg.set_down(true);
+    pause(2).await;
+    proxy.come_back();
+    pause(6).await;
+    pg.set_down(false);
+    pause(2).await;
+    eprintln!("chaos: Redis killed and restarted");
+    drop(redis.take());
+    redis = Some(OwnRedis::start_on(redis_port));
+    let mut acked = Vec::new();
+    let mut unavailable = 0;
+    for c in clients {
+        let (ids, n503) = c.await.expect("client");
+        acked.extend(ids);
+        unavailable += n503;
+    }
+    eprintln!(
+        "chaos: {} messages acknowledged, {unavailable} answers 503 (retried), {} bulk items failed with 429",
+        acked.len(),
+        proxy.withheld()
+    );
+    assert!(acked.len() > 1000, "the load did real work");
+    // Processing resumes by itself: a sentinel on every partition gets indexed.
+    support::wait_for_sentinels(server.addr, &key).await;
+    assert!(proxy.withheld() >= 1000, "the storm happened");
+    assert!(server.sigterm().success());
+    drop(redis);
+
+    let mut config = ElasticIndexConfig::new(&osmem.url);
+    config.prefix = index_prefix;
+    let index = ElasticIndex::open(config).await.expect("index");
+    support::check_index_matches_acked(&index, &acked).await;
+
+    let stderr = std::fs::read_to_string(data.with_extension("stderr.log")).expect("stderr");
+    for (what, needle) in [
+        ("item-level 429s", "429"),
+        ("the index outage", "the index at"),
+        ("the Redis restart", "dedup"),
+        ("the PostgreSQL outage", "registry"),
+    ] {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(needle) && l.contains("batch{partition="))
+            .unwrap_or_else(|| {
+                let other: Vec<&str> = stderr
+                    .lines()
+                    .filter(|l| !l.contains("elastic::bulk"))
+                    .take(60)
+                    .collect();
+                panic!(
+                    "no log line about {what} with its partition; lines other than bulk retries:\n{}",
+                    other.join("\n")
+                )
+            });
+        assert!(line.contains("first=") && line.contains("last="), "{line}");
+    }
 }

@@ -208,29 +208,36 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<std::process
 /// What one client saw: the message ids the server acknowledged, in the order it sent them.
 pub type Acked = Vec<String>;
 
-/// One client: sequential requests over one connection, each user's messages in order.
-/// Ids are `c<client>-<seq>-<item>`; users are `c<client>-u<n>`.
+/// The `seq`-th request of a load client: every fourth a bulk of 10 events over the client's 3
+/// users, the others one update of one of them. Ids are `r<round>-c<client>-<seq>-<item>`;
+/// users are `c<client>-u<n>`.
+pub fn load_request(client: usize, round: usize, seq: usize) -> (&'static str, Value, Vec<String>) {
+    if seq % 4 == 3 {
+        let ids: Vec<String> = (0..10)
+            .map(|i| format!("r{round}-c{client}-{seq}-{i}"))
+            .collect();
+        let events: Vec<Value> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| json!({"userId": format!("c{client}-u{}", i % 3), "eventName": "e", "id": id, "dataFields": {"seq": seq}}))
+            .collect();
+        ("/api/events/trackBulk", json!({"events": events}), ids)
+    } else {
+        let id = format!("r{round}-c{client}-{seq}-0");
+        let body = json!({"userId": format!("c{client}-u{}", seq % 3), "id": id, "dataFields": {"seq": seq, "round": round}});
+        ("/api/users/update", body, vec![id])
+    }
+}
+
+/// One client: sequential requests over one connection, each user's messages in order, until
+/// the server dies. Anything but 200 before that fails the test.
 pub async fn client_load(addr: SocketAddr, key: String, client: usize, round: usize) -> Acked {
     let mut acked = Vec::new();
     let Ok(mut conn) = Connection::connect(addr).await else {
         return acked;
     };
     for seq in 0.. {
-        let (path, body, ids): (&str, Value, Vec<String>) = if seq % 4 == 3 {
-            let ids: Vec<String> = (0..10)
-                .map(|i| format!("r{round}-c{client}-{seq}-{i}"))
-                .collect();
-            let events: Vec<Value> = ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| json!({"userId": format!("c{client}-u{}", i % 3), "eventName": "e", "id": id, "dataFields": {"seq": seq}}))
-                .collect();
-            ("/api/events/trackBulk", json!({"events": events}), ids)
-        } else {
-            let id = format!("r{round}-c{client}-{seq}-0");
-            let body = json!({"userId": format!("c{client}-u{}", seq % 3), "id": id, "dataFields": {"seq": seq, "round": round}});
-            ("/api/users/update", body, vec![id])
-        };
+        let (path, body, ids) = load_request(client, round, seq);
         match conn
             .post(path, &[("api-key", &key)], body.to_string().into())
             .await
@@ -245,6 +252,160 @@ pub async fn client_load(addr: SocketAddr, key: String, client: usize, round: us
         }
     }
     acked
+}
+
+/// One client as a well-behaved producer through backend outages: until `until`, it sends the
+/// same requests as `client_load`, one per `pace`, and on a 503 (or a dropped connection) waits
+/// briefly and sends the same request again. Returns what was acknowledged and how many 503s it
+/// got.
+pub async fn client_load_retrying(
+    addr: SocketAddr,
+    key: String,
+    client: usize,
+    round: usize,
+    until: Instant,
+    pace: Duration,
+) -> (Acked, usize) {
+    let mut acked = Vec::new();
+    let mut unavailable = 0;
+    let mut conn = None;
+    let mut seq = 0;
+    while Instant::now() < until {
+        let (path, body, ids) = load_request(client, round, seq);
+        if conn.is_none() {
+            conn = Connection::connect(addr).await.ok();
+        }
+        let Some(c) = conn.as_mut() else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        match c
+            .post(path, &[("api-key", &key)], body.to_string().into())
+            .await
+        {
+            Ok(reply) if reply.status == 200 => {
+                acked.extend(ids);
+                seq += 1;
+                tokio::time::sleep(pace).await;
+            }
+            Ok(reply) if reply.status == 503 => {
+                unavailable += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok(reply) => panic!("unexpected status {}: {:?}", reply.status, reply.json()),
+            Err(_) => {
+                conn = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    (acked, unavailable)
+}
+
+/// Every acknowledged message of `load_request` clients is in the index exactly once in
+/// effect: each user's profile is its last acknowledged update, and each user has exactly as
+/// many events as were acknowledged for it (event doc ids are message ids, so none is there
+/// twice). For loads too large to list every event.
+pub async fn check_index_matches_acked(index: &dyn sluice_index::Index, acked: &[String]) {
+    use sluice_index::{SearchRequest, Target};
+    let mut last_update: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut events: HashMap<String, u64> = HashMap::new();
+    for id in acked {
+        let (round, client, seq, item) = send_position(id);
+        if seq % 4 == 3 {
+            *events
+                .entry(format!("c{client}-u{}", item % 3))
+                .or_default() += 1;
+        } else {
+            let last = last_update
+                .entry(format!("c{client}-u{}", seq % 3))
+                .or_default();
+            *last = (*last).max((round, seq));
+        }
+    }
+    for (user, (round, seq)) in &last_update {
+        let profile = index
+            .get_user("default", &format!("u:{user}"))
+            .await
+            .expect("read")
+            .unwrap_or_else(|| panic!("no profile for {user}"));
+        assert_eq!(
+            profile["dataFields"],
+            json!({"seq": seq, "round": round}),
+            "{user}: the last acknowledged update"
+        );
+    }
+    for (user, expected) in &events {
+        let request = SearchRequest {
+            query: format!("userId:\"{user}\""),
+            size: 0,
+            aggs: None,
+        };
+        let found = index
+            .search("default", Target::Events, &request)
+            .await
+            .expect("search");
+        assert_eq!(
+            found.total, *expected,
+            "{user}: each acknowledged event once"
+        );
+    }
+    eprintln!(
+        "index matches what was acknowledged: {} profiles, {} events",
+        last_update.len(),
+        events.values().sum::<u64>()
+    );
+}
+
+/// A TCP proxy (to make a server such as PostgreSQL unreachable for a while): while down,
+/// open connections are cut and new ones are closed at once. Runs on a thread of its own.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    down: tokio::sync::watch::Sender<bool>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub fn start(upstream: SocketAddr) -> TcpProxy {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let (down, down_rx) = tokio::sync::watch::channel(false);
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if *down_rx.borrow() {
+                        continue; // dropped: closed at once
+                    }
+                    let mut down = down_rx.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await
+                        else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = down.wait_for(|d| *d) => {}
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        }
+                    });
+                }
+            });
+        });
+        TcpProxy {
+            addr,
+            down,
+            _thread: thread,
+        }
+    }
+
+    pub fn set_down(&self, down: bool) {
+        let _ = self.down.send(down);
+    }
 }
 
 /// Parses `r<round>-c<client>-<seq>-<item>` into a sortable send position.
