@@ -48,6 +48,9 @@ pub struct RedisDedup {
     connection: ConnectionManager,
     config: RedisDedupConfig,
     window_secs: u64,
+    /// Pipelines sent (one per `check` or `mark` call), shared by clones, for benchmarks and
+    /// stats.
+    round_trips: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RedisDedup {
@@ -74,7 +77,19 @@ impl RedisDedup {
             connection,
             config,
             window_secs,
+            round_trips: Default::default(),
         })
+    }
+
+    /// Round trips to Redis so far: one per non-empty `check` and one per non-empty `mark`,
+    /// whatever the number of ids (each is one pipeline).
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn count_round_trip(&self) {
+        self.round_trips
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn key(&self, key: &MessageKey<'_>) -> String {
@@ -110,6 +125,7 @@ impl Dedup for RedisDedup {
             pipe.exists(self.key(key));
         }
         let mut connection = self.connection.clone();
+        self.count_round_trip();
         pipe.query_async::<Vec<bool>>(&mut connection)
             .await
             .map_err(|e| self.error("checking message ids", &e))
@@ -130,6 +146,7 @@ impl Dedup for RedisDedup {
                 .ignore();
         }
         let mut connection = self.connection.clone();
+        self.count_round_trip();
         pipe.query_async::<()>(&mut connection)
             .await
             .map_err(|e| self.error("marking message ids", &e))

@@ -85,6 +85,9 @@ async fn marks_are_seen_per_org_in_batch_order_with_the_window_as_ttl() {
     assert!((3590..=3600).contains(&ttl("m1")), "ttl {}", ttl("m1"));
     assert!(s.store.check(&[]).await.expect("empty").is_empty());
     s.store.mark(&[]).await.expect("empty mark");
+    // Each call above with ids was one pipelined round trip (check, mark, check); empty ones
+    // send nothing.
+    assert_eq!(s.store.round_trips(), 3);
 }
 
 #[tokio::test]

@@ -11,15 +11,20 @@
 //!
 //! Settings by environment: SLUICE_BENCH_MESSAGES (default 400000), SLUICE_BENCH_USERS
 //! (10000), SLUICE_BENCH_ONE_AT_A_TIME (500); SLUICE_BENCH_PIPELINE_ONLY=1 stops after step 2
-//! (for profiling).
+//! (for profiling); SLUICE_BENCH_LOG=kafka feeds the pipeline from a tansu broker;
+//! SLUICE_BENCH_BACKENDS=shared runs on the distributed stores instead of the embedded ones:
+//! Redis dedup (a redis-server started on a free port) and the OpenSearch index (an
+//! osmem-server, from `scripts/install-test-tools`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::value::RawValue;
-use sluice_dedup::EmbeddedDedup;
-use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index, WriteBatch};
+use sluice_dedup::{Dedup, EmbeddedDedup, RedisDedup, RedisDedupConfig};
+use sluice_index::{
+    ElasticIndex, ElasticIndexConfig, EmbeddedIndex, EmbeddedIndexConfig, Index, WriteBatch,
+};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log, Record};
 use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{Pipeline, PipelineConfig, PipelineStats, runner::build_write};
@@ -39,10 +44,63 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     runtime.block_on(run())
 }
 
-fn index_at(dir: &std::path::Path) -> Result<Arc<EmbeddedIndex>, Box<dyn std::error::Error>> {
-    Ok(Arc::new(EmbeddedIndex::open(EmbeddedIndexConfig::new(
-        dir,
-    ))?))
+/// The stores a run writes to: embedded in the temp dir, or Redis and OpenSearch servers
+/// started for the run.
+enum Stores {
+    Embedded,
+    Shared {
+        redis: sluice_dedup::testing::OwnRedis,
+        osmem: sluice_index::testing::Osmem,
+    },
+}
+
+/// An index under measurement, with its backend's own counters.
+enum BenchIndex {
+    Embedded(Arc<EmbeddedIndex>),
+    Elastic(Arc<ElasticIndex>),
+}
+
+impl BenchIndex {
+    async fn open(stores: &Stores, dir: &std::path::Path, name: &str) -> Result<Self, Box<dyn std::error::Error>> {
+        Ok(match stores {
+            Stores::Embedded => BenchIndex::Embedded(Arc::new(EmbeddedIndex::open(
+                EmbeddedIndexConfig::new(dir.join(name)),
+            )?)),
+            Stores::Shared { osmem, .. } => {
+                let mut config = ElasticIndexConfig::new(&osmem.url);
+                config.prefix = name.into();
+                BenchIndex::Elastic(Arc::new(ElasticIndex::open(config).await?))
+            }
+        })
+    }
+
+    fn index(&self) -> Arc<dyn Index> {
+        match self {
+            BenchIndex::Embedded(index) => Arc::clone(index) as Arc<dyn Index>,
+            BenchIndex::Elastic(index) => Arc::clone(index) as Arc<dyn Index>,
+        }
+    }
+
+    /// Where the index's time went, in its own terms.
+    fn describe(&self, seconds: f64) -> String {
+        match self {
+            BenchIndex::Embedded(index) => format!(
+                "{} index commits, index writer busy {:.0}%",
+                index.commits(),
+                100.0 * index.busy().as_secs_f64() / seconds
+            ),
+            BenchIndex::Elastic(index) => {
+                let stats = index.stats();
+                let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                format!(
+                    "{} _bulk and {} _mget requests, {} documents retried",
+                    get(&stats.bulk_requests),
+                    get(&stats.mget_requests),
+                    get(&stats.retried_docs)
+                )
+            }
+        }
+    }
 }
 
 async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -60,6 +118,14 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         (2_000, 100, 5)
     };
     let dir = tempfile::tempdir()?;
+    let stores = if std::env::var("SLUICE_BENCH_BACKENDS").as_deref() == Ok("shared") {
+        Stores::Shared {
+            redis: sluice_dedup::testing::OwnRedis::start(),
+            osmem: sluice_index::testing::Osmem::start(),
+        }
+    } else {
+        Stores::Embedded
+    };
     let registry: Arc<dyn Registry> =
         Arc::new(SqliteRegistry::open(&dir.path().join("registry.db")).await?);
     sluice_registry::bootstrap(registry.as_ref()).await?;
@@ -126,17 +192,33 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     // 2. The pipeline.
-    let index = index_at(&dir.path().join("index-pipeline"))?;
-    let dedup = Arc::new(EmbeddedDedup::open(
-        &dir.path().join("dedup"),
-        sluice_dedup::DEFAULT_WINDOW,
-    )?);
+    let bench_index = BenchIndex::open(&stores, dir.path(), "index-pipeline").await?;
+    let index = bench_index.index();
+    let (dedup, redis): (Arc<dyn Dedup>, Option<Arc<RedisDedup>>) = match &stores {
+        Stores::Embedded => (
+            Arc::new(EmbeddedDedup::open(
+                &dir.path().join("dedup"),
+                sluice_dedup::DEFAULT_WINDOW,
+            )?),
+            None,
+        ),
+        Stores::Shared { redis, .. } => {
+            let redis = Arc::new(
+                RedisDedup::connect(RedisDedupConfig::new(
+                    redis.url(),
+                    sluice_dedup::DEFAULT_WINDOW,
+                ))
+                .await?,
+            );
+            (Arc::clone(&redis) as Arc<dyn Dedup>, Some(redis))
+        }
+    };
     let config = PipelineConfig::default();
     let pipeline = Pipeline::new(
         Arc::clone(&source),
         Validator::new(Arc::clone(&registry), Duration::from_secs(5)),
         dedup,
-        Arc::clone(&index) as Arc<dyn Index>,
+        Arc::clone(&index),
         config.clone(),
     );
     let stats = pipeline.stats();
@@ -169,12 +251,18 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     index.close().await?;
     let pipeline_rate = messages as f64 / pipeline_secs;
     println!("pipeline, steady (10%..90% committed): {pipeline_steady:9.0} msg/s");
+    let batches = PipelineStats::get(&stats.batches);
     println!(
-        "pipeline:      {pipeline_secs:6.2} s  {pipeline_rate:9.0} msg/s  cpu {pipeline_cpu:5.2} s  ({} batches, {} index commits, index writer busy {:.0}%)",
-        PipelineStats::get(&stats.batches),
-        index.commits(),
-        100.0 * index.busy().as_secs_f64() / pipeline_secs
+        "pipeline:      {pipeline_secs:6.2} s  {pipeline_rate:9.0} msg/s  cpu {pipeline_cpu:5.2} s  ({batches} batches, {})",
+        bench_index.describe(pipeline_secs)
     );
+    if let Some(redis) = &redis {
+        println!(
+            "  redis round trips: {} ({:.2} per batch: one pipelined check, one pipelined mark)",
+            redis.round_trips(),
+            redis.round_trips() as f64 / batches.max(1) as f64
+        );
+    }
     print_stages(&stats, pipeline_secs);
     let by_thread: Vec<String> = threads_after
         .iter()
@@ -232,7 +320,8 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .take(singles)
         .map(Arc::new)
         .collect();
-    let raw_index = index_at(&dir.path().join("index-raw"))?;
+    let raw_bench_index = BenchIndex::open(&stores, dir.path(), "index-raw").await?;
+    let raw_index = raw_bench_index.index();
     let started = Instant::now();
     let cpu = cpu_seconds();
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -262,17 +351,17 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     steady.sample(written.load(Ordering::Relaxed));
     let raw_steady = steady.rate();
     let raw_cpu = cpu_seconds() - cpu;
-    let raw_commits = raw_index.commits();
-    let raw_busy = raw_index.busy().as_secs_f64();
     raw_index.close().await?;
     let raw_rate = messages as f64 / raw_secs;
     println!(
-        "raw index:     {raw_secs:6.2} s  {raw_rate:9.0} msg/s  cpu {raw_cpu:5.2} s  ({raw_commits} index commits, index writer busy {:.0}%)",
-        100.0 * raw_busy / raw_secs
+        "raw index:     {raw_secs:6.2} s  {raw_rate:9.0} msg/s  cpu {raw_cpu:5.2} s  ({})",
+        raw_bench_index.describe(raw_secs)
     );
 
     // 4. One message per write.
-    let single_index = index_at(&dir.path().join("index-single"))?;
+    let single_index = BenchIndex::open(&stores, dir.path(), "index-single")
+        .await?
+        .index();
     let started = Instant::now();
     for batch in &singles_source {
         single_index.write(Arc::clone(batch)).await?;
