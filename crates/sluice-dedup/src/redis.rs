@@ -57,11 +57,12 @@ impl RedisDedup {
     /// Connects (the first connection must succeed, so a wrong URL fails at start).
     pub async fn connect(config: RedisDedupConfig) -> Result<RedisDedup, DedupError> {
         let unavailable = |message: String| DedupError::Unavailable {
-            server: redacted(&config.url),
+            server: sluice_model::url::redacted(&config.url),
             message,
         };
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| DedupError::Config(format!("{}: {e}", redacted(&config.url))))?;
+        let client = redis::Client::open(config.url.as_str()).map_err(|e| {
+            DedupError::Config(format!("{}: {e}", sluice_model::url::redacted(&config.url)))
+        })?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout));
@@ -98,19 +99,9 @@ impl RedisDedup {
 
     fn error(&self, what: &str, e: &redis::RedisError) -> DedupError {
         DedupError::Unavailable {
-            server: redacted(&self.config.url),
+            server: sluice_model::url::redacted(&self.config.url),
             message: format!("{what}: {e}"),
         }
-    }
-}
-
-/// The URL without its password, for messages.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
     }
 }
 
@@ -150,19 +141,5 @@ impl Dedup for RedisDedup {
         pipe.query_async::<()>(&mut connection)
             .await
             .map_err(|e| self.error("marking message ids", &e))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(
-            redacted("redis://user:secret@host:6379/0"),
-            "redis://***@host:6379/0"
-        );
-        assert_eq!(redacted("redis://host:6379"), "redis://host:6379");
     }
 }

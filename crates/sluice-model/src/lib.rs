@@ -9,6 +9,7 @@
 //! - `segment`: the Segment HTTP Tracking API calls mapped onto messages.
 //! - `patch`: a user update as a `Patch` tree, and folding patches (shallow vs deep merge).
 //! - `time`: the accepted `createdAt` forms (unix seconds, unix milliseconds, RFC 3339).
+//! - `url`: backend URLs as shown in errors and logs (`redacted`: no password).
 //!
 //! Invariant: this crate does no I/O. It is pure data so every stage can test against it.
 
@@ -17,6 +18,7 @@ pub mod partition;
 pub mod patch;
 pub mod segment;
 pub mod time;
+pub mod url;
 
 pub use message::{
     ItemError, Kind, LogValue, Message, MessageBuilder, UserKey, parse_event, parse_user_update,

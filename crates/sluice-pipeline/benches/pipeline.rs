@@ -61,7 +61,11 @@ enum BenchIndex {
 }
 
 impl BenchIndex {
-    async fn open(stores: &Stores, dir: &std::path::Path, name: &str) -> Result<Self, Box<dyn std::error::Error>> {
+    async fn open(
+        stores: &Stores,
+        dir: &std::path::Path,
+        name: &str,
+    ) -> Result<Self, Box<dyn std::error::Error>> {
         Ok(match stores {
             Stores::Embedded => BenchIndex::Embedded(Arc::new(EmbeddedIndex::open(
                 EmbeddedIndexConfig::new(dir.join(name)),

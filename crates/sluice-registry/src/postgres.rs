@@ -20,22 +20,10 @@ pub struct PostgresRegistry {
     location: String,
 }
 
-/// The URL without its password, for messages.
-fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let credentials = &url[scheme + 3..at];
-            let user = credentials.split(':').next().unwrap_or("");
-            format!("{}{user}@{}", &url[..scheme + 3], &url[at + 1..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 impl PostgresRegistry {
     /// Connects and applies migrations.
     pub async fn connect(url: &str) -> Result<Self, RegistryError> {
-        let location = redacted(url);
+        let location = sluice_model::url::redacted(url);
         let db_err = |source| RegistryError::Database {
             location: location.clone(),
             source,
@@ -213,19 +201,5 @@ impl Registry for PostgresRegistry {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| self.err(e))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(
-            redacted("postgres://app:secret@db:5432/sluice"),
-            "postgres://app@db:5432/sluice"
-        );
-        assert_eq!(redacted("postgres://db/sluice"), "postgres://db/sluice");
     }
 }

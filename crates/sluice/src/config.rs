@@ -316,7 +316,7 @@ impl Config {
         {
             bail!(
                 "index = {:?}: expected `embedded` or http(s)://host:9200 (Elasticsearch/OpenSearch)",
-                sluice_index::elastic::redacted(&self.index)
+                sluice_model::url::redacted(&self.index)
             );
         }
         if self.partitions == 0 {

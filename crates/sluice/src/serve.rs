@@ -324,7 +324,7 @@ fn print_banner(
         role.name(),
         config.data_dir.display(),
     );
-    let shown = |url: &str| sluice_index::elastic::redacted(url);
+    let shown = |url: &str| sluice_model::url::redacted(url);
     println!(
         "  dedup: {}, index: {}, registry: {}",
         shown(&config.dedup),

@@ -622,3 +622,114 @@ async fn a_frozen_broker_is_a_503_with_retry_after_within_the_ack_timeout() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The distributed shape: a `sluice api` node and a `sluice ingest` node, sharing only Kafka,
+/// PostgreSQL (the registry, managed by admin commands from a third data dir), Redis (dedup) and
+/// OpenSearch (the index). What the API node accepts, the ingest node indexes, and the API
+/// node reads it back from the shared index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch() {
+    let broker = Tansu::start();
+    let schema = sluice_registry::testing::Schema::create();
+    let registry = schema.url();
+    let keys = support::RedisKeys::new("nodes");
+    let index_prefix = format!("nodes-{}-{}", std::process::id(), support::unique());
+    let log = format!("kafka://{}", broker.addr);
+    let osmem = &support::osmem().url;
+    let shared = [
+        "--log",
+        &log,
+        "--registry",
+        &registry,
+        "--dedup",
+        support::REDIS,
+        "--dedup-key-prefix",
+        &keys.0,
+        "--index",
+        osmem,
+        "--index-prefix",
+        &index_prefix,
+        "--kafka-session-timeout",
+        "6s",
+        "--batch-timeout",
+        "50ms",
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let admin = dir.path().join("admin");
+    support::run_ok(support::sluice(&admin).args([
+        "--registry",
+        &registry,
+        "orgs",
+        "create",
+        "acme",
+    ]));
+    let key = support::run_ok(support::sluice(&admin).args([
+        "--registry",
+        &registry,
+        "keys",
+        "create",
+        "--org",
+        "acme",
+    ]))
+    .trim()
+    .to_string();
+    let mut api = Server::start_as("api", &dir.path().join("api"), &shared);
+    assert!(api.first_key.is_none(), "the registry already has an org");
+    let mut ingest = Server::start_as("ingest", &dir.path().join("ingest"), &shared);
+
+    let mut conn = Connection::connect(api.addr).await.expect("connect");
+    for i in 0..20 {
+        post(
+            &mut conn,
+            &key,
+            "/api/users/update",
+            json!({"userId": format!("n{i}"), "id": format!("up-{i}"), "dataFields": {"plan": if i % 2 == 0 {"pro"} else {"free"}}}),
+        )
+        .await;
+        post(
+            &mut conn,
+            &key,
+            "/api/events/track",
+            json!({"userId": format!("n{i}"), "eventName": "signedUp", "id": format!("ev-{i}")}),
+        )
+        .await;
+    }
+    // Read back through the API node, which reads the index the ingest node writes.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = get(&mut conn, &key, "/api/users/n19/events").await;
+        if status == 200 && body["events"].as_array().is_some_and(|e| !e.is_empty()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "indexed within 60 s: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, profile) = get(&mut conn, &key, "/api/users/n4").await;
+    assert_eq!(
+        (status, &profile["dataFields"]),
+        (200, &json!({"plan": "pro"}))
+    );
+    let found = post(
+        &mut conn,
+        &key,
+        "/api/search/users",
+        json!({"query": "dataFields.plan:pro", "size": 0, "aggs": {"plans": {"terms": {"field": "dataFields.plan"}}}}),
+    )
+    .await;
+    assert_eq!(found["total"], 10, "{found}");
+    assert_eq!(
+        found["aggregations"]["plans"]["buckets"][0]["key"], "pro",
+        "{found}"
+    );
+    // Marks are in the shared Redis, under this test's prefix.
+    let marks = support::redis_cli(
+        support::REDIS,
+        &["--scan", "--pattern", &format!("{}:acme:*", keys.0)],
+    );
+    assert_eq!(marks.lines().count(), 40, "{marks}");
+    assert!(ingest.sigterm().success());
+    assert!(api.sigterm().success());
+}

@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Value, json};
 use sluice_model::{Op, Patch};
 
-use super::{ElasticIndex, ErrorBody, add, describe};
+use super::{ElasticIndex, ErrorBody, Got, add, describe};
 use crate::doc::{
     EventSource, Internal, NOT_AN_OBJECT, event_doc_id, upserted_profile, user_doc_id,
 };
@@ -450,19 +450,6 @@ async fn read_profiles(
     #[derive(Deserialize)]
     struct Answer {
         docs: Vec<Got>,
-    }
-    #[derive(Deserialize)]
-    struct Got {
-        #[serde(default)]
-        found: bool,
-        #[serde(rename = "_source", default)]
-        source: Value,
-        #[serde(rename = "_seq_no", default)]
-        seq_no: Option<u64>,
-        #[serde(rename = "_primary_term", default)]
-        primary_term: Option<u64>,
-        #[serde(default)]
-        error: Option<ErrorBody>,
     }
     let answer: Answer = serde_json::from_slice(&answer)
         .map_err(|e| index.unavailable(format!("POST /_mget: unexpected answer: {e}")))?;

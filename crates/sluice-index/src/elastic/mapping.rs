@@ -30,44 +30,38 @@ fn data_fields_templates() -> Value {
     }])
 }
 
-pub(super) fn users() -> Value {
+/// An index whose documents have the fields every document has, plus `fields`.
+fn index(fields: Value) -> Value {
+    let mut properties = json!({
+        "sluice": {"properties": {
+            "org": {"type": "keyword"},
+            "user": {"type": "keyword"},
+        }},
+        "userId": {"type": "keyword"},
+        "email": {"type": "keyword", "normalizer": "sluice_lowercase"},
+        "createdAt": {"type": "date", "format": DATE},
+        "dataFields": {"type": "object", "dynamic": true},
+    });
+    if let (Value::Object(all), Value::Object(more)) = (&mut properties, fields) {
+        all.extend(more);
+    }
     json!({
         "settings": settings(),
         "mappings": {
             "dynamic_templates": data_fields_templates(),
-            "properties": {
-                "sluice": {"properties": {
-                    "org": {"type": "keyword"},
-                    "user": {"type": "keyword"},
-                }},
-                "userId": {"type": "keyword"},
-                "email": {"type": "keyword", "normalizer": "sluice_lowercase"},
-                "createdAt": {"type": "date", "format": DATE},
-                "updatedAt": {"type": "date", "format": DATE},
-                "dataFields": {"type": "object", "dynamic": true},
-            }
+            "properties": properties,
         }
     })
 }
 
+pub(super) fn users() -> Value {
+    index(json!({"updatedAt": {"type": "date", "format": DATE}}))
+}
+
 pub(super) fn events() -> Value {
-    json!({
-        "settings": settings(),
-        "mappings": {
-            "dynamic_templates": data_fields_templates(),
-            "properties": {
-                "sluice": {"properties": {
-                    "org": {"type": "keyword"},
-                    "user": {"type": "keyword"},
-                }},
-                "messageId": {"type": "keyword"},
-                "eventName": {"type": "keyword"},
-                "userId": {"type": "keyword"},
-                "email": {"type": "keyword", "normalizer": "sluice_lowercase"},
-                "createdAt": {"type": "date", "format": DATE},
-                "receivedAt": {"type": "date", "format": DATE},
-                "dataFields": {"type": "object", "dynamic": true},
-            }
-        }
-    })
+    index(json!({
+        "messageId": {"type": "keyword"},
+        "eventName": {"type": "keyword"},
+        "receivedAt": {"type": "date", "format": DATE},
+    }))
 }

@@ -154,13 +154,13 @@ impl ElasticIndex {
         let mut base = Url::parse(&config.url).map_err(|e| {
             IndexError::Config(format!(
                 "index URL {}: {e} (expected http(s)://host:port)",
-                redacted(&config.url)
+                sluice_model::url::redacted(&config.url)
             ))
         })?;
         if !matches!(base.scheme(), "http" | "https") || base.host_str().is_none() {
             return Err(IndexError::Config(format!(
                 "index URL {}: expected http(s)://host:port or \"embedded\"",
-                redacted(&config.url)
+                sluice_model::url::redacted(&config.url)
             )));
         }
         let auth = (!base.username().is_empty()).then(|| {
@@ -353,6 +353,22 @@ impl ElasticIndex {
     }
 }
 
+/// One document as `GET /<index>/_doc/<id>` and each of `_mget`'s `docs` answer it.
+#[derive(Deserialize)]
+pub(crate) struct Got {
+    #[serde(default)]
+    found: bool,
+    #[serde(rename = "_source", default)]
+    source: Value,
+    #[serde(rename = "_seq_no", default)]
+    seq_no: Option<u64>,
+    #[serde(rename = "_primary_term", default)]
+    primary_term: Option<u64>,
+    /// `_mget` only: why this document could not be read.
+    #[serde(default)]
+    error: Option<ErrorBody>,
+}
+
 #[derive(Deserialize)]
 struct SearchAnswer {
     hits: Hits,
@@ -425,16 +441,6 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// A URL as shown in errors: without the password (and user).
-pub fn redacted(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}***{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 #[async_trait]
 impl Index for ElasticIndex {
     async fn write(&self, batch: std::sync::Arc<WriteBatch>) -> Result<WriteOutcome, IndexError> {
@@ -449,13 +455,6 @@ impl Index for ElasticIndex {
         let (status, answer) = self
             .request(Method::GET, &[&self.users, "_doc", &id], None)
             .await?;
-        #[derive(Deserialize)]
-        struct Got {
-            #[serde(default)]
-            found: bool,
-            #[serde(rename = "_source", default)]
-            source: Value,
-        }
         if status == StatusCode::NOT_FOUND
             && let Ok(got) = serde_json::from_slice::<Got>(&answer)
             && !got.found
@@ -531,14 +530,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credentials_are_decoded_and_never_shown() {
+    fn credentials_are_decoded() {
         assert_eq!(percent_decode("p%40ss%3Aw").as_deref(), Some("p@ss:w"));
         assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
-        assert_eq!(
-            redacted("https://elastic:secret@es.example:9200"),
-            "https://***@es.example:9200"
-        );
-        assert_eq!(redacted("http://es:9200"), "http://es:9200");
     }
 
     #[test]

@@ -124,9 +124,10 @@ pub fn run_err(cmd: &mut Command) -> String {
     String::from_utf8(out.stderr).expect("utf-8 stderr")
 }
 
-/// A `sluice serve` child process.
+/// A `sluice serve` (or `api`, or `ingest`) child process.
 pub struct Server {
     pub child: Child,
+    /// Where it listens (`0.0.0.0:0` for an ingest node, which does not).
     pub addr: SocketAddr,
     /// The key printed in the banner on first start.
     pub first_key: Option<String>,
@@ -134,8 +135,13 @@ pub struct Server {
 
 impl Server {
     pub fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_as("serve", data_dir, extra)
+    }
+
+    /// `sluice <role>`, once its banner's last line says it runs.
+    pub fn start_as(role: &str, data_dir: &Path, extra: &[&str]) -> Server {
         let mut child = sluice(data_dir)
-            .arg("serve")
+            .arg(role)
             .args(["--listen", "127.0.0.1:0"])
             .args(extra)
             .stdout(Stdio::piped())
@@ -147,7 +153,7 @@ impl Server {
                     .expect("stderr file"),
             ))
             .spawn()
-            .expect("spawn sluice serve");
+            .expect("spawn sluice");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut addr = None;
@@ -159,6 +165,10 @@ impl Server {
             }
             if let Some(rest) = line.split("listening on http://").nth(1) {
                 addr = Some(rest.trim().parse().expect("listen address"));
+                break;
+            }
+            if line.starts_with("ingesting from ") {
+                addr = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
                 break;
             }
         }
