@@ -19,6 +19,7 @@ mod ingest;
 mod read;
 mod response;
 mod segment;
+pub mod sendgrid;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -64,6 +65,8 @@ pub struct ApiConfig {
     pub log_ack_timeout: Duration,
     /// How long an API key lookup is cached.
     pub key_cache_ttl: Duration,
+    /// How far a signed SendGrid webhook's timestamp may be from now (replay protection).
+    pub sendgrid_max_age: Duration,
 }
 
 impl Default for ApiConfig {
@@ -72,6 +75,7 @@ impl Default for ApiConfig {
             limits: Limits::default(),
             log_ack_timeout: Duration::from_secs(5),
             key_cache_ttl: Duration::from_secs(5),
+            sendgrid_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -87,6 +91,7 @@ pub struct AppInner {
     pub(crate) auth: Authenticator,
     pub(crate) limits: Limits,
     pub(crate) log_ack_timeout: Duration,
+    pub(crate) sendgrid_max_age: Duration,
     /// Set when the server starts draining: `/readyz` turns 503 so balancers stop sending.
     pub(crate) draining: AtomicBool,
 }
@@ -112,6 +117,7 @@ impl AppState {
             auth: Authenticator::new(registry, config.key_cache_ttl),
             limits: config.limits,
             log_ack_timeout: config.log_ack_timeout,
+            sendgrid_max_age: config.sendgrid_max_age,
             draining: AtomicBool::new(false),
         }))
     }
@@ -158,6 +164,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/group", post(segment::group))
         .route("/v1/alias", post(segment::alias))
         .route("/v1/batch", post(segment::batch))
+        .route("/webhooks/sendgrid", post(sendgrid::webhook))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(not_found)

@@ -7,6 +7,7 @@
 //! - `message`: parsing and validating one client item (a user update or an event) into a
 //!   `Message`, and turning a `Message` into its log record (key and JSON value, SPEC §5).
 //! - `segment`: the Segment HTTP Tracking API calls mapped onto messages.
+//! - `sendgrid`: SendGrid Event Webhook events mapped onto messages.
 //! - `patch`: a user update as a `Patch` tree, and folding patches (shallow vs deep merge).
 //! - `time`: the accepted `createdAt` forms (unix seconds, unix milliseconds, RFC 3339).
 //! - `url`: backend URLs as shown in errors and logs (`redacted`: no password).
@@ -17,6 +18,7 @@ pub mod message;
 pub mod partition;
 pub mod patch;
 pub mod segment;
+pub mod sendgrid;
 pub mod time;
 pub mod url;
 

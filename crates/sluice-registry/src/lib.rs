@@ -30,6 +30,9 @@ pub struct Org {
     pub active: bool,
     /// Unix seconds.
     pub created_at: i64,
+    /// The SendGrid Event Webhook verification key (base64 DER of an ECDSA P-256 public key);
+    /// when set, webhook calls must carry a valid signature.
+    pub sendgrid_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +93,9 @@ pub trait Registry: Send + Sync + 'static {
     /// Disables (or re-enables) an org: its keys stop working and its messages are refused.
     async fn set_org_active(&self, name: &str, active: bool) -> Result<(), RegistryError>;
     /// Creates a key for `org` and returns it; this is the only time the key is seen.
+    /// Sets (or, with `None`, clears) the org's SendGrid verification key. The caller checks
+    /// that it is a valid key.
+    async fn set_sendgrid_key(&self, name: &str, key: Option<&str>) -> Result<(), RegistryError>;
     async fn create_key(&self, org: &str) -> Result<String, RegistryError>;
     /// The org a key belongs to, if the key exists.
     async fn org_for_key(&self, key: &str) -> Result<Option<Org>, RegistryError>;

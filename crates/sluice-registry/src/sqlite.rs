@@ -74,6 +74,7 @@ fn org_from_row(row: &sqlx::sqlite::SqliteRow) -> Org {
         name: row.get("name"),
         active: row.get::<i64, _>("active") != 0,
         created_at: row.get("created_at"),
+        sendgrid_key: row.get("sendgrid_key"),
     }
 }
 
@@ -93,6 +94,7 @@ impl Registry for SqliteRegistry {
                 name: name.to_string(),
                 active: true,
                 created_at,
+                sendgrid_key: None,
             }),
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                 Err(RegistryError::OrgExists(name.to_string()))
@@ -102,25 +104,42 @@ impl Registry for SqliteRegistry {
     }
 
     async fn list_orgs(&self) -> Result<Vec<Org>, RegistryError> {
-        let rows = sqlx::query("SELECT id, name, active, created_at FROM orgs ORDER BY name")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        let rows = sqlx::query(
+            "SELECT id, name, active, created_at, sendgrid_key FROM orgs ORDER BY name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
         Ok(rows.iter().map(org_from_row).collect())
     }
 
     async fn org(&self, name: &str) -> Result<Option<Org>, RegistryError> {
-        let row = sqlx::query("SELECT id, name, active, created_at FROM orgs WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(|e| self.err(e))?;
+        let row = sqlx::query(
+            "SELECT id, name, active, created_at, sendgrid_key FROM orgs WHERE name = ?",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| self.err(e))?;
         Ok(row.as_ref().map(org_from_row))
     }
 
     async fn set_org_active(&self, name: &str, active: bool) -> Result<(), RegistryError> {
         let done = sqlx::query("UPDATE orgs SET active = ? WHERE name = ?")
             .bind(i64::from(active))
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.err(e))?;
+        if done.rows_affected() == 0 {
+            return Err(RegistryError::NoSuchOrg(name.to_string()));
+        }
+        Ok(())
+    }
+
+    async fn set_sendgrid_key(&self, name: &str, key: Option<&str>) -> Result<(), RegistryError> {
+        let done = sqlx::query("UPDATE orgs SET sendgrid_key = ? WHERE name = ?")
+            .bind(key)
             .bind(name)
             .execute(&self.pool)
             .await
@@ -149,7 +168,7 @@ impl Registry for SqliteRegistry {
 
     async fn org_for_key(&self, key: &str) -> Result<Option<Org>, RegistryError> {
         let row = sqlx::query(
-            "SELECT o.id, o.name, o.active, o.created_at FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.key_hash = ?",
+            "SELECT o.id, o.name, o.active, o.created_at, o.sendgrid_key FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.key_hash = ?",
         )
         .bind(hash_key(key))
         .fetch_optional(&self.pool)

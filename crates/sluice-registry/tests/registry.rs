@@ -60,6 +60,30 @@ async fn contract(reg: &dyn Registry) {
         reg.set_org_active("nope", false).await,
         Err(RegistryError::NoSuchOrg(_))
     ));
+    // The SendGrid key travels with the org, also to the key lookup the webhook uses.
+    assert_eq!(acme_org.sendgrid_key, None);
+    reg.set_sendgrid_key("acme", Some("MFkw..."))
+        .await
+        .expect("set");
+    let looked_up = reg
+        .org_for_key(&acme)
+        .await
+        .expect("lookup")
+        .expect("known");
+    assert_eq!(looked_up.sendgrid_key.as_deref(), Some("MFkw..."));
+    reg.set_sendgrid_key("acme", None).await.expect("clear");
+    assert_eq!(
+        reg.org("acme")
+            .await
+            .expect("org")
+            .expect("exists")
+            .sendgrid_key,
+        None
+    );
+    assert!(matches!(
+        reg.set_sendgrid_key("nope", Some("k")).await,
+        Err(RegistryError::NoSuchOrg(_))
+    ));
     let names: Vec<String> = reg
         .list_orgs()
         .await

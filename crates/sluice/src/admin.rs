@@ -17,6 +17,15 @@ pub enum OrgsCommand {
     Disable { name: String },
     /// Enable a disabled org again.
     Enable { name: String },
+    /// Require SendGrid Event Webhook signatures for an org: KEY is the verification key
+    /// SendGrid shows (base64 of an ECDSA P-256 public key). `--clear` stops checking.
+    SetSendgridKey {
+        name: String,
+        #[arg(required_unless_present = "clear")]
+        key: Option<String>,
+        #[arg(long, conflicts_with = "key")]
+        clear: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +97,21 @@ pub async fn orgs(config: &Config, command: OrgsCommand) -> anyhow::Result<()> {
             registry.set_org_active(&name, true).await?;
             println!("enabled org {name:?}");
         }
+        OrgsCommand::SetSendgridKey { name, key, .. } => match key {
+            Some(key) => {
+                let key = key.trim();
+                sluice_api::sendgrid::parse_verification_key(key).map_err(anyhow::Error::msg)?;
+                registry.set_sendgrid_key(&name, Some(key)).await?;
+                println!(
+                    "org {name:?} now requires SendGrid webhook signatures made with this key (within {} s of their timestamp)",
+                    config.sendgrid_max_age.as_secs()
+                );
+            }
+            None => {
+                registry.set_sendgrid_key(&name, None).await?;
+                println!("org {name:?} no longer checks SendGrid webhook signatures");
+            }
+        },
     }
     Ok(())
 }

@@ -45,6 +45,8 @@ pub struct Config {
     pub kafka_instance_id: String,
     pub dedup_key_prefix: String,
     pub index_prefix: String,
+    #[serde(with = "duration")]
+    pub sendgrid_max_age: Duration,
 }
 
 impl Default for Config {
@@ -73,6 +75,7 @@ impl Default for Config {
             kafka_instance_id: String::new(),
             dedup_key_prefix: "sluice:dedup".into(),
             index_prefix: "sluice".into(),
+            sendgrid_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -118,6 +121,10 @@ dedup_key_prefix = "sluice:dedup"
 # Elasticsearch/OpenSearch index only: the indexes are `<index_prefix>-users` and
 # `<index_prefix>-events`, created with their mappings at start if missing.
 index_prefix = "sluice"
+
+# SendGrid webhook: a signed request (org with `sluice orgs set-sendgrid-key`) is refused when
+# its timestamp is further than this from now, so a captured request cannot be replayed later.
+sendgrid_max_age = "5m"
 
 # How long a request waits for the log to make its messages durable before answering 503.
 log_ack_timeout = "5s"
@@ -223,6 +230,9 @@ pub struct ConfigArgs {
     /// Name prefix of the Elasticsearch/OpenSearch indexes [default: sluice].
     #[arg(long, global = true, env = "SLUICE_INDEX_PREFIX")]
     pub index_prefix: Option<String>,
+    /// Largest age of a signed SendGrid webhook request [default: 5m].
+    #[arg(long, global = true, env = "SLUICE_SENDGRID_MAX_AGE", value_parser = parse_duration)]
+    pub sendgrid_max_age: Option<Duration>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -272,7 +282,8 @@ impl Config {
             kafka_session_timeout,
             kafka_instance_id,
             dedup_key_prefix,
-            index_prefix
+            index_prefix,
+            sendgrid_max_age
         );
         config.validate()?;
         Ok(config)

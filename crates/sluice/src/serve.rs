@@ -168,6 +168,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             },
             log_ack_timeout: config.log_ack_timeout,
             key_cache_ttl: config.key_cache_ttl,
+            sendgrid_max_age: config.sendgrid_max_age,
         };
         AppState::new(
             Arc::clone(&log),

@@ -48,6 +48,20 @@ fn admin_commands_manage_orgs_keys_and_bans() {
     assert!(err.contains("invalid org name"), "{err}");
     let err = run_err(sluice(&data).args(["orgs", "create", "acme"]));
     assert!(err.contains("already exists"), "{err}");
+    // A SendGrid verification key (as SendGrid shows it: base64 DER of a P-256 public key).
+    const SENDGRID_KEY: &str = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEqP1q7Hh2IvJUofwrQRiubNwsGq4lN7WmI5ODwhaEIaL3yDZXMKesEZCyo9wrLiRn14Qvkf001kLQZ85azqtCKw==";
+    assert!(
+        run_ok(sluice(&data).args(["orgs", "set-sendgrid-key", "acme", SENDGRID_KEY]))
+            .contains("requires SendGrid webhook signatures")
+    );
+    let err = run_err(sluice(&data).args(["orgs", "set-sendgrid-key", "acme", "AAAA"]));
+    assert!(err.contains("not an ECDSA P-256 public key"), "{err}");
+    let err = run_err(sluice(&data).args(["orgs", "set-sendgrid-key", "nope", SENDGRID_KEY]));
+    assert!(err.contains("no org named \"nope\""), "{err}");
+    assert!(
+        run_ok(sluice(&data).args(["orgs", "set-sendgrid-key", "acme", "--clear"]))
+            .contains("no longer checks")
+    );
     let err = run_err(sluice(&data).args(["--index", "solr://x:8983", "orgs", "list"]));
     assert!(err.contains("expected `embedded` or http(s)://"), "{err}");
     let err = run_err(sluice(&data).args(["ingest"]));

@@ -164,7 +164,11 @@ impl ElasticIndex {
             )));
         }
         let auth = (!base.username().is_empty()).then(|| {
-            let decode = |s: &str| percent_decode(s).unwrap_or_else(|| s.to_owned());
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
             (decode(base.username()), base.password().map(decode))
         });
         // Cannot fail for http(s) URLs with a host.
@@ -423,24 +427,6 @@ fn transport(e: &reqwest::Error) -> String {
     message
 }
 
-/// `%XX` escapes of URL credentials, decoded; `None` if they do not decode to UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 #[async_trait]
 impl Index for ElasticIndex {
     async fn write(&self, batch: std::sync::Arc<WriteBatch>) -> Result<WriteOutcome, IndexError> {
@@ -528,12 +514,6 @@ fn add(counter: &AtomicU64, n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn credentials_are_decoded() {
-        assert_eq!(percent_decode("p%40ss%3Aw").as_deref(), Some("p@ss:w"));
-        assert_eq!(percent_decode("plain").as_deref(), Some("plain"));
-    }
 
     #[test]
     fn errors_name_the_type_the_reason_and_the_innermost_cause() {
