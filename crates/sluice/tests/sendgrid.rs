@@ -60,6 +60,16 @@ impl Receiver {
             .expect("request")
     }
 
+    /// `body` with SendGrid's headers, signed by `key` at `timestamp`.
+    async fn post_signed(&self, path: &str, key: &SigningKey, timestamp: i64, body: &str) -> Reply {
+        let (signature, timestamp) = signed(key, timestamp, body);
+        let headers = [
+            (SIGNATURE_HEADER, signature.as_str()),
+            (TIMESTAMP_HEADER, timestamp.as_str()),
+        ];
+        self.post(path, &headers, body).await
+    }
+
     /// Every record value in the log.
     fn values(&self) -> Vec<Value> {
         (0..self.log.partitions())
@@ -219,31 +229,11 @@ async fn with_a_verification_key_only_fresh_valid_signatures_are_accepted() {
 
     // Signed by another key.
     let (other, _) = key_pair();
-    let (signature, timestamp) = signed(&other, now(), &body);
-    let reply = r
-        .post(
-            &path,
-            &[
-                (SIGNATURE_HEADER, &signature),
-                (TIMESTAMP_HEADER, &timestamp),
-            ],
-            &body,
-        )
-        .await;
+    let reply = r.post_signed(&path, &other, now(), &body).await;
     assert_eq!(reply.status, 401, "wrong key");
 
     // Correctly signed, but ten minutes old: a replay.
-    let (signature, timestamp) = signed(&signing, now() - 600, &body);
-    let reply = r
-        .post(
-            &path,
-            &[
-                (SIGNATURE_HEADER, &signature),
-                (TIMESTAMP_HEADER, &timestamp),
-            ],
-            &body,
-        )
-        .await;
+    let reply = r.post_signed(&path, &signing, now() - 600, &body).await;
     assert_eq!(reply.status, 401, "stale timestamp");
     assert!(
         reply.json()["error"]

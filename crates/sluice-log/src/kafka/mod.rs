@@ -278,7 +278,6 @@ impl Log for KafkaLog {
         for delivery in deliveries {
             match delivery.await {
                 Ok(Ok(delivered)) => {
-                    self.all_brokers_down.store(false, Ordering::Relaxed);
                     acks.push(Ack {
                         partition: delivered.partition as u32,
                         offset: delivered.offset as u64,
@@ -289,6 +288,10 @@ impl Log for KafkaLog {
                 }
                 Err(_) => return Err(LogError::Closed),
             }
+        }
+        if !acks.is_empty() {
+            // A broker acknowledged: they are not all down (any more).
+            self.all_brokers_down.store(false, Ordering::Relaxed);
         }
         Ok(acks)
     }
