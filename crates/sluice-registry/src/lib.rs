@@ -59,6 +59,14 @@ pub enum RegistryError {
     InvalidUserId(&'static str),
 }
 
+/// The result of an `UPDATE orgs … WHERE name = …` that changed `rows` rows.
+pub(crate) fn org_updated(rows: u64, name: &str) -> Result<(), RegistryError> {
+    if rows == 0 {
+        return Err(RegistryError::NoSuchOrg(name.to_string()));
+    }
+    Ok(())
+}
+
 /// Checks an org name against the invariant in the crate docs.
 pub fn validate_org_name(name: &str) -> Result<(), RegistryError> {
     let invalid = |reason| {

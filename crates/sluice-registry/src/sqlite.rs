@@ -131,10 +131,7 @@ impl Registry for SqliteRegistry {
             .execute(&self.pool)
             .await
             .map_err(|e| self.err(e))?;
-        if done.rows_affected() == 0 {
-            return Err(RegistryError::NoSuchOrg(name.to_string()));
-        }
-        Ok(())
+        crate::org_updated(done.rows_affected(), name)
     }
 
     async fn set_sendgrid_key(&self, name: &str, key: Option<&str>) -> Result<(), RegistryError> {
@@ -144,10 +141,7 @@ impl Registry for SqliteRegistry {
             .execute(&self.pool)
             .await
             .map_err(|e| self.err(e))?;
-        if done.rows_affected() == 0 {
-            return Err(RegistryError::NoSuchOrg(name.to_string()));
-        }
-        Ok(())
+        crate::org_updated(done.rows_affected(), name)
     }
 
     async fn create_key(&self, org: &str) -> Result<String, RegistryError> {

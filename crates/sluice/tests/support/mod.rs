@@ -334,11 +334,7 @@ pub async fn check_index_matches_acked(index: &dyn sluice_index::Index, acked: &
         }
     }
     for (user, (round, seq)) in &last_update {
-        let profile = index
-            .get_user("default", &format!("u:{user}"))
-            .await
-            .expect("read")
-            .unwrap_or_else(|| panic!("no profile for {user}"));
+        let profile = profile_of(index, user).await;
         assert_eq!(
             profile["dataFields"],
             json!({"seq": seq, "round": round}),
@@ -501,11 +497,7 @@ pub async fn check_matches_log(index: &dyn sluice_index::Index, records: &[Vec<u
     }
     let mut checked_events = 0;
     for (user, data_fields) in &last_update {
-        let profile = index
-            .get_user("default", &format!("u:{user}"))
-            .await
-            .expect("read")
-            .unwrap_or_else(|| panic!("no profile for {user}"));
+        let profile = profile_of(index, user).await;
         assert_eq!(
             &profile["dataFields"], data_fields,
             "{user}: the last update"
@@ -529,6 +521,15 @@ pub async fn check_matches_log(index: &dyn sluice_index::Index, records: &[Vec<u
         "crash test: index matches the log: {} profiles, {checked_events} events",
         last_update.len()
     );
+}
+
+/// The profile of `user` (by userId) in org `default`; a test failure if there is none.
+async fn profile_of(index: &dyn sluice_index::Index, user: &str) -> Value {
+    index
+        .get_user("default", &format!("u:{user}"))
+        .await
+        .expect("read")
+        .unwrap_or_else(|| panic!("no profile for {user}"))
 }
 
 /// One JSON POST on a fresh connection: (status, body).
