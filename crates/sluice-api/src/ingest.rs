@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 use sluice_log::Record;
 use sluice_model::{ItemError, Message, parse_event, parse_user_update};
 use sluice_registry::Org;
+use sluice_spill::BridgeError;
 
 use crate::auth::KeySources;
 use crate::body::read_request;
@@ -163,28 +164,32 @@ pub(crate) async fn accept(
         return Err(ApiError::NoValidItem { summary, failures });
     }
     let now = sluice_model::time::now_ms();
-    let records = messages
-        .iter()
-        .map(|message| {
-            let (key, value) = message.to_record(&org.name, now)?;
-            Ok(Record {
-                key,
-                value,
-                timestamp_ms: now,
+    let build = || {
+        messages
+            .iter()
+            .map(|message| {
+                let (key, value) = message.to_record(&org.name, now)?;
+                Ok(Record {
+                    key,
+                    value,
+                    timestamp_ms: now,
+                })
             })
-        })
-        .collect::<Result<Vec<Record>, ItemError>>()
-        .map_err(|e| ApiError::BadRequest(e.0))?;
+            .collect::<Result<Vec<Record>, ItemError>>()
+    };
+    let records = build().map_err(|e| ApiError::BadRequest(e.0))?;
+    // The same records again, for the spill buffer if the log does not take them: the build
+    // is deterministic and succeeded once (the bridge checks the count all the same).
+    let again = || build().unwrap_or_default();
     let answer = Accepted::new(&messages, &failures);
-    drop(messages);
-    match tokio::time::timeout(app.log_ack_timeout, app.log.append(records)).await {
-        Ok(Ok(_acks)) => Ok(answer),
-        Ok(Err(e)) => Err(ApiError::Unavailable(format!(
-            "the messages could not be made durable: {e}"
-        ))),
-        Err(_) => Err(ApiError::Unavailable(format!(
-            "the log did not acknowledge within {:?}; nothing was acknowledged, retry the request",
-            app.log_ack_timeout
-        ))),
-    }
+    app.bridge
+        .append(records, &again)
+        .await
+        .map_err(|e| match e {
+            BridgeError::Timeout(timeout) => ApiError::Unavailable(format!(
+                "the log did not acknowledge within {timeout:?}; nothing was acknowledged, retry the request"
+            )),
+            e => ApiError::Unavailable(format!("the messages could not be made durable: {e}")),
+        })?;
+    Ok(answer)
 }

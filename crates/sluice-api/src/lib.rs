@@ -9,12 +9,16 @@
 //! - `body`: body size limits; `error`: the error type and its status codes, in one place;
 //!   `response`: the success body.
 //!
-//! Invariant: a handler answers 200 only after `Log::append` returned for every accepted
-//! message. Nothing here buffers a message the log has not acknowledged.
+//! - `inflight`: the bound on request bytes being handled at once (backpressure).
+//!
+//! Invariant: a handler answers 200 only after `Bridge::append` returned for every accepted
+//! message: acknowledged by the log, or fsynced to the spill buffer (`sluice-spill`). Nothing
+//! here holds a message in memory past its answer.
 
 mod auth;
 mod body;
 mod error;
+mod inflight;
 mod ingest;
 mod read;
 mod response;
@@ -32,8 +36,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use sluice_index::Index;
-use sluice_log::Log;
 use sluice_registry::Registry;
+use sluice_spill::Bridge;
 
 pub use auth::{Authenticator, KeySources};
 pub use error::ApiError;
@@ -57,12 +61,15 @@ impl Default for Limits {
     }
 }
 
-/// Settings of the API.
+/// Settings of the API. (How long the log may take to acknowledge, and the spill buffer, are
+/// the `Bridge`'s settings.)
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
     pub limits: Limits,
-    /// How long a request waits for the log's durable acknowledgement before answering 503.
-    pub log_ack_timeout: Duration,
+    /// Most request body bytes handled at once; further requests wait for room, up to
+    /// `in_flight_wait`, then get a 503.
+    pub max_in_flight_bytes: usize,
+    pub in_flight_wait: Duration,
     /// How long an API key lookup is cached.
     pub key_cache_ttl: Duration,
     /// How far a signed SendGrid webhook's timestamp may be from now (replay protection).
@@ -73,7 +80,8 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             limits: Limits::default(),
-            log_ack_timeout: Duration::from_secs(5),
+            max_in_flight_bytes: 256 << 20,
+            in_flight_wait: Duration::from_secs(5),
             key_cache_ttl: Duration::from_secs(5),
             sendgrid_max_age: Duration::from_secs(300),
         }
@@ -85,12 +93,13 @@ impl Default for ApiConfig {
 pub struct AppState(Arc<AppInner>);
 
 pub struct AppInner {
-    pub(crate) log: Arc<dyn Log>,
+    /// The log, behind the spill buffer.
+    pub(crate) bridge: Bridge,
     /// `None` on a node that only writes (`sluice api` without a shared index).
     index: Option<Arc<dyn Index>>,
     pub(crate) auth: Authenticator,
     pub(crate) limits: Limits,
-    pub(crate) log_ack_timeout: Duration,
+    pub(crate) in_flight: inflight::InFlight,
     pub(crate) sendgrid_max_age: Duration,
     /// Set when the server starts draining: `/readyz` turns 503 so balancers stop sending.
     pub(crate) draining: AtomicBool,
@@ -106,17 +115,17 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(
-        log: Arc<dyn Log>,
+        bridge: Bridge,
         registry: Arc<dyn Registry>,
         index: Option<Arc<dyn Index>>,
         config: &ApiConfig,
     ) -> Self {
         AppState(Arc::new(AppInner {
-            log,
+            bridge,
             index,
             auth: Authenticator::new(registry, config.key_cache_ttl),
             limits: config.limits,
-            log_ack_timeout: config.log_ack_timeout,
+            in_flight: inflight::InFlight::new(config.max_in_flight_bytes, config.in_flight_wait),
             sendgrid_max_age: config.sendgrid_max_age,
             draining: AtomicBool::new(false),
         }))
@@ -140,6 +149,9 @@ impl AppState {
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
+    let operations = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz));
     Router::new()
         // A user may be called "update" or "bulkUpdate": GET on these paths reads that user.
         .route(
@@ -165,8 +177,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/alias", post(segment::alias))
         .route("/v1/batch", post(segment::batch))
         .route("/webhooks/sendgrid", post(sendgrid::webhook))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            inflight::bounded,
+        ))
+        .merge(operations)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -176,20 +191,32 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// Ready when not draining and an append can be made durable: the log takes writes, or the
+/// spill buffer has room (SPEC §4). The body shows the spill buffer either way.
 async fn readyz(State(state): State<AppState>) -> Response {
     let mut reasons = Vec::new();
     if state.draining.load(Ordering::SeqCst) {
         reasons.push("draining: the server is shutting down");
     }
-    if !state.log.is_healthy() {
-        reasons.push("the log cannot accept writes");
+    let spill = state.bridge.status();
+    if !state.bridge.is_ready() {
+        reasons.push(if spill.max_bytes == 0 {
+            "the log cannot accept writes (and spilling is disabled)"
+        } else {
+            "the log cannot accept writes and the spill buffer is full"
+        });
     }
+    let log = match (spill.spilling, spill.log_healthy) {
+        (true, _) => "spilling",
+        (false, true) => "ok",
+        (false, false) => "down",
+    };
     if reasons.is_empty() {
-        Json(json!({"status": "ready"})).into_response()
+        Json(json!({"status": "ready", "log": log, "spill": spill})).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "reasons": reasons})),
+            Json(json!({"status": "not ready", "reasons": reasons, "log": log, "spill": spill})),
         )
             .into_response()
     }

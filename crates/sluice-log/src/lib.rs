@@ -52,6 +52,8 @@ pub struct LogRecord {
 pub enum LogError {
     #[error("log storage error at {path}: {message}")]
     Storage { path: String, message: String },
+    #[error("{path} is in use by another process (is a sluice server running on this data dir?)")]
+    Locked { path: String },
     #[error("the log is closed")]
     Closed,
     #[error("the log did not acknowledge within {0:?}")]

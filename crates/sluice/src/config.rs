@@ -47,6 +47,10 @@ pub struct Config {
     pub index_prefix: String,
     #[serde(with = "duration")]
     pub sendgrid_max_age: Duration,
+    pub spill_max_bytes: u64,
+    #[serde(with = "duration")]
+    pub replay_interval: Duration,
+    pub max_in_flight_bytes: usize,
 }
 
 impl Default for Config {
@@ -76,6 +80,9 @@ impl Default for Config {
             dedup_key_prefix: "sluice:dedup".into(),
             index_prefix: "sluice".into(),
             sendgrid_max_age: Duration::from_secs(300),
+            spill_max_bytes: 1 << 30,
+            replay_interval: Duration::from_secs(1),
+            max_in_flight_bytes: 256 << 20,
         }
     }
 }
@@ -88,7 +95,7 @@ pub const DEFAULT_CONFIG_TOML: &str = r#"# sluice configuration. Every key is op
 # Address the HTTP API listens on.
 listen = "127.0.0.1:8080"
 
-# Where embedded state lives: log/, dedup/, index/ and registry.db.
+# Where embedded state lives: log/, dedup/, index/, registry.db, and the spill buffer spill/.
 data_dir = "./sluice-data"
 
 # Backends, by URL. The log is `embedded` or Kafka (`kafka://host:9092[,host:9093...]`); the
@@ -126,8 +133,22 @@ index_prefix = "sluice"
 # its timestamp is further than this from now, so a captured request cannot be replayed later.
 sendgrid_max_age = "5m"
 
-# How long a request waits for the log to make its messages durable before answering 503.
+# How long a request waits for the log to acknowledge its messages. Past it (or when the log
+# fails), the messages go to the local spill buffer (<data_dir>/spill, fsynced) and the client
+# gets its 200; while the buffer holds anything, new messages go behind it, and a replayer
+# appends them to the log oldest first (SPEC §7).
 log_ack_timeout = "5s"
+
+# Most bytes the spill buffer holds; beyond it the API answers 503 with Retry-After.
+# 0 disables spilling: a log that does not acknowledge in time is a 503.
+spill_max_bytes = 1073741824
+
+# Pause between replay attempts while the log still fails; doubles per failure, up to 8x.
+replay_interval = "1s"
+
+# Most request body bytes handled at once; further requests wait (up to log_ack_timeout) for
+# room, then get a 503. Bounds the API's memory under bursts.
+max_in_flight_bytes = 268435456
 
 # On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
 shutdown_timeout = "30s"
@@ -233,6 +254,15 @@ pub struct ConfigArgs {
     /// Largest age of a signed SendGrid webhook request [default: 5m].
     #[arg(long, global = true, env = "SLUICE_SENDGRID_MAX_AGE", value_parser = parse_duration)]
     pub sendgrid_max_age: Option<Duration>,
+    /// Most bytes the spill buffer holds, 0 to disable spilling [default: 1073741824].
+    #[arg(long, global = true, env = "SLUICE_SPILL_MAX_BYTES")]
+    pub spill_max_bytes: Option<u64>,
+    /// Pause between spill replay attempts while the log fails [default: 1s].
+    #[arg(long, global = true, env = "SLUICE_REPLAY_INTERVAL", value_parser = parse_duration)]
+    pub replay_interval: Option<Duration>,
+    /// Most request body bytes handled at once [default: 268435456].
+    #[arg(long, global = true, env = "SLUICE_MAX_IN_FLIGHT_BYTES")]
+    pub max_in_flight_bytes: Option<usize>,
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -283,7 +313,10 @@ impl Config {
             kafka_instance_id,
             dedup_key_prefix,
             index_prefix,
-            sendgrid_max_age
+            sendgrid_max_age,
+            spill_max_bytes,
+            replay_interval,
+            max_in_flight_bytes
         );
         config.validate()?;
         Ok(config)
@@ -339,6 +372,12 @@ impl Config {
         if self.max_item_bytes == 0 || self.max_request_bytes == 0 || self.max_request_items == 0 {
             bail!("max_item_bytes, max_request_bytes and max_request_items must be positive");
         }
+        if self.max_in_flight_bytes == 0 {
+            bail!("max_in_flight_bytes must be positive");
+        }
+        if self.replay_interval.is_zero() {
+            bail!("replay_interval must be positive");
+        }
         Ok(())
     }
 
@@ -348,6 +387,10 @@ impl Config {
 
     pub fn log_path(&self) -> PathBuf {
         self.data_dir.join("log")
+    }
+
+    pub fn spill_path(&self) -> PathBuf {
+        self.data_dir.join("spill")
     }
 
     pub fn dedup_path(&self) -> PathBuf {

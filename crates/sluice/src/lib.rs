@@ -3,13 +3,15 @@
 //!
 //! Layout:
 //! - `config`: defaults < TOML file < `SLUICE_*` env < flags.
-//! - `serve`: `sluice serve`, the embedded deployment in one process.
+//! - `serve`: `sluice serve|api|ingest`: the API (behind the spill bridge), the pipeline, or both.
 //! - `admin`: `sluice orgs|keys|users`, on the registry.
+//! - `buffer`: `sluice buffer status`, the API's spill buffer.
 //! - `bench`: `sluice bench`, the load generator.
 //! - `client`: a one-connection HTTP/1.1 client used by `bench` and the tests.
 
 pub mod admin;
 pub mod bench;
+pub mod buffer;
 pub mod client;
 pub mod config;
 pub mod serve;

@@ -44,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         command: UsersCommand,
     },
+    /// The API's spill buffer.
+    Buffer {
+        #[command(subcommand)]
+        command: sluice::buffer::BufferCommand,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -110,6 +115,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Orgs { command } => sluice::admin::orgs(&config, command).await,
         Command::Keys { command } => sluice::admin::keys(&config, command).await,
         Command::Users { command } => sluice::admin::users(&config, command).await,
+        Command::Buffer { command } => sluice::buffer::run(&config, command).await,
         Command::Config { .. } | Command::Bench(_) => Ok(()),
     }
 }

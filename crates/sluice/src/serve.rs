@@ -20,6 +20,7 @@ use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{Pipeline, PipelineConfig};
 use sluice_registry::Registry;
+use sluice_spill::{Bridge, BridgeConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -159,24 +160,52 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         _ => None,
     };
 
-    let state = role.accepts().then(|| {
+    // The API writes through the bridge: the log, or the spill buffer when the log does not
+    // acknowledge in time (SPEC §7).
+    let bridge = if role.accepts() {
+        let bridge_config = BridgeConfig {
+            log_ack_timeout: config.log_ack_timeout,
+            max_bytes: config.spill_max_bytes,
+            replay_interval: config.replay_interval,
+            max_replay_interval: config.replay_interval * 8,
+            ..BridgeConfig::default()
+        };
+        Some(
+            Bridge::open(Arc::clone(&log), &config.spill_path(), bridge_config).with_context(
+                || {
+                    format!(
+                        "cannot open the spill buffer at {}",
+                        config.spill_path().display()
+                    )
+                },
+            )?,
+        )
+    } else {
+        None
+    };
+    let state = bridge.as_ref().map(|bridge| {
         let api_config = ApiConfig {
             limits: Limits {
                 max_item_bytes: config.max_item_bytes,
                 max_request_bytes: config.max_request_bytes,
                 max_request_items: config.max_request_items,
             },
-            log_ack_timeout: config.log_ack_timeout,
+            max_in_flight_bytes: config.max_in_flight_bytes,
+            in_flight_wait: config.log_ack_timeout,
             key_cache_ttl: config.key_cache_ttl,
             sendgrid_max_age: config.sendgrid_max_age,
         };
         AppState::new(
-            Arc::clone(&log),
+            bridge.clone(),
             Arc::clone(&registry),
             index.clone(),
             &api_config,
         )
     });
+    let (replay_stop_tx, replay_stop_rx) = watch::channel(false);
+    let replayer = bridge
+        .clone()
+        .map(|bridge| tokio::spawn(async move { bridge.replay(replay_stop_rx).await }));
 
     let listener = match &state {
         Some(_) => Some(
@@ -286,6 +315,14 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             }
         },
     };
+    // What the spill buffer still holds stays there, durable, for the next start.
+    let _ = replay_stop_tx.send(true);
+    if let Some(replayer) = replayer {
+        let _ = replayer.await;
+    }
+    if let Some(bridge) = &bridge {
+        bridge.close().await.context("closing the spill buffer")?;
+    }
     if let Some(retention) = retention {
         retention.abort();
     }

@@ -11,6 +11,7 @@ use sluice_api::{ApiConfig, AppState, Limits};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log, LogRecord};
 use sluice_model::LogValue;
 use sluice_registry::{Registry, SqliteRegistry};
+use sluice_spill::Bridge;
 
 struct TestServer {
     addr: std::net::SocketAddr,
@@ -43,7 +44,7 @@ impl TestServer {
             ..ApiConfig::default()
         };
         let state = AppState::new(
-            Arc::clone(&log) as Arc<dyn Log>,
+            Bridge::without_spill(Arc::clone(&log) as Arc<dyn Log>, Duration::from_secs(5)),
             Arc::clone(&registry) as Arc<dyn Registry>,
             Some(index_in(dir.path())),
             &config,
@@ -685,15 +686,11 @@ impl Log for StalledLog {
 async fn a_log_that_does_not_acknowledge_in_time_gives_503() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (registry, key) = registry_with_key(dir.path()).await;
-    let config = ApiConfig {
-        log_ack_timeout: Duration::from_millis(200),
-        ..ApiConfig::default()
-    };
     let addr = spawn_api(AppState::new(
-        Arc::new(StalledLog),
+        Bridge::without_spill(Arc::new(StalledLog), Duration::from_millis(200)),
         registry,
         Some(index_in(dir.path())),
-        &config,
+        &ApiConfig::default(),
     ))
     .await;
     let mut conn = Connection::connect(addr).await.expect("connect");
@@ -716,4 +713,127 @@ async fn a_log_that_does_not_acknowledge_in_time_gives_503() {
         started.elapsed() < Duration::from_secs(5),
         "answers at the timeout, not later"
     );
+}
+
+#[tokio::test]
+async fn a_closed_log_spills_answers_200_and_readyz_shows_spill_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (registry, key) = registry_with_key(dir.path()).await;
+    let log = Arc::new(
+        EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"),
+    );
+    log.close().await.expect("close");
+    let bridge = Bridge::open(
+        Arc::clone(&log) as Arc<dyn Log>,
+        &dir.path().join("spill"),
+        sluice_spill::BridgeConfig::default(),
+    )
+    .expect("bridge");
+    let addr = spawn_api(AppState::new(
+        bridge.clone(),
+        registry,
+        Some(index_in(dir.path())),
+        &ApiConfig::default(),
+    ))
+    .await;
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    for body in [
+        json!({"userId": "a", "eventName": "e"}),
+        json!({"userId": "a", "dataFields": {"x": 1}}),
+    ] {
+        let path = if body.get("eventName").is_some() {
+            "/api/events/track"
+        } else {
+            "/api/users/update"
+        };
+        let r = conn
+            .post(path, &[("api-key", &key)], body.to_string().into())
+            .await
+            .expect("request");
+        assert_eq!(r.status, 200, "{:?}", r.json());
+    }
+    let status = bridge.status();
+    assert!(status.spilling, "{status:?}");
+    assert_eq!(status.records, 2);
+    let r = conn.get("/readyz", &[]).await.expect("readyz");
+    assert_eq!(r.status, 200, "spill available means ready: {:?}", r.json());
+    assert_eq!(r.json()["log"], "spilling");
+    assert_eq!(r.json()["spill"]["records"], 2);
+}
+
+/// Request bodies in flight are bounded: a request beyond the bound waits for room (and is
+/// handled once there is), or gets a 503 when none comes free in time.
+#[tokio::test]
+async fn requests_beyond_the_in_flight_bound_wait_for_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (registry, key) = registry_with_key(dir.path()).await;
+    let start = |wait| {
+        let registry = Arc::clone(&registry);
+        let index = index_in(&dir.path().join(format!("{wait:?}")));
+        async move {
+            spawn_api(AppState::new(
+                Bridge::without_spill(Arc::new(StalledLog), Duration::from_millis(500)),
+                registry,
+                Some(index),
+                &ApiConfig {
+                    max_in_flight_bytes: 1024,
+                    in_flight_wait: wait,
+                    ..ApiConfig::default()
+                },
+            ))
+            .await
+        }
+    };
+    // 600 bytes each: two do not fit in 1 KiB at once.
+    let body = json!({"userId": "a", "eventName": "e", "dataFields": {"pad": "x".repeat(540)}})
+        .to_string();
+    assert!(body.len() > 512 && body.len() < 1024, "{}", body.len());
+    for (wait, waits_for_room) in [
+        (Duration::from_secs(3), true),
+        (Duration::from_millis(100), false),
+    ] {
+        let addr = start(wait).await;
+        let post = |delay| {
+            let (key, body) = (key.clone(), body.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let mut conn = Connection::connect(addr).await.expect("connect");
+                let started = std::time::Instant::now();
+                let r = conn
+                    .post("/api/events/track", &[("api-key", &key)], body.into())
+                    .await
+                    .expect("request");
+                (r, started.elapsed())
+            })
+        };
+        let first = post(Duration::ZERO);
+        let second = post(Duration::from_millis(50));
+        let (first, _) = first.await.expect("first");
+        let (second, took) = second.await.expect("second");
+        // The stalled log answers both that reach it with "did not acknowledge".
+        assert!(
+            error_text(&first).contains("did not acknowledge"),
+            "{:?}",
+            first.json()
+        );
+        if waits_for_room {
+            assert!(
+                error_text(&second).contains("did not acknowledge"),
+                "{:?}",
+                second.json()
+            );
+            assert!(
+                took >= Duration::from_millis(800),
+                "waited for the first: {took:?}"
+            );
+        } else {
+            assert_eq!(second.status, 503);
+            assert!(
+                error_text(&second).contains("in flight"),
+                "{:?}",
+                second.json()
+            );
+            assert!(took < Duration::from_millis(400), "{took:?}");
+        }
+    }
 }

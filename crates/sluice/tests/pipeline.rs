@@ -20,6 +20,7 @@ use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
 use sluice_registry::testing::Schema;
 use sluice_registry::{PostgresRegistry, Registry, SqliteRegistry};
+use sluice_spill::Bridge;
 use tokio::sync::watch;
 
 mod support;
@@ -144,7 +145,7 @@ impl Stack {
         let (stop, stop_rx) = watch::channel(false);
         let pipeline = tokio::spawn(pipeline.run(stop_rx));
         let state = AppState::new(
-            Arc::clone(&log) as Arc<dyn Log>,
+            Bridge::without_spill(Arc::clone(&log) as Arc<dyn Log>, Duration::from_secs(5)),
             Arc::clone(&registry),
             Some(Arc::clone(&index)),
             &ApiConfig::default(),

@@ -15,6 +15,7 @@ use sluice_api::sendgrid::{SIGNATURE_HEADER, TIMESTAMP_HEADER};
 use sluice_api::{ApiConfig, AppState};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
 use sluice_registry::{Registry, SqliteRegistry};
+use sluice_spill::Bridge;
 
 mod support;
 
@@ -38,7 +39,7 @@ impl Receiver {
             ..ApiConfig::default()
         };
         let state = AppState::new(
-            Arc::clone(&log) as Arc<dyn Log>,
+            Bridge::without_spill(Arc::clone(&log) as Arc<dyn Log>, Duration::from_secs(5)),
             Arc::clone(&registry) as Arc<dyn Registry>,
             None,
             &config,

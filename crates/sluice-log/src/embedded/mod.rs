@@ -166,9 +166,8 @@ impl EmbeddedLog {
             .worker_threads(1)
             .open()
             .map_err(|e| match e {
-                fjall::Error::Locked => LogError::Storage {
+                fjall::Error::Locked => LogError::Locked {
                     path: dir.display().to_string(),
-                    message: "the log is in use by another process (is another `sluice serve` running on this data dir?)".into(),
                 },
                 e => storage(e),
             })?;
