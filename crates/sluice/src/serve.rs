@@ -82,9 +82,25 @@ async fn open_log(
     kafka.session_timeout = config.kafka_session_timeout;
     kafka.revoke_timeout = config.shutdown_timeout;
     kafka.instance_id = role.ingests().then(|| config.kafka_instance_id());
-    let log = KafkaLog::connect(kafka)
-        .await
+    if role.ingests() {
+        let log = KafkaLog::connect(kafka)
+            .await
+            .with_context(|| format!("cannot use the Kafka log at {}", config.log))?;
+        return Ok((Arc::new(log), None));
+    }
+    // An API node starts even while Kafka is down: it spills until Kafka is back.
+    let log = KafkaLog::connect_lazily(kafka)
         .with_context(|| format!("cannot use the Kafka log at {}", config.log))?;
+    match tokio::time::timeout(config.log_ack_timeout, log.prepared()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "kafka is not reachable yet: accepting into the spill buffer until it is");
+        }
+        Err(_) => tracing::warn!(
+            timeout = ?config.log_ack_timeout,
+            "kafka did not answer: accepting into the spill buffer until it does"
+        ),
+    }
     Ok((Arc::new(log), None))
 }
 

@@ -17,7 +17,7 @@ mod consumer;
 pub mod testing;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -108,9 +108,11 @@ impl ClientContext for ProducerHealth {
 /// The log on a Kafka cluster.
 pub struct KafkaLog {
     config: KafkaLogConfig,
-    producer: FutureProducer<ProducerHealth>,
+    /// The producer, with a generation that counts replacements (`renew_if_fatal`).
+    producer: RwLock<(u64, FutureProducer<ProducerHealth>)>,
     all_brokers_down: Arc<AtomicBool>,
-    partitions: u32,
+    /// The ingest topic's partition count, once the cluster was reached.
+    partitions: tokio::sync::OnceCell<u32>,
     /// Threads of the subscriptions; each ends once its subscription is dropped.
     consumers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Which instance-id suffixes live subscriptions hold.
@@ -118,88 +120,95 @@ pub struct KafkaLog {
 }
 
 impl KafkaLog {
-    /// Connects, creates the topic if missing, and learns its partition count.
+    /// Connects, creates the topics if missing, and learns the ingest topic's partition count;
+    /// fails if the cluster cannot be reached.
     pub async fn connect(config: KafkaLogConfig) -> Result<KafkaLog, LogError> {
-        let broker_error = |what: &str, e: KafkaError| LogError::Broker {
-            brokers: config.brokers.clone(),
-            message: format!("{what}: {e}"),
-        };
+        let log = KafkaLog::connect_lazily(config)?;
+        log.prepared().await?;
+        Ok(log)
+    }
+
+    /// Like `connect`, but without talking to the cluster yet: for a producer that must start
+    /// while Kafka is down (an API node spills until it is back). The topics are created and
+    /// the partition count learned before the first append; until then appends fail with a
+    /// retriable error.
+    pub fn connect_lazily(config: KafkaLogConfig) -> Result<KafkaLog, LogError> {
         let all_brokers_down = Arc::new(AtomicBool::new(false));
-        let producer: FutureProducer<ProducerHealth> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", config.linger.as_millis().to_string())
-            .set("compression.type", "lz4")
-            .set(
-                "message.timeout.ms",
-                config.request_timeout.as_millis().max(1).to_string(),
-            )
-            .create_with_context(ProducerHealth {
-                all_brokers_down: Arc::clone(&all_brokers_down),
-            })
-            .map_err(|e| broker_error("cannot create the producer", e))?;
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &config.brokers)
-            .create()
-            .map_err(|e| broker_error("cannot create the admin client", e))?;
-        let topics: Vec<NewTopic<'_>> = std::iter::once(&config.topic)
-            .chain(&config.other_topics)
-            .map(|name| {
-                NewTopic::new(
-                    name,
-                    config.partitions as i32,
-                    TopicReplication::Fixed(config.replication_factor),
-                )
-            })
-            .collect();
-        let options = AdminOptions::new()
-            .request_timeout(Some(config.request_timeout))
-            .operation_timeout(Some(config.request_timeout));
-        let results = tokio::time::timeout(
-            config.request_timeout + Duration::from_secs(1),
-            admin.create_topics(&topics, &options),
-        )
-        .await
-        .map_err(|_| LogError::Broker {
-            brokers: config.brokers.clone(),
-            message: format!(
-                "no answer within {:?} while creating topics: is the broker reachable?",
-                config.request_timeout
-            ),
-        })?
-        .map_err(|e| broker_error("cannot create topics", e))?;
-        for result in results {
-            match result {
-                Ok(name) => {
-                    tracing::info!(topic = %name, partitions = config.partitions, "kafka: created topic")
-                }
-                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((name, code)) => {
-                    return Err(LogError::Broker {
-                        brokers: config.brokers.clone(),
-                        message: format!("cannot create topic {name:?}: {code}"),
-                    });
-                }
-            }
-        }
-        let partitions = topic_partitions(&producer, &config).await?;
-        if partitions != config.partitions {
-            tracing::warn!(
-                topic = %config.topic,
-                partitions,
-                configured = config.partitions,
-                "kafka: the topic exists with another partition count; using the topic's"
-            );
-        }
+        let producer = new_producer(&config, &all_brokers_down)?;
         Ok(KafkaLog {
             config,
-            producer,
+            producer: RwLock::new((0, producer)),
             all_brokers_down,
-            partitions,
+            partitions: tokio::sync::OnceCell::new(),
             consumers: Mutex::new(Vec::new()),
             slots: consumer::Slots::default(),
         })
+    }
+
+    /// The ingest topic's partition count, after creating the topics if this is the first
+    /// call that reached the cluster.
+    pub async fn prepared(&self) -> Result<u32, LogError> {
+        let (_, producer) = self.producer();
+        self.partitions
+            .get_or_try_init(|| prepare(&producer, &self.config))
+            .await
+            .copied()
+    }
+
+    /// The current producer and its generation.
+    fn producer(&self) -> (u64, FutureProducer<ProducerHealth>) {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a failed delivery: if the producer is in a fatal state (an idempotent producer
+    /// fenced or out of sequence after its messages timed out, e.g. while the broker was
+    /// frozen), it will never deliver again; replace it. Its unacknowledged records were
+    /// reported failed, so their callers retry them through the new one.
+    fn renew_if_fatal(
+        &self,
+        generation: u64,
+        used: &FutureProducer<ProducerHealth>,
+        error: &KafkaError,
+    ) {
+        let fenced = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+            )
+        );
+        let Some((code, reason)) = used.client().fatal_error().or_else(|| {
+            fenced.then(|| {
+                (
+                    error
+                        .rdkafka_error_code()
+                        .unwrap_or(RDKafkaErrorCode::Fatal),
+                    error.to_string(),
+                )
+            })
+        }) else {
+            return;
+        };
+        let mut current = self
+            .producer
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.0 != generation {
+            return; // another append already replaced it
+        }
+        match new_producer(&self.config, &self.all_brokers_down) {
+            Ok(producer) => {
+                *current = (generation + 1, producer);
+                tracing::warn!(%code, reason, "kafka: the producer hit a fatal error; replaced it with a new one");
+            }
+            Err(e) => tracing::error!(error = %e, "kafka: cannot replace the failed producer"),
+        }
     }
 
     fn error(&self, message: String) -> LogError {
@@ -208,6 +217,95 @@ impl KafkaLog {
             message,
         }
     }
+}
+
+/// An idempotent `acks=all` producer.
+fn new_producer(
+    config: &KafkaLogConfig,
+    all_brokers_down: &Arc<AtomicBool>,
+) -> Result<FutureProducer<ProducerHealth>, LogError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", config.linger.as_millis().to_string())
+        .set("compression.type", "lz4")
+        .set(
+            "message.timeout.ms",
+            config.request_timeout.as_millis().max(1).to_string(),
+        )
+        .create_with_context(ProducerHealth {
+            all_brokers_down: Arc::clone(all_brokers_down),
+        })
+        .map_err(|e| LogError::Broker {
+            brokers: config.brokers.clone(),
+            message: format!("cannot create the producer: {e}"),
+        })
+}
+
+/// Creates sluice's topics if they are missing and reads the ingest topic's partition count.
+async fn prepare(
+    producer: &FutureProducer<ProducerHealth>,
+    config: &KafkaLogConfig,
+) -> Result<u32, LogError> {
+    let broker_error = |what: &str, e: KafkaError| LogError::Broker {
+        brokers: config.brokers.clone(),
+        message: format!("{what}: {e}"),
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .create()
+        .map_err(|e| broker_error("cannot create the admin client", e))?;
+    let topics: Vec<NewTopic<'_>> = std::iter::once(&config.topic)
+        .chain(&config.other_topics)
+        .map(|name| {
+            NewTopic::new(
+                name,
+                config.partitions as i32,
+                TopicReplication::Fixed(config.replication_factor),
+            )
+        })
+        .collect();
+    let options = AdminOptions::new()
+        .request_timeout(Some(config.request_timeout))
+        .operation_timeout(Some(config.request_timeout));
+    let results = tokio::time::timeout(
+        config.request_timeout + Duration::from_secs(1),
+        admin.create_topics(&topics, &options),
+    )
+    .await
+    .map_err(|_| LogError::Broker {
+        brokers: config.brokers.clone(),
+        message: format!(
+            "no answer within {:?} while creating topics: is the broker reachable?",
+            config.request_timeout
+        ),
+    })?
+    .map_err(|e| broker_error("cannot create topics", e))?;
+    for result in results {
+        match result {
+            Ok(name) => {
+                tracing::info!(topic = %name, partitions = config.partitions, "kafka: created topic")
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(LogError::Broker {
+                    brokers: config.brokers.clone(),
+                    message: format!("cannot create topic {name:?}: {code}"),
+                });
+            }
+        }
+    }
+    let partitions = topic_partitions(producer, config).await?;
+    if partitions != config.partitions {
+        tracing::warn!(
+            topic = %config.topic,
+            partitions,
+            configured = config.partitions,
+            "kafka: the topic exists with another partition count; using the topic's"
+        );
+    }
+    Ok(partitions)
 }
 
 /// The partition count of the topic, from the cluster's metadata.
@@ -247,20 +345,27 @@ async fn topic_partitions(
 #[async_trait]
 impl Log for KafkaLog {
     fn partitions(&self) -> u32 {
+        // Known after `connect`; a lazily connected log that has not reached the cluster yet
+        // has no partitions to offer (it only produces).
         self.partitions
+            .get()
+            .copied()
+            .unwrap_or(self.config.partitions)
     }
 
     async fn append(&self, records: Vec<Record>) -> Result<Vec<Ack>, LogError> {
+        let partitions = self.prepared().await?;
+        let (generation, producer) = self.producer();
         let mut deliveries = Vec::with_capacity(records.len());
         for record in &records {
-            let partition = sluice_model::partition_for_key(&record.key, self.partitions) as i32;
+            let partition = sluice_model::partition_for_key(&record.key, partitions) as i32;
             let mut next = FutureRecord::to(&self.config.topic)
                 .key(&record.key[..])
                 .payload(&record.value[..])
                 .partition(partition)
                 .timestamp(record.timestamp_ms);
             loop {
-                match self.producer.send_result(next) {
+                match producer.send_result(next) {
                     Ok(delivery) => {
                         deliveries.push(delivery);
                         break;
@@ -270,7 +375,10 @@ impl Log for KafkaLog {
                         next = back;
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
-                    Err((e, _)) => return Err(self.error(format!("cannot send: {e}"))),
+                    Err((e, _)) => {
+                        self.renew_if_fatal(generation, &producer, &e);
+                        return Err(self.error(format!("cannot send: {e}")));
+                    }
                 }
             }
         }
@@ -284,6 +392,7 @@ impl Log for KafkaLog {
                     });
                 }
                 Ok(Err((e, _))) => {
+                    self.renew_if_fatal(generation, &producer, &e);
                     return Err(self.error(format!("the broker did not acknowledge: {e}")));
                 }
                 Err(_) => return Err(LogError::Closed),
@@ -312,7 +421,7 @@ impl Log for KafkaLog {
     }
 
     async fn close(&self) -> Result<(), LogError> {
-        let producer = self.producer.clone();
+        let (_, producer) = self.producer();
         let timeout = self.config.request_timeout;
         let consumers = std::mem::take(
             &mut *self
