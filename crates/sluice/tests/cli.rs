@@ -317,3 +317,23 @@ async fn bench_counts_exactly_what_the_server_made_durable() {
         "mixed: {kinds:?}"
     );
 }
+
+#[test]
+fn buffer_status_reads_the_spill_buffer_from_disk_when_no_server_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = run_ok(sluice(dir.path()).args(["buffer", "status"]));
+    assert!(text.contains("records: 0"), "{text}");
+    assert!(text.contains("direct"), "{text}");
+    assert!(text.contains("of 1073741824"), "the default limit: {text}");
+    let json: serde_json::Value = serde_json::from_str(&run_ok(sluice(dir.path()).args([
+        "--spill-max-bytes",
+        "0",
+        "buffer",
+        "status",
+        "--json",
+    ])))
+    .expect("json");
+    assert_eq!(json["records"], 0);
+    assert_eq!(json["max_bytes"], 0);
+    assert_eq!(json["spilling"], false);
+}

@@ -138,11 +138,17 @@ impl Server {
         Server::start_as("serve", data_dir, extra)
     }
 
-    /// `sluice <role>`, once its banner's last line says it runs.
+    /// `sluice <role>`, once its banner's last line says it runs. It listens on a free port
+    /// unless `extra` has a `--listen`.
     pub fn start_as(role: &str, data_dir: &Path, extra: &[&str]) -> Server {
+        let listen: &[&str] = if extra.contains(&"--listen") {
+            &[]
+        } else {
+            &["--listen", "127.0.0.1:0"]
+        };
         let mut child = sluice(data_dir)
             .arg(role)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(listen)
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::from(
