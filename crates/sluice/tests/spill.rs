@@ -51,6 +51,10 @@ struct Counts {
     broken: std::sync::Mutex<Vec<Instant>>,
 }
 
+/// What a request acknowledges when answered 200: (record key, message id, and for a user
+/// update its dataFields).
+type Acknowledges = Vec<(String, String, Option<Value>)>;
+
 /// The `seq`-th request of client `c` in `round`: user updates, single and bulk events for
 /// the client's users, and SendGrid webhooks for its email addresses. Returns the path, the
 /// body, and what it acknowledges when answered 200: (record key, message id, update fields).
@@ -59,7 +63,7 @@ fn request(
     round: usize,
     seq: usize,
     key: &str,
-) -> (String, Value, Vec<(String, String, Option<Value>)>) {
+) -> (String, Value, Acknowledges) {
     let id = |item: usize| format!("r{round}-c{c}-{seq}-{item}");
     let user = |n: usize| format!("s{c}-u{n}");
     match seq % 5 {
