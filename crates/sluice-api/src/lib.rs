@@ -151,7 +151,8 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     let operations = Router::new()
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
     Router::new()
         // A user may be called "update" or "bulkUpdate": GET on these paths reads that user.
         .route(
@@ -220,6 +221,83 @@ async fn readyz(State(state): State<AppState>) -> Response {
         )
             .into_response()
     }
+}
+
+/// Prometheus text exposition of the spill bridge (SPEC §4 `/metrics`; the pipeline's and the
+/// API's own counters are not exported yet).
+async fn metrics(State(state): State<AppState>) -> Response {
+    let s = state.bridge.status();
+    let oldest = s.oldest_age_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
+    let lines = [
+        (
+            "sluice_spill_mode",
+            "gauge",
+            "1 while appends go to the spill buffer instead of the log",
+            s.spilling as u64 as f64,
+        ),
+        (
+            "sluice_log_healthy",
+            "gauge",
+            "1 while the log reports that it takes writes",
+            s.log_healthy as u64 as f64,
+        ),
+        (
+            "sluice_spill_records",
+            "gauge",
+            "records in the spill buffer waiting to be replayed",
+            s.records as f64,
+        ),
+        (
+            "sluice_spill_bytes",
+            "gauge",
+            "bytes the spill buffer holds",
+            s.bytes as f64,
+        ),
+        (
+            "sluice_spill_max_bytes",
+            "gauge",
+            "the spill buffer's limit (0: spilling disabled)",
+            s.max_bytes as f64,
+        ),
+        (
+            "sluice_spill_oldest_age_seconds",
+            "gauge",
+            "age of the oldest record waiting in the spill buffer",
+            oldest,
+        ),
+        (
+            "sluice_spilled_records_total",
+            "counter",
+            "records written to the spill buffer since start",
+            s.spilled_total as f64,
+        ),
+        (
+            "sluice_replayed_records_total",
+            "counter",
+            "records replayed from the spill buffer into the log since start",
+            s.replayed_total as f64,
+        ),
+        (
+            "sluice_spill_replay_failures_total",
+            "counter",
+            "failed replay attempts since start",
+            s.replay_failures as f64,
+        ),
+    ];
+    let mut body = String::new();
+    for (name, kind, help, value) in lines {
+        body.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {

@@ -263,15 +263,19 @@ impl Bridge {
         self.spill(buffer, records, bytes).await
     }
 
+    /// Admits `records` into the buffer and writes them. Cancel-safe: once admitted (no await
+    /// before that), the write and its bookkeeping run in a task of their own, so a client that
+    /// hangs up cannot leave an admitted record uncounted (which would keep spill mode on for
+    /// ever) or its bytes reserved.
     async fn spill(
         &self,
-        buffer: &EmbeddedLog,
+        buffer: &Arc<EmbeddedLog>,
         records: Vec<Record>,
         bytes: u64,
     ) -> Result<Durable, BridgeError> {
-        let inner = &*self.0;
         let count = records.len() as u64;
         {
+            let inner = &*self.0;
             let mut state = lock(&inner.state);
             let held = buffer::held_bytes(buffer) + state.reserved_bytes;
             if held + bytes > inner.config.max_bytes {
@@ -284,24 +288,33 @@ impl Bridge {
             state.pending += count;
             state.reserved_bytes += bytes;
         }
-        let result = buffer.append(records).await;
-        let mut state = lock(&inner.state);
-        state.reserved_bytes -= bytes;
-        match result {
-            Ok(_) => {
-                drop(state);
-                inner
-                    .counters
-                    .spilled_records
-                    .fetch_add(count, Ordering::Relaxed);
-                inner.spilled.notify_one();
-                Ok(Durable::Spilled)
+        let inner = Arc::clone(&self.0);
+        let buffer = Arc::clone(buffer);
+        let write = tokio::spawn(async move {
+            let result = buffer.append(records).await;
+            let mut state = lock(&inner.state);
+            state.reserved_bytes -= bytes;
+            match result {
+                Ok(_) => {
+                    drop(state);
+                    inner
+                        .counters
+                        .spilled_records
+                        .fetch_add(count, Ordering::Relaxed);
+                    inner.spilled.notify_one();
+                    Ok(Durable::Spilled)
+                }
+                Err(e) => {
+                    state.pending -= count;
+                    Err(BridgeError::Buffer(e))
+                }
             }
-            Err(e) => {
-                state.pending -= count;
-                Err(BridgeError::Buffer(e))
-            }
-        }
+        });
+        write.await.map_err(|e| {
+            BridgeError::Buffer(LogError::Unexpected(format!(
+                "the spill write task failed: {e}"
+            )))
+        })?
     }
 
     /// Whether an append can succeed now: the log takes writes, or the buffer has room.

@@ -398,3 +398,40 @@ async fn per_user_order_survives_a_flapping_log() {
         }
     }
 }
+
+/// A client that hangs up while its records are being spilled (the handler's future is
+/// dropped) leaves no bookkeeping behind: the records are written and counted, and the bridge
+/// still drains and leaves spill mode.
+#[tokio::test]
+async fn appends_dropped_while_spilling_are_still_written_and_counted() {
+    let s = setup();
+    let bridge = Bridge::open(s.log.clone(), &s.spill_dir, config()).expect("bridge");
+    s.log.set(FAIL);
+    for seq in 0..20 {
+        // Polled once (the direct append fails, the spill is admitted), then dropped.
+        let mut attempt = std::pin::pin!(append(&bridge, "a", seq));
+        let polled =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(attempt.as_mut().poll(cx))).await;
+        assert!(
+            polled.is_pending(),
+            "the append was still in progress when dropped"
+        );
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while bridge.status().spilled_total < 20 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            bridge.status()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    s.log.set(UP);
+    drain(&bridge).await;
+    let status = bridge.status();
+    assert_eq!((status.spilled_total, status.replayed_total), (20, 20));
+    assert_eq!(
+        first_copies(&s.log.records())["a"],
+        (0..20).collect::<Vec<_>>()
+    );
+}

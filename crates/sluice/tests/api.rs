@@ -759,6 +759,18 @@ async fn a_closed_log_spills_answers_200_and_readyz_shows_spill_mode() {
     assert_eq!(r.status, 200, "spill available means ready: {:?}", r.json());
     assert_eq!(r.json()["log"], "spilling");
     assert_eq!(r.json()["spill"]["records"], 2);
+    let r = conn.get("/metrics", &[]).await.expect("metrics");
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    for line in [
+        "sluice_spill_mode 1",
+        "sluice_spill_records 2",
+        "sluice_spilled_records_total 2",
+        "sluice_log_healthy 0",
+        "# TYPE sluice_spilled_records_total counter",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line:?} in\n{text}");
+    }
 }
 
 /// Request bodies in flight are bounded: a request beyond the bound waits for room (and is

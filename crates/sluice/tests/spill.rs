@@ -58,12 +58,7 @@ type Acknowledges = Vec<(String, String, Option<Value>)>;
 /// The `seq`-th request of client `c` in `round`: user updates, single and bulk events for
 /// the client's users, and SendGrid webhooks for its email addresses. Returns the path, the
 /// body, and what it acknowledges when answered 200: (record key, message id, update fields).
-fn request(
-    c: usize,
-    round: usize,
-    seq: usize,
-    key: &str,
-) -> (String, Value, Acknowledges) {
+fn request(c: usize, round: usize, seq: usize, key: &str) -> (String, Value, Acknowledges) {
     let id = |item: usize| format!("r{round}-c{c}-{seq}-{item}");
     let user = |n: usize| format!("s{c}-u{n}");
     match seq % 5 {
