@@ -665,23 +665,7 @@ async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch() {
     ];
     let dir = tempfile::tempdir().expect("tempdir");
     let admin = dir.path().join("admin");
-    support::run_ok(support::sluice(&admin).args([
-        "--registry",
-        &registry,
-        "orgs",
-        "create",
-        "acme",
-    ]));
-    let key = support::run_ok(support::sluice(&admin).args([
-        "--registry",
-        &registry,
-        "keys",
-        "create",
-        "--org",
-        "acme",
-    ]))
-    .trim()
-    .to_string();
+    let key = support::org_with_key(&admin, &registry, "acme");
     let mut api = Server::start_as("api", &dir.path().join("api"), &shared);
     assert!(api.first_key.is_none(), "the registry already has an org");
     let mut ingest = Server::start_as("ingest", &dir.path().join("ingest"), &shared);

@@ -217,17 +217,7 @@ async fn a_frozen_broker_and_a_killed_api_lose_nothing_and_keep_each_users_order
     let admin = dir.path().join("admin");
     let api_dir = dir.path().join("api");
     let ingest_dir = dir.path().join("ingest");
-    support::run_ok(support::sluice(&admin).args(["--registry", &registry, "orgs", "create", ORG]));
-    let key = support::run_ok(support::sluice(&admin).args([
-        "--registry",
-        &registry,
-        "keys",
-        "create",
-        "--org",
-        ORG,
-    ]))
-    .trim()
-    .to_string();
+    let key = support::org_with_key(&admin, &registry, ORG);
     let mut api = Server::start_as("api", &api_dir, &api_args);
     let mut ingest = Server::start_as("ingest", &ingest_dir, &shared);
     let addr = api.addr;

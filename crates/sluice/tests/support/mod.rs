@@ -118,6 +118,15 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).expect("utf-8 stdout")
 }
 
+/// Creates `org` in the registry at `registry` (a URL) with admin commands run from `admin_dir`,
+/// and returns a new API key of it.
+pub fn org_with_key(admin_dir: &Path, registry: &str, org: &str) -> String {
+    run_ok(sluice(admin_dir).args(["--registry", registry, "orgs", "create", org]));
+    run_ok(sluice(admin_dir).args(["--registry", registry, "keys", "create", "--org", org]))
+        .trim()
+        .to_string()
+}
+
 pub fn run_err(cmd: &mut Command) -> String {
     let out = cmd.output().expect("sluice runs");
     assert!(!out.status.success(), "{cmd:?} should fail");
