@@ -218,8 +218,16 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
     };
     let config = PipelineConfig::default();
+    let dead_letters: Arc<dyn Log> = Arc::new(EmbeddedLog::open(
+        &dir.path().join("dlq"),
+        EmbeddedLogConfig {
+            partitions: 1,
+            ..EmbeddedLogConfig::default()
+        },
+    )?);
     let pipeline = Pipeline::new(
         Arc::clone(&source),
+        dead_letters,
         Validator::new(Arc::clone(&registry), Duration::from_secs(5)),
         dedup,
         Arc::clone(&index),

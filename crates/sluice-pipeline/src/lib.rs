@@ -4,6 +4,7 @@
 //! Layout (what exists so far):
 //! - `validate`: decode each record and check org, ban list and fields; rejects become
 //!   dead-letter reasons.
+//! - `dead_letter`: the record a refused message becomes in the dead-letter log.
 //! - `batch`: collect records from a `PartitionStream` up to a size or a timeout.
 //! - `merge`: fold consecutive user updates into one patch per user, and give each event the
 //!   user's profile delta as it stood at that event in log order.
@@ -11,6 +12,7 @@
 //! Invariant: no stage reorders the records of one partition.
 
 pub mod batch;
+pub mod dead_letter;
 pub mod merge;
 pub mod runner;
 pub mod validate;

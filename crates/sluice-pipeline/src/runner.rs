@@ -1,8 +1,8 @@
 //! The per-partition loop that drives the stages (SPEC §6): one task per assigned partition,
 //! one batch in flight per partition, all partitions in parallel.
 //!
-//! For each batch, in order: validate → dedup check → merge → index write (durable) → mark
-//! processed → commit the offset after the batch. Nothing is committed before the index write
+//! For each batch, in order: validate → dedup check → merge → index write (durable) → dead
+//! letters (durable) → mark processed → commit the offset after the batch. Nothing is committed before the index write
 //! and the dedup mark of every message up to that offset succeeded, so a crash at any point
 //! replays from the last commit, and the dedup store plus idempotent index writes keep the
 //! effects single.
@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::batch::{BatchConfig, next_batch};
+use crate::dead_letter::{self, Stage};
 use crate::merge::{Item, merge};
 use crate::validate::{ValidMessage, Validator};
 
@@ -108,6 +109,8 @@ pub enum PipelineError {
 /// The stages and their backends, shared by every partition task.
 pub struct Pipeline {
     log: Arc<dyn Log>,
+    /// Where refused messages go (`dead_letter`): `sluice.dlq` or the embedded `dlq` log.
+    dead_letters: Arc<dyn Log>,
     validator: Validator,
     dedup: Arc<dyn Dedup>,
     index: Arc<dyn Index>,
@@ -126,6 +129,7 @@ enum Abandon {
 impl Pipeline {
     pub fn new(
         log: Arc<dyn Log>,
+        dead_letters: Arc<dyn Log>,
         validator: Validator,
         dedup: Arc<dyn Dedup>,
         index: Arc<dyn Index>,
@@ -133,6 +137,7 @@ impl Pipeline {
     ) -> Arc<Pipeline> {
         Arc::new(Pipeline {
             log,
+            dead_letters,
             validator,
             dedup,
             index,
@@ -308,13 +313,22 @@ impl Pipeline {
                 |_| true,
             )
             .await?;
+        let now = sluice_model::time::now_ms();
+        let mut dead = Vec::new();
         let mut valid = Vec::with_capacity(validated.len());
         for result in validated {
             match result {
                 Ok(message) => valid.push(message),
                 Err(rejected) => {
-                    self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(offset = rejected.offset, reason = %rejected.reason, "pipeline: dead letter (validate)");
+                    if let Some(record) = record_at(records, rejected.offset) {
+                        dead.push(dead_letter::record(
+                            Stage::Validate,
+                            &rejected.reason,
+                            record,
+                            now,
+                        ));
+                    }
                 }
             }
         }
@@ -342,7 +356,7 @@ impl Pipeline {
             .fetch_add((valid.len() - fresh.len()) as u64, Ordering::Relaxed);
         lap(&self.stats.dedup_check_us, &mut clock);
         if fresh.is_empty() {
-            return Ok(());
+            return self.write_dead_letters(dead, stop).await;
         }
 
         let write = Arc::new(build_write(&fresh));
@@ -357,9 +371,11 @@ impl Pipeline {
             )
             .await?;
         lap(&self.stats.index_us, &mut clock);
+        // Messages whose document the index refused: dead letters, and not marked processed,
+        // so a replay of the dead letter is processed again.
+        let mut refused_offsets = HashSet::new();
         for refused in &outcome.refused {
-            self.stats.dead_letters.fetch_add(1, Ordering::Relaxed);
-            match refused {
+            let (offsets, reason): (Vec<u64>, &str) = match refused {
                 Refused::User { position, reason } => {
                     let user = write.users.get(*position);
                     tracing::warn!(
@@ -368,6 +384,17 @@ impl Pipeline {
                         %reason,
                         "pipeline: dead letter (the index refused the profile)"
                     );
+                    let offsets = fresh
+                        .iter()
+                        .filter(|m| {
+                            m.kind == Kind::UserUpdate
+                                && user.is_some_and(|u| {
+                                    u.org == m.org.name && u.user_key == m.user_key
+                                })
+                        })
+                        .map(|m| m.offset)
+                        .collect();
+                    (offsets, reason)
                 }
                 Refused::Event { position, reason } => {
                     let event = write.events.get(*position);
@@ -377,6 +404,25 @@ impl Pipeline {
                         %reason,
                         "pipeline: dead letter (the index refused the event)"
                     );
+                    let offsets = fresh
+                        .iter()
+                        .filter(|m| {
+                            m.kind == Kind::Event
+                                && event.is_some_and(|e| {
+                                    e.org == m.org.name && e.message_id == m.message_id
+                                })
+                        })
+                        .map(|m| m.offset)
+                        .collect();
+                    (offsets, reason)
+                }
+            };
+            for offset in offsets {
+                if refused_offsets.insert(offset)
+                    && let Some(record) = record_at(records, offset)
+                {
+                    let reason = format!("the index refused the document: {reason}");
+                    dead.push(dead_letter::record(Stage::Index, &reason, record, now));
                 }
             }
         }
@@ -387,7 +433,12 @@ impl Pipeline {
             .events_indexed
             .fetch_add(events, Ordering::Relaxed);
 
-        let processed: Vec<MessageKey<'_>> = fresh.iter().map(|m| message_key(m)).collect();
+        self.write_dead_letters(dead, stop).await?;
+        let processed: Vec<MessageKey<'_>> = fresh
+            .iter()
+            .filter(|m| !refused_offsets.contains(&m.offset))
+            .map(|m| message_key(m))
+            .collect();
         self.retry(
             "mark processed",
             stop,
@@ -396,6 +447,28 @@ impl Pipeline {
         )
         .await?;
         lap(&self.stats.mark_us, &mut clock);
+        Ok(())
+    }
+
+    /// Appends the batch's dead letters (durable before the batch is committed, like the index
+    /// write).
+    async fn write_dead_letters(
+        &self,
+        dead: Vec<sluice_log::Record>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Abandon> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let count = dead.len() as u64;
+        self.retry(
+            "write dead letters",
+            stop,
+            || self.dead_letters.append(dead.clone()),
+            LogError::is_retriable,
+        )
+        .await?;
+        self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
         Ok(())
     }
 
@@ -475,6 +548,14 @@ struct Identity<'a> {
     user_id: Option<&'a str>,
     email: Option<&'a str>,
     updated_at: i64,
+}
+
+/// The record at `offset` in a batch (offsets ascend; Kafka's may have gaps).
+fn record_at(records: &[LogRecord], offset: u64) -> Option<&LogRecord> {
+    records
+        .binary_search_by_key(&offset, |r| r.offset)
+        .ok()
+        .map(|i| &records[i])
 }
 
 /// Merge stage output as one index write: one upsert per user (its updates folded in log

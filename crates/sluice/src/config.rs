@@ -95,7 +95,8 @@ pub const DEFAULT_CONFIG_TOML: &str = r#"# sluice configuration. Every key is op
 # Address the HTTP API listens on.
 listen = "127.0.0.1:8080"
 
-# Where embedded state lives: log/, dedup/, index/, registry.db, and the spill buffer spill/.
+# Where embedded state lives: log/, dedup/, index/, registry.db, dead letters in dlq/, and
+# the spill buffer spill/.
 data_dir = "./sluice-data"
 
 # Backends, by URL. The log is `embedded` or Kafka (`kafka://host:9092[,host:9093...]`); the
@@ -387,6 +388,10 @@ impl Config {
 
     pub fn log_path(&self) -> PathBuf {
         self.data_dir.join("log")
+    }
+
+    pub fn dlq_path(&self) -> PathBuf {
+        self.data_dir.join("dlq")
     }
 
     pub fn spill_path(&self) -> PathBuf {

@@ -104,6 +104,42 @@ async fn open_log(
     Ok((Arc::new(log), None))
 }
 
+/// The dead-letter log (SPEC §6): the Kafka topic `sluice.dlq` with a Kafka log, else an
+/// embedded log under `<data_dir>/dlq` (one partition, kept until deleted: no retention).
+async fn open_dead_letters(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
+    let Some(brokers) = config.kafka_brokers() else {
+        let dlq = EmbeddedLog::open(
+            &config.dlq_path(),
+            EmbeddedLogConfig {
+                partitions: 1,
+                retention_max_age: None,
+                retention_max_bytes: None,
+                ..EmbeddedLogConfig::default()
+            },
+        )
+        .with_context(|| {
+            format!(
+                "cannot open the dead-letter log at {}",
+                config.dlq_path().display()
+            )
+        })?;
+        return Ok(Arc::new(dlq));
+    };
+    let mut kafka = KafkaLogConfig::new(&brokers, DEAD_LETTER_TOPIC);
+    kafka.partitions = config.partitions;
+    kafka.other_topics = Vec::new();
+    let dlq = KafkaLog::connect(kafka).await.with_context(|| {
+        format!(
+            "cannot use the dead-letter topic {DEAD_LETTER_TOPIC} at {}",
+            config.log
+        )
+    })?;
+    Ok(Arc::new(dlq))
+}
+
+/// The Kafka topic of dead letters (SPEC §6).
+const DEAD_LETTER_TOPIC: &str = "sluice.dlq";
+
 /// The dedup store, as configured: embedded under the data dir, or Redis.
 async fn open_dedup(config: &Config) -> anyhow::Result<Arc<dyn Dedup>> {
     if config.dedup == "embedded" {
@@ -162,6 +198,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     let pipeline = match &index {
         Some(index) if role.ingests() => Some(Pipeline::new(
             Arc::clone(&log),
+            open_dead_letters(&config).await?,
             Validator::new(Arc::clone(&registry), config.key_cache_ttl),
             open_dedup(&config).await?,
             Arc::clone(index),

@@ -151,6 +151,7 @@ async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sig
     );
 
     // A restart resumes after the commit: the data is still there and nothing is redone.
+    support::run_ok(support::sluice(&data).args(["users", "ban", "--org", "default", "banned"]));
     let server = Server::start(&data, &args);
     let mut conn = Connection::connect(server.addr).await.expect("connect");
     let (status, profile) = get(&mut conn, &key, "/api/users/k-7").await;
@@ -158,6 +159,33 @@ async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sig
     assert_eq!(profile["dataFields"], json!({"round": ROUNDS - 1, "u": 7}));
     let (_, events) = get(&mut conn, &key, "/api/users/k-7/events?limit=1000").await;
     assert_eq!(events["events"].as_array().map_or(0, Vec::len), ROUNDS);
+
+    // A message of a banned user becomes a record of the dead-letter topic, under its key.
+    post(
+        &mut conn,
+        &key,
+        "/api/events/track",
+        json!({"userId": "banned", "eventName": "e", "id": "dead-1"}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let letter = loop {
+        let found = read_topic(&broker.addr, "sluice.dlq", 8)
+            .into_iter()
+            .find(|r| r.key == b"default:u:banned");
+        if let Some(record) = found {
+            break serde_json::from_slice::<Value>(&record.value).expect("JSON");
+        }
+        assert!(Instant::now() < deadline, "no dead letter within 60 s");
+    };
+    assert_eq!(letter["stage"], "validate", "{letter}");
+    assert_eq!(letter["messageId"], "dead-1", "{letter}");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("banned")),
+        "{letter}"
+    );
 }
 
 /// Runs the independent client (`tests/interop/kafka_client.py`, confluent-kafka) and returns
@@ -331,8 +359,16 @@ async fn member(
     config.session_timeout = Duration::from_secs(6);
     config.instance_id = Some(name.to_string());
     let log = Arc::new(KafkaLog::connect(config).await.expect("connect"));
+    let mut dlq = KafkaLogConfig::new(brokers, "sluice.dlq");
+    dlq.other_topics = Vec::new();
+    let dlq = Arc::new(
+        KafkaLog::connect(dlq)
+            .await
+            .expect("connect the dead-letter topic"),
+    );
     let pipeline = sluice_pipeline::Pipeline::new(
         Arc::clone(&log) as Arc<dyn Log>,
+        dlq,
         sluice_pipeline::validate::Validator::new(registry, Duration::from_secs(5)),
         dedup,
         index,

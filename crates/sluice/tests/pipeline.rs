@@ -55,6 +55,7 @@ e2e!(
     deep_and_shallow_merges_follow_the_spec,
     reposting_the_same_message_ids_changes_nothing,
     banned_users_are_dead_lettered_and_the_rest_is_indexed,
+    documents_the_index_refuses_are_dead_lettered_and_not_marked_processed,
     a_failing_index_is_retried_and_nothing_is_committed_past_it,
     users_named_like_routes_are_readable_and_wrong_methods_are_json_405,
 );
@@ -65,6 +66,8 @@ struct Stack {
     registry: Arc<dyn Registry>,
     index: Arc<dyn Index>,
     log: Arc<EmbeddedLog>,
+    /// The dead-letter log.
+    dlq: Arc<EmbeddedLog>,
     stats: Arc<PipelineStats>,
     stop: watch::Sender<bool>,
     pipeline: tokio::task::JoinHandle<Result<(), PipelineError>>,
@@ -87,6 +90,16 @@ impl Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = Arc::new(
             EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"),
+        );
+        let dlq = Arc::new(
+            EmbeddedLog::open(
+                &dir.path().join("dlq"),
+                EmbeddedLogConfig {
+                    partitions: 1,
+                    ..EmbeddedLogConfig::default()
+                },
+            )
+            .expect("dead-letter log"),
         );
         let (mut schema, mut keys) = (None, None);
         let (registry, dedup, index): (Arc<dyn Registry>, Arc<dyn Dedup>, Arc<dyn Index>) =
@@ -130,6 +143,7 @@ impl Stack {
             .expect("first key");
         let pipeline = Pipeline::new(
             Arc::clone(&log) as Arc<dyn Log>,
+            Arc::clone(&dlq) as Arc<dyn Log>,
             Validator::new(Arc::clone(&registry), Duration::from_millis(50)),
             dedup,
             wrap(Arc::clone(&index)),
@@ -157,6 +171,7 @@ impl Stack {
             registry,
             index,
             log,
+            dlq,
             stats,
             stop,
             pipeline,
@@ -534,6 +549,21 @@ async fn banned_users_are_dead_lettered_and_the_rest_is_indexed(backends: Backen
     );
     stack.wait_processed().await;
     assert_eq!(stack.stats.dead_letters.load(Ordering::Relaxed), 1);
+    // The dead letter is durable, with the original message, the stage and the reason.
+    let dead = stack.dlq.read(0, 0, 10).expect("read the dead-letter log");
+    assert_eq!(dead.len(), 1);
+    assert_eq!(&dead[0].key[..], b"default:u:bad");
+    let letter: Value = serde_json::from_slice(&dead[0].value).expect("JSON");
+    assert_eq!(letter["stage"], "validate");
+    assert_eq!(letter["messageId"], "x1");
+    assert_eq!(letter["org"], "default");
+    assert_eq!(letter["record"]["userId"], "bad");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("banned")),
+        "{letter}"
+    );
     let found = stack.search("events", json!({})).await;
     assert_eq!(found["total"], 2);
     assert_eq!(
@@ -544,11 +574,14 @@ async fn banned_users_are_dead_lettered_and_the_rest_is_indexed(backends: Backen
 }
 
 /// The real index behind a switch that makes every write fail with a storage error, as a
-/// full disk would.
+/// full disk would. It also refuses, as a mapping conflict would, the profile of user
+/// `refused` and events whose id starts with `refused-`, and writes the rest.
 struct FailingWrites {
     inner: Arc<dyn Index>,
     failing: Arc<std::sync::atomic::AtomicBool>,
 }
+
+const INJECTED_REFUSAL: &str = "injected: mapper_parsing_exception";
 
 #[async_trait::async_trait]
 impl Index for FailingWrites {
@@ -556,13 +589,35 @@ impl Index for FailingWrites {
         &self,
         batch: Arc<sluice_index::WriteBatch>,
     ) -> Result<sluice_index::WriteOutcome, sluice_index::IndexError> {
+        use sluice_index::Refused;
         if self.failing.load(Ordering::SeqCst) {
             return Err(sluice_index::IndexError::Storage {
                 path: "test".into(),
                 message: "injected: no space left on device".into(),
             });
         }
-        self.inner.write(batch).await
+        let mut kept = sluice_index::WriteBatch::default();
+        let mut refused = Vec::new();
+        for (position, user) in batch.users.iter().enumerate() {
+            if user.user_key == "u:refused" {
+                let reason = INJECTED_REFUSAL.to_string();
+                refused.push(Refused::User { position, reason });
+            } else {
+                kept.users.push(user.clone());
+            }
+        }
+        for (position, event) in batch.events.iter().enumerate() {
+            if event.message_id.starts_with("refused-") {
+                let reason = INJECTED_REFUSAL.to_string();
+                refused.push(Refused::Event { position, reason });
+            } else {
+                kept.events.push(event.clone());
+            }
+        }
+        let mut outcome = self.inner.write(Arc::new(kept)).await?;
+        assert!(outcome.refused.is_empty(), "{:?}", outcome.refused);
+        outcome.refused = refused;
+        Ok(outcome)
     }
     async fn get_user(
         &self,
@@ -597,6 +652,81 @@ impl Index for FailingWrites {
     async fn close(&self) -> Result<(), sluice_index::IndexError> {
         self.inner.close().await
     }
+}
+
+async fn documents_the_index_refuses_are_dead_lettered_and_not_marked_processed(
+    backends: Backends,
+) {
+    let stack = Stack::start_with(backends, move |inner| {
+        Arc::new(FailingWrites {
+            inner,
+            failing: Arc::default(),
+        }) as Arc<dyn Index>
+    })
+    .await;
+    let posts = [
+        (
+            "/api/users/update",
+            json!({"userId": "refused", "id": "up-1", "dataFields": {"a": 1}}),
+        ),
+        (
+            "/api/users/update",
+            json!({"userId": "refused", "id": "up-2", "dataFields": {"b": 2}}),
+        ),
+        (
+            "/api/events/track",
+            json!({"userId": "good", "eventName": "e", "id": "refused-1"}),
+        ),
+        (
+            "/api/events/track",
+            json!({"userId": "good", "eventName": "e", "id": "ok-1"}),
+        ),
+    ];
+    for (path, body) in &posts {
+        assert_eq!(stack.post(path, body.clone()).await.status, 200);
+    }
+    stack.wait_processed().await;
+    let letters = |stack: &Stack| -> Vec<Value> {
+        stack
+            .dlq
+            .read(0, 0, 100)
+            .expect("read the dead-letter log")
+            .iter()
+            .map(|r| serde_json::from_slice(&r.value).expect("JSON"))
+            .collect()
+    };
+    let dead = letters(&stack);
+    // Both updates folded into the refused profile are dead letters, and the refused event.
+    let mut ids: Vec<&str> = dead
+        .iter()
+        .filter_map(|l| l["messageId"].as_str())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["refused-1", "up-1", "up-2"], "{dead:?}");
+    for letter in &dead {
+        assert_eq!(letter["stage"], "index", "{letter}");
+        assert!(
+            letter["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains(INJECTED_REFUSAL)),
+            "{letter}"
+        );
+    }
+    assert_eq!(stack.stats.dead_letters.load(Ordering::Relaxed), 3);
+    let events = stack.get("/api/users/good/events").await.json();
+    assert_eq!(
+        events["events"].as_array().map(Vec::len),
+        Some(1),
+        "{events}"
+    );
+    // Not marked processed: the same message again is processed again (and refused again),
+    // where a processed one would be dropped as a duplicate.
+    let (path, body) = &posts[2];
+    assert_eq!(stack.post(path, body.clone()).await.status, 200);
+    stack.wait_processed().await;
+    assert_eq!(letters(&stack).len(), 4);
+    assert_eq!(stack.stats.duplicates.load(Ordering::Relaxed), 0);
+    stack.stop().await;
 }
 
 async fn a_failing_index_is_retried_and_nothing_is_committed_past_it(backends: Backends) {
