@@ -230,6 +230,12 @@ impl Bridge {
         if lock(&inner.state).spilling {
             return self.spill(buffer, records, bytes).await;
         }
+        if !inner.log.is_healthy() {
+            // The log says it cannot take writes (Kafka: every broker down): spill now rather
+            // than wait out the timeout. The replayer's first success clears the report.
+            self.enter_spill_mode("the log reports that it cannot take writes");
+            return self.spill(buffer, records, bytes).await;
+        }
         let direct = tokio::time::timeout(inner.config.log_ack_timeout, inner.log.append(records));
         let why = tokio::select! {
             result = direct => match result {
@@ -249,6 +255,14 @@ impl Bridge {
                 records.len()
             ))));
         }
+        self.enter_spill_mode(&why);
+        self.spill(buffer, records, bytes).await
+    }
+
+    /// From now on appends go to the buffer; appends still waiting on the log are woken to
+    /// spill too.
+    fn enter_spill_mode(&self, why: &str) {
+        let inner = &*self.0;
         let started = {
             let mut state = lock(&inner.state);
             !std::mem::replace(&mut state.spilling, true)
@@ -260,7 +274,6 @@ impl Bridge {
                 "the log is not acknowledging: spilling to the local buffer until it does"
             );
         }
-        self.spill(buffer, records, bytes).await
     }
 
     /// Admits `records` into the buffer and writes them. Cancel-safe: once admitted (no await
@@ -385,12 +398,14 @@ impl Bridge {
                     timestamp_ms: r.timestamp_ms,
                 })
                 .collect();
-            let failure = match tokio::time::timeout(
-                config.replay_timeout,
-                inner.log.append(records),
-            )
-            .await
-            {
+            let append = tokio::time::timeout(config.replay_timeout, inner.log.append(records));
+            let acked = tokio::select! {
+                acked = append => acked,
+                // Stopping: the records stay in the buffer for the next start (any the log
+                // takes meanwhile come again then, and dedup drops the copies).
+                _ = stop.wait_for(|stop| *stop) => break,
+            };
+            let failure = match acked {
                 Ok(Ok(_)) => match buffer::replayed(buffer, next).await {
                     Ok(()) => None,
                     Err(e) => Some(format!(

@@ -10,7 +10,9 @@ use sluice_log::{Ack, EmbeddedLogConfig, Subscription};
 use super::*;
 
 const UP: u8 = 0;
+/// Appends wait until the mode changes; the log still reports itself healthy.
 const HANG: u8 = 1;
+/// Appends fail at once, and the log reports that it cannot take writes.
 const FAIL: u8 = 2;
 
 struct FlakyLog {
@@ -18,6 +20,8 @@ struct FlakyLog {
     mode: AtomicU8,
     /// The next append fails at once, whatever the mode.
     fail_once: std::sync::atomic::AtomicBool,
+    /// Reports the log down whatever the mode (librdkafka saw every broker go).
+    reported_down: std::sync::atomic::AtomicBool,
 }
 
 impl FlakyLog {
@@ -70,8 +74,10 @@ impl Log for FlakyLog {
         self.inner.subscribe(group).await
     }
 
+    /// A hanging log looks healthy (a frozen broker's connections stay open); a failing one
+    /// reports that it cannot take writes.
     fn is_healthy(&self) -> bool {
-        self.mode.load(Ordering::SeqCst) == UP
+        self.mode.load(Ordering::SeqCst) != FAIL && !self.reported_down.load(Ordering::SeqCst)
     }
 
     async fn close(&self) -> Result<(), LogError> {
@@ -102,6 +108,7 @@ fn setup() -> Setup {
             inner,
             mode: AtomicU8::new(UP),
             fail_once: Default::default(),
+            reported_down: Default::default(),
         }),
     }
 }
@@ -348,6 +355,28 @@ async fn without_a_buffer_a_slow_log_is_an_error() {
     assert!(!s.spill_dir.exists());
 }
 
+/// A log that reports it cannot take writes is not waited for: the append spills at once
+/// (here the log would hang for the whole 30 s timeout).
+#[tokio::test]
+async fn a_log_reporting_itself_down_spills_without_waiting() {
+    let s = setup();
+    let mut config = config();
+    config.log_ack_timeout = Duration::from_secs(30);
+    let bridge = Bridge::open(s.log.clone(), &s.spill_dir, config).expect("bridge");
+    s.log.set(HANG);
+    s.log.reported_down.store(true, Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        append(&bridge, "a", 0).await.expect("spill"),
+        Durable::Spilled
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// Many users, each appending in sequence (the next message only after the previous one was
 /// acknowledged), while the log flaps between up, hanging and failing and the replayer runs:
 /// every acknowledged message is in the log, and each user's first copies are in ack order.
@@ -433,5 +462,34 @@ async fn appends_dropped_while_spilling_are_still_written_and_counted() {
     assert_eq!(
         first_copies(&s.log.records())["a"],
         (0..20).collect::<Vec<_>>()
+    );
+}
+
+/// A stop is not held up by a replay the log does not answer: the records stay in the buffer.
+#[tokio::test]
+async fn the_replayer_stops_promptly_while_the_log_hangs() {
+    let s = setup();
+    let mut config = config();
+    config.replay_timeout = Duration::from_secs(60);
+    let bridge = Bridge::open(s.log.clone(), &s.spill_dir, config).expect("bridge");
+    s.log.set(FAIL);
+    append(&bridge, "a", 0).await.expect("spill");
+    s.log.set(HANG);
+    let (stop_tx, stop) = watch::channel(false);
+    let replayer = tokio::spawn({
+        let bridge = bridge.clone();
+        async move { bridge.replay(stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop_tx.send(true).expect("stop");
+    tokio::time::timeout(Duration::from_secs(2), replayer)
+        .await
+        .expect("the replayer stopped within 2 s")
+        .expect("replayer");
+    let status = bridge.status();
+    assert_eq!(
+        (status.records, status.replayed_total),
+        (1, 0),
+        "{status:?}"
     );
 }
