@@ -374,6 +374,13 @@ impl Pipeline {
         // Messages whose document the index refused: dead letters, and not marked processed,
         // so a replay of the dead letter is processed again.
         let mut refused_offsets = HashSet::new();
+        let offsets_where = |matches: &dyn Fn(&ValidMessage) -> bool| -> Vec<u64> {
+            fresh
+                .iter()
+                .filter(|m| matches(m))
+                .map(|m| m.offset)
+                .collect()
+        };
         for refused in &outcome.refused {
             let (offsets, reason): (Vec<u64>, &str) = match refused {
                 Refused::User { position, reason } => {
@@ -384,16 +391,10 @@ impl Pipeline {
                         %reason,
                         "pipeline: dead letter (the index refused the profile)"
                     );
-                    let offsets = fresh
-                        .iter()
-                        .filter(|m| {
-                            m.kind == Kind::UserUpdate
-                                && user.is_some_and(|u| {
-                                    u.org == m.org.name && u.user_key == m.user_key
-                                })
-                        })
-                        .map(|m| m.offset)
-                        .collect();
+                    let offsets = offsets_where(&|m| {
+                        m.kind == Kind::UserUpdate
+                            && user.is_some_and(|u| u.org == m.org.name && u.user_key == m.user_key)
+                    });
                     (offsets, reason)
                 }
                 Refused::Event { position, reason } => {
@@ -404,16 +405,12 @@ impl Pipeline {
                         %reason,
                         "pipeline: dead letter (the index refused the event)"
                     );
-                    let offsets = fresh
-                        .iter()
-                        .filter(|m| {
-                            m.kind == Kind::Event
-                                && event.is_some_and(|e| {
-                                    e.org == m.org.name && e.message_id == m.message_id
-                                })
-                        })
-                        .map(|m| m.offset)
-                        .collect();
+                    let offsets = offsets_where(&|m| {
+                        m.kind == Kind::Event
+                            && event.is_some_and(|e| {
+                                e.org == m.org.name && e.message_id == m.message_id
+                            })
+                    });
                     (offsets, reason)
                 }
             };
