@@ -1,6 +1,7 @@
 //! Backpressure: a bound on the request body bytes being handled at once. A request takes its
-//! share (its `Content-Length`, or the request limit when the length is not declared) before
-//! its body is read and holds it until it is answered. When the bound is reached, requests
+//! share (its `Content-Length`; the request limit for a chunked body of unknown length; the
+//! minimum for a request without a body) before its body is read and holds it until it is
+//! answered. When the bound is reached, requests
 //! wait for room instead of failing; one that waits longer than `in_flight_wait` gets a 503
 //! with `Retry-After`, having read nothing.
 
@@ -47,11 +48,18 @@ impl InFlight {
 
 /// Middleware on the data routes.
 pub(crate) async fn bounded(State(app): State<AppState>, request: Request, next: Next) -> Response {
-    let length = request
-        .headers()
+    let headers = request.headers();
+    let length = match headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        Some(length) => Some(length),
+        // A body of unknown length: count it at the request limit.
+        None if headers.contains_key(header::TRANSFER_ENCODING) => None,
+        // No body at all (a GET, a read).
+        None => Some(0),
+    };
     let in_flight = &app.in_flight;
     let share = in_flight.share(length, app.limits.max_request_bytes);
     let permit = match tokio::time::timeout(

@@ -849,3 +849,43 @@ async fn requests_beyond_the_in_flight_bound_wait_for_room() {
         }
     }
 }
+
+/// A read has no body: it takes the least room, and is not held up by the bodies in flight.
+#[tokio::test]
+async fn a_request_without_a_body_takes_the_least_room() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (registry, key) = registry_with_key(dir.path()).await;
+    let addr = spawn_api(AppState::new(
+        Bridge::without_spill(Arc::new(StalledLog), Duration::from_secs(2)),
+        registry,
+        Some(index_in(dir.path())),
+        &ApiConfig {
+            max_in_flight_bytes: 2048,
+            in_flight_wait: Duration::from_millis(300),
+            ..ApiConfig::default()
+        },
+    ))
+    .await;
+    // Holds 1 of the 2 KiB for 2 s (the log never answers).
+    let writer = {
+        let key = key.clone();
+        tokio::spawn(async move {
+            let mut conn = Connection::connect(addr).await.expect("connect");
+            conn.post(
+                "/api/events/track",
+                &[("api-key", &key)],
+                json!({"userId": "a", "eventName": "e"}).to_string().into(),
+            )
+            .await
+            .expect("request")
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let read = conn
+        .get("/api/users/nobody", &[("api-key", &key)])
+        .await
+        .expect("read");
+    assert_eq!(read.status, 404, "{:?}", read.json());
+    assert_eq!(writer.await.expect("writer").status, 503);
+}
