@@ -17,6 +17,14 @@ pub(crate) async fn read_request(
     Ok((parts, body))
 }
 
+/// The body size a request declares (`Content-Length`), if it declares one.
+pub(crate) fn declared_length(headers: &axum::http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
 async fn read_body(
     headers: &axum::http::HeaderMap,
     body: axum::body::Body,
@@ -28,11 +36,7 @@ async fn read_body(
             None => format!("request body is larger than the {limit}-byte limit"),
         })
     };
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(size) = declared
+    if let Some(size) = declared_length(headers)
         && size > limit as u64
     {
         return Err(too_large(Some(size)));

@@ -49,11 +49,7 @@ impl InFlight {
 /// Middleware on the data routes.
 pub(crate) async fn bounded(State(app): State<AppState>, request: Request, next: Next) -> Response {
     let headers = request.headers();
-    let length = match headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-    {
+    let length = match crate::body::declared_length(headers) {
         Some(length) => Some(length),
         // A body of unknown length: count it at the request limit.
         None if headers.contains_key(header::TRANSFER_ENCODING) => None,

@@ -225,16 +225,15 @@ impl Bridge {
         let spill_started = inner.spill_started.notified();
         tokio::pin!(spill_started);
         spill_started.as_mut().enable();
-        let bytes = size_of(&records);
         let count = records.len() as u64;
         if lock(&inner.state).spilling {
-            return self.spill(buffer, records, bytes).await;
+            return self.spill(buffer, records).await;
         }
         if !inner.log.is_healthy() {
             // The log says it cannot take writes (Kafka: every broker down): spill now rather
             // than wait out the timeout. The replayer's first success clears the report.
             self.enter_spill_mode("the log reports that it cannot take writes");
-            return self.spill(buffer, records, bytes).await;
+            return self.spill(buffer, records).await;
         }
         let direct = tokio::time::timeout(inner.config.log_ack_timeout, inner.log.append(records));
         let why = tokio::select! {
@@ -256,7 +255,7 @@ impl Bridge {
             ))));
         }
         self.enter_spill_mode(&why);
-        self.spill(buffer, records, bytes).await
+        self.spill(buffer, records).await
     }
 
     /// From now on appends go to the buffer; appends still waiting on the log are woken to
@@ -284,9 +283,9 @@ impl Bridge {
         &self,
         buffer: &Arc<EmbeddedLog>,
         records: Vec<Record>,
-        bytes: u64,
     ) -> Result<Durable, BridgeError> {
         let count = records.len() as u64;
+        let bytes = size_of(&records);
         {
             let inner = &*self.0;
             let mut state = lock(&inner.state);
