@@ -19,6 +19,8 @@ use sluice_model::time::now_ms;
 use crate::{Dedup, DedupError, MessageKey};
 
 const KEYSPACE: &str = "seen";
+/// The trigger outbox: key as in `seen`, value = time stashed (i64 big-endian) + payload.
+const STASH: &str = "stash";
 
 #[derive(Clone)]
 pub struct EmbeddedDedup {
@@ -29,6 +31,7 @@ struct Inner {
     path: PathBuf,
     db: Database,
     seen: Keyspace,
+    stash: Keyspace,
     window_ms: i64,
 }
 
@@ -40,8 +43,9 @@ fn encode_key(key: &MessageKey<'_>) -> Vec<u8> {
     out
 }
 
+/// The time a value was written: its first 8 bytes.
 fn decode_time(value: &[u8]) -> Option<i64> {
-    Some(i64::from_be_bytes(value.try_into().ok()?))
+    Some(i64::from_be_bytes(value.get(..8)?.try_into().ok()?))
 }
 
 /// Drops marks older than the window when fjall compacts.
@@ -94,7 +98,7 @@ impl EmbeddedDedup {
             .cache_size(32 << 20)
             .worker_threads(1)
             .with_compaction_filter_factories(Arc::new(move |name: &str| {
-                (name == KEYSPACE).then(|| Arc::clone(&factory))
+                (name == KEYSPACE || name == STASH).then(|| Arc::clone(&factory))
             }))
             .open()
             .map_err(|e| match e {
@@ -113,11 +117,15 @@ impl EmbeddedDedup {
                     .index_block_pinning_policy(PinningPolicy::all(true))
             })
             .map_err(|e| storage(e.to_string()))?;
+        let stash = db
+            .keyspace(STASH, KeyspaceCreateOptions::default)
+            .map_err(|e| storage(e.to_string()))?;
         Ok(EmbeddedDedup {
             inner: Arc::new(Inner {
                 path: dir.to_path_buf(),
                 db,
                 seen,
+                stash,
                 window_ms,
             }),
         })
@@ -158,6 +166,59 @@ impl EmbeddedDedup {
         }
         batch.commit().map_err(|e| self.error(e))
     }
+
+    /// `stash` as of `now_ms`: one atomic batch, one fsync, for what was not stashed yet.
+    pub fn stash_at(
+        &self,
+        entries: &[(MessageKey<'_>, &[u8])],
+        now_ms: i64,
+    ) -> Result<Vec<Vec<u8>>, DedupError> {
+        let floor = now_ms.saturating_sub(self.inner.window_ms);
+        let mut batch = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut stored = Vec::with_capacity(entries.len());
+        let mut fresh: std::collections::HashMap<Vec<u8>, usize> = Default::default();
+        for (key, payload) in entries {
+            let encoded = encode_key(key);
+            if let Some(&earlier) = fresh.get(&encoded) {
+                let payload: &Vec<u8> = &stored[earlier];
+                stored.push(payload.clone());
+                continue;
+            }
+            let existing = self
+                .inner
+                .stash
+                .get(&encoded)
+                .map_err(|e| self.error(e))?
+                .filter(|v| decode_time(v).is_some_and(|at| at >= floor));
+            match existing {
+                Some(value) => stored.push(value[8..].to_vec()),
+                None => {
+                    let mut value = Vec::with_capacity(8 + payload.len());
+                    value.extend_from_slice(&now_ms.to_be_bytes());
+                    value.extend_from_slice(payload);
+                    batch.insert(&self.inner.stash, encoded.clone(), value);
+                    fresh.insert(encoded, stored.len());
+                    stored.push(payload.to_vec());
+                }
+            }
+        }
+        if !fresh.is_empty() {
+            batch.commit().map_err(|e| self.error(e))?;
+        }
+        Ok(stored)
+    }
+
+    /// `unstash`: one atomic batch.
+    pub fn unstash_now(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        for key in keys {
+            batch.remove(&self.inner.stash, encode_key(key));
+        }
+        batch.commit().map_err(|e| self.error(e))
+    }
 }
 
 /// Owned copies of borrowed keys, to move into a blocking task.
@@ -192,6 +253,29 @@ impl Dedup for EmbeddedDedup {
         tokio::task::spawn_blocking(move || this.mark_at(&borrowed(&keys), now_ms()))
             .await
             .map_err(|e| self.error(format!("mark task failed: {e}")))?
+    }
+
+    async fn stash(&self, entries: &[(MessageKey<'_>, &[u8])]) -> Result<Vec<Vec<u8>>, DedupError> {
+        let this = self.clone();
+        let keys = owned(&entries.iter().map(|(k, _)| *k).collect::<Vec<_>>());
+        let payloads: Vec<Vec<u8>> = entries.iter().map(|(_, p)| p.to_vec()).collect();
+        tokio::task::spawn_blocking(move || {
+            let entries: Vec<(MessageKey<'_>, &[u8])> = borrowed(&keys)
+                .into_iter()
+                .zip(payloads.iter().map(Vec::as_slice))
+                .collect();
+            this.stash_at(&entries, now_ms())
+        })
+        .await
+        .map_err(|e| self.error(format!("stash task failed: {e}")))?
+    }
+
+    async fn unstash(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError> {
+        let this = self.clone();
+        let keys = owned(keys);
+        tokio::task::spawn_blocking(move || this.unstash_now(&borrowed(&keys)))
+            .await
+            .map_err(|e| self.error(format!("unstash task failed: {e}")))?
     }
 }
 
@@ -238,6 +322,36 @@ mod tests {
             [true],
             "marks are durable"
         );
+    }
+
+    #[tokio::test]
+    async fn a_stash_keeps_the_first_payload_until_unstashed_and_survives_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (key("acme/welcome", "m1"), key("acme/welcome", "m2"));
+        {
+            let dedup = EmbeddedDedup::open(dir.path(), crate::DEFAULT_WINDOW).expect("open");
+            let stored = dedup
+                .stash(&[(a, b"first"), (b, b"other"), (a, b"again")])
+                .await
+                .expect("stash");
+            assert_eq!(stored, [&b"first"[..], b"other", b"first"]);
+            assert_eq!(
+                dedup.check(&[a]).await.expect("check"),
+                [false],
+                "a stash is not a mark"
+            );
+        }
+        let dedup = EmbeddedDedup::open(dir.path(), crate::DEFAULT_WINDOW).expect("reopen");
+        let stored = dedup.stash(&[(a, b"later")]).await.expect("stash");
+        assert_eq!(stored, [b"first"], "a stashed payload is durable and kept");
+        dedup.unstash(&[a]).await.expect("unstash");
+        let stored = dedup.stash(&[(a, b"new")]).await.expect("stash");
+        assert_eq!(stored, [b"new"], "after unstash the key is free");
+        // An expired stash counts as absent.
+        let old = dedup
+            .stash_at(&[(b, b"newer")], now_ms() + 8 * 24 * 3600 * 1000)
+            .expect("stash");
+        assert_eq!(old, [b"newer"]);
     }
 
     #[test]

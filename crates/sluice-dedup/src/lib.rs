@@ -46,4 +46,13 @@ pub trait Dedup: Send + Sync + 'static {
 
     /// Marks every key as processed now. Durable when it returns.
     async fn mark(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError>;
+
+    /// The trigger outbox (SPEC §6 step 7): for each entry, in order, the payload stashed
+    /// under its key within the window, or, when there is none, the entry's own payload,
+    /// stashed now. Durable when it returns. Stashes live beside the marks, never mixed with
+    /// them: a stashed key is not marked.
+    async fn stash(&self, entries: &[(MessageKey<'_>, &[u8])]) -> Result<Vec<Vec<u8>>, DedupError>;
+
+    /// Drops the stashed payloads of these keys (their actions fired).
+    async fn unstash(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError>;
 }

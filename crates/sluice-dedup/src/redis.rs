@@ -97,6 +97,14 @@ impl RedisDedup {
         format!("{}:{}:{}", self.config.prefix, key.org, key.message_id)
     }
 
+    /// Stashed payloads live under `<prefix>/stash:`, apart from every mark (`<prefix>:`).
+    fn stash_key(&self, key: &MessageKey<'_>) -> String {
+        format!(
+            "{}/stash:{}:{}",
+            self.config.prefix, key.org, key.message_id
+        )
+    }
+
     fn error(&self, what: &str, e: &redis::RedisError) -> DedupError {
         DedupError::Unavailable {
             server: sluice_model::url::redacted(&self.config.url),
@@ -141,5 +149,51 @@ impl Dedup for RedisDedup {
         pipe.query_async::<()>(&mut connection)
             .await
             .map_err(|e| self.error("marking message ids", &e))
+    }
+
+    async fn stash(&self, entries: &[(MessageKey<'_>, &[u8])]) -> Result<Vec<Vec<u8>>, DedupError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        // SET NX keeps a payload stashed earlier; the GET after it, in the same pipeline on
+        // one connection, reads whichever payload is stashed.
+        let mut pipe = redis::pipe();
+        for (key, payload) in entries {
+            let key = self.stash_key(key);
+            pipe.cmd("SET")
+                .arg(&key)
+                .arg(*payload)
+                .arg("EX")
+                .arg(self.window_secs)
+                .arg("NX")
+                .ignore();
+            pipe.get(key);
+        }
+        let mut connection = self.connection.clone();
+        self.count_round_trip();
+        let stored: Vec<Option<Vec<u8>>> = pipe
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| self.error("stashing trigger payloads", &e))?;
+        Ok(stored
+            .into_iter()
+            .zip(entries)
+            .map(|(stored, (_, payload))| stored.unwrap_or_else(|| payload.to_vec()))
+            .collect())
+    }
+
+    async fn unstash(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.del(self.stash_key(key)).ignore();
+        }
+        let mut connection = self.connection.clone();
+        self.count_round_trip();
+        pipe.query_async::<()>(&mut connection)
+            .await
+            .map_err(|e| self.error("dropping fired trigger payloads", &e))
     }
 }

@@ -41,7 +41,7 @@ impl Drop for Scoped {
     fn drop(&mut self) {
         let _ = Command::new("redis-cli")
             .args(["-u", URL, "--scan", "--pattern"])
-            .arg(format!("{}:*", self.prefix))
+            .arg(format!("{}*", self.prefix))
             .stdout(Stdio::piped())
             .output()
             .map(|out| {
@@ -88,6 +88,34 @@ async fn marks_are_seen_per_org_in_batch_order_with_the_window_as_ttl() {
     // Each call above with ids was one pipelined round trip (check, mark, check); empty ones
     // send nothing.
     assert_eq!(s.store.round_trips(), 3);
+}
+
+#[tokio::test]
+async fn a_stash_keeps_the_first_payload_until_unstashed_apart_from_marks() {
+    let s = scoped(Duration::from_secs(3600)).await;
+    let (a, b) = (key("acme/welcome", "m1"), key("acme/welcome", "m2"));
+    let stored = s
+        .store
+        .stash(&[(a, b"first"), (b, b"other"), (a, b"again")])
+        .await
+        .expect("stash");
+    assert_eq!(stored, [&b"first"[..], b"other", b"first"]);
+    let stored = s.store.stash(&[(a, b"later")]).await.expect("stash");
+    assert_eq!(stored, [b"first"], "a stashed payload is kept");
+    assert_eq!(
+        s.store.check(&[a]).await.expect("check"),
+        [false],
+        "a stash is not a mark"
+    );
+    s.store.mark(&[a]).await.expect("mark");
+    s.store.unstash(&[a]).await.expect("unstash");
+    let stored = s.store.stash(&[(a, b"new")]).await.expect("stash");
+    assert_eq!(stored, [b"new"], "after unstash the key is free");
+    assert_eq!(
+        s.store.check(&[a]).await.expect("check"),
+        [true],
+        "marks stay"
+    );
 }
 
 #[tokio::test]

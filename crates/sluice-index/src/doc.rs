@@ -17,7 +17,12 @@ pub(crate) fn event_doc_id(org: &str, message_id: &str) -> String {
     format!("{org}:{message_id}")
 }
 
-/// The profile after `upsert`, starting from the stored one (if any).
+/// The profile after `upsert`, starting from the stored one (if any): what every backend
+/// stores, and what the trigger stage shows as the profile at an event.
+pub fn profile_after(stored: Option<Value>, upsert: &UserUpsert) -> Value {
+    upserted_profile(stored, upsert)
+}
+
 pub(crate) fn upserted_profile(stored: Option<Value>, upsert: &UserUpsert) -> Value {
     let mut profile = match stored {
         Some(Value::Object(map)) => map,

@@ -25,6 +25,7 @@ pub mod embedded;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use doc::profile_after;
 pub use elastic::{ElasticIndex, ElasticIndexConfig};
 pub use embedded::{EmbeddedIndex, EmbeddedIndexConfig};
 
@@ -191,6 +192,16 @@ pub trait Index: Send + Sync + 'static {
 
     /// The profile with doc id `<org>:<user_key>`.
     async fn get_user(&self, org: &str, user_key: &str) -> Result<Option<Value>, IndexError>;
+
+    /// The profiles of several `(org, user_key)`s, in order (the trigger stage's profiles
+    /// before a batch). Backends with a multi-get override this one-by-one default.
+    async fn get_users(&self, users: &[(&str, &str)]) -> Result<Vec<Option<Value>>, IndexError> {
+        let mut profiles = Vec::with_capacity(users.len());
+        for (org, user_key) in users {
+            profiles.push(self.get_user(org, user_key).await?);
+        }
+        Ok(profiles)
+    }
 
     /// The most recently updated profile that carries this email.
     async fn get_user_by_email(&self, org: &str, email: &str) -> Result<Option<Value>, IndexError>;

@@ -212,6 +212,11 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen(backend: Bac
         None,
         "org-scoped"
     );
+    let many = index
+        .get_users(&[("other", "u:1"), ("acme", "u:1"), ("acme", "u:2")])
+        .await
+        .expect("get_users");
+    assert_eq!(many, [None, Some(profile), None], "in order, org-scoped");
     index.close().await.expect("close");
 }
 

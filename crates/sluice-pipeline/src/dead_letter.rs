@@ -24,6 +24,8 @@ use sluice_log::{LogRecord, Record};
 pub enum Stage {
     Validate,
     Index,
+    /// A trigger's webhook refused the action.
+    Trigger,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -45,6 +47,11 @@ struct Value<'a> {
     #[serde(rename = "messageId", skip_serializing_if = "Option::is_none")]
     message_id: Option<Cow<'a, str>>,
     record: Original<'a>,
+    /// `trigger` only: the rule, and the action's payload (the webhook body).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    action: Option<&'a RawValue>,
 }
 
 #[derive(Serialize)]
@@ -65,6 +72,28 @@ struct Ids<'a> {
 
 /// The dead-letter record of `source`, refused by `stage` for `reason` at `now_ms`.
 pub fn record(stage: Stage, reason: &str, source: &LogRecord, now_ms: i64) -> Record {
+    build(stage, reason, source, now_ms, None)
+}
+
+/// The dead-letter record of an action of `rule` for `source` that its target refused.
+pub fn action_record(
+    rule: &str,
+    reason: &str,
+    source: &LogRecord,
+    payload: &[u8],
+    now_ms: i64,
+) -> Record {
+    let action = serde_json::from_slice::<&RawValue>(payload).ok();
+    build(Stage::Trigger, reason, source, now_ms, Some((rule, action)))
+}
+
+fn build(
+    stage: Stage,
+    reason: &str,
+    source: &LogRecord,
+    now_ms: i64,
+    action: Option<(&str, Option<&RawValue>)>,
+) -> Record {
     let original = match serde_json::from_slice::<&RawValue>(&source.value) {
         Ok(raw) => Original::Json(raw),
         Err(_) => Original::Text(String::from_utf8_lossy(&source.value)),
@@ -82,6 +111,8 @@ pub fn record(stage: Stage, reason: &str, source: &LogRecord, now_ms: i64) -> Re
         org: ids.org,
         message_id: ids.message_id,
         record: original,
+        rule: action.map(|(rule, _)| rule),
+        action: action.and_then(|(_, payload)| payload),
     };
     Record {
         key: source.key.to_vec(),

@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::batch::{BatchConfig, next_batch};
 use crate::dead_letter::{self, Stage};
 use crate::merge::{Item, merge};
+use crate::trigger::Triggers;
 use crate::validate::{ValidMessage, Validator};
 
 /// Settings of the pipeline.
@@ -38,6 +39,8 @@ pub struct PipelineConfig {
     pub batch: BatchConfig,
     /// Longest wait between two attempts of a failing step.
     pub max_retry_delay: Duration,
+    /// The `[[triggers]]` rules (none by default).
+    pub triggers: Triggers,
 }
 
 impl Default for PipelineConfig {
@@ -46,6 +49,7 @@ impl Default for PipelineConfig {
             group: "sluice-pipeline".into(),
             batch: BatchConfig::default(),
             max_retry_delay: Duration::from_secs(5),
+            triggers: Triggers::default(),
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct PipelineStats {
     pub dead_letters: AtomicU64,
     pub users_upserted: AtomicU64,
     pub events_indexed: AtomicU64,
+    /// Trigger actions done: delivered, or refused by their target (then dead letters).
+    pub actions_fired: AtomicU64,
     /// Attempts that failed with a recoverable error and were retried.
     pub retries: AtomicU64,
     /// Time spent in each step, summed over partitions, in microseconds: where a batch's time
@@ -71,6 +77,8 @@ pub struct PipelineStats {
     pub dedup_check_us: AtomicU64,
     pub merge_us: AtomicU64,
     pub index_us: AtomicU64,
+    /// Preparing and firing trigger actions.
+    pub trigger_us: AtomicU64,
     pub mark_us: AtomicU64,
     pub commit_us: AtomicU64,
 }
@@ -112,14 +120,14 @@ pub struct Pipeline {
     /// Where refused messages go (`dead_letter`): `sluice.dlq` or the embedded `dlq` log.
     dead_letters: Arc<dyn Log>,
     validator: Validator,
-    dedup: Arc<dyn Dedup>,
-    index: Arc<dyn Index>,
-    config: PipelineConfig,
-    stats: Arc<PipelineStats>,
+    pub(crate) dedup: Arc<dyn Dedup>,
+    pub(crate) index: Arc<dyn Index>,
+    pub(crate) config: PipelineConfig,
+    pub(crate) stats: Arc<PipelineStats>,
 }
 
 /// Why a retried step gave up.
-enum Abandon {
+pub(crate) enum Abandon {
     /// A stop was requested while retrying.
     Stopped,
     /// A non-recoverable error.
@@ -359,8 +367,13 @@ impl Pipeline {
             return self.write_dead_letters(dead, stop).await;
         }
 
-        let write = Arc::new(build_write(&fresh));
+        let (write, snapshots) = merge_batch(&fresh);
+        let write = Arc::new(write);
         lap(&self.stats.merge_us, &mut clock);
+        // Trigger payloads are computed and stashed before the index write changes the
+        // profiles they start from (see `trigger`).
+        let prepared = self.prepare_actions(&fresh, &snapshots, stop).await?;
+        lap(&self.stats.trigger_us, &mut clock);
         let (users, events) = (write.users.len() as u64, write.events.len() as u64);
         let outcome = self
             .retry(
@@ -430,11 +443,19 @@ impl Pipeline {
             .events_indexed
             .fetch_add(events, Ordering::Relaxed);
 
+        lap(&self.stats.index_us, &mut clock);
+        let fired = self
+            .fire_actions(prepared, &refused_offsets, records, now, stop, &mut dead)
+            .await?;
+        lap(&self.stats.trigger_us, &mut clock);
+
         self.write_dead_letters(dead, stop).await?;
+        // The batch's messages and its fired actions, in one mark.
         let processed: Vec<MessageKey<'_>> = fresh
             .iter()
             .filter(|m| !refused_offsets.contains(&m.offset))
             .map(|m| message_key(m))
+            .chain(fired.iter().map(|action| action.key()))
             .collect();
         self.retry(
             "mark processed",
@@ -443,6 +464,13 @@ impl Pipeline {
             |_: &DedupError| true,
         )
         .await?;
+        if !fired.is_empty() {
+            let stashed: Vec<MessageKey<'_>> = fired.iter().map(|action| action.key()).collect();
+            // Only space: a stash left behind expires with the window.
+            if let Err(e) = self.dedup.unstash(&stashed).await {
+                tracing::warn!(error = %e, "pipeline: cannot drop the payloads of fired actions");
+            }
+        }
         lap(&self.stats.mark_us, &mut clock);
         Ok(())
     }
@@ -470,7 +498,7 @@ impl Pipeline {
     }
 
     /// Runs `attempt` until it succeeds, fails with an error `retriable` refuses, or `stop`.
-    async fn retry<T, E, F, Fut>(
+    pub(crate) async fn retry<T, E, F, Fut>(
         &self,
         what: &str,
         stop: &mut watch::Receiver<bool>,
@@ -492,7 +520,7 @@ impl Pipeline {
         }
     }
 
-    fn retrier(&self) -> Retrier {
+    pub(crate) fn retrier(&self) -> Retrier {
         Retrier {
             delays: ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(50))
@@ -507,7 +535,7 @@ impl Pipeline {
 }
 
 /// Exponential backoff with jitter between attempts of one failing step.
-struct Retrier {
+pub(crate) struct Retrier {
     delays: backon::ExponentialBackoff,
     max: Duration,
     stats: Arc<PipelineStats>,
@@ -515,7 +543,7 @@ struct Retrier {
 
 impl Retrier {
     /// Logs the failure and sleeps before the next attempt; `Err` if a stop came first.
-    async fn wait(
+    pub(crate) async fn wait(
         &mut self,
         stop: &mut watch::Receiver<bool>,
         what: &str,
@@ -548,7 +576,7 @@ struct Identity<'a> {
 }
 
 /// The record at `offset` in a batch (offsets ascend; Kafka's may have gaps).
-fn record_at(records: &[LogRecord], offset: u64) -> Option<&LogRecord> {
+pub(crate) fn record_at(records: &[LogRecord], offset: u64) -> Option<&LogRecord> {
     records
         .binary_search_by_key(&offset, |r| r.offset)
         .ok()
@@ -558,6 +586,12 @@ fn record_at(records: &[LogRecord], offset: u64) -> Option<&LogRecord> {
 /// Merge stage output as one index write: one upsert per user (its updates folded in log
 /// order) and every event.
 pub fn build_write(messages: &[&ValidMessage]) -> WriteBatch {
+    merge_batch(messages).0
+}
+
+/// `build_write`, and for each event (by position in `messages`) the fold of its user's
+/// updates before it: the merge stage's snapshots, for triggers.
+pub fn merge_batch(messages: &[&ValidMessage]) -> (WriteBatch, Vec<(usize, Patch)>) {
     let items: Vec<Item> = messages
         .iter()
         .map(|m| {
@@ -571,7 +605,8 @@ pub fn build_write(messages: &[&ValidMessage]) -> WriteBatch {
             }
         })
         .collect();
-    let merged = merge(&items);
+    let mut merged = merge(&items);
+    let snapshots = std::mem::take(&mut merged.event_snapshots);
 
     // The identity fields of each user's upsert: the latest the updates carried.
     let mut identities: HashMap<&str, Identity<'_>> = HashMap::new();
@@ -618,7 +653,7 @@ pub fn build_write(messages: &[&ValidMessage]) -> WriteBatch {
             data_fields: m.data_fields.clone(),
         })
         .collect();
-    WriteBatch { users, events }
+    (WriteBatch { users, events }, snapshots)
 }
 
 /// The patch of one validated update. Its dataFields text was checked to be a JSON object

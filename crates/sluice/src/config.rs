@@ -51,6 +51,21 @@ pub struct Config {
     #[serde(with = "duration")]
     pub replay_interval: Duration,
     pub max_in_flight_bytes: usize,
+    /// `[[triggers]]` rules (SPEC §6 step 7). Only in the file: no env variable or flag.
+    pub triggers: Vec<TriggerConfig>,
+}
+
+/// One `[[triggers]]` rule: for each event named `event`, POST to `webhook` or append to
+/// `topic` (exactly one of the two).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerConfig {
+    pub name: String,
+    pub event: String,
+    #[serde(default)]
+    pub webhook: Option<String>,
+    #[serde(default)]
+    pub topic: Option<String>,
 }
 
 impl Default for Config {
@@ -83,6 +98,7 @@ impl Default for Config {
             spill_max_bytes: 1 << 30,
             replay_interval: Duration::from_secs(1),
             max_in_flight_bytes: 256 << 20,
+            triggers: Vec::new(),
         }
     }
 }
@@ -175,6 +191,26 @@ batch_timeout = "250ms"
 
 # A message id seen again within this window is dropped as a duplicate.
 dedup_window = "7days"
+
+# Triggers (none by default): for each event named `event`, after its batch is indexed and
+# before it is committed, POST a JSON payload (the event and the user's profile as it stood at
+# that event) to `webhook` with the header `Idempotency-Key: <org>:<messageId>:<name>`, or
+# append it as a record to the Kafka topic `topic` (created if missing; with the embedded log,
+# an embedded log under <data_dir>/actions/<topic>). Delivery is at least once: a redelivered
+# message does not fire again once its action was marked done, but a crash between the call and
+# the mark repeats the call with the same key. Webhooks are retried with backoff while the
+# target answers 408, 409, 425, 429 or 5xx or cannot be reached; any other answer (a 4xx,
+# a redirect) makes the action a dead letter.
+#
+# [[triggers]]
+# name = "welcome-email"
+# event = "signedUp"
+# webhook = "http://127.0.0.1:9000/welcome"
+#
+# [[triggers]]
+# name = "signups-to-crm"
+# event = "signedUp"
+# topic = "sluice.actions"
 "#;
 
 /// Flags (with their `SLUICE_*` variables) that override the file. Global to every command.
@@ -264,6 +300,16 @@ pub struct ConfigArgs {
     /// Most request body bytes handled at once [default: 268435456].
     #[arg(long, global = true, env = "SLUICE_MAX_IN_FLIGHT_BYTES")]
     pub max_in_flight_bytes: Option<usize>,
+}
+
+/// Kafka's legal topic names (also safe as a directory name); `.` and `..` excluded.
+fn valid_topic(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -379,6 +425,42 @@ impl Config {
         if self.replay_interval.is_zero() {
             bail!("replay_interval must be positive");
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, rule) in self.triggers.iter().enumerate() {
+            let place = format!("[[triggers]] #{} (name = {:?})", i + 1, rule.name);
+            if !sluice_pipeline::trigger::valid_rule_name(&rule.name) {
+                bail!(
+                    "{place}: name must be 1 to 64 of A-Z a-z 0-9 _ . - (it is part of idempotency keys)"
+                );
+            }
+            if !names.insert(rule.name.as_str()) {
+                bail!("{place}: another trigger has the same name");
+            }
+            if rule.event.is_empty() {
+                bail!("{place}: event must name the eventName to match");
+            }
+            match (&rule.webhook, &rule.topic) {
+                (Some(url), None) => {
+                    let parsed = sluice_pipeline::trigger::Url::parse(url).map_err(|e| {
+                        anyhow::anyhow!(
+                            "{place}: webhook {:?} is not a URL: {e}",
+                            sluice_model::url::redacted(url)
+                        )
+                    })?;
+                    if !matches!(parsed.scheme(), "http" | "https") {
+                        bail!("{place}: webhook must be an http:// or https:// URL");
+                    }
+                }
+                (None, Some(topic)) => {
+                    if !valid_topic(topic) {
+                        bail!(
+                            "{place}: topic {topic:?} must be 1 to 249 of A-Z a-z 0-9 _ . - (a Kafka topic name)"
+                        );
+                    }
+                }
+                _ => bail!("{place}: set exactly one of webhook or topic"),
+            }
+        }
         Ok(())
     }
 
@@ -392,6 +474,11 @@ impl Config {
 
     pub fn dlq_path(&self) -> PathBuf {
         self.data_dir.join("dlq")
+    }
+
+    /// The embedded log standing in for an actions topic.
+    pub fn actions_path(&self, topic: &str) -> PathBuf {
+        self.data_dir.join("actions").join(topic)
     }
 
     pub fn spill_path(&self) -> PathBuf {
@@ -524,5 +611,77 @@ mod tests {
         };
         let config = Config::resolve(&args).expect("kafka is supported");
         assert_eq!(config.kafka_brokers().as_deref(), Some("127.0.0.1:9092"));
+    }
+
+    #[test]
+    fn triggers_are_read_from_the_file_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sluice.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&path, text).expect("write");
+            Config::resolve(&ConfigArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            })
+        };
+        let config = resolve(
+            "[[triggers]]\nname = \"welcome-email\"\nevent = \"signedUp\"\nwebhook = \"http://127.0.0.1:9000/welcome\"\n\n\
+             [[triggers]]\nname = \"crm\"\nevent = \"signedUp\"\ntopic = \"sluice.actions\"\n",
+        )
+        .expect("valid triggers");
+        assert_eq!(
+            config.triggers,
+            [
+                TriggerConfig {
+                    name: "welcome-email".into(),
+                    event: "signedUp".into(),
+                    webhook: Some("http://127.0.0.1:9000/welcome".into()),
+                    topic: None,
+                },
+                TriggerConfig {
+                    name: "crm".into(),
+                    event: "signedUp".into(),
+                    webhook: None,
+                    topic: Some("sluice.actions".into()),
+                },
+            ]
+        );
+        for (text, expected) in [
+            (
+                "[[triggers]]\nname = \"a\"\nevent = \"e\"\n",
+                "exactly one of webhook or topic",
+            ),
+            (
+                "[[triggers]]\nname = \"a\"\nevent = \"e\"\nwebhook = \"http://x\"\ntopic = \"t\"\n",
+                "exactly one of webhook or topic",
+            ),
+            (
+                "[[triggers]]\nname = \"a/b\"\nevent = \"e\"\ntopic = \"t\"\n",
+                "#1 (name = \"a/b\"): name must be",
+            ),
+            (
+                "[[triggers]]\nname = \"a\"\nevent = \"e\"\nwebhook = \"ftp://x\"\n",
+                "http:// or https://",
+            ),
+            (
+                "[[triggers]]\nname = \"a\"\nevent = \"e\"\nwebhook = \"not a url\"\n",
+                "is not a URL",
+            ),
+            (
+                "[[triggers]]\nname = \"a\"\nevent = \"e\"\ntopic = \"../x\"\n",
+                "a Kafka topic name",
+            ),
+            (
+                "[[triggers]]\nname = \"a\"\nevent = \"e\"\ntopic = \"t\"\n[[triggers]]\nname = \"a\"\nevent = \"f\"\ntopic = \"t\"\n",
+                "#2 (name = \"a\"): another trigger has the same name",
+            ),
+            (
+                "[[triggers]]\nname = \"a\"\nevnt = \"e\"\n",
+                "unknown field `evnt`",
+            ),
+        ] {
+            let err = format!("{:#}", resolve(text).expect_err(text));
+            assert!(err.contains(expected), "{text}: {err}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use sluice_index::{ElasticIndex, ElasticIndexConfig, EmbeddedIndex, EmbeddedInde
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, KafkaLogConfig, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
-use sluice_pipeline::{Pipeline, PipelineConfig};
+use sluice_pipeline::{Action, Pipeline, PipelineConfig, Rule, Triggers};
 use sluice_registry::Registry;
 use sluice_spill::{Bridge, BridgeConfig};
 use tokio::net::TcpListener;
@@ -140,6 +140,69 @@ async fn open_dead_letters(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
 /// The Kafka topic of dead letters (SPEC §6).
 const DEAD_LETTER_TOPIC: &str = "sluice.dlq";
 
+/// The `[[triggers]]` rules, with a log for each actions topic they name: that Kafka topic
+/// (created if missing), or an embedded log under `<data_dir>/actions/<topic>`.
+async fn open_triggers(config: &Config) -> anyhow::Result<Triggers> {
+    let mut topics: std::collections::HashMap<&str, Arc<dyn Log>> = Default::default();
+    let mut rules = Vec::with_capacity(config.triggers.len());
+    for rule in &config.triggers {
+        let action = match (&rule.webhook, &rule.topic) {
+            (Some(url), _) => Action::Webhook(
+                url.parse()
+                    .with_context(|| format!("trigger {}: webhook {url:?}", rule.name))?,
+            ),
+            (None, Some(topic)) => {
+                let log = match topics.get(topic.as_str()) {
+                    Some(log) => Arc::clone(log),
+                    None => {
+                        let log = open_actions_log(config, topic).await?;
+                        topics.insert(topic, Arc::clone(&log));
+                        log
+                    }
+                };
+                Action::Topic {
+                    topic: topic.clone(),
+                    log,
+                }
+            }
+            (None, None) => anyhow::bail!("trigger {}: no webhook or topic", rule.name),
+        };
+        rules.push(Rule {
+            name: rule.name.clone(),
+            event: rule.event.clone(),
+            action,
+        });
+    }
+    if !rules.is_empty() {
+        tracing::info!(rules = ?rules, "triggers");
+    }
+    Ok(Triggers::new(rules))
+}
+
+async fn open_actions_log(config: &Config, topic: &str) -> anyhow::Result<Arc<dyn Log>> {
+    let Some(brokers) = config.kafka_brokers() else {
+        let path = config.actions_path(topic);
+        let log = EmbeddedLog::open(
+            &path,
+            EmbeddedLogConfig {
+                partitions: 1,
+                retention_max_age: None,
+                retention_max_bytes: None,
+                ..EmbeddedLogConfig::default()
+            },
+        )
+        .with_context(|| format!("cannot open the actions log at {}", path.display()))?;
+        return Ok(Arc::new(log));
+    };
+    let mut kafka = KafkaLogConfig::new(&brokers, topic);
+    kafka.partitions = config.partitions;
+    kafka.other_topics = Vec::new();
+    let log = KafkaLog::connect(kafka)
+        .await
+        .with_context(|| format!("cannot use the actions topic {topic} at {}", config.log))?;
+    Ok(Arc::new(log))
+}
+
 /// The dedup store, as configured: embedded under the data dir, or Redis.
 async fn open_dedup(config: &Config) -> anyhow::Result<Arc<dyn Dedup>> {
     if config.dedup == "embedded" {
@@ -207,6 +270,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                     max_records: config.batch_size,
                     timeout: config.batch_timeout,
                 },
+                triggers: open_triggers(&config).await?,
                 ..PipelineConfig::default()
             },
         )),

@@ -17,7 +17,9 @@ use sluice_index::{ElasticIndex, ElasticIndexConfig, Index};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
-use sluice_pipeline::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
+use sluice_pipeline::{
+    Action, Pipeline, PipelineConfig, PipelineError, PipelineStats, Rule, Triggers,
+};
 use sluice_registry::testing::Schema;
 use sluice_registry::{PostgresRegistry, Registry, SqliteRegistry};
 use sluice_spill::Bridge;
@@ -58,6 +60,7 @@ e2e!(
     documents_the_index_refuses_are_dead_lettered_and_not_marked_processed,
     a_failing_index_is_retried_and_nothing_is_committed_past_it,
     users_named_like_routes_are_readable_and_wrong_methods_are_json_405,
+    triggers_fire_once_per_event_with_the_profile_at_that_event,
 );
 
 struct Stack {
@@ -86,6 +89,15 @@ impl Stack {
     async fn start_with(
         backends: Backends,
         wrap: impl FnOnce(Arc<dyn Index>) -> Arc<dyn Index>,
+    ) -> Stack {
+        Stack::start_full(backends, wrap, Triggers::default()).await
+    }
+
+    /// `start_with`, and the pipeline fires these triggers.
+    async fn start_full(
+        backends: Backends,
+        wrap: impl FnOnce(Arc<dyn Index>) -> Arc<dyn Index>,
+        triggers: Triggers,
     ) -> Stack {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = Arc::new(
@@ -152,6 +164,7 @@ impl Stack {
                     max_records: 5000,
                     timeout: Duration::from_millis(20),
                 },
+                triggers,
                 ..PipelineConfig::default()
             },
         );
@@ -786,5 +799,152 @@ async fn users_named_like_routes_are_readable_and_wrong_methods_are_json_405(bac
     assert_eq!(r.status, 405);
     assert_eq!(r.json()["code"], "MethodNotAllowed");
     assert!(r.json()["error"].as_str().unwrap_or("").contains("GET"));
+    stack.stop().await;
+}
+
+/// SPEC §6 step 7: a webhook rule (its target fails once per key, then takes it), a topic rule,
+/// and a rule whose target refuses. Each action fires once per event even when the event is
+/// posted again; the payload's profile is the one at the event, not after later updates; the
+/// refused action is a dead letter with its payload.
+async fn triggers_fire_once_per_event_with_the_profile_at_that_event(backends: Backends) {
+    let receiver = support::WebhookReceiver::start(Duration::ZERO).await;
+    let actions_dir = tempfile::tempdir().expect("tempdir");
+    let actions = Arc::new(
+        EmbeddedLog::open(
+            actions_dir.path(),
+            EmbeddedLogConfig {
+                partitions: 1,
+                ..EmbeddedLogConfig::default()
+            },
+        )
+        .expect("actions log"),
+    );
+    let webhook = |path: &str| Action::Webhook(receiver.url(path).parse().expect("url"));
+    let rules = vec![
+        Rule {
+            name: "welcome".into(),
+            event: "signedUp".into(),
+            action: webhook("/flaky"),
+        },
+        Rule {
+            name: "crm".into(),
+            event: "signedUp".into(),
+            action: Action::Topic {
+                topic: "sluice.actions".into(),
+                log: Arc::clone(&actions) as Arc<dyn Log>,
+            },
+        },
+        Rule {
+            name: "nudge".into(),
+            event: "abandoned".into(),
+            action: webhook("/refuse"),
+        },
+    ];
+    let stack = Stack::start_full(backends, |index| index, Triggers::new(rules)).await;
+    let ok = |r: Reply| assert_eq!(r.status, 200, "{:?}", r.json());
+    // ann: a profile, the signup, then a later update (not in the signup's payload).
+    ok(stack
+        .post(
+            "/api/users/update",
+            json!({"userId": "ann", "email": "ann@example.com", "dataFields": {"plan": "free", "name": "Ann"}}),
+        )
+        .await);
+    ok(stack
+        .post(
+            "/api/events/track",
+            json!({"userId": "ann", "eventName": "signedUp", "id": "s1", "dataFields": {"source": "ad"}}),
+        )
+        .await);
+    ok(stack
+        .post(
+            "/api/users/update",
+            json!({"userId": "ann", "dataFields": {"plan": "pro", "coupon": "X"}}),
+        )
+        .await);
+    // bob signs up with no profile; cid abandons a cart (its target refuses).
+    ok(stack
+        .post(
+            "/api/events/trackBulk",
+            json!({"events": [
+                {"userId": "bob", "eventName": "signedUp", "id": "s2"},
+                {"userId": "cid", "eventName": "abandoned", "id": "a1"},
+                {"userId": "cid", "eventName": "other", "id": "o1"},
+            ]}),
+        )
+        .await);
+    stack.wait_processed().await;
+    // Posted again: dropped as duplicates, nothing fires again.
+    ok(stack
+        .post(
+            "/api/events/trackBulk",
+            json!({"events": [
+                {"userId": "ann", "eventName": "signedUp", "id": "s1"},
+                {"userId": "bob", "eventName": "signedUp", "id": "s2"},
+            ]}),
+        )
+        .await);
+    stack.wait_processed().await;
+
+    let calls = receiver.calls();
+    let welcome: Vec<_> = calls.iter().filter(|c| c.path == "/flaky").collect();
+    assert_eq!(
+        welcome.len(),
+        4,
+        "each welcome: one 503, retried, one 200: {calls:#?}"
+    );
+    let distinct = receiver.distinct();
+    let s1 = &distinct["default:s1:welcome"].body;
+    assert_eq!(s1["rule"], "welcome");
+    assert_eq!(s1["idempotencyKey"], "default:s1:welcome");
+    assert_eq!(s1["event"]["eventName"], "signedUp");
+    assert_eq!(s1["event"]["messageId"], "s1");
+    assert_eq!(s1["event"]["dataFields"], json!({"source": "ad"}));
+    assert_eq!(s1["profile"]["userId"], "ann");
+    assert_eq!(s1["profile"]["email"], "ann@example.com");
+    assert_eq!(
+        s1["profile"]["dataFields"],
+        json!({"plan": "free", "name": "Ann"}),
+        "the profile at the signup, not after the later update"
+    );
+    let s2 = &distinct["default:s2:welcome"].body;
+    assert_eq!(s2["profile"], Value::Null, "bob had no profile");
+    assert_eq!(s2["event"]["userId"], "bob");
+    for call in &welcome {
+        let key = call.idempotency_key.as_deref().expect("Idempotency-Key");
+        assert_eq!(
+            call.body, distinct[key].body,
+            "a retry sends the same payload"
+        );
+    }
+
+    // The topic rule: one record per signup, keyed like the event, same payload shape.
+    let records = actions.read(0, 0, 100).expect("read the actions log");
+    assert_eq!(records.len(), 2, "{records:?}");
+    assert_eq!(&records[0].key[..], b"default:u:ann");
+    let crm: Value = serde_json::from_slice(&records[0].value).expect("JSON");
+    assert_eq!(crm["idempotencyKey"], "default:s1:crm");
+    assert_eq!(crm["profile"]["dataFields"], s1["profile"]["dataFields"]);
+    assert_eq!(&records[1].key[..], b"default:u:bob");
+
+    // The refused action: asked once, then a dead letter carrying the rule and the payload.
+    let refused: Vec<_> = calls.iter().filter(|c| c.path == "/refuse").collect();
+    assert_eq!(refused.len(), 1, "a 4xx is not retried");
+    let dead = stack.dlq.read(0, 0, 10).expect("read the dead-letter log");
+    assert_eq!(dead.len(), 1);
+    let letter: Value = serde_json::from_slice(&dead[0].value).expect("JSON");
+    assert_eq!(letter["stage"], "trigger");
+    assert_eq!(letter["rule"], "nudge");
+    assert_eq!(letter["messageId"], "a1");
+    assert_eq!(letter["action"]["idempotencyKey"], "default:a1:nudge");
+    assert!(
+        letter["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("400") && r.contains("no such template")),
+        "{letter}"
+    );
+    assert_eq!(stack.stats.actions_fired.load(Ordering::Relaxed), 5);
+    // The profile itself moved on.
+    let ann = stack.get("/api/users/ann").await.json();
+    assert_eq!(ann["dataFields"]["plan"], "pro");
     stack.stop().await;
 }

@@ -659,6 +659,10 @@ mod tests {
     }
 
     proptest! {
+        // Most generated patches replace a key by an object (no partial update), so many
+        // cases are rejected: allow for them rather than fail at random (1 run in ~10 did).
+        #![proptest_config(ProptestConfig { max_global_rejects: 100_000, ..ProptestConfig::default() })]
+
         /// Whenever the partial update is used, the cluster's merge of its `doc` gives the
         /// same profile as applying the patch.
         #[test]

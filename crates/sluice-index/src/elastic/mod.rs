@@ -459,6 +459,45 @@ impl Index for ElasticIndex {
         Ok(got.found.then(|| without_internal(got.source)))
     }
 
+    async fn get_users(&self, users: &[(&str, &str)]) -> Result<Vec<Option<Value>>, IndexError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let docs: Vec<Value> = users
+            .iter()
+            .map(|(org, user_key)| {
+                serde_json::json!({"_index": self.users, "_id": crate::doc::user_doc_id(org, user_key)})
+            })
+            .collect();
+        let body = json_body(&serde_json::json!({ "docs": docs }))?;
+        let (status, answer) = self.request(Method::POST, &["_mget"], Some(body)).await?;
+        let what = "POST /_mget";
+        if !status.is_success() {
+            return Err(self.rejected(what, status, &answer));
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            docs: Vec<Got>,
+        }
+        let answer: Answer = serde_json::from_slice(&answer)
+            .map_err(|e| self.unavailable(format!("{what}: unexpected answer: {e}")))?;
+        if answer.docs.len() != users.len() {
+            return Err(self.unavailable(format!(
+                "{what}: {} documents for {} ids",
+                answer.docs.len(),
+                users.len()
+            )));
+        }
+        answer
+            .docs
+            .into_iter()
+            .map(|got| match got.error {
+                Some(error) => Err(self.unavailable(format!("{what}: {error}"))),
+                None => Ok(got.found.then(|| without_internal(got.source))),
+            })
+            .collect()
+    }
+
     async fn get_user_by_email(&self, org: &str, email: &str) -> Result<Option<Value>, IndexError> {
         let body = json!({
             "size": 1,

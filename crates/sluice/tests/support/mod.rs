@@ -556,3 +556,104 @@ pub async fn post(addr: SocketAddr, key: &str, path: &str, body: Value) -> (u16,
         .expect("request");
     (r.status.as_u16(), r.json())
 }
+
+/// One call a `WebhookReceiver` got.
+#[derive(Debug, Clone)]
+pub struct WebhookCall {
+    pub path: String,
+    pub idempotency_key: Option<String>,
+    pub body: Value,
+}
+
+/// A real HTTP server standing in for a trigger's target. It records every call and answers
+/// by path: `/ok` 200 (after `delay`), `/refuse` 400, `/flaky` 503 to the first call with each
+/// `Idempotency-Key` and 200 to the next ones.
+pub struct WebhookReceiver {
+    pub addr: SocketAddr,
+    calls: Arc<std::sync::Mutex<Vec<WebhookCall>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl WebhookReceiver {
+    pub async fn start(delay: Duration) -> WebhookReceiver {
+        use axum::http::{HeaderMap, StatusCode, Uri};
+        let calls: Arc<std::sync::Mutex<Vec<WebhookCall>>> = Arc::default();
+        let recorded = Arc::clone(&calls);
+        let handler = move |uri: Uri, headers: HeaderMap, body: axum::body::Bytes| {
+            let calls = Arc::clone(&recorded);
+            async move {
+                let key = headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let path = uri.path().to_owned();
+                let call = WebhookCall {
+                    path: path.clone(),
+                    idempotency_key: key.clone(),
+                    body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+                };
+                let seen_before = {
+                    let mut calls = calls.lock().expect("calls");
+                    let seen = calls
+                        .iter()
+                        .any(|c| c.path == path && c.idempotency_key == key);
+                    calls.push(call);
+                    seen
+                };
+                match path.as_str() {
+                    "/refuse" => (StatusCode::BAD_REQUEST, "no such template"),
+                    "/flaky" if !seen_before => (StatusCode::SERVICE_UNAVAILABLE, "try later"),
+                    _ => {
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        (StatusCode::OK, "sent")
+                    }
+                }
+            }
+        };
+        let app = axum::Router::new().fallback(handler);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the receiver");
+        let addr = listener.local_addr().expect("receiver address");
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        WebhookReceiver {
+            addr,
+            calls,
+            server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Every call so far, in arrival order.
+    pub fn calls(&self) -> Vec<WebhookCall> {
+        self.calls.lock().expect("calls").clone()
+    }
+
+    pub fn raw_count(&self) -> usize {
+        self.calls.lock().expect("calls").len()
+    }
+
+    /// The receiver's dedup: the first call with each `Idempotency-Key`, by key.
+    pub fn distinct(&self) -> HashMap<String, WebhookCall> {
+        let mut first = HashMap::new();
+        for call in self.calls() {
+            if let Some(key) = &call.idempotency_key {
+                first.entry(key.clone()).or_insert(call);
+            }
+        }
+        first
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}

@@ -1,0 +1,596 @@
+//! The trigger stage (SPEC §6 step 7): configured rules fire an action for each matching
+//! event, at least once, with the idempotency key `<org>:<messageId>:<rule>`.
+//!
+//! An action is an HTTP webhook (a POST of the payload as JSON, header `Idempotency-Key`) or a
+//! record on an actions topic (keyed like the event's record). The payload carries the event
+//! and the user's profile as it stood at that event in log order: the profile stored before
+//! the batch with the fold of the user's earlier updates in the batch applied (the merge
+//! stage's snapshot).
+//!
+//! How a crash keeps both "at least once" and "the right snapshot" (the runner drives this):
+//! 1. before the index write, each action's payload is *stashed* in the dedup store under
+//!    `(<org>/<rule>, messageId)`, unless one is stashed already: then that one is used, as it
+//!    was computed before any write of this batch reached the index;
+//! 2. the index is written, then the actions fire (webhooks retried with backoff while the
+//!    target answers 408/409/425/429/5xx or cannot be reached; any other answer but 2xx is a
+//!    dead letter);
+//! 3. each fired (or dead-lettered) action is marked under the same key, in the same `mark`
+//!    as the batch's messages, and its stash is dropped; then the offset is committed.
+//!
+//! A redelivered message whose action was marked does not fire again; one that was not fires
+//! with the stashed payload. `/` cannot occur in an org name, so these keys never meet a
+//! message's own.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use serde_json::Value;
+use serde_json::value::RawValue;
+use sluice_dedup::MessageKey;
+use sluice_index::{IndexError, UserUpsert, profile_after};
+use sluice_log::{Log, LogError, LogRecord, Record};
+use sluice_model::Patch;
+use tokio::sync::watch;
+
+use crate::dead_letter;
+use crate::runner::{Abandon, Pipeline, record_at};
+use crate::validate::ValidMessage;
+
+pub use reqwest::Url;
+
+/// One `[[triggers]]` rule.
+#[derive(Clone)]
+pub struct Rule {
+    /// Names the rule in idempotency keys and marks: `[A-Za-z0-9_.-]{1,64}`.
+    pub name: String,
+    /// The `eventName` it matches.
+    pub event: String,
+    pub action: Action,
+}
+
+/// What a rule does for each matching event.
+#[derive(Clone)]
+pub enum Action {
+    /// POST the payload to this URL.
+    Webhook(Url),
+    /// Append the payload as a record to this topic, through this log.
+    Topic { topic: String, log: Arc<dyn Log> },
+}
+
+impl std::fmt::Debug for Rule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let action = match &self.action {
+            Action::Webhook(url) => {
+                format!("webhook {}", sluice_model::url::redacted(url.as_str()))
+            }
+            Action::Topic { topic, .. } => format!("topic {topic}"),
+        };
+        write!(f, "{} ({} → {action})", self.name, self.event)
+    }
+}
+
+/// Whether a rule name is usable in keys: `[A-Za-z0-9_.-]{1,64}`.
+pub fn valid_rule_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+}
+
+/// The rules and the HTTP client their webhooks share.
+#[derive(Clone, Debug)]
+pub struct Triggers {
+    rules: Vec<Rule>,
+    http: reqwest::Client,
+    /// Webhook calls in flight per partition (each user's actions go one after another).
+    pub concurrency: usize,
+}
+
+impl Default for Triggers {
+    fn default() -> Self {
+        Triggers::new(Vec::new())
+    }
+}
+
+/// How long one webhook call may take before it counts as failed (and is retried).
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Triggers {
+    pub fn new(rules: Vec<Rule>) -> Triggers {
+        // Redirects are not followed: a POST turned into a GET would not deliver the action.
+        let http = reqwest::Client::builder()
+            .timeout(WEBHOOK_TIMEOUT)
+            .connect_timeout(Duration::from_secs(5))
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot configure the webhook client; using defaults");
+                reqwest::Client::new()
+            });
+        Triggers {
+            rules,
+            http,
+            concurrency: 16,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Every (rule, position in `messages`) an event matches, in log order.
+    pub(crate) fn matches(&self, messages: &[&ValidMessage]) -> Vec<(usize, usize)> {
+        let mut out = Vec::new();
+        if self.rules.is_empty() {
+            return out;
+        }
+        for (position, message) in messages.iter().enumerate() {
+            let Some(event) = message.event_name.as_deref() else {
+                continue;
+            };
+            for (rule, r) in self.rules.iter().enumerate() {
+                if r.event == event {
+                    out.push((rule, position));
+                }
+            }
+        }
+        out
+    }
+
+    /// POSTs one action. `Ok` on 2xx.
+    pub(crate) async fn post(
+        &self,
+        url: &Url,
+        idempotency_key: &str,
+        payload: &[u8],
+    ) -> Result<(), WebhookError> {
+        let target = sluice_model::url::redacted(url.as_str());
+        let answer = self
+            .http
+            .post(url.clone())
+            .header("content-type", "application/json")
+            .header("idempotency-key", idempotency_key)
+            .body(payload.to_vec())
+            .send()
+            .await
+            .map_err(|e| WebhookError::Failed(format!("POST {target}: {}", chain(&e))))?;
+        let status = answer.status();
+        if status.is_success() {
+            return Ok(());
+        }
+        let body = answer.bytes().await.unwrap_or_default();
+        let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        let message = format!("POST {target} answered {status}: {excerpt}");
+        let retriable =
+            status.is_server_error() || matches!(status.as_u16(), 408 | 409 | 425 | 429);
+        Err(if retriable {
+            WebhookError::Failed(message)
+        } else {
+            WebhookError::Refused(message)
+        })
+    }
+}
+
+/// Why a webhook call did not deliver.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WebhookError {
+    /// The target could not be reached, timed out, or answered a status worth retrying.
+    #[error("{0}")]
+    Failed(String),
+    /// The target refused the action (a 4xx other than 408/409/425/429, or a redirect).
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
+/// The pseudo-org of a rule's stash and marks: `<org>/<rule>`.
+pub(crate) fn mark_org(org: &str, rule: &str) -> String {
+    format!("{org}/{rule}")
+}
+
+/// `<org>:<messageId>:<rule>`.
+pub fn idempotency_key(org: &str, message_id: &str, rule: &str) -> String {
+    format!("{org}:{message_id}:{rule}")
+}
+
+/// The event as the read API shows it.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct EventJson<'a> {
+    message_id: &'a str,
+    event_name: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    email: Option<&'a str>,
+    created_at: i64,
+    received_at: i64,
+    data_fields: &'a RawValue,
+}
+
+/// What an action delivers (the webhook body, the topic record's value).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Payload<'a> {
+    v: u8,
+    rule: &'a str,
+    idempotency_key: &'a str,
+    org: &'a str,
+    message_id: &'a str,
+    event: EventJson<'a>,
+    /// The profile as it stood at the event; `null` if the user had none yet.
+    profile: Option<&'a Value>,
+}
+
+/// The payload of `rule` for `message`, with `profile` as it stood at the event.
+pub(crate) fn payload(
+    rule: &str,
+    idempotency_key: &str,
+    message: &ValidMessage,
+    profile: Option<&Value>,
+) -> Vec<u8> {
+    let payload = Payload {
+        v: 1,
+        rule,
+        idempotency_key,
+        org: &message.org.name,
+        message_id: &message.message_id,
+        event: EventJson {
+            message_id: &message.message_id,
+            event_name: message.event_name.as_deref().unwrap_or_default(),
+            user_id: message.user_id.as_deref(),
+            email: message.email.as_deref(),
+            created_at: message.created_at.unwrap_or(message.received_at),
+            received_at: message.received_at,
+            data_fields: &message.data_fields,
+        },
+        profile,
+    };
+    // Strings, integers, a JSON value and valid raw JSON always serialize.
+    serde_json::to_vec(&payload).unwrap_or_default()
+}
+
+/// The identity fields a user's updates carried up to some point of a batch.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct IdentitySoFar {
+    pub user_id: Option<String>,
+    pub email: Option<String>,
+    pub updated_at: i64,
+    pub updates: usize,
+}
+
+/// For each position in `messages` (only events are filled), the identity of that user's
+/// updates earlier in the batch.
+pub(crate) fn identities_before(messages: &[&ValidMessage]) -> Vec<Option<IdentitySoFar>> {
+    let mut so_far: HashMap<(&str, &str), IdentitySoFar> = HashMap::new();
+    messages
+        .iter()
+        .map(|m| {
+            let user = (m.org.name.as_str(), m.user_key.as_str());
+            match m.kind {
+                sluice_model::Kind::UserUpdate => {
+                    let identity = so_far.entry(user).or_default();
+                    if m.user_id.is_some() {
+                        identity.user_id.clone_from(&m.user_id);
+                    }
+                    if m.email.is_some() {
+                        identity.email.clone_from(&m.email);
+                    }
+                    identity.updated_at = identity.updated_at.max(m.received_at);
+                    identity.updates += 1;
+                    None
+                }
+                sluice_model::Kind::Event => Some(so_far.get(&user).cloned().unwrap_or_default()),
+            }
+        })
+        .collect()
+}
+
+/// An action ready to fire: its payload is stashed.
+pub(crate) struct Prepared<'a> {
+    rule: usize,
+    message: &'a ValidMessage,
+    /// `<org>/<rule>`: the org of its stash and mark.
+    mark_org: String,
+    idempotency_key: String,
+    payload: Vec<u8>,
+}
+
+impl Prepared<'_> {
+    pub(crate) fn key(&self) -> MessageKey<'_> {
+        MessageKey {
+            org: &self.mark_org,
+            message_id: &self.message.message_id,
+        }
+    }
+}
+
+/// How one action ended.
+enum Fired {
+    Delivered,
+    /// The target refused it: a dead letter with this reason.
+    Refused(String),
+}
+
+impl Pipeline {
+    /// Step 1 of the module docs, before the index write: the actions of `fresh` not fired
+    /// yet, each with its payload stashed (or the one stashed by an earlier attempt).
+    pub(crate) async fn prepare_actions<'a>(
+        &self,
+        fresh: &[&'a ValidMessage],
+        snapshots: &[(usize, Patch)],
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Vec<Prepared<'a>>, Abandon> {
+        let triggers = &self.config.triggers;
+        let matches = triggers.matches(fresh);
+        if matches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rules = triggers.rules();
+        let mark_orgs: Vec<String> = matches
+            .iter()
+            .map(|&(rule, at)| mark_org(&fresh[at].org.name, &rules[rule].name))
+            .collect();
+        let keys: Vec<MessageKey<'_>> = matches
+            .iter()
+            .zip(&mark_orgs)
+            .map(|(&(_, at), org)| MessageKey {
+                org,
+                message_id: &fresh[at].message_id,
+            })
+            .collect();
+        let fired = self
+            .retry(
+                "check which actions fired",
+                stop,
+                || self.dedup.check(&keys),
+                |_| true,
+            )
+            .await?;
+        let pending: Vec<usize> = (0..matches.len()).filter(|&i| !fired[i]).collect();
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+
+        // The profiles before this batch, of every user with an action to fire.
+        let mut users: Vec<(&str, &str)> = pending
+            .iter()
+            .map(|&i| {
+                let m = fresh[matches[i].1];
+                (m.org.name.as_str(), m.user_key.as_str())
+            })
+            .collect();
+        users.sort_unstable();
+        users.dedup();
+        let profiles = self
+            .retry(
+                "read profiles for triggers",
+                stop,
+                || self.index.get_users(&users),
+                IndexError::is_retriable,
+            )
+            .await?;
+        let stored: HashMap<(&str, &str), Option<Value>> =
+            users.into_iter().zip(profiles).collect();
+        let identities = identities_before(fresh);
+        let snapshot_at: HashMap<usize, &Patch> =
+            snapshots.iter().map(|(at, patch)| (*at, patch)).collect();
+
+        let mut prepared = Vec::with_capacity(pending.len());
+        for i in pending {
+            let (rule, at) = matches[i];
+            let message = fresh[at];
+            let before = stored
+                .get(&(message.org.name.as_str(), message.user_key.as_str()))
+                .cloned()
+                .flatten();
+            // The stored profile, with the user's updates earlier in the batch applied.
+            let profile = match (&identities[at], snapshot_at.get(&at)) {
+                (Some(identity), Some(patch)) if identity.updates > 0 => Some(profile_after(
+                    before,
+                    &UserUpsert {
+                        org: message.org.name.clone(),
+                        user_key: message.user_key.clone(),
+                        user_id: identity.user_id.clone(),
+                        email: identity.email.clone(),
+                        patch: (*patch).clone(),
+                        updated_at: identity.updated_at,
+                    },
+                )),
+                _ => before,
+            };
+            let rule_name = &rules[rule].name;
+            let key = idempotency_key(&message.org.name, &message.message_id, rule_name);
+            let payload = payload(rule_name, &key, message, profile.as_ref());
+            prepared.push(Prepared {
+                rule,
+                message,
+                mark_org: mark_orgs[i].clone(),
+                idempotency_key: key,
+                payload,
+            });
+        }
+        let entries: Vec<(MessageKey<'_>, &[u8])> = prepared
+            .iter()
+            .map(|p| (p.key(), p.payload.as_slice()))
+            .collect();
+        let stashed = self
+            .retry(
+                "stash trigger payloads",
+                stop,
+                || self.dedup.stash(&entries),
+                |_| true,
+            )
+            .await?;
+        drop(entries);
+        for (p, payload) in prepared.iter_mut().zip(stashed) {
+            p.payload = payload;
+        }
+        Ok(prepared)
+    }
+
+    /// Step 2: fires every prepared action whose message was not refused by the index. A
+    /// refused action becomes a dead letter in `dead`. Returns the actions done (delivered or
+    /// dead-lettered), to be marked.
+    pub(crate) async fn fire_actions<'a>(
+        &self,
+        prepared: Vec<Prepared<'a>>,
+        refused: &HashSet<u64>,
+        records: &[LogRecord],
+        now: i64,
+        stop: &mut watch::Receiver<bool>,
+        dead: &mut Vec<Record>,
+    ) -> Result<Vec<Prepared<'a>>, Abandon> {
+        let triggers = &self.config.triggers;
+        let rules = triggers.rules();
+        let prepared: Vec<Prepared<'a>> = prepared
+            .into_iter()
+            .filter(|p| !refused.contains(&p.message.offset))
+            .collect();
+        if prepared.is_empty() {
+            return Ok(prepared);
+        }
+
+        // Topic actions: one append per rule.
+        for (rule_at, rule) in rules.iter().enumerate() {
+            let Action::Topic { topic, log } = &rule.action else {
+                continue;
+            };
+            let batch: Vec<Record> = prepared
+                .iter()
+                .filter(|p| p.rule == rule_at)
+                .map(|p| Record {
+                    key: record_at(records, p.message.offset)
+                        .map(|r| r.key.to_vec())
+                        .unwrap_or_default(),
+                    value: p.payload.clone(),
+                    timestamp_ms: now,
+                })
+                .collect();
+            if batch.is_empty() {
+                continue;
+            }
+            let what = format!("append actions of rule {} to topic {topic}", rule.name);
+            self.retry(
+                &what,
+                stop,
+                || log.append(batch.clone()),
+                LogError::is_retriable,
+            )
+            .await?;
+        }
+
+        // Webhook actions: each user's one after another, users concurrently.
+        let mut per_user: Vec<Vec<usize>> = Vec::new();
+        let mut user_at: HashMap<(&str, &str), usize> = HashMap::new();
+        for (i, p) in prepared.iter().enumerate() {
+            if !matches!(rules[p.rule].action, Action::Webhook(_)) {
+                continue;
+            }
+            let user = (p.message.org.name.as_str(), p.message.user_key.as_str());
+            let slot = *user_at.entry(user).or_insert_with(|| {
+                per_user.push(Vec::new());
+                per_user.len() - 1
+            });
+            per_user[slot].push(i);
+        }
+        let outcomes: Vec<Result<Vec<(usize, Fired)>, Abandon>> =
+            futures_util::stream::iter(per_user.into_iter().map(|actions| {
+                let mut stop = stop.clone();
+                let prepared = &prepared;
+                async move {
+                    let mut out = Vec::with_capacity(actions.len());
+                    for i in actions {
+                        let fired = self.deliver(&prepared[i], &mut stop).await?;
+                        out.push((i, fired));
+                    }
+                    Ok(out)
+                }
+            }))
+            .buffer_unordered(triggers.concurrency.max(1))
+            .collect()
+            .await;
+        for outcome in outcomes {
+            for (i, fired) in outcome? {
+                if let Fired::Refused(reason) = fired {
+                    let p = &prepared[i];
+                    let rule = &rules[p.rule].name;
+                    tracing::warn!(
+                        offset = p.message.offset,
+                        rule = %rule,
+                        %reason,
+                        "pipeline: dead letter (the webhook refused the action)"
+                    );
+                    if let Some(record) = record_at(records, p.message.offset) {
+                        dead.push(dead_letter::action_record(
+                            rule, &reason, record, &p.payload, now,
+                        ));
+                    }
+                }
+            }
+        }
+        self.stats
+            .actions_fired
+            .fetch_add(prepared.len() as u64, Ordering::Relaxed);
+        Ok(prepared)
+    }
+
+    /// POSTs one webhook action until it is delivered or refused, retrying failures.
+    async fn deliver(
+        &self,
+        action: &Prepared<'_>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Fired, Abandon> {
+        let Action::Webhook(url) = &self.config.triggers.rules()[action.rule].action else {
+            return Ok(Fired::Delivered);
+        };
+        let mut retrier = self.retrier();
+        loop {
+            match self
+                .config
+                .triggers
+                .post(url, &action.idempotency_key, &action.payload)
+                .await
+            {
+                Ok(()) => return Ok(Fired::Delivered),
+                Err(WebhookError::Refused(reason)) => return Ok(Fired::Refused(reason)),
+                Err(WebhookError::Failed(error)) => {
+                    retrier.wait(stop, "fire a webhook", &error).await?;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_names_are_key_safe() {
+        assert!(valid_rule_name("welcome-email"));
+        assert!(valid_rule_name("a.b_c-1"));
+        for bad in ["", "a/b", "a:b", "a b", &"x".repeat(65)] {
+            assert!(!valid_rule_name(bad), "{bad:?}");
+        }
+    }
+}
