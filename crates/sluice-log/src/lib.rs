@@ -107,6 +107,20 @@ pub trait Log: Send + Sync + 'static {
     /// Whether the log can currently accept appends.
     fn is_healthy(&self) -> bool;
 
+    /// Reads up to `max` stored records of `partition` from offset `from` on, in offset order,
+    /// outside any consumer group (for inspection: `sluice dlq`). Empty at the end.
+    async fn read(
+        &self,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<LogRecord>, LogError> {
+        let _ = (partition, from, max);
+        Err(LogError::Config(
+            "this log cannot be read outside a consumer group".into(),
+        ))
+    }
+
     /// Stops accepting appends, finishes what was queued, and releases resources.
     async fn close(&self) -> Result<(), LogError>;
 }

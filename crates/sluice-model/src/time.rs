@@ -47,6 +47,14 @@ pub fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Unix milliseconds as RFC 3339 (UTC, whole seconds), or the number if out of range.
+pub fn format_ms(ms: i64) -> String {
+    OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| ms.to_string())
+}
+
 pub(crate) fn json_type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",

@@ -147,7 +147,7 @@ impl Triggers {
     }
 
     /// POSTs one action. `Ok` on 2xx.
-    pub(crate) async fn post(
+    pub async fn send(
         &self,
         url: &Url,
         idempotency_key: &str,
@@ -182,7 +182,7 @@ impl Triggers {
 
 /// Why a webhook call did not deliver.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum WebhookError {
+pub enum WebhookError {
     /// The target could not be reached, timed out, or answered a status worth retrying.
     #[error("{0}")]
     Failed(String),
@@ -568,7 +568,7 @@ impl Pipeline {
             match self
                 .config
                 .triggers
-                .post(url, &action.idempotency_key, &action.payload)
+                .send(url, &action.idempotency_key, &action.payload)
                 .await
             {
                 Ok(()) => return Ok(Fired::Delivered),

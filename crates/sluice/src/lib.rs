@@ -6,6 +6,7 @@
 //! - `serve`: `sluice serve|api|ingest`: the API (behind the spill bridge), the pipeline, or both.
 //! - `admin`: `sluice orgs|keys|users`, on the registry.
 //! - `buffer`: `sluice buffer status`, the API's spill buffer.
+//! - `dlq`: `sluice dlq list|show|replay`, the dead letters.
 //! - `bench`: `sluice bench`, the load generator.
 //! - `client`: a one-connection HTTP/1.1 client used by `bench` and the tests.
 
@@ -14,4 +15,5 @@ pub mod bench;
 pub mod buffer;
 pub mod client;
 pub mod config;
+pub mod dlq;
 pub mod serve;

@@ -49,6 +49,11 @@ enum Command {
         #[command(subcommand)]
         command: sluice::buffer::BufferCommand,
     },
+    /// Inspect and re-inject dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: sluice::dlq::DlqCommand,
+    },
     /// Configuration helpers.
     Config {
         #[command(subcommand)]
@@ -116,6 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { command } => sluice::admin::keys(&config, command).await,
         Command::Users { command } => sluice::admin::users(&config, command).await,
         Command::Buffer { command } => sluice::buffer::run(&config, command).await,
+        Command::Dlq { command } => sluice::dlq::run(&config, command).await,
         Command::Config { .. } | Command::Bench(_) => Ok(()),
     }
 }

@@ -60,7 +60,7 @@ impl Role {
 }
 
 /// The log, as configured: embedded (with its retention task) or Kafka.
-async fn open_log(
+pub(crate) async fn open_log(
     config: &Config,
     role: Role,
 ) -> anyhow::Result<(Arc<dyn Log>, Option<tokio::task::JoinHandle<()>>)> {
@@ -106,7 +106,7 @@ async fn open_log(
 
 /// The dead-letter log (SPEC §6): the Kafka topic `sluice.dlq` with a Kafka log, else an
 /// embedded log under `<data_dir>/dlq` (one partition, kept until deleted: no retention).
-async fn open_dead_letters(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
+pub(crate) async fn open_dead_letters(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
     let Some(brokers) = config.kafka_brokers() else {
         let dlq = EmbeddedLog::open(
             &config.dlq_path(),
@@ -142,7 +142,7 @@ const DEAD_LETTER_TOPIC: &str = "sluice.dlq";
 
 /// The `[[triggers]]` rules, with a log for each actions topic they name: that Kafka topic
 /// (created if missing), or an embedded log under `<data_dir>/actions/<topic>`.
-async fn open_triggers(config: &Config) -> anyhow::Result<Triggers> {
+pub(crate) async fn open_triggers(config: &Config) -> anyhow::Result<Triggers> {
     let mut topics: std::collections::HashMap<&str, Arc<dyn Log>> = Default::default();
     let mut rules = Vec::with_capacity(config.triggers.len());
     for rule in &config.triggers {

@@ -61,7 +61,13 @@ async fn ten_thousand_signups_send_one_welcome_each_across_a_sigkill() {
             .clone()
             .map(|i| json!({"userId": format!("u{i}"), "dataFields": profile_before(i)}))
             .collect();
-        post_ok(addr, &key, "/api/users/bulkUpdate", json!({ "users": before })).await;
+        post_ok(
+            addr,
+            &key,
+            "/api/users/bulkUpdate",
+            json!({ "users": before }),
+        )
+        .await;
         let signups: Vec<Value> = users
             .clone()
             .map(|i| {
@@ -69,12 +75,24 @@ async fn ten_thousand_signups_send_one_welcome_each_across_a_sigkill() {
                        "dataFields": {"source": "test"}})
             })
             .collect();
-        post_ok(addr, &key, "/api/events/trackBulk", json!({ "events": signups })).await;
+        post_ok(
+            addr,
+            &key,
+            "/api/events/trackBulk",
+            json!({ "events": signups }),
+        )
+        .await;
         let after: Vec<Value> = users
             .clone()
             .map(|i| json!({"userId": format!("u{i}"), "dataFields": {"plan": "pro", "coupon": format!("c{i}")}}))
             .collect();
-        post_ok(addr, &key, "/api/users/bulkUpdate", json!({ "users": after })).await;
+        post_ok(
+            addr,
+            &key,
+            "/api/users/bulkUpdate",
+            json!({ "users": after }),
+        )
+        .await;
     }
 
     // SIGKILL once a fair share of the welcomes went out, while the rest are in flight.
@@ -97,7 +115,13 @@ async fn ten_thousand_signups_send_one_welcome_each_across_a_sigkill() {
         .step_by(10)
         .map(|i| json!({"userId": format!("u{i}"), "eventName": "signedUp", "id": format!("signup-{i}")}))
         .collect();
-    post_ok(addr, &key, "/api/events/trackBulk", json!({ "events": again })).await;
+    post_ok(
+        addr,
+        &key,
+        "/api/events/trackBulk",
+        json!({ "events": again }),
+    )
+    .await;
 
     // Done when every user got a welcome and no call came for a while.
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -117,10 +141,7 @@ async fn ten_thousand_signups_send_one_welcome_each_across_a_sigkill() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        server.sigterm().success(),
-        "a drained shutdown exits 0"
-    );
+    assert!(server.sigterm().success(), "a drained shutdown exits 0");
 
     let calls = receiver.calls();
     let distinct = receiver.distinct();

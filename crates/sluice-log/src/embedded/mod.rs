@@ -358,6 +358,15 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[async_trait]
 impl crate::Log for EmbeddedLog {
+    async fn read(
+        &self,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<crate::LogRecord>, LogError> {
+        EmbeddedLog::read(self, partition, from, max)
+    }
+
     fn partitions(&self) -> u32 {
         self.shared.config.partitions
     }

@@ -27,7 +27,7 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use crate::{Ack, Log, LogError, Record, Subscription};
+use crate::{Ack, Log, LogError, LogRecord, Record, Subscription};
 
 /// Settings of the Kafka log.
 #[derive(Debug, Clone)]
@@ -243,6 +243,70 @@ fn new_producer(
         })
 }
 
+/// Up to `max` records of the topic's `partition` from `from` on, read by a plain consumer
+/// (assigned, no group membership, nothing committed), up to the high watermark.
+fn read_partition(
+    config: &KafkaLogConfig,
+    partition: u32,
+    from: u64,
+    max: usize,
+) -> Result<Vec<LogRecord>, LogError> {
+    use rdkafka::Message;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let error = |what: &str, e: KafkaError| LogError::Broker {
+        brokers: config.brokers.clone(),
+        message: format!("{what} ({} partition {partition}): {e}", config.topic),
+    };
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", "sluice-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .create()
+        .map_err(|e| error("cannot create a reader", e))?;
+    let timeout = config.request_timeout.max(Duration::from_secs(1));
+    let (low, high) = consumer
+        .fetch_watermarks(&config.topic, partition as i32, timeout)
+        .map_err(|e| error("cannot read the offsets", e))?;
+    let start = (from as i64).max(low);
+    if start >= high || max == 0 {
+        return Ok(Vec::new());
+    }
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(&config.topic, partition as i32, Offset::Offset(start))
+        .map_err(|e| error("cannot assign", e))?;
+    consumer
+        .assign(&assignment)
+        .map_err(|e| error("cannot assign", e))?;
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + timeout * 2;
+    while out.len() < max && std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let offset = m.offset();
+                out.push(LogRecord {
+                    partition,
+                    offset: offset as u64,
+                    timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+                    key: bytes::Bytes::copy_from_slice(m.key().unwrap_or_default()),
+                    value: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                });
+                if offset + 1 >= high {
+                    break;
+                }
+            }
+            Some(Err(e)) => return Err(error("cannot read", e)),
+            None => {}
+        }
+    }
+    if out.is_empty() {
+        return Err(LogError::Timeout(timeout * 2));
+    }
+    Ok(out)
+}
+
 /// Creates sluice's topics if they are missing and reads the ingest topic's partition count.
 async fn prepare(
     producer: &FutureProducer<ProducerHealth>,
@@ -403,6 +467,18 @@ impl Log for KafkaLog {
             self.all_brokers_down.store(false, Ordering::Relaxed);
         }
         Ok(acks)
+    }
+
+    async fn read(
+        &self,
+        partition: u32,
+        from: u64,
+        max: usize,
+    ) -> Result<Vec<LogRecord>, LogError> {
+        let config = self.config.clone();
+        tokio::task::spawn_blocking(move || read_partition(&config, partition, from, max))
+            .await
+            .map_err(|e| LogError::Unexpected(format!("read task failed: {e}")))?
     }
 
     async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, LogError> {
