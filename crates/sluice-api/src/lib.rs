@@ -103,6 +103,9 @@ pub struct AppInner {
     pub(crate) sendgrid_max_age: Duration,
     /// Set when the server starts draining: `/readyz` turns 503 so balancers stop sending.
     pub(crate) draining: AtomicBool,
+    /// Why the pipeline of this process stopped, if it stopped on an unknown error (a bug):
+    /// shown on `/readyz` while the process drains before exiting non-zero.
+    pipeline_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl std::ops::Deref for AppState {
@@ -128,6 +131,7 @@ impl AppState {
             in_flight: inflight::InFlight::new(config.max_in_flight_bytes, config.in_flight_wait),
             sendgrid_max_age: config.sendgrid_max_age,
             draining: AtomicBool::new(false),
+            pipeline_failure: std::sync::Mutex::new(None),
         }))
     }
 
@@ -144,6 +148,22 @@ impl AppState {
     /// Marks the server as draining (readyz fails from now on).
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Records why the pipeline stopped (SPEC §6 "unknown" errors) and starts draining.
+    pub fn pipeline_failed(&self, cause: String) {
+        *self
+            .pipeline_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cause);
+        self.start_draining();
+    }
+
+    fn pipeline_failure(&self) -> Option<String> {
+        self.pipeline_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -196,16 +216,25 @@ async fn healthz() -> Json<serde_json::Value> {
 /// spill buffer has room (SPEC §4). The body shows the spill buffer either way.
 async fn readyz(State(state): State<AppState>) -> Response {
     let mut reasons = Vec::new();
+    let failure = state.pipeline_failure();
+    if let Some(cause) = &failure {
+        reasons.push(format!(
+            "the pipeline stopped on an unexpected error: {cause}"
+        ));
+    }
     if state.draining.load(Ordering::SeqCst) {
-        reasons.push("draining: the server is shutting down");
+        reasons.push("draining: the server is shutting down".into());
     }
     let spill = state.bridge.status();
     if !state.bridge.is_ready() {
-        reasons.push(if spill.max_bytes == 0 {
-            "the log cannot accept writes (and spilling is disabled)"
-        } else {
-            "the log cannot accept writes and the spill buffer is full"
-        });
+        reasons.push(
+            if spill.max_bytes == 0 {
+                "the log cannot accept writes (and spilling is disabled)"
+            } else {
+                "the log cannot accept writes and the spill buffer is full"
+            }
+            .into(),
+        );
     }
     let log = match (spill.spilling, spill.log_healthy) {
         (true, _) => "spilling",
@@ -217,7 +246,13 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not ready", "reasons": reasons, "log": log, "spill": spill})),
+            Json(json!({
+                "status": "not ready",
+                "reasons": reasons,
+                "log": log,
+                "spill": spill,
+                "pipeline": failure.map(|cause| json!({"status": "failed", "error": cause})),
+            })),
         )
             .into_response()
     }

@@ -12,11 +12,13 @@
 //! abandons the batch being retried (it is not committed, so it is read again after restart).
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::FutureExt;
 use sluice_dedup::{Dedup, DedupError, MessageKey};
 use sluice_index::{EventDoc, Index, IndexError, Refused, UserUpsert, WriteBatch};
 use sluice_log::{Assignment, Log, LogError, LogRecord, PartitionStream};
@@ -257,11 +259,31 @@ impl Pipeline {
             // Every log line of the batch (retries, dead letters) names its partition and
             // offsets.
             let span = tracing::warn_span!("batch", partition, first, last);
-            match self.process(&records, &mut stop).instrument(span).await {
-                Ok(()) => {}
-                Err(Abandon::Stopped) => break,
-                Err(Abandon::Fatal(message)) => {
+            // A panic in a stage is a bug (SPEC §6 "unknown"): this stream stops here, with
+            // the batch named, and nothing of the batch is committed.
+            let processed = AssertUnwindSafe(self.process(&records, &mut stop).instrument(span))
+                .catch_unwind()
+                .await;
+            match processed {
+                Ok(Ok(())) => {}
+                Ok(Err(Abandon::Stopped)) => break,
+                Ok(Err(Abandon::Fatal(message))) => {
                     return Err(stream_error(partition, first, last, message));
+                }
+                Err(panic) => {
+                    let cause = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic with no message".into());
+                    let ids = batch_message_ids(&records);
+                    tracing::error!(partition, first, last, message_ids = %ids, %cause, "pipeline: a stage panicked; this partition stops");
+                    return Err(stream_error(
+                        partition,
+                        first,
+                        last,
+                        format!("a stage panicked: {cause} (batch of messages {ids})"),
+                    ));
                 }
             }
             let mut clock = std::time::Instant::now();
@@ -669,6 +691,22 @@ fn parse_patch(message: &ValidMessage) -> Patch {
             Patch::default()
         }
     }
+}
+
+/// The message ids at both ends of a batch, `first..last`, for a report about the batch.
+fn batch_message_ids(records: &[LogRecord]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Id<'a> {
+        #[serde(rename = "messageId", borrow)]
+        message_id: Option<std::borrow::Cow<'a, str>>,
+    }
+    let id = |record: Option<&LogRecord>| {
+        record
+            .and_then(|r| serde_json::from_slice::<Id<'_>>(&r.value).ok())
+            .and_then(|id| id.message_id)
+            .map_or_else(|| "?".to_string(), |id| format!("{id:?}"))
+    };
+    format!("{}..{}", id(records.first()), id(records.last()))
 }
 
 fn stream_error(partition: u32, first: u64, last: u64, message: String) -> PipelineError {

@@ -370,7 +370,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             if let Err(e) = &result {
                 tracing::error!(error = %e, "pipeline stopped on an unexpected error: shutting down");
                 if let Some(state) = &pipeline_state {
-                    state.start_draining();
+                    state.pipeline_failed(e.to_string());
                 }
                 pipeline_failed_stop.send_if_modified(start_drain);
             }

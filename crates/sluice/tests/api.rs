@@ -608,6 +608,25 @@ async fn health_and_readiness() {
         200,
         "alive while draining"
     );
+    assert!(r.json()["pipeline"].is_null(), "{:?}", r.json());
+    s.state
+        .pipeline_failed("partition 3, offsets 10..=19: a stage panicked: boom".into());
+    let r = conn.get("/readyz", &[]).await.expect("readyz");
+    assert_eq!(r.status, 503);
+    let body = r.json();
+    assert_eq!(body["pipeline"]["status"], "failed");
+    assert!(
+        body["pipeline"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("partition 3, offsets 10..=19")),
+        "{body}"
+    );
+    assert!(
+        body["reasons"][0]
+            .as_str()
+            .is_some_and(|r| r.starts_with("the pipeline stopped on an unexpected error")),
+        "{body}"
+    );
 }
 
 #[tokio::test]

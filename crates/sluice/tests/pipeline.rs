@@ -61,6 +61,7 @@ e2e!(
     a_failing_index_is_retried_and_nothing_is_committed_past_it,
     users_named_like_routes_are_readable_and_wrong_methods_are_json_405,
     triggers_fire_once_per_event_with_the_profile_at_that_event,
+    a_panicking_stage_stops_the_stream_and_a_restart_completes_the_work,
 );
 
 struct Stack {
@@ -74,6 +75,8 @@ struct Stack {
     stats: Arc<PipelineStats>,
     stop: watch::Sender<bool>,
     pipeline: tokio::task::JoinHandle<Result<(), PipelineError>>,
+    /// Builds another pipeline on the same backends (a restart).
+    build: Box<dyn Fn() -> Arc<Pipeline> + Send + Sync>,
     _dir: tempfile::TempDir,
     /// The shared backends' test namespaces, removed on drop.
     _schema: Option<Schema>,
@@ -153,21 +156,32 @@ impl Stack {
             .await
             .expect("bootstrap")
             .expect("first key");
-        let pipeline = Pipeline::new(
-            Arc::clone(&log) as Arc<dyn Log>,
-            Arc::clone(&dlq) as Arc<dyn Log>,
-            Validator::new(Arc::clone(&registry), Duration::from_millis(50)),
-            dedup,
-            wrap(Arc::clone(&index)),
-            PipelineConfig {
-                batch: BatchConfig {
-                    max_records: 5000,
-                    timeout: Duration::from_millis(20),
-                },
-                triggers,
-                ..PipelineConfig::default()
-            },
-        );
+        let build = {
+            let (log, dlq, registry) = (
+                Arc::clone(&log) as Arc<dyn Log>,
+                Arc::clone(&dlq) as Arc<dyn Log>,
+                Arc::clone(&registry),
+            );
+            let write_index = wrap(Arc::clone(&index));
+            move || {
+                Pipeline::new(
+                    Arc::clone(&log),
+                    Arc::clone(&dlq),
+                    Validator::new(Arc::clone(&registry), Duration::from_millis(50)),
+                    Arc::clone(&dedup),
+                    Arc::clone(&write_index),
+                    PipelineConfig {
+                        batch: BatchConfig {
+                            max_records: 5000,
+                            timeout: Duration::from_millis(20),
+                        },
+                        triggers: triggers.clone(),
+                        ..PipelineConfig::default()
+                    },
+                )
+            }
+        };
+        let pipeline = build();
         let stats = pipeline.stats();
         let (stop, stop_rx) = watch::channel(false);
         let pipeline = tokio::spawn(pipeline.run(stop_rx));
@@ -188,6 +202,7 @@ impl Stack {
             stats,
             stop,
             pipeline,
+            build: Box::new(build),
             _dir: dir,
             _schema: schema,
             _keys: keys,
@@ -260,6 +275,31 @@ impl Stack {
         let r = self.post(&format!("/api/search/{target}"), body).await;
         assert_eq!(r.status, 200, "{:?}", r.json());
         r.json()
+    }
+
+    /// Starts a new pipeline on the same backends, as a restarted process would, once the
+    /// running one ended (the test awaited `self.pipeline`).
+    fn restart_pipeline(&mut self) {
+        assert!(self.pipeline.is_finished(), "the pipeline still runs");
+        let (stop, stop_rx) = watch::channel(false);
+        let pipeline = (self.build)();
+        self.stats = pipeline.stats();
+        self.pipeline = tokio::spawn(pipeline.run(stop_rx));
+        self.stop = stop;
+    }
+
+    /// Waits until every partition is committed to the end of the log.
+    async fn wait_committed(&self) {
+        let end = self.log_end();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.committed() < end {
+            assert!(
+                Instant::now() < deadline,
+                "committed {} of {end} records within 60 s",
+                self.committed()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn stop(self) {
@@ -592,6 +632,8 @@ async fn banned_users_are_dead_lettered_and_the_rest_is_indexed(backends: Backen
 struct FailingWrites {
     inner: Arc<dyn Index>,
     failing: Arc<std::sync::atomic::AtomicBool>,
+    /// While set, a write holding event `boom` panics, as a bug in a stage would.
+    panicking: Arc<std::sync::atomic::AtomicBool>,
 }
 
 const INJECTED_REFUSAL: &str = "injected: mapper_parsing_exception";
@@ -603,6 +645,11 @@ impl Index for FailingWrites {
         batch: Arc<sluice_index::WriteBatch>,
     ) -> Result<sluice_index::WriteOutcome, sluice_index::IndexError> {
         use sluice_index::Refused;
+        if self.panicking.load(Ordering::SeqCst)
+            && batch.events.iter().any(|e| e.message_id == "boom")
+        {
+            panic!("injected: a bug met event boom");
+        }
         if self.failing.load(Ordering::SeqCst) {
             return Err(sluice_index::IndexError::Storage {
                 path: "test".into(),
@@ -674,6 +721,7 @@ async fn documents_the_index_refuses_are_dead_lettered_and_not_marked_processed(
         Arc::new(FailingWrites {
             inner,
             failing: Arc::default(),
+            panicking: Arc::default(),
         }) as Arc<dyn Index>
     })
     .await;
@@ -749,6 +797,7 @@ async fn a_failing_index_is_retried_and_nothing_is_committed_past_it(backends: B
         Arc::new(FailingWrites {
             inner,
             failing: switch,
+            panicking: Arc::default(),
         }) as Arc<dyn Index>
     })
     .await;
@@ -946,5 +995,76 @@ async fn triggers_fire_once_per_event_with_the_profile_at_that_event(backends: B
     // The profile itself moved on.
     let ann = stack.get("/api/users/ann").await.json();
     assert_eq!(ann["dataFields"]["plan"], "pro");
+    stack.stop().await;
+}
+
+/// SPEC §6 "unknown" errors: a panic in a stage stops the pipeline with the partition, the
+/// batch's offsets and message ids; nothing of the batch is committed. A restarted pipeline
+/// on the same backends completes the work: every event indexed once, every action fired
+/// once (the receiver sees no repeated key).
+async fn a_panicking_stage_stops_the_stream_and_a_restart_completes_the_work(backends: Backends) {
+    let receiver = support::WebhookReceiver::start(Duration::ZERO).await;
+    let welcome = Rule {
+        name: "welcome".into(),
+        event: "signedUp".into(),
+        action: Action::Webhook(receiver.url("/ok").parse().expect("url")),
+    };
+    let panicking = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let switch = Arc::clone(&panicking);
+    let mut stack = Stack::start_full(
+        backends,
+        move |inner| {
+            Arc::new(FailingWrites {
+                inner,
+                failing: Arc::default(),
+                panicking: switch,
+            }) as Arc<dyn Index>
+        },
+        Triggers::new(vec![welcome]),
+    )
+    .await;
+    // Everyone in one partition (one user), so the panic blocks all that follows it.
+    let events: Vec<Value> = (0..50)
+        .map(|i| {
+            let (name, id) = match i {
+                10 => ("bought".to_string(), "boom".to_string()),
+                _ => ("signedUp".to_string(), format!("s{i}")),
+            };
+            json!({"userId": "ann", "eventName": name, "id": id})
+        })
+        .collect();
+    let r = stack
+        .post("/api/events/trackBulk", json!({ "events": events }))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+
+    let failed = tokio::time::timeout(Duration::from_secs(30), &mut stack.pipeline)
+        .await
+        .expect("the pipeline stops")
+        .expect("pipeline task");
+    let error = failed.expect_err("a panic stops the pipeline").to_string();
+    assert!(
+        error.contains("a stage panicked: injected: a bug met event boom")
+            && error.contains("partition ")
+            && error.contains("offsets 0..="),
+        "{error}"
+    );
+    assert!(
+        error.contains("\"s0\".."),
+        "the batch's message ids: {error}"
+    );
+    assert_eq!(stack.committed(), 0, "nothing of the batch is committed");
+    assert_eq!(receiver.raw_count(), 0, "the panic came before any action");
+
+    panicking.store(false, Ordering::SeqCst);
+    stack.restart_pipeline();
+    stack.wait_committed().await;
+    let found = stack
+        .search("events", json!({"query": "userId:ann", "size": 0}))
+        .await;
+    assert_eq!(found["total"], 50, "{found}");
+    let distinct = receiver.distinct();
+    assert_eq!(distinct.len(), 49, "one welcome per signup");
+    assert_eq!(receiver.raw_count(), 49, "and no call twice");
     stack.stop().await;
 }
