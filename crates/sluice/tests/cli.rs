@@ -256,6 +256,110 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
     check_index_matches_log(&data.join("index"), &records).await;
 }
 
+/// Drain (SPEC §6): SIGTERM under 16 clients' load. In-flight requests finish, the pipeline
+/// finishes and commits its batches, the process exits 0 within `shutdown_timeout`. What it
+/// committed is exactly what it indexed (nothing processed and left uncommitted, which a
+/// restart would process again), and a restart completes the rest: every acknowledged message
+/// in the log once, the index matching the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_within_the_timeout_and_a_restart_completes_the_rest() {
+    use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let timeout = Duration::from_secs(10);
+    let args = ["--shutdown-timeout", "10s"];
+    let mut server = Server::start(&data, &args);
+    let key = server.first_key.clone().expect("first key");
+    let clients: Vec<_> = (0..16)
+        .map(|c| tokio::spawn(client_load(server.addr, key.clone(), c, 0)))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent_at = std::time::Instant::now();
+    let status = server.sigterm();
+    let took = sent_at.elapsed();
+    assert!(status.success(), "a drain exits 0: {status:?}");
+    assert!(took < timeout, "the drain took {took:?}");
+    let mut acked = Vec::new();
+    for c in clients {
+        acked.extend(c.await.expect("client task"));
+    }
+    eprintln!(
+        "drain test: {} messages acknowledged, exit {took:?} after SIGTERM",
+        acked.len()
+    );
+    assert!(acked.len() > 1000, "the load did real work: {}", acked.len());
+
+    // Committed ⇔ indexed, event by event.
+    let log = EmbeddedLog::open(&data.join("log"), EmbeddedLogConfig::default()).expect("log");
+    let index = EmbeddedIndex::open(EmbeddedIndexConfig::new(data.join("index"))).expect("index");
+    let mut indexed: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
+    let (mut committed_events, mut pending_events) = (0, 0);
+    for p in 0..log.partitions() {
+        let committed = log
+            .committed("sluice-pipeline", p)
+            .expect("committed")
+            .unwrap_or(0);
+        for r in log.read(p, 0, usize::MAX).expect("read") {
+            let v: Value = serde_json::from_slice(&r.value).expect("JSON");
+            if v["kind"] != "event" {
+                continue;
+            }
+            let user = v["userId"].as_str().expect("userId").to_string();
+            if !indexed.contains_key(&user) {
+                let events = index
+                    .user_events("default", &format!("u:{user}"), 100_000)
+                    .await
+                    .expect("events");
+                let ids = events
+                    .iter()
+                    .filter_map(|e| e["messageId"].as_str().map(str::to_owned))
+                    .collect();
+                indexed.insert(user.clone(), ids);
+            }
+            let id = v["messageId"].as_str().expect("messageId");
+            let is_indexed = indexed[&user].contains(id);
+            if r.offset < committed {
+                committed_events += 1;
+                assert!(is_indexed, "partition {p} offset {}: committed, not indexed", r.offset);
+            } else {
+                pending_events += 1;
+                assert!(
+                    !is_indexed,
+                    "partition {p} offset {}: indexed but not committed",
+                    r.offset
+                );
+            }
+        }
+    }
+    eprintln!("drain test: {committed_events} events committed, {pending_events} left for the restart");
+    index.close().await.expect("close index");
+    log.close().await.expect("close log");
+    drop((index, log));
+
+    let mut server = Server::start(&data, &args);
+    wait_for_sentinels(server.addr, &key).await;
+    assert!(server.sigterm().success());
+    let log = EmbeddedLog::open(&data.join("log"), EmbeddedLogConfig::default()).expect("log");
+    let records: Vec<Vec<u8>> = (0..log.partitions())
+        .flat_map(|p| log.read(p, 0, usize::MAX).expect("read"))
+        .map(|r| r.value.to_vec())
+        .collect();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for value in &records {
+        let v: Value = serde_json::from_slice(value).expect("JSON");
+        *count
+            .entry(v["messageId"].as_str().expect("id").to_string())
+            .or_default() += 1;
+    }
+    assert!(
+        acked.iter().all(|id| count.get(id) == Some(&1)),
+        "every acknowledged message is in the log once"
+    );
+    log.close().await.expect("close log");
+    drop(log);
+    check_index_matches_log(&data.join("index"), &records).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_counts_exactly_what_the_server_made_durable() {
     let dir = tempfile::tempdir().expect("tempdir");
