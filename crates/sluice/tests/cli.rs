@@ -287,7 +287,11 @@ async fn sigterm_under_load_drains_within_the_timeout_and_a_restart_completes_th
         "drain test: {} messages acknowledged, exit {took:?} after SIGTERM",
         acked.len()
     );
-    assert!(acked.len() > 1000, "the load did real work: {}", acked.len());
+    assert!(
+        acked.len() > 1000,
+        "the load did real work: {}",
+        acked.len()
+    );
 
     // Committed ⇔ indexed, event by event.
     let log = EmbeddedLog::open(&data.join("log"), EmbeddedLogConfig::default()).expect("log");
@@ -320,7 +324,11 @@ async fn sigterm_under_load_drains_within_the_timeout_and_a_restart_completes_th
             let is_indexed = indexed[&user].contains(id);
             if r.offset < committed {
                 committed_events += 1;
-                assert!(is_indexed, "partition {p} offset {}: committed, not indexed", r.offset);
+                assert!(
+                    is_indexed,
+                    "partition {p} offset {}: committed, not indexed",
+                    r.offset
+                );
             } else {
                 pending_events += 1;
                 assert!(
@@ -331,7 +339,9 @@ async fn sigterm_under_load_drains_within_the_timeout_and_a_restart_completes_th
             }
         }
     }
-    eprintln!("drain test: {committed_events} events committed, {pending_events} left for the restart");
+    eprintln!(
+        "drain test: {committed_events} events committed, {pending_events} left for the restart"
+    );
     index.close().await.expect("close index");
     log.close().await.expect("close log");
     drop((index, log));

@@ -600,13 +600,44 @@ async fn banned_users_are_dead_lettered_and_the_rest_is_indexed(backends: Backen
             .status,
         200
     );
+    // And a record another producer put on the log that is no sluice message at all.
+    stack
+        .log
+        .append(vec![sluice_log::Record {
+            key: b"default:u:good".to_vec(),
+            value: b"{\"v\":1,\"kind\":\"event\",\"org\":\"default\"".to_vec(),
+            timestamp_ms: 0,
+        }])
+        .await
+        .expect("append");
     stack.wait_processed().await;
-    assert_eq!(stack.stats.dead_letters.load(Ordering::Relaxed), 1);
-    // The dead letter is durable, with the original message, the stage and the reason.
+    assert_eq!(stack.stats.dead_letters.load(Ordering::Relaxed), 2);
+    // The dead letters are durable, with the original message, the stage and the reason.
     let dead = stack.dlq.read(0, 0, 10).expect("read the dead-letter log");
-    assert_eq!(dead.len(), 1);
-    assert_eq!(&dead[0].key[..], b"default:u:bad");
-    let letter: Value = serde_json::from_slice(&dead[0].value).expect("JSON");
+    assert_eq!(dead.len(), 2);
+    let letters: Vec<Value> = dead
+        .iter()
+        .map(|d| serde_json::from_slice(&d.value).expect("JSON"))
+        .collect();
+    // Partitions run in parallel: the two letters come in either order.
+    let (at, invalid) = letters
+        .iter()
+        .enumerate()
+        .find(|(_, l)| l["messageId"].is_null())
+        .expect("the invalid record's letter");
+    assert_eq!(invalid["stage"], "validate");
+    assert!(
+        invalid["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("not a sluice log record")),
+        "{invalid}"
+    );
+    assert_eq!(
+        invalid["record"],
+        "{\"v\":1,\"kind\":\"event\",\"org\":\"default\""
+    );
+    assert_eq!(&dead[1 - at].key[..], b"default:u:bad");
+    let letter = &letters[1 - at];
     assert_eq!(letter["stage"], "validate");
     assert_eq!(letter["messageId"], "x1");
     assert_eq!(letter["org"], "default");
