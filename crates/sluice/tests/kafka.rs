@@ -133,7 +133,15 @@ async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sig
     let broker = Tansu::start();
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("node");
-    let args = serve_args(&broker);
+    // A trigger rule writing to the actions topic (created by sluice).
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(
+        &config,
+        "[[triggers]]\nname = \"crm\"\nevent = \"signedUp\"\ntopic = \"sluice.actions\"\n",
+    )
+    .expect("write config");
+    let mut args = serve_args(&broker);
+    args.extend(["--config".to_string(), config.display().to_string()]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut server = Server::start(&data, &args);
     let key = server.first_key.clone().expect("first start prints a key");
@@ -159,6 +167,34 @@ async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sig
     assert_eq!(profile["dataFields"], json!({"round": ROUNDS - 1, "u": 7}));
     let (_, events) = get(&mut conn, &key, "/api/users/k-7/events?limit=1000").await;
     assert_eq!(events["events"].as_array().map_or(0, Vec::len), ROUNDS);
+
+    // A signup fires the trigger: a record on sluice.actions, keyed like the event, with the
+    // profile at the signup.
+    post(
+        &mut conn,
+        &key,
+        "/api/events/track",
+        json!({"userId": "k-7", "eventName": "signedUp", "id": "welcome-1"}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let action = loop {
+        let found = read_topic(&broker.addr, "sluice.actions", 8)
+            .into_iter()
+            .find(|r| r.key == b"default:u:k-7");
+        if let Some(record) = found {
+            break serde_json::from_slice::<Value>(&record.value).expect("JSON");
+        }
+        assert!(Instant::now() < deadline, "no action record within 60 s");
+    };
+    assert_eq!(
+        action["idempotencyKey"], "default:welcome-1:crm",
+        "{action}"
+    );
+    assert_eq!(
+        action["profile"]["dataFields"],
+        json!({"round": ROUNDS - 1, "u": 7})
+    );
 
     // A message of a banned user becomes a record of the dead-letter topic, under its key.
     post(
