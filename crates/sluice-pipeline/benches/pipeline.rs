@@ -14,7 +14,9 @@
 //! (for profiling); SLUICE_BENCH_LOG=kafka feeds the pipeline from a tansu broker;
 //! SLUICE_BENCH_BACKENDS=shared runs on the distributed stores instead of the embedded ones:
 //! Redis dedup (a redis-server started on a free port) and the OpenSearch index (an
-//! osmem-server, from `scripts/install-test-tools`).
+//! osmem-server, from `scripts/install-test-tools`). SLUICE_BENCH_TRIGGER=topic adds a trigger
+//! rule matching every event (4 in 5 messages) that appends its action to an embedded actions
+//! log: the trigger stage's cost (profile reads, payloads, stash, append, mark).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -217,7 +219,25 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             (Arc::clone(&redis) as Arc<dyn Dedup>, Some(redis))
         }
     };
-    let config = PipelineConfig::default();
+    let mut config = PipelineConfig::default();
+    if std::env::var("SLUICE_BENCH_TRIGGER").as_deref() == Ok("topic") {
+        let actions: Arc<dyn Log> = Arc::new(EmbeddedLog::open(
+            &dir.path().join("actions"),
+            EmbeddedLogConfig {
+                partitions: 1,
+                ..EmbeddedLogConfig::default()
+            },
+        )?);
+        config.triggers = sluice_pipeline::Triggers::new(vec![sluice_pipeline::Rule {
+            name: "bench".into(),
+            event: "page_view".into(),
+            action: sluice_pipeline::Action::Topic {
+                topic: "sluice.actions".into(),
+                log: actions,
+            },
+        }]);
+        println!("with a trigger rule on every event (topic action)");
+    }
     let dead_letters: Arc<dyn Log> = Arc::new(EmbeddedLog::open(
         &dir.path().join("dlq"),
         EmbeddedLogConfig {
@@ -483,6 +503,7 @@ fn print_stages(stats: &PipelineStats, seconds: f64) {
         ("dedup check", &stats.dedup_check_us),
         ("merge", &stats.merge_us),
         ("index", &stats.index_us),
+        ("trigger", &stats.trigger_us),
         ("mark", &stats.mark_us),
         ("commit", &stats.commit_us),
     ] {
