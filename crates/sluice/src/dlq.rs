@@ -9,10 +9,13 @@
 //! The log is append-only, so a replay is recorded as a marker record in the dead-letter log
 //! (`{"v":1,"replayed":ID,...}`); `list` shows it and `replay --all` skips replayed letters.
 //!
-//! The embedded logs are locked by a running server: with them, stop the server first (its
-//! drain finishes the batches in flight). With Kafka the commands work while servers run.
+//! The commands read and write the logs themselves when they can (Kafka, or embedded logs no
+//! server holds). A running `sluice serve` holds its embedded logs; it then serves the same
+//! operations (`Session`) on its admin socket, `<data_dir>/admin.sock` (`admin_socket`), and
+//! the commands go through it.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Subcommand;
@@ -47,20 +50,13 @@ pub enum DlqCommand {
     },
 }
 
-/// One dead letter as stored (see `sluice_pipeline::dead_letter`), or a replay marker.
+/// What a replay needs of a dead letter as stored (see `sluice_pipeline::dead_letter`), or a
+/// replay marker.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Stored {
     #[serde(default)]
     stage: Option<String>,
-    #[serde(default)]
-    reason: Option<String>,
-    #[serde(default)]
-    failed_at: Option<i64>,
-    #[serde(default)]
-    org: Option<String>,
-    #[serde(default)]
-    message_id: Option<String>,
     #[serde(default)]
     record: Option<Box<RawValue>>,
     #[serde(default)]
@@ -136,15 +132,6 @@ pub async fn letters(dlq: &dyn Log) -> anyhow::Result<Vec<Letter>> {
     Ok(letters)
 }
 
-/// What `replay` did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Replayed {
-    /// Original records appended to the ingest log.
-    pub messages: usize,
-    /// Refused actions sent again.
-    pub actions: usize,
-}
-
 /// Replays `selected`: records to `ingest`, actions through `triggers`; then records the
 /// replay markers in `dlq`.
 pub async fn replay(
@@ -152,9 +139,12 @@ pub async fn replay(
     dlq: &dyn Log,
     ingest: &dyn Log,
     triggers: &Triggers,
-) -> anyhow::Result<Replayed> {
+) -> anyhow::Result<ReplayReport> {
     let now = sluice_model::time::now_ms();
-    let mut done = Replayed::default();
+    let mut done = ReplayReport {
+        letters: selected.len(),
+        ..ReplayReport::default()
+    };
     let mut records = Vec::new();
     for letter in selected {
         if letter.stored.stage.as_deref() == Some("trigger") {
@@ -243,25 +233,103 @@ async fn replay_action(letter: &Letter, triggers: &Triggers, now: i64) -> anyhow
     }
 }
 
-/// One line of `list`.
-fn line(letter: &Letter) -> String {
-    let s = &letter.stored;
-    let failed = s
-        .failed_at
+/// What `replay` reports.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// Letters replayed.
+    pub letters: usize,
+    /// Original records appended to the ingest log.
+    pub messages: usize,
+    /// Refused actions sent again.
+    pub actions: usize,
+}
+
+/// The dead-letter operations on open logs: what the commands run, here or in the server that
+/// holds the logs.
+pub struct Session {
+    pub dlq: Arc<dyn Log>,
+    pub ingest: Arc<dyn Log>,
+    pub triggers: Triggers,
+}
+
+impl Session {
+    /// Every letter as JSON: the stored letter with its `id` and `replayed`.
+    pub async fn list(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        letters(self.dlq.as_ref())
+            .await?
+            .iter()
+            .map(as_json)
+            .collect()
+    }
+
+    /// Replays the letters named by `ids`, or with `all` every one not replayed yet.
+    pub async fn replay(&self, ids: &[String], all: bool) -> Result<ReplayReport, ReplayError> {
+        let letters = letters(self.dlq.as_ref()).await?;
+        let selected: Vec<&Letter> = if all {
+            letters.iter().filter(|l| !l.replayed).collect()
+        } else if ids.is_empty() {
+            return Err(ReplayError::Usage(
+                "name the letters to replay (IDs from `sluice dlq list`), or pass --all".into(),
+            ));
+        } else {
+            ids.iter()
+                .map(|id| find(&letters, id).map_err(|e| ReplayError::Usage(e.to_string())))
+                .collect::<Result<_, _>>()?
+        };
+        if selected.is_empty() {
+            return Ok(ReplayReport::default());
+        }
+        Ok(replay(
+            &selected,
+            self.dlq.as_ref(),
+            self.ingest.as_ref(),
+            &self.triggers,
+        )
+        .await?)
+    }
+}
+
+/// Why a replay did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The request names no letter, or one that does not exist.
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0:#}")]
+    Failed(#[from] anyhow::Error),
+}
+
+fn find<'a>(letters: &'a [Letter], id: &str) -> anyhow::Result<&'a Letter> {
+    letters.iter().find(|l| l.id == id).with_context(|| {
+        format!(
+            "no dead letter {id:?} (IDs are <partition>-<offset>, as `sluice dlq list` shows them)"
+        )
+    })
+}
+
+/// One line of `list`, from a letter's JSON.
+fn line(letter: &serde_json::Value) -> String {
+    let text = |key: &str| letter[key].as_str().unwrap_or("-").to_string();
+    let failed = letter["failedAt"]
+        .as_i64()
         .map(sluice_model::time::format_ms)
         .unwrap_or_else(|| "-".into());
-    let mut reason = s.reason.clone().unwrap_or_default();
+    let mut reason = letter["reason"].as_str().unwrap_or_default().to_string();
     if reason.chars().count() > 80 {
         reason = reason.chars().take(77).collect::<String>() + "...";
     }
     format!(
         "{:<10} {:<8} {:<12} {:<24} {:<24} {:<8} {}",
-        letter.id,
-        s.stage.as_deref().unwrap_or("-"),
-        s.org.as_deref().unwrap_or("-"),
-        s.message_id.as_deref().unwrap_or("-"),
+        text("id"),
+        text("stage"),
+        text("org"),
+        text("messageId"),
         failed,
-        if letter.replayed { "replayed" } else { "-" },
+        if letter["replayed"] == true {
+            "replayed"
+        } else {
+            "-"
+        },
         reason
     )
 }
@@ -275,22 +343,40 @@ fn as_json(letter: &Letter) -> anyhow::Result<serde_json::Value> {
     Ok(value)
 }
 
+/// Where the commands run: on the logs themselves, or through the server holding them.
+enum Target {
+    Direct(Arc<dyn Log>),
+    Server(std::path::PathBuf),
+}
+
 pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
-    let dlq = crate::serve::open_dead_letters(config)
-        .await
-        .map_err(locked_hint)?;
-    let letters = letters(dlq.as_ref()).await?;
-    let find = |id: &str| {
-        letters
+    let target = match crate::serve::open_dead_letters(config).await {
+        Ok(dlq) => Target::Direct(dlq),
+        Err(e) if is_locked(&e) => {
+            let socket = crate::admin_socket::path(config);
+            if !socket.exists() {
+                return Err(e.context(format!(
+                    "a sluice server holds this data dir's logs, and it has no admin socket at {}",
+                    socket.display()
+                )));
+            }
+            Target::Server(socket)
+        }
+        Err(e) => return Err(e),
+    };
+    let letters = match &target {
+        Target::Direct(dlq) => letters(dlq.as_ref())
+            .await?
             .iter()
-            .find(|l| l.id == id)
-            .with_context(|| format!("no dead letter {id:?} (IDs are <partition>-<offset>, as `sluice dlq list` shows them)"))
+            .map(as_json)
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        Target::Server(socket) => crate::admin_socket::list_at(socket).await?,
     };
     match command {
         DlqCommand::List { json } => {
             if json {
                 for letter in &letters {
-                    println!("{}", as_json(letter)?);
+                    println!("{letter}");
                 }
             } else {
                 println!(
@@ -300,48 +386,62 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
                 for letter in &letters {
                     println!("{}", line(letter));
                 }
-                let open = letters.iter().filter(|l| !l.replayed).count();
+                let open = letters.iter().filter(|l| l["replayed"] != true).count();
                 eprintln!("{} dead letters, {open} not replayed", letters.len());
             }
         }
         DlqCommand::Show { id } => {
-            println!("{}", serde_json::to_string_pretty(&as_json(find(&id)?)?)?);
+            let letter = letters.iter().find(|l| l["id"] == id.as_str()).with_context(|| {
+                format!("no dead letter {id:?} (IDs are <partition>-<offset>, as `sluice dlq list` shows them)")
+            })?;
+            println!("{}", serde_json::to_string_pretty(letter)?);
         }
         DlqCommand::Replay { ids, all } => {
-            let selected: Vec<&Letter> = if all {
-                letters.iter().filter(|l| !l.replayed).collect()
-            } else if ids.is_empty() {
-                bail!("name the letters to replay (IDs from `sluice dlq list`), or pass --all");
-            } else {
-                ids.iter()
-                    .map(|id| find(id))
-                    .collect::<anyhow::Result<_>>()?
+            let report = match &target {
+                Target::Direct(dlq) => {
+                    let (ingest, retention) =
+                        crate::serve::open_log(config, crate::serve::Role::Ingest)
+                            .await
+                            .map_err(locked_hint)?;
+                    if let Some(retention) = retention {
+                        retention.abort();
+                    }
+                    let session = Session {
+                        dlq: Arc::clone(dlq),
+                        ingest: Arc::clone(&ingest),
+                        triggers: crate::serve::open_triggers(config).await?,
+                    };
+                    let report = session.replay(&ids, all).await;
+                    ingest.close().await.context("cannot close the log")?;
+                    report.map_err(|e| anyhow::anyhow!("{e}"))?
+                }
+                Target::Server(socket) => crate::admin_socket::replay_at(socket, &ids, all).await?,
             };
-            if selected.is_empty() {
+            if report.letters == 0 {
                 println!("nothing to replay");
-                return Ok(());
+            } else {
+                println!(
+                    "replayed {} dead letters: {} messages appended to the log, {} actions sent",
+                    report.letters, report.messages, report.actions
+                );
             }
-            let (ingest, retention) = crate::serve::open_log(config, crate::serve::Role::Ingest)
-                .await
-                .map_err(locked_hint)?;
-            if let Some(retention) = retention {
-                retention.abort();
-            }
-            let triggers = crate::serve::open_triggers(config).await?;
-            let done = replay(&selected, dlq.as_ref(), ingest.as_ref(), &triggers).await?;
-            ingest.close().await.context("cannot close the log")?;
-            println!(
-                "replayed {} dead letters: {} messages appended to the log, {} actions sent",
-                selected.len(),
-                done.messages,
-                done.actions
-            );
         }
     }
-    dlq.close()
-        .await
-        .context("cannot close the dead-letter log")?;
+    if let Target::Direct(dlq) = target {
+        dlq.close()
+            .await
+            .context("cannot close the dead-letter log")?;
+    }
     Ok(())
+}
+
+fn is_locked(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<LogError>(),
+            Some(LogError::Locked { .. })
+        )
+    })
 }
 
 /// Adds what to do when an embedded log is held by a running server.

@@ -258,23 +258,50 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     } else {
         None
     };
+    let mut dlq_session = None;
     let pipeline = match &index {
-        Some(index) if role.ingests() => Some(Pipeline::new(
-            Arc::clone(&log),
-            open_dead_letters(&config).await?,
-            Validator::new(Arc::clone(&registry), config.key_cache_ttl),
-            open_dedup(&config).await?,
-            Arc::clone(index),
-            PipelineConfig {
-                batch: BatchConfig {
-                    max_records: config.batch_size,
-                    timeout: config.batch_timeout,
+        Some(index) if role.ingests() => {
+            let dead_letters = open_dead_letters(&config).await?;
+            let triggers = open_triggers(&config).await?;
+            // Embedded logs are this process's alone: `sluice dlq` goes through it.
+            if config.kafka_brokers().is_none() {
+                dlq_session = Some(Arc::new(crate::dlq::Session {
+                    dlq: Arc::clone(&dead_letters),
+                    ingest: Arc::clone(&log),
+                    triggers: triggers.clone(),
+                }));
+            }
+            Some(Pipeline::new(
+                Arc::clone(&log),
+                dead_letters,
+                Validator::new(Arc::clone(&registry), config.key_cache_ttl),
+                open_dedup(&config).await?,
+                Arc::clone(index),
+                PipelineConfig {
+                    batch: BatchConfig {
+                        max_records: config.batch_size,
+                        timeout: config.batch_timeout,
+                    },
+                    triggers,
+                    ..PipelineConfig::default()
                 },
-                triggers: open_triggers(&config).await?,
-                ..PipelineConfig::default()
-            },
-        )),
+            ))
+        }
         _ => None,
+    };
+    let (admin_stop_tx, admin_stop_rx) = watch::channel(false);
+    let admin_socket = match dlq_session {
+        Some(session) => {
+            let socket = crate::admin_socket::path(&config);
+            match crate::admin_socket::serve(&socket, session, admin_stop_rx) {
+                Ok(task) => Some(task),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "no admin socket: `sluice dlq` needs this server stopped");
+                    None
+                }
+            }
+        }
+        None => None,
     };
 
     // The API writes through the bridge: the log, or the spill buffer when the log does not
@@ -432,6 +459,10 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             }
         },
     };
+    let _ = admin_stop_tx.send(true);
+    if let Some(task) = admin_socket {
+        let _ = task.await;
+    }
     // What the spill buffer still holds stays there, durable, for the next start.
     let _ = replay_stop_tx.send(true);
     if let Some(replayer) = replayer {

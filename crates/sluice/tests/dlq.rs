@@ -1,7 +1,8 @@
 //! `sluice dlq list | show | replay` against the real binary and its embedded logs: a banned
-//! user's message and a trigger action its webhook refused become dead letters; after the ban
-//! is lifted and the webhook fixed, `replay --all` sends both back, and the message is
-//! processed once the server runs again.
+//! user's message and a trigger action its webhook refused become dead letters. While the
+//! server runs, the commands go through its admin socket: the message, replayed after the ban
+//! is lifted, is processed; the action, still refused, stays a letter. With the server stopped
+//! they open the logs themselves: after the webhook is fixed, `replay --all` sends the action.
 
 use std::time::{Duration, Instant};
 
@@ -86,11 +87,8 @@ async fn dead_letters_are_listed_shown_and_replayed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // While the server runs, the embedded dead-letter log is its own: a clear error.
-    let err = run_err(&mut admin(&["dlq", "list"]));
-    assert!(err.contains("stop it"), "{err}");
-    assert!(server.sigterm().success());
-
+    // While the server runs it holds the embedded logs; the commands go through its admin
+    // socket.
     let listed = run_ok(&mut admin(&["dlq", "list", "--json"]));
     let letters: Vec<Value> = listed
         .lines()
@@ -121,13 +119,33 @@ async fn dead_letters_are_listed_shown_and_replayed() {
     assert_eq!(shown["record"]["userId"], "bad");
     let err = run_err(&mut admin(&["dlq", "show", "9-999"]));
     assert!(err.contains("no dead letter \"9-999\""), "{err}");
+    let err = run_err(&mut admin(&["dlq", "replay", "9-999"]));
+    assert!(err.contains("no dead letter \"9-999\""), "{err}");
 
-    // Lift the ban, fix the webhook, replay everything.
+    // Lift the ban and replay the message: the running server processes it.
     run_ok(&mut admin(&["users", "unban", "--org", "default", "bad"]));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let out = run_ok(&mut admin(&["dlq", "replay", id]));
+    assert!(
+        out.contains("replayed 1 dead letters: 1 messages appended to the log, 0 actions sent"),
+        "{out}"
+    );
+    wait_for(addr, &key, "/api/users/bad/events", |a| {
+        a["events"][0]["messageId"] == "b1"
+    })
+    .await;
+    // The action's target still refuses it: the replay says so, and the letter stays open.
+    let refused_id = refused["id"].as_str().expect("id");
+    let err = run_err(&mut admin(&["dlq", "replay", refused_id]));
+    assert!(err.contains("400 Bad Request"), "{err}");
+    assert!(server.sigterm().success());
+
+    // With the server stopped the commands open the logs themselves. Fix the target, replay
+    // what is left.
     write_config(&config_path, &receiver.url("/ok"));
     let out = run_ok(&mut admin(&["dlq", "replay", "--all"]));
     assert!(
-        out.contains("replayed 2 dead letters: 1 messages appended to the log, 1 actions sent"),
+        out.contains("replayed 1 dead letters: 0 messages appended to the log, 1 actions sent"),
         "{out}"
     );
     let sent: Vec<_> = receiver
@@ -146,11 +164,8 @@ async fn dead_letters_are_listed_shown_and_replayed() {
         "{listed}"
     );
     assert!(run_ok(&mut admin(&["dlq", "replay", "--all"])).contains("nothing to replay"));
-
-    // The replayed message is processed when the server runs again.
-    let server = Server::start(&data, &["--config", config]);
-    wait_for(server.addr, &key, "/api/users/bad/events", |a| {
-        a["events"][0]["messageId"] == "b1"
-    })
-    .await;
+    assert!(
+        !data.join("admin.sock").exists(),
+        "the server removes its admin socket when it stops"
+    );
 }
