@@ -51,10 +51,10 @@ pub(crate) fn upserted_profile(stored: Option<Value>, upsert: &UserUpsert) -> Va
     Value::Object(profile)
 }
 
-/// The JSON of an event, as the read API returns it.
+/// The JSON of an event, as the read API returns it (and trigger payloads carry it).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-pub(crate) struct EventSource<'a> {
+pub struct EventSource<'a> {
     message_id: &'a str,
     event_name: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -70,6 +70,11 @@ pub(crate) struct EventSource<'a> {
 }
 
 impl<'a> EventSource<'a> {
+    /// The event as readers see it.
+    pub fn public(event: &'a EventDoc) -> Self {
+        EventSource::of(event, None)
+    }
+
     pub(crate) fn of(event: &'a EventDoc, sluice: Option<Internal<'a>>) -> Self {
         EventSource {
             message_id: &event.message_id,

@@ -25,7 +25,7 @@ pub mod embedded;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use doc::profile_after;
+pub use doc::{EventSource, profile_after};
 pub use elastic::{ElasticIndex, ElasticIndexConfig};
 pub use embedded::{EmbeddedIndex, EmbeddedIndexConfig};
 

@@ -394,7 +394,9 @@ impl Pipeline {
         lap(&self.stats.merge_us, &mut clock);
         // Trigger payloads are computed and stashed before the index write changes the
         // profiles they start from (see `trigger`).
-        let prepared = self.prepare_actions(&fresh, &snapshots, stop).await?;
+        let prepared = self
+            .prepare_actions(&fresh, &write, &snapshots, stop)
+            .await?;
         lap(&self.stats.trigger_us, &mut clock);
         let (users, events) = (write.users.len() as u64, write.events.len() as u64);
         let outcome = self

@@ -29,9 +29,8 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
-use serde_json::value::RawValue;
 use sluice_dedup::MessageKey;
-use sluice_index::{IndexError, UserUpsert, profile_after};
+use sluice_index::{EventDoc, EventSource, IndexError, UserUpsert, WriteBatch, profile_after};
 use sluice_log::{Log, LogError, LogRecord, Record};
 use sluice_model::Patch;
 use tokio::sync::watch;
@@ -212,21 +211,6 @@ pub fn idempotency_key(org: &str, message_id: &str, rule: &str) -> String {
     format!("{org}:{message_id}:{rule}")
 }
 
-/// The event as the read API shows it.
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct EventJson<'a> {
-    message_id: &'a str,
-    event_name: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    email: Option<&'a str>,
-    created_at: i64,
-    received_at: i64,
-    data_fields: &'a RawValue,
-}
-
 /// What an action delivers (the webhook body, the topic record's value).
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -236,33 +220,25 @@ struct Payload<'a> {
     idempotency_key: &'a str,
     org: &'a str,
     message_id: &'a str,
-    event: EventJson<'a>,
+    event: EventSource<'a>,
     /// The profile as it stood at the event; `null` if the user had none yet.
     profile: Option<&'a Value>,
 }
 
-/// The payload of `rule` for `message`, with `profile` as it stood at the event.
+/// The payload of `rule` for `event`, with `profile` as it stood at the event.
 pub(crate) fn payload(
     rule: &str,
     idempotency_key: &str,
-    message: &ValidMessage,
+    event: &EventDoc,
     profile: Option<&Value>,
 ) -> Vec<u8> {
     let payload = Payload {
         v: 1,
         rule,
         idempotency_key,
-        org: &message.org.name,
-        message_id: &message.message_id,
-        event: EventJson {
-            message_id: &message.message_id,
-            event_name: message.event_name.as_deref().unwrap_or_default(),
-            user_id: message.user_id.as_deref(),
-            email: message.email.as_deref(),
-            created_at: message.created_at.unwrap_or(message.received_at),
-            received_at: message.received_at,
-            data_fields: &message.data_fields,
-        },
+        org: &event.org,
+        message_id: &event.message_id,
+        event: EventSource::public(event),
         profile,
     };
     // Strings, integers, a JSON value and valid raw JSON always serialize.
@@ -337,6 +313,7 @@ impl Pipeline {
     pub(crate) async fn prepare_actions<'a>(
         &self,
         fresh: &[&'a ValidMessage],
+        write: &WriteBatch,
         snapshots: &[(usize, Patch)],
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Vec<Prepared<'a>>, Abandon> {
@@ -394,6 +371,14 @@ impl Pipeline {
         let identities = identities_before(fresh);
         let snapshot_at: HashMap<usize, &Patch> =
             snapshots.iter().map(|(at, patch)| (*at, patch)).collect();
+        // The merge stage's event documents are the batch's events in order.
+        let mut event_docs = write.events.iter();
+        let event_at: HashMap<usize, &EventDoc> = fresh
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.kind == sluice_model::Kind::Event)
+            .filter_map(|(at, _)| Some((at, event_docs.next()?)))
+            .collect();
 
         let mut prepared = Vec::with_capacity(pending.len());
         for i in pending {
@@ -420,7 +405,10 @@ impl Pipeline {
             };
             let rule_name = &rules[rule].name;
             let key = idempotency_key(&message.org.name, &message.message_id, rule_name);
-            let payload = payload(rule_name, &key, message, profile.as_ref());
+            let Some(event) = event_at.get(&at) else {
+                continue;
+            };
+            let payload = payload(rule_name, &key, event, profile.as_ref());
             prepared.push(Prepared {
                 rule,
                 message,
