@@ -106,7 +106,15 @@ pub struct AppInner {
     /// Why the pipeline of this process stopped, if it stopped on an unknown error (a bug):
     /// shown on `/readyz` while the process drains before exiting non-zero.
     pipeline_failure: std::sync::Mutex<Option<String>>,
+    /// More metrics for `/metrics` (the pipeline's counters in a process that runs one).
+    more_metrics: std::sync::OnceLock<MetricsSource>,
 }
+
+/// One Prometheus sample: name, type (`counter`/`gauge`), help text, value.
+pub type Metric = (&'static str, &'static str, &'static str, f64);
+
+/// Metrics `/metrics` adds to its own, read at each scrape.
+pub type MetricsSource = Arc<dyn Fn() -> Vec<Metric> + Send + Sync>;
 
 impl std::ops::Deref for AppState {
     type Target = AppInner;
@@ -132,6 +140,7 @@ impl AppState {
             sendgrid_max_age: config.sendgrid_max_age,
             draining: AtomicBool::new(false),
             pipeline_failure: std::sync::Mutex::new(None),
+            more_metrics: std::sync::OnceLock::new(),
         }))
     }
 
@@ -148,6 +157,11 @@ impl AppState {
     /// Marks the server as draining (readyz fails from now on).
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Adds `source`'s metrics to `/metrics` (once; a second source is ignored).
+    pub fn add_metrics(&self, source: MetricsSource) {
+        let _ = self.more_metrics.set(source);
     }
 
     /// Records why the pipeline stopped (SPEC §6 "unknown" errors) and starts draining.
@@ -258,8 +272,8 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Prometheus text exposition of the spill bridge (SPEC §4 `/metrics`; the pipeline's and the
-/// API's own counters are not exported yet).
+/// Prometheus text exposition of the spill bridge and, in a process that runs the pipeline,
+/// its counters (SPEC §4 `/metrics`; the API's own request counters are not exported yet).
 async fn metrics(State(state): State<AppState>) -> Response {
     let s = state.bridge.status();
     let oldest = s.oldest_age_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
@@ -319,8 +333,13 @@ async fn metrics(State(state): State<AppState>) -> Response {
             s.replay_failures as f64,
         ),
     ];
+    let more = state
+        .more_metrics
+        .get()
+        .map(|source| source())
+        .unwrap_or_default();
     let mut body = String::new();
-    for (name, kind, help, value) in lines {
+    for (name, kind, help, value) in lines.into_iter().chain(more) {
         body.push_str(&format!(
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
         ));

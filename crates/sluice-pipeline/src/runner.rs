@@ -96,6 +96,54 @@ impl PipelineStats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// The counters as Prometheus samples: (name, type, help, value).
+    pub fn metrics(&self) -> Vec<(&'static str, &'static str, &'static str, f64)> {
+        let counter =
+            |name, help, value: &AtomicU64| (name, "counter", help, Self::get(value) as f64);
+        vec![
+            counter(
+                "sluice_pipeline_batches_total",
+                "batches processed and committed since start",
+                &self.batches,
+            ),
+            counter(
+                "sluice_pipeline_records_total",
+                "log records read by the pipeline since start",
+                &self.records,
+            ),
+            counter(
+                "sluice_pipeline_duplicates_total",
+                "messages dropped as already processed since start",
+                &self.duplicates,
+            ),
+            counter(
+                "sluice_dead_letters_total",
+                "messages refused by validation, the index or a trigger target (dead letters) since start",
+                &self.dead_letters,
+            ),
+            counter(
+                "sluice_users_upserted_total",
+                "profile upserts written to the index since start",
+                &self.users_upserted,
+            ),
+            counter(
+                "sluice_events_indexed_total",
+                "events written to the index since start",
+                &self.events_indexed,
+            ),
+            counter(
+                "sluice_actions_fired_total",
+                "trigger actions done (delivered, or dead-lettered) since start",
+                &self.actions_fired,
+            ),
+            counter(
+                "sluice_pipeline_retries_total",
+                "attempts that failed with a recoverable error and were retried since start",
+                &self.retries,
+            ),
+        ]
+    }
 }
 
 /// A failure that stops the pipeline: a bug or a broken invariant (SPEC §6 "unknown").

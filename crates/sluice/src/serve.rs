@@ -346,6 +346,10 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             &api_config,
         )
     });
+    if let (Some(state), Some(pipeline)) = (&state, &pipeline) {
+        let stats = pipeline.stats();
+        state.add_metrics(Arc::new(move || stats.metrics()));
+    }
     let (replay_stop_tx, replay_stop_rx) = watch::channel(false);
     let replayer = bridge
         .clone()

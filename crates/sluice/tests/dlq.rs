@@ -107,6 +107,19 @@ async fn dead_letters_are_listed_shown_and_replayed() {
         .expect("the refused action's letter");
     assert_eq!(refused["stage"], "trigger");
     assert_eq!(refused["rule"], "nudge");
+    // Counted: /metrics shows the pipeline's counters.
+    let mut conn = sluice::client::Connection::connect(addr)
+        .await
+        .expect("connect");
+    let metrics = conn.get("/metrics", &[]).await.expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    for line in [
+        "sluice_dead_letters_total 2",
+        "sluice_actions_fired_total 1",
+        "# TYPE sluice_events_indexed_total counter",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
     let table = run_ok(&mut admin(&["dlq", "list"]));
     eprintln!("{table}");
     assert!(
