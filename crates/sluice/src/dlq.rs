@@ -255,11 +255,7 @@ pub struct Session {
 impl Session {
     /// Every letter as JSON: the stored letter with its `id` and `replayed`.
     pub async fn list(&self) -> anyhow::Result<Vec<serde_json::Value>> {
-        letters(self.dlq.as_ref())
-            .await?
-            .iter()
-            .map(as_json)
-            .collect()
+        list(self.dlq.as_ref()).await
     }
 
     /// Replays the letters named by `ids`, or with `all` every one not replayed yet.
@@ -300,11 +296,14 @@ pub enum ReplayError {
 }
 
 fn find<'a>(letters: &'a [Letter], id: &str) -> anyhow::Result<&'a Letter> {
-    letters.iter().find(|l| l.id == id).with_context(|| {
-        format!(
-            "no dead letter {id:?} (IDs are <partition>-<offset>, as `sluice dlq list` shows them)"
-        )
-    })
+    letters
+        .iter()
+        .find(|l| l.id == id)
+        .with_context(|| no_such_letter(id))
+}
+
+fn no_such_letter(id: &str) -> String {
+    format!("no dead letter {id:?} (IDs are <partition>-<offset>, as `sluice dlq list` shows them)")
 }
 
 /// One line of `list`, from a letter's JSON.
@@ -332,6 +331,11 @@ fn line(letter: &serde_json::Value) -> String {
         },
         reason
     )
+}
+
+/// Every letter of `dlq` as JSON: the stored letter with its `id` and `replayed`.
+async fn list(dlq: &dyn Log) -> anyhow::Result<Vec<serde_json::Value>> {
+    letters(dlq).await?.iter().map(as_json).collect()
 }
 
 fn as_json(letter: &Letter) -> anyhow::Result<serde_json::Value> {
@@ -365,11 +369,7 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
         Err(e) => return Err(e),
     };
     let letters = match &target {
-        Target::Direct(dlq) => letters(dlq.as_ref())
-            .await?
-            .iter()
-            .map(as_json)
-            .collect::<anyhow::Result<Vec<_>>>()?,
+        Target::Direct(dlq) => list(dlq.as_ref()).await?,
         Target::Server(socket) => crate::admin_socket::list_at(socket).await?,
     };
     match command {
@@ -391,9 +391,10 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
             }
         }
         DlqCommand::Show { id } => {
-            let letter = letters.iter().find(|l| l["id"] == id.as_str()).with_context(|| {
-                format!("no dead letter {id:?} (IDs are <partition>-<offset>, as `sluice dlq list` shows them)")
-            })?;
+            let letter = letters
+                .iter()
+                .find(|l| l["id"] == id.as_str())
+                .with_context(|| no_such_letter(&id))?;
             println!("{}", serde_json::to_string_pretty(letter)?);
         }
         DlqCommand::Replay { ids, all } => {
