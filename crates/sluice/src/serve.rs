@@ -107,9 +107,21 @@ pub(crate) async fn open_log(
 /// The dead-letter log (SPEC §6): the Kafka topic `sluice.dlq` with a Kafka log, else an
 /// embedded log under `<data_dir>/dlq` (one partition, kept until deleted: no retention).
 pub(crate) async fn open_dead_letters(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
+    open_side_log(config, DEAD_LETTER_TOPIC, &config.dlq_path(), "dead-letter").await
+}
+
+/// A log beside the ingest log that only sluice appends to and nothing consumes as a group:
+/// the Kafka topic `topic`, or an embedded log with one partition at `path`, kept until
+/// deleted (no retention). `what` names it in errors.
+async fn open_side_log(
+    config: &Config,
+    topic: &str,
+    path: &std::path::Path,
+    what: &str,
+) -> anyhow::Result<Arc<dyn Log>> {
     let Some(brokers) = config.kafka_brokers() else {
-        let dlq = EmbeddedLog::open(
-            &config.dlq_path(),
+        let log = EmbeddedLog::open(
+            path,
             EmbeddedLogConfig {
                 partitions: 1,
                 retention_max_age: None,
@@ -117,24 +129,16 @@ pub(crate) async fn open_dead_letters(config: &Config) -> anyhow::Result<Arc<dyn
                 ..EmbeddedLogConfig::default()
             },
         )
-        .with_context(|| {
-            format!(
-                "cannot open the dead-letter log at {}",
-                config.dlq_path().display()
-            )
-        })?;
-        return Ok(Arc::new(dlq));
+        .with_context(|| format!("cannot open the {what} log at {}", path.display()))?;
+        return Ok(Arc::new(log));
     };
-    let mut kafka = KafkaLogConfig::new(&brokers, DEAD_LETTER_TOPIC);
+    let mut kafka = KafkaLogConfig::new(&brokers, topic);
     kafka.partitions = config.partitions;
     kafka.other_topics = Vec::new();
-    let dlq = KafkaLog::connect(kafka).await.with_context(|| {
-        format!(
-            "cannot use the dead-letter topic {DEAD_LETTER_TOPIC} at {}",
-            config.log
-        )
-    })?;
-    Ok(Arc::new(dlq))
+    let log = KafkaLog::connect(kafka)
+        .await
+        .with_context(|| format!("cannot use the {what} topic {topic} at {}", config.log))?;
+    Ok(Arc::new(log))
 }
 
 /// The Kafka topic of dead letters (SPEC §6).
@@ -155,7 +159,9 @@ pub(crate) async fn open_triggers(config: &Config) -> anyhow::Result<Triggers> {
                 let log = match topics.get(topic.as_str()) {
                     Some(log) => Arc::clone(log),
                     None => {
-                        let log = open_actions_log(config, topic).await?;
+                        let log =
+                            open_side_log(config, topic, &config.actions_path(topic), "actions")
+                                .await?;
                         topics.insert(topic, Arc::clone(&log));
                         log
                     }
@@ -177,30 +183,6 @@ pub(crate) async fn open_triggers(config: &Config) -> anyhow::Result<Triggers> {
         tracing::info!(rules = ?rules, "triggers");
     }
     Ok(Triggers::new(rules))
-}
-
-async fn open_actions_log(config: &Config, topic: &str) -> anyhow::Result<Arc<dyn Log>> {
-    let Some(brokers) = config.kafka_brokers() else {
-        let path = config.actions_path(topic);
-        let log = EmbeddedLog::open(
-            &path,
-            EmbeddedLogConfig {
-                partitions: 1,
-                retention_max_age: None,
-                retention_max_bytes: None,
-                ..EmbeddedLogConfig::default()
-            },
-        )
-        .with_context(|| format!("cannot open the actions log at {}", path.display()))?;
-        return Ok(Arc::new(log));
-    };
-    let mut kafka = KafkaLogConfig::new(&brokers, topic);
-    kafka.partitions = config.partitions;
-    kafka.other_topics = Vec::new();
-    let log = KafkaLog::connect(kafka)
-        .await
-        .with_context(|| format!("cannot use the actions topic {topic} at {}", config.log))?;
-    Ok(Arc::new(log))
 }
 
 /// The dedup store, as configured: embedded under the data dir, or Redis.

@@ -177,16 +177,7 @@ async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sig
         json!({"userId": "k-7", "eventName": "signedUp", "id": "welcome-1"}),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let action = loop {
-        let found = read_topic(&broker.addr, "sluice.actions", 8)
-            .into_iter()
-            .find(|r| r.key == b"default:u:k-7");
-        if let Some(record) = found {
-            break serde_json::from_slice::<Value>(&record.value).expect("JSON");
-        }
-        assert!(Instant::now() < deadline, "no action record within 60 s");
-    };
+    let action = first_keyed(&broker.addr, "sluice.actions", b"default:u:k-7");
     assert_eq!(
         action["idempotencyKey"], "default:welcome-1:crm",
         "{action}"
@@ -204,16 +195,7 @@ async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sig
         json!({"userId": "banned", "eventName": "e", "id": "dead-1"}),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let letter = loop {
-        let found = read_topic(&broker.addr, "sluice.dlq", 8)
-            .into_iter()
-            .find(|r| r.key == b"default:u:banned");
-        if let Some(record) = found {
-            break serde_json::from_slice::<Value>(&record.value).expect("JSON");
-        }
-        assert!(Instant::now() < deadline, "no dead letter within 60 s");
-    };
+    let letter = first_keyed(&broker.addr, "sluice.dlq", b"default:u:banned");
     assert_eq!(letter["stage"], "validate", "{letter}");
     assert_eq!(letter["messageId"], "dead-1", "{letter}");
     assert!(
@@ -256,6 +238,25 @@ async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sig
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(dlq(&["list", "--json"]).contains("\"replayed\":true"));
+}
+
+/// The JSON value of the first record of `topic` (8 partitions) keyed `key`, waiting up to
+/// 60 s for it.
+fn first_keyed(brokers: &str, topic: &str, key: &[u8]) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let found = read_topic(brokers, topic, 8)
+            .into_iter()
+            .find(|r| r.key == key);
+        if let Some(record) = found {
+            return serde_json::from_slice(&record.value).expect("JSON");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no record keyed {:?} on {topic} within 60 s",
+            String::from_utf8_lossy(key)
+        );
+    }
 }
 
 /// Runs the independent client (`tests/interop/kafka_client.py`, confluent-kafka) and returns
