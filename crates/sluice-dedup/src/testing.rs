@@ -2,7 +2,17 @@
 //! `redis-server` of the test's own on a free port, to restart or stop at will.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::LazyLock;
 use std::time::{Duration, Instant};
+
+/// The test run's shared Redis: `SLUICE_TEST_REDIS` (set by `scripts/test`, which starts that
+/// server, see `scripts/services`), or the machine's default `redis://127.0.0.1:6379`.
+pub fn redis_url() -> &'static str {
+    static URL: LazyLock<String> = LazyLock::new(|| {
+        std::env::var("SLUICE_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_string())
+    });
+    &URL
+}
 
 /// A redis-server of our own, keeping nothing on disk; killed on drop.
 pub struct OwnRedis {

@@ -1,14 +1,12 @@
-//! The Redis dedup store against real Redis servers: the machine's (127.0.0.1:6379, keys under
-//! a prefix unique to each test, deleted at the end) and, for the outage test, a `redis-server`
+//! The Redis dedup store against real Redis servers: the test run's (`SLUICE_TEST_REDIS`, keys
+//! under a prefix unique to each test, deleted at the end) and, for the outage test, a `redis-server`
 //! started here on a free port.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sluice_dedup::testing::OwnRedis;
+use sluice_dedup::testing::{OwnRedis, redis_url};
 use sluice_dedup::{Dedup, DedupError, MessageKey, RedisDedup, RedisDedupConfig};
-
-const URL: &str = "redis://127.0.0.1:6379";
 
 fn key<'a>(org: &'a str, message_id: &'a str) -> MessageKey<'a> {
     MessageKey { org, message_id }
@@ -22,7 +20,7 @@ struct Scoped {
 
 async fn scoped(window: Duration) -> Scoped {
     let prefix = format!("sluice-test:{}", uuid_like());
-    let mut config = RedisDedupConfig::new(URL, window);
+    let mut config = RedisDedupConfig::new(redis_url(), window);
     config.prefix = prefix.clone();
     let store = RedisDedup::connect(config)
         .await
@@ -40,7 +38,7 @@ fn uuid_like() -> String {
 impl Drop for Scoped {
     fn drop(&mut self) {
         let _ = Command::new("redis-cli")
-            .args(["-u", URL, "--scan", "--pattern"])
+            .args(["-u", redis_url(), "--scan", "--pattern"])
             .arg(format!("{}*", self.prefix))
             .stdout(Stdio::piped())
             .output()
@@ -51,7 +49,7 @@ impl Drop for Scoped {
                     .collect();
                 if !keys.is_empty() {
                     let _ = Command::new("redis-cli")
-                        .args(["-u", URL, "DEL"])
+                        .args(["-u", redis_url(), "DEL"])
                         .args(&keys)
                         .output();
                 }
@@ -73,7 +71,7 @@ async fn marks_are_seen_per_org_in_batch_order_with_the_window_as_ttl() {
     // Marking again keeps the first mark (NX): the TTL is not extended.
     let ttl = |k: &str| {
         let out = Command::new("redis-cli")
-            .args(["-u", URL, "TTL"])
+            .args(["-u", redis_url(), "TTL"])
             .arg(format!("{}:acme:{k}", s.prefix))
             .output()
             .expect("redis-cli");

@@ -1,11 +1,21 @@
-//! A PostgreSQL schema of a test's own on the machine's server (127.0.0.1:5432, user
-//! `postgres`, database `test`), dropped on drop. Behind the `testing` feature, for this and
-//! other crates' tests.
+//! A PostgreSQL schema of a test's own on the test run's server, dropped on drop. Behind the
+//! `testing` feature, for this and other crates' tests.
+//!
+//! `scripts/test` starts that server (see `scripts/services`) and names it in
+//! `SLUICE_TEST_POSTGRES`; without it, the machine's own server at
+//! `postgres://postgres@127.0.0.1:5432/test` is used.
 
 use std::process::Command;
+use std::sync::LazyLock;
 
-/// The machine's test database.
-pub const POSTGRES: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// The test run's database: `SLUICE_TEST_POSTGRES`, or the machine's default.
+pub fn postgres_url() -> &'static str {
+    static URL: LazyLock<String> = LazyLock::new(|| {
+        std::env::var("SLUICE_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+    });
+    &URL
+}
 
 /// A schema created for one test.
 pub struct Schema(String);
@@ -23,7 +33,7 @@ impl Schema {
 
     /// A registry URL whose connections use this schema.
     pub fn url(&self) -> String {
-        format!("{POSTGRES}?options=-c%20search_path%3D{}", self.0)
+        format!("{}?options=-c%20search_path%3D{}", postgres_url(), self.0)
     }
 }
 
@@ -35,12 +45,13 @@ impl Drop for Schema {
 
 fn psql(sql: &str) {
     let out = Command::new("psql")
-        .args([POSTGRES, "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
+        .args([postgres_url(), "-v", "ON_ERROR_STOP=1", "-q", "-c", sql])
         .output()
-        .expect("psql runs");
+        .expect("psql runs (scripts/services installs it)");
     assert!(
         out.status.success(),
-        "{sql}: {}",
+        "{sql} on {}: {}",
+        postgres_url(),
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -1,5 +1,5 @@
 //! The registry contract, run on both implementations: SQLite in a temp dir, and PostgreSQL on
-//! the machine's server (127.0.0.1:5432, database `test`) in a schema of its own, dropped at
+//! the test run's server (`SLUICE_TEST_POSTGRES`, database `test`) in a schema of its own, dropped at
 //! the end.
 
 use sluice_registry::testing::Schema;

@@ -758,7 +758,7 @@ async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch() {
         "--registry",
         &registry,
         "--dedup",
-        support::REDIS,
+        support::redis_url(),
         "--dedup-key-prefix",
         &keys.0,
         "--index",
@@ -826,7 +826,7 @@ async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch() {
     );
     // Marks are in the shared Redis, under this test's prefix.
     let marks = support::redis_cli(
-        support::REDIS,
+        support::redis_url(),
         &["--scan", "--pattern", &format!("{}:acme:*", keys.0)],
     );
     assert_eq!(marks.lines().count(), 40, "{marks}");

@@ -142,7 +142,7 @@ impl Stack {
                     schema = Some(pg);
                     let prefix = support::RedisKeys::new("e2e");
                     let mut config =
-                        RedisDedupConfig::new(support::REDIS, sluice_dedup::DEFAULT_WINDOW);
+                        RedisDedupConfig::new(support::redis_url(), sluice_dedup::DEFAULT_WINDOW);
                     config.prefix = prefix.0.clone();
                     keys = Some(prefix);
                     let dedup = RedisDedup::connect(config).await.expect("Redis dedup");

@@ -1,6 +1,6 @@
 //! `sluice` with shared backends by URL, against real servers: `--dedup redis://...`
-//! (127.0.0.1:6379, keys under a prefix unique to the test, deleted at the end),
-//! `--registry postgres://...` (127.0.0.1:5432, database `test`, a schema of the test's own,
+//! (the test run's server, keys under a prefix unique to the test, deleted at the end),
+//! `--registry postgres://...` (the test run's server, a schema of the test's own,
 //! dropped at the end) and `--index http://...` (an osmem-server started for the test binary,
 //! indexes under a prefix of the test's own).
 
@@ -15,7 +15,7 @@ use sluice_index::{ElasticIndex, ElasticIndexConfig};
 use sluice_registry::testing::Schema;
 
 mod support;
-use support::{REDIS, RedisKeys, Server, TcpProxy, redis_cli, run_ok, sluice};
+use support::{RedisKeys, Server, TcpProxy, redis_cli, redis_url, run_ok, sluice};
 
 async fn post(conn: &mut Connection, key: &str, path: &str, body: Value) {
     let r = conn
@@ -59,7 +59,7 @@ async fn serve_with_redis_dedup_and_an_opensearch_index_drops_a_reposted_id() {
         &dir.path().join("node"),
         &[
             "--dedup",
-            REDIS,
+            redis_url(),
             "--dedup-key-prefix",
             &prefix,
             "--index",
@@ -105,10 +105,10 @@ async fn serve_with_redis_dedup_and_an_opensearch_index_drops_a_reposted_id() {
 
     // The marks live in Redis, with the dedup window as their time to live.
     assert_eq!(
-        redis_cli(REDIS, &["EXISTS", &format!("{prefix}:default:upd-1")]),
+        redis_cli(redis_url(), &["EXISTS", &format!("{prefix}:default:upd-1")]),
         "1"
     );
-    let ttl: i64 = redis_cli(REDIS, &["TTL", &format!("{prefix}:default:upd-2")])
+    let ttl: i64 = redis_cli(redis_url(), &["TTL", &format!("{prefix}:default:upd-2")])
         .parse()
         .expect("ttl");
     assert!(ttl > 6 * 24 * 3600, "ttl {ttl}");
@@ -215,8 +215,9 @@ async fn serve_on_shared_backends_rides_out_429_storms_and_outages_of_each_backe
     let redis_port = redis.as_ref().map_or(0, |r| r.port);
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
     let schema = Schema::create();
-    let pg = TcpProxy::start("127.0.0.1:5432".parse().expect("address"));
-    let registry = schema.url().replace("127.0.0.1:5432", &pg.addr.to_string());
+    let pg_addr = postgres_addr();
+    let pg = TcpProxy::start(pg_addr.parse().expect("address"));
+    let registry = schema.url().replace(&pg_addr, &pg.addr.to_string());
     let index_prefix = format!("chaos-{}-{}", std::process::id(), support::unique());
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("node");
@@ -318,4 +319,11 @@ async fn serve_on_shared_backends_rides_out_429_storms_and_outages_of_each_backe
             });
         assert!(line.contains("first=") && line.contains("last="), "{line}");
     }
+}
+
+/// `host:port` of the test run's PostgreSQL.
+fn postgres_addr() -> String {
+    let url = sluice_registry::testing::postgres_url();
+    let rest = url.split_once('@').map_or(url, |(_, rest)| rest);
+    rest.split('/').next().unwrap_or(rest).to_string()
 }

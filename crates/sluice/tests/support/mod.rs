@@ -39,8 +39,8 @@ pub fn embedded_index(dir: &std::path::Path) -> Arc<EmbeddedIndex> {
     Arc::new(EmbeddedIndex::open(config).expect("index"))
 }
 
-/// The machine's Redis (tests use keys under a prefix of their own, see `RedisKeys`).
-pub const REDIS: &str = "redis://127.0.0.1:6379";
+/// The test run's Redis (tests use keys under a prefix of their own, see `RedisKeys`).
+pub use sluice_dedup::testing::redis_url;
 
 pub fn redis_cli(url: &str, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -67,12 +67,12 @@ impl RedisKeys {
 impl Drop for RedisKeys {
     fn drop(&mut self) {
         let pattern = format!("{}:*", self.0);
-        let keys = redis_cli(REDIS, &["--scan", "--pattern", &pattern]);
+        let keys = redis_cli(redis_url(), &["--scan", "--pattern", &pattern]);
         let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
         for chunk in keys.chunks(1000) {
             let mut args = vec!["DEL"];
             args.extend(chunk);
-            redis_cli(REDIS, &args);
+            redis_cli(redis_url(), &args);
         }
     }
 }
