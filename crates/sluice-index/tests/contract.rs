@@ -1,6 +1,8 @@
 //! The `Index` contract, one suite run on every backend: the embedded index (tantivy files in
-//! a temp dir) and the Elasticsearch/OpenSearch index (a real osmem-server, each test in
-//! indexes of its own). Each test is written once and instantiated per backend by `contract!`.
+//! a temp dir) and the Elasticsearch/OpenSearch index, on a real OpenSearch 2.19 node and on
+//! osmem-server (a fast imitation), each test in indexes of its own. Each test is written once
+//! and instantiated per backend by `contract!`. One OpenSearch node and one osmem-server serve
+//! the whole test binary.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -12,11 +14,15 @@ use sluice_index::{
     IndexError, SearchRequest, Target, UserUpsert, WriteBatch,
 };
 use sluice_model::Patch;
+use sluice_testkit::OpenSearch;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
     Embedded,
-    Elastic,
+    /// `ElasticIndex` on a real OpenSearch node.
+    OpenSearch,
+    /// `ElasticIndex` on osmem-server.
+    Osmem,
 }
 
 /// One test's store: a temp dir, or an index prefix of its own on the shared server.
@@ -30,6 +36,12 @@ struct Store {
 fn osmem() -> &'static Osmem {
     static OSMEM: OnceLock<Osmem> = OnceLock::new();
     OSMEM.get_or_init(Osmem::start)
+}
+
+/// One OpenSearch node for the whole test binary (it exits with this process).
+fn opensearch() -> &'static OpenSearch {
+    static NODE: OnceLock<OpenSearch> = OnceLock::new();
+    NODE.get_or_init(OpenSearch::start)
 }
 
 impl Store {
@@ -54,9 +66,16 @@ impl Store {
                 config.threads = 1;
                 Box::new(EmbeddedIndex::open(config).expect("open index"))
             }
-            Backend::Elastic => {
-                let mut config = ElasticIndexConfig::new(&osmem().url);
+            Backend::OpenSearch | Backend::Osmem => {
+                let url = if self.backend == Backend::OpenSearch {
+                    &opensearch().url
+                } else {
+                    &osmem().url
+                };
+                let mut config = ElasticIndexConfig::new(url);
                 config.prefix = self.prefix.clone();
+                // The contract searches right after writing.
+                config.refresh_writes = true;
                 Box::new(ElasticIndex::open(config).await.expect("open index"))
             }
         }
@@ -80,10 +99,16 @@ macro_rules! contract {
                 super::$test(super::Backend::Embedded).await
             })*
         }
-        mod elastic {
+        mod opensearch {
             $(#[tokio::test]
             async fn $test() {
-                super::$test(super::Backend::Elastic).await
+                super::$test(super::Backend::OpenSearch).await
+            })*
+        }
+        mod osmem {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::Backend::Osmem).await
             })*
         }
     };

@@ -1,8 +1,12 @@
-//! The Elasticsearch/OpenSearch index under the failures a real cluster produces, injected by a
-//! proxy in front of a real osmem-server: item-level 429/409 storms, whole requests failing,
-//! an outage, and documents refused for their content.
+//! The Elasticsearch/OpenSearch index under the failures a real cluster produces: injected by a
+//! proxy in front of the server (item-level 429/409 storms, whole requests failing, an outage),
+//! and produced by the engine itself (documents refused for their content, a real OpenSearch
+//! node with a tiny write queue answering 429, a closed index). Each test runs on a real
+//! OpenSearch 2.19 node (one per test binary, indexes under a prefix of the test's own) and on
+//! osmem-server (a fast imitation, one per test).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -12,6 +16,78 @@ use sluice_index::{
     UserUpsert, WriteBatch,
 };
 use sluice_model::Patch;
+use sluice_testkit::OpenSearch;
+
+/// The server a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Server {
+    OpenSearch,
+    Osmem,
+}
+
+/// A running server for one test: the binary's OpenSearch node, or an osmem-server of its own.
+struct Backend {
+    url: String,
+    prefix_base: String,
+    _osmem: Option<Osmem>,
+}
+
+impl Backend {
+    fn start(server: Server) -> Backend {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        match server {
+            Server::OpenSearch => Backend {
+                url: opensearch().url.clone(),
+                prefix_base: format!("faults-{}-{n}", std::process::id()),
+                _osmem: None,
+            },
+            Server::Osmem => {
+                let osmem = Osmem::start();
+                Backend {
+                    url: osmem.url.clone(),
+                    prefix_base: "faults".into(),
+                    _osmem: Some(osmem),
+                }
+            }
+        }
+    }
+
+    /// A prefix unique to this test on its server.
+    fn prefix(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix_base)
+    }
+}
+
+/// One OpenSearch node for the whole test binary (it exits with this process).
+fn opensearch() -> &'static OpenSearch {
+    static NODE: OnceLock<OpenSearch> = OnceLock::new();
+    NODE.get_or_init(OpenSearch::start)
+}
+
+macro_rules! on_both {
+    ($($test:ident),* $(,)?) => {
+        mod opensearch {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::Server::OpenSearch).await
+            })*
+        }
+        mod osmem {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(super::Server::Osmem).await
+            })*
+        }
+    };
+}
+
+on_both!(
+    item_level_429_and_409_storms_are_retried_until_every_document_is_taken,
+    documents_still_failing_make_a_recoverable_error_and_nothing_is_lost,
+    an_outage_is_a_recoverable_error_and_writes_resume_when_it_ends,
+    documents_rejected_for_their_content_are_refused_alone,
+);
 
 async fn open(url: &str, prefix: &str) -> ElasticIndex {
     let mut config = ElasticIndexConfig::new(url);
@@ -19,6 +95,8 @@ async fn open(url: &str, prefix: &str) -> ElasticIndex {
     config.item_attempts = 4;
     config.max_retry_delay = Duration::from_millis(100);
     config.timeout = Duration::from_secs(5);
+    // The tests search right after writing.
+    config.refresh_writes = true;
     ElasticIndex::open(config).await.expect("open")
 }
 
@@ -109,11 +187,10 @@ async fn assert_round_written(index: &ElasticIndex, round: usize) {
     assert_eq!(odd["dataFields"]["nested"], json!({"n": round}));
 }
 
-#[tokio::test]
-async fn item_level_429_and_409_storms_are_retried_until_every_document_is_taken() {
-    let osmem = Osmem::start();
-    let proxy = FaultProxy::start(&osmem.url);
-    let index = open(&proxy.url, "storm").await;
+async fn item_level_429_and_409_storms_are_retried_until_every_document_is_taken(server: Server) {
+    let backend = Backend::start(server);
+    let proxy = FaultProxy::start(&backend.url);
+    let index = open(&proxy.url, &backend.prefix("storm")).await;
     index
         .write(Arc::new(batch(0)))
         .await
@@ -159,11 +236,10 @@ async fn item_level_429_and_409_storms_are_retried_until_every_document_is_taken
     assert_round_written(&index, 4).await;
 }
 
-#[tokio::test]
-async fn documents_still_failing_make_a_recoverable_error_and_nothing_is_lost() {
-    let osmem = Osmem::start();
-    let proxy = FaultProxy::start(&osmem.url);
-    let index = open(&proxy.url, "persistent").await;
+async fn documents_still_failing_make_a_recoverable_error_and_nothing_is_lost(server: Server) {
+    let backend = Backend::start(server);
+    let proxy = FaultProxy::start(&backend.url);
+    let index = open(&proxy.url, &backend.prefix("persistent")).await;
     // More failures than 4 attempts can get through.
     proxy.fail_items(429, 1, 100_000);
     match index.write(Arc::new(batch(1))).await {
@@ -184,11 +260,10 @@ async fn documents_still_failing_make_a_recoverable_error_and_nothing_is_lost() 
     assert_round_written(&index, 1).await;
 }
 
-#[tokio::test]
-async fn an_outage_is_a_recoverable_error_and_writes_resume_when_it_ends() {
-    let osmem = Osmem::start();
-    let proxy = FaultProxy::start(&osmem.url);
-    let index = open(&proxy.url, "outage").await;
+async fn an_outage_is_a_recoverable_error_and_writes_resume_when_it_ends(server: Server) {
+    let backend = Backend::start(server);
+    let proxy = FaultProxy::start(&backend.url);
+    let index = open(&proxy.url, &backend.prefix("outage")).await;
     index
         .write(Arc::new(batch(0)))
         .await
@@ -213,10 +288,9 @@ async fn an_outage_is_a_recoverable_error_and_writes_resume_when_it_ends() {
     assert_round_written(&index, 1).await;
 }
 
-#[tokio::test]
-async fn documents_rejected_for_their_content_are_refused_alone() {
-    let osmem = Osmem::start();
-    let index = open(&osmem.url, "refused").await;
+async fn documents_rejected_for_their_content_are_refused_alone(server: Server) {
+    let backend = Backend::start(server);
+    let index = open(&backend.url, &backend.prefix("refused")).await;
     index
         .write(Arc::new(WriteBatch {
             users: vec![user(1, json!({"age": 30}), false)],
@@ -230,6 +304,8 @@ async fn documents_rejected_for_their_content_are_refused_alone() {
             users: vec![
                 user(2, json!({"age": "old"}), false),
                 user(3, json!({"age": 40}), false),
+                // A mapping conflict: an object where the field is a number.
+                user(4, json!({"age": {"years": 40}}), false),
             ],
             events: vec![
                 event(2, json!({"amount": "lots"})),
@@ -238,10 +314,10 @@ async fn documents_rejected_for_their_content_are_refused_alone() {
         }))
         .await
         .expect("write");
-    assert_eq!(outcome.refused.len(), 2, "{:?}", outcome.refused);
+    assert_eq!(outcome.refused.len(), 3, "{:?}", outcome.refused);
     for refused in &outcome.refused {
         let (Refused::User {
-            position: 0,
+            position: 0 | 2,
             reason,
         }
         | Refused::Event {
@@ -258,5 +334,96 @@ async fn documents_rejected_for_their_content_are_refused_alone() {
     }
     assert!(index.get_user("acme", "u:3").await.expect("get").is_some());
     assert!(index.get_user("acme", "u:2").await.expect("get").is_none());
+    assert!(index.get_user("acme", "u:4").await.expect("get").is_none());
     assert_eq!(total(&index, Target::Events, "").await, 2);
+}
+
+/// Real 429s: a node whose write pool has one thread and a queue of one rejects bulk items with
+/// `es_rejected_execution_exception` while eight writers send at once. Every rejected item is
+/// sent again, and every document of every writer is there afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_write_queue_rejection_storm_loses_nothing() {
+    let node =
+        OpenSearch::start_with(&["thread_pool.write.size=1", "thread_pool.write.queue_size=1"]);
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let url = node.url.clone();
+        writers.push(tokio::spawn(async move {
+            let mut config = ElasticIndexConfig::new(&url);
+            config.prefix = format!("queue-{w}");
+            config.item_attempts = 1000;
+            config.max_retry_delay = Duration::from_millis(200);
+            config.bulk_max_docs = 100;
+            let index = ElasticIndex::open(config).await.expect("open");
+            for round in 0..3 {
+                index
+                    .write(Arc::new(batch(round)))
+                    .await
+                    .expect("every write is taken in the end");
+            }
+            index
+        }));
+    }
+    let mut retried = 0;
+    for writer in writers {
+        let index = writer.await.expect("writer");
+        retried += index.stats().retried_docs.load(Ordering::Relaxed);
+        refresh(&node.url, &index).await;
+        assert_round_written(&index, 2).await;
+    }
+    assert!(
+        retried > 0,
+        "the node rejected nothing: the test did not make a storm{}",
+        node.log()
+    );
+    println!("documents sent again after a real 429: {retried}");
+}
+
+/// A closed index: writes and reads are a recoverable error that names the index and the
+/// engine's reason (an operator reopens it; nothing is refused for its content), and writing
+/// resumes once it is open again.
+#[tokio::test]
+async fn a_closed_index_is_a_recoverable_error_naming_it() {
+    let url = &opensearch().url;
+    let prefix = format!("closed-{}", std::process::id());
+    let index = open(url, &prefix).await;
+    index.write(Arc::new(batch(0))).await.expect("write");
+    let (_, events) = index.index_names();
+    let http = reqwest::Client::new();
+    let closed = http
+        .post(format!("{url}/{events}/_close"))
+        .send()
+        .await
+        .expect("close");
+    assert!(closed.status().is_success(), "{:?}", closed.text().await);
+
+    let error = index
+        .write(Arc::new(batch(1)))
+        .await
+        .expect_err("the events index is closed");
+    assert!(error.is_retriable(), "{error}");
+    let message = error.to_string();
+    assert!(message.contains(events), "{message}");
+    assert!(message.contains("index_closed_exception"), "{message}");
+
+    let opened = http
+        .post(format!("{url}/{events}/_open?wait_for_active_shards=1"))
+        .send()
+        .await
+        .expect("open");
+    assert!(opened.status().is_success(), "{:?}", opened.text().await);
+    index
+        .write(Arc::new(batch(1)))
+        .await
+        .expect("write after reopening");
+    assert_round_written(&index, 1).await;
+}
+
+async fn refresh(url: &str, index: &ElasticIndex) {
+    let (users, events) = index.index_names();
+    reqwest::Client::new()
+        .post(format!("{url}/{users},{events}/_refresh"))
+        .send()
+        .await
+        .expect("refresh");
 }

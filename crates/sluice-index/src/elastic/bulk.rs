@@ -520,10 +520,26 @@ enum Verdict {
     Refuse,
 }
 
-fn verdict(status: u16) -> Verdict {
+fn verdict(status: u16, error: Option<&ErrorBody>) -> Verdict {
     match status {
         200..=299 => Verdict::Done,
         401 | 403 | 404 | 408 | 409 | 429 | 500..=599 => Verdict::Retry,
+        // About the index, not the document: a closed index, a block (read-only after the
+        // flood-stage disk watermark, or set by an operator), an index deleted while auto
+        // creation is off. An operator fixes these; the document is fine.
+        _ if error.is_some_and(|e| {
+            matches!(
+                e.kind.as_str(),
+                "index_closed_exception"
+                    | "cluster_block_exception"
+                    | "index_not_found_exception"
+                    | "no_shard_available_action_exception"
+                    | "unavailable_shards_exception"
+            )
+        }) =>
+        {
+            Verdict::Retry
+        }
         _ => Verdict::Refuse,
     }
 }
@@ -540,10 +556,16 @@ async fn send(
 ) -> Result<(), IndexError> {
     let docs = std::mem::take(chunk);
     add(&index.stats.bulk_requests, 1);
+    let refresh: &[(&str, &str)] = if index.config.refresh_writes {
+        &[("refresh", "true")]
+    } else {
+        &[]
+    };
     let result = index
-        .request(
+        .request_query(
             Method::POST,
             &["_bulk"],
+            refresh,
             Some((Bytes::from(body), "application/x-ndjson")),
         )
         .await
@@ -590,7 +612,7 @@ async fn send(
             Some(error) => format!("{} {error}", result.status),
             None => format!("status {}", result.status),
         };
-        match verdict(result.status) {
+        match verdict(result.status, result.error.as_ref()) {
             Verdict::Done => {}
             Verdict::Retry => failed.push((doc, reason())),
             Verdict::Refuse => plan.refuse(index, outcome, doc, reason()),
@@ -628,13 +650,24 @@ mod tests {
     #[test]
     fn items_are_retried_refused_or_done_by_status() {
         for status in [200, 201] {
-            assert_eq!(verdict(status), Verdict::Done);
+            assert_eq!(verdict(status, None), Verdict::Done);
         }
         for status in [409, 429, 500, 502, 503, 404, 403] {
-            assert_eq!(verdict(status), Verdict::Retry, "{status}");
+            assert_eq!(verdict(status, None), Verdict::Retry, "{status}");
         }
         for status in [400, 413, 422] {
-            assert_eq!(verdict(status), Verdict::Refuse, "{status}");
+            assert_eq!(verdict(status, None), Verdict::Refuse, "{status}");
+        }
+        let error = |kind: &str| -> ErrorBody {
+            serde_json::from_value(serde_json::json!({"type": kind, "reason": "x"}))
+                .expect("an error body")
+        };
+        assert_eq!(
+            verdict(400, Some(&error("mapper_parsing_exception"))),
+            Verdict::Refuse
+        );
+        for kind in ["index_closed_exception", "cluster_block_exception"] {
+            assert_eq!(verdict(400, Some(&error(kind))), Verdict::Retry, "{kind}");
         }
     }
 

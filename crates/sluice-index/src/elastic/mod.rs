@@ -11,7 +11,8 @@
 //!
 //! Visibility: a write is durable when `write` returns (the cluster acknowledged it). Reads by id
 //! (`get_user`) are real-time; searches see it after the index's refresh interval (1 s by
-//! default), as with any client of the cluster.
+//! default), as with any client of the cluster, or when `write` returns with
+//! `refresh_writes`.
 
 mod bulk;
 mod mapping;
@@ -51,6 +52,10 @@ pub struct ElasticIndexConfig {
     pub item_attempts: u32,
     /// Longest wait between two such attempts (exponential backoff with jitter up to it).
     pub max_retry_delay: Duration,
+    /// Each `_bulk` asks `refresh=true`, so that what `write` wrote is searchable when it
+    /// returns. Off by default: a refresh per batch costs the cluster throughput. For tests that
+    /// search right after writing, and for tiny deployments.
+    pub refresh_writes: bool,
 }
 
 impl ElasticIndexConfig {
@@ -63,6 +68,7 @@ impl ElasticIndexConfig {
             bulk_max_docs: 10_000,
             item_attempts: 8,
             max_retry_delay: Duration::from_secs(2),
+            refresh_writes: false,
         }
     }
 }
@@ -107,6 +113,9 @@ pub(crate) struct ErrorBody {
     caused_by: Option<Box<ErrorBody>>,
     #[serde(default)]
     root_cause: Vec<ErrorBody>,
+    /// The index the error is about, where the cluster says.
+    #[serde(default)]
+    index: Option<String>,
 }
 
 impl std::fmt::Display for ErrorBody {
@@ -127,6 +136,9 @@ impl std::fmt::Display for ErrorBody {
             && self.reason.as_deref() != Some(reason)
         {
             write!(f, " ({reason})")?;
+        }
+        if let Some(index) = &self.index {
+            write!(f, " [index {index}]")?;
         }
         Ok(())
     }
