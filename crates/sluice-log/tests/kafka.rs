@@ -1,13 +1,126 @@
-//! The Kafka log against a real Kafka-protocol broker: tansu, started here on a free port
-//! (`scripts/test` installs it and sets SLUICE_TANSU), with memory storage.
+//! The Kafka log against real brokers: Apache Kafka 4.1 (KRaft, one broker for the whole test
+//! binary, each test on topics and groups of its own; a broker of its own for the test that
+//! kills it), and tansu (a Kafka-protocol broker, memory storage, one per test) as a fast extra
+//! case. Each test is written once and instantiated per broker by `on_both!`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_log::kafka::testing::{Tansu, read_topic};
 use sluice_log::{
     Ack, Assignment, KafkaLog, KafkaLogConfig, Log, LogError, PartitionStream, Record, Subscription,
 };
+use sluice_testkit::Kafka;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    Kafka,
+    Tansu,
+}
+
+/// One test's broker and names: the binary's Kafka broker (or one of the test's own), or a
+/// tansu of its own.
+struct Broker {
+    addr: String,
+    /// The ingest topic of this test.
+    topic: String,
+    suffix: String,
+    kafka: Option<Kafka>,
+    tansu: Option<Tansu>,
+}
+
+/// One Kafka broker for the whole test binary (it exits with this process).
+fn shared_kafka() -> &'static Kafka {
+    static KAFKA: OnceLock<Kafka> = OnceLock::new();
+    KAFKA.get_or_init(Kafka::single)
+}
+
+impl Broker {
+    /// A broker to share (Kafka) or of the test's own (tansu).
+    fn start(engine: Engine) -> Broker {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        match engine {
+            Engine::Kafka => {
+                let suffix = format!("{}", NEXT.fetch_add(1, Ordering::Relaxed));
+                Broker {
+                    addr: shared_kafka().bootstrap.clone(),
+                    topic: format!("sluice.ingest.{suffix}"),
+                    suffix,
+                    kafka: None,
+                    tansu: None,
+                }
+            }
+            Engine::Tansu => Broker::tansu(),
+        }
+    }
+
+    /// A broker of the test's own, to kill.
+    fn own(engine: Engine) -> Broker {
+        match engine {
+            Engine::Kafka => {
+                let kafka = Kafka::single();
+                Broker {
+                    addr: kafka.bootstrap.clone(),
+                    topic: "sluice.ingest".into(),
+                    suffix: String::new(),
+                    kafka: Some(kafka),
+                    tansu: None,
+                }
+            }
+            Engine::Tansu => Broker::tansu(),
+        }
+    }
+
+    fn tansu() -> Broker {
+        let tansu = Tansu::start();
+        Broker {
+            addr: tansu.addr.clone(),
+            topic: "sluice.ingest".into(),
+            suffix: String::new(),
+            kafka: None,
+            tansu: Some(tansu),
+        }
+    }
+
+    /// A consumer group name unique to this test on its broker.
+    fn group(&self, name: &str) -> String {
+        format!("{name}{}", self.suffix)
+    }
+
+    /// SIGKILLs the broker (one of the test's own).
+    fn kill(&mut self) {
+        if let Some(kafka) = &self.kafka {
+            kafka.kill(1);
+        }
+        self.tansu = None;
+    }
+}
+
+macro_rules! on_both {
+    ($($test:ident),* $(,)?) => {
+        mod kafka {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::Engine::Kafka).await
+            })*
+        }
+        mod tansu {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::Engine::Tansu).await
+            })*
+        }
+    };
+}
+
+on_both!(
+    appends_are_acknowledged_on_the_murmur2_partition_in_order,
+    a_group_reads_each_partition_in_order_and_resumes_after_its_commit,
+    a_joining_member_takes_partitions_only_after_they_are_released,
+    the_log_reports_unhealthy_once_every_broker_is_down,
+);
 
 fn record(key: &str, value: &str) -> Record {
     Record {
@@ -17,10 +130,9 @@ fn record(key: &str, value: &str) -> Record {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn appends_are_acknowledged_on_the_murmur2_partition_in_order() {
-    let broker = Tansu::start();
-    let log = KafkaLog::connect(KafkaLogConfig::new(&broker.addr, "sluice.ingest"))
+async fn appends_are_acknowledged_on_the_murmur2_partition_in_order(engine: Engine) {
+    let broker = Broker::start(engine);
+    let log = KafkaLog::connect(KafkaLogConfig::new(&broker.addr, &broker.topic))
         .await
         .expect("connect and create the topic");
     assert_eq!(log.partitions(), 8);
@@ -48,7 +160,7 @@ async fn appends_are_acknowledged_on_the_murmur2_partition_in_order() {
     }
 
     // An independent client sees exactly these records where the acks said.
-    let read = read_topic(&broker.addr, "sluice.ingest", 8);
+    let read = read_topic(&broker.addr, &broker.topic, 8);
     assert_eq!(read.len(), records.len());
     for (record, ack) in records.iter().zip(&acks) {
         let found = read
@@ -61,7 +173,7 @@ async fn appends_are_acknowledged_on_the_murmur2_partition_in_order() {
     log.close().await.expect("close");
 
     // Connecting again to the existing topic with another configured count uses the topic's.
-    let mut config = KafkaLogConfig::new(&broker.addr, "sluice.ingest");
+    let mut config = KafkaLogConfig::new(&broker.addr, &broker.topic);
     config.partitions = 3;
     let again = KafkaLog::connect(config).await.expect("connect again");
     assert_eq!(again.partitions(), 8);
@@ -164,22 +276,24 @@ async fn read(stream: &mut dyn PartitionStream, count: usize) -> Vec<(u64, Strin
     out
 }
 
-fn group_config(broker: &Tansu) -> KafkaLogConfig {
-    let mut config = KafkaLogConfig::new(&broker.addr, "sluice.ingest");
+fn group_config(broker: &Broker) -> KafkaLogConfig {
+    let mut config = KafkaLogConfig::new(&broker.addr, &broker.topic);
     config.session_timeout = Duration::from_secs(6);
     config.instance_id = Some("node-1".into());
     config
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_group_reads_each_partition_in_order_and_resumes_after_its_commit() {
-    let broker = Tansu::start();
+async fn a_group_reads_each_partition_in_order_and_resumes_after_its_commit(engine: Engine) {
+    let broker = Broker::start(engine);
     let log = KafkaLog::connect(group_config(&broker))
         .await
         .expect("connect");
     let expected = fill(&log, 400, "first").await;
 
-    let mut subscription = log.subscribe("resume").await.expect("subscribe");
+    let mut subscription = log
+        .subscribe(&broker.group("resume"))
+        .await
+        .expect("subscribe");
     let mut streams = assigned(&mut subscription, 8).await;
     let mut committed = BTreeMap::new();
     for (partition, stream) in &mut streams {
@@ -194,7 +308,10 @@ async fn a_group_reads_each_partition_in_order_and_resumes_after_its_commit() {
     drop(streams);
     drop(subscription);
 
-    let mut subscription = log.subscribe("resume").await.expect("subscribe again");
+    let mut subscription = log
+        .subscribe(&broker.group("resume"))
+        .await
+        .expect("subscribe again");
     let mut streams = assigned(&mut subscription, 8).await;
     for (partition, stream) in &mut streams {
         let want: Vec<(u64, String)> = expected[partition]
@@ -210,22 +327,27 @@ async fn a_group_reads_each_partition_in_order_and_resumes_after_its_commit() {
     log.close().await.expect("close");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_joining_member_takes_partitions_only_after_they_are_released() {
-    let broker = Tansu::start();
+async fn a_joining_member_takes_partitions_only_after_they_are_released(engine: Engine) {
+    let broker = Broker::start(engine);
     let mut config = group_config(&broker);
     config.revoke_timeout = Duration::from_secs(3);
     let log = KafkaLog::connect(config).await.expect("connect");
     let expected = fill(&log, 400, "share").await;
 
-    let mut first = log.subscribe("share").await.expect("subscribe");
+    let mut first = log
+        .subscribe(&broker.group("share"))
+        .await
+        .expect("subscribe");
     let mut streams = assigned(&mut first, 8).await;
     for (partition, stream) in &mut streams {
         read(stream.as_mut(), expected[partition].len()).await;
     }
 
     // A second member joins: the first is asked to give everything back (eager protocol).
-    let mut second = log.subscribe("share").await.expect("second member");
+    let mut second = log
+        .subscribe(&broker.group("share"))
+        .await
+        .expect("second member");
     let mut revoked = Vec::new();
     while revoked.len() < 8 {
         match next_change(&mut first, Duration::from_secs(30)).await {
@@ -312,17 +434,16 @@ async fn a_joining_member_takes_partitions_only_after_they_are_released() {
     log.close().await.expect("close");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_log_reports_unhealthy_once_every_broker_is_down() {
-    let broker = Tansu::start();
-    let log = KafkaLog::connect(KafkaLogConfig::new(&broker.addr, "sluice.ingest"))
+async fn the_log_reports_unhealthy_once_every_broker_is_down(engine: Engine) {
+    let mut broker = Broker::own(engine);
+    let log = KafkaLog::connect(KafkaLogConfig::new(&broker.addr, &broker.topic))
         .await
         .expect("connect");
     log.append(vec![record("acme:u:1", "{}")])
         .await
         .expect("append");
     assert!(log.is_healthy());
-    drop(broker); // killed
+    broker.kill();
     let deadline = Instant::now() + Duration::from_secs(20);
     while log.is_healthy() {
         assert!(
@@ -331,4 +452,103 @@ async fn the_log_reports_unhealthy_once_every_broker_is_down() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Failover, on real Kafka only (tansu never hands a departed member's partitions to the
+/// survivors): two nodes with static membership share the group; one goes away without leaving
+/// it (a closed static member sends no LeaveGroup, as after a crash). Within the session
+/// timeout + 5 s the survivor owns every partition, and reads each from the departed node's
+/// last commit, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departed_static_member_s_partitions_go_to_the_survivor_after_its_session() {
+    let broker = Broker::start(Engine::Kafka);
+    let group = broker.group("failover");
+    let node = |id: &str| {
+        let mut config = group_config(&broker);
+        config.instance_id = Some(id.into());
+        config
+    };
+    let survivor_log = KafkaLog::connect(node("node-a")).await.expect("connect a");
+    let departing_log = KafkaLog::connect(node("node-b")).await.expect("connect b");
+    let expected = fill(&survivor_log, 400, "failover").await;
+
+    let mut survivor = survivor_log.subscribe(&group).await.expect("subscribe a");
+    let mut departing = departing_log.subscribe(&group).await.expect("subscribe b");
+    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.len() + b.len() < 8 || a.is_empty() || b.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "split: {:?} + {:?}",
+            a.keys(),
+            b.keys()
+        );
+        tokio::select! {
+            change = survivor.next() => match change.expect("a ended") {
+                Assignment::Assigned(s) => { a.insert(s.partition(), s); }
+                Assignment::Revoked(p) => { a.remove(&p); }
+                Assignment::Failed(e) => panic!("{e}"),
+            },
+            change = departing.next() => match change.expect("b ended") {
+                Assignment::Assigned(s) => { b.insert(s.partition(), s); }
+                Assignment::Revoked(p) => { b.remove(&p); }
+                Assignment::Failed(e) => panic!("{e}"),
+            },
+        }
+    }
+    // The departing node processes half of each of its partitions, commits, and goes away.
+    let mut committed = BTreeMap::new();
+    for (partition, stream) in &mut b {
+        let half = expected[partition].len() / 2;
+        read(stream.as_mut(), half).await;
+        let at = expected[partition][half].0;
+        stream.commit(at).await.expect("commit");
+        committed.insert(*partition, at);
+    }
+    let moved: Vec<u32> = b.keys().copied().collect();
+    drop(b);
+    drop(departing);
+    departing_log.close().await.expect("close b");
+    let gone = Instant::now();
+
+    // The eager protocol revokes the survivor's own partitions first: it releases them (as the
+    // pipeline does after its batch), then gets all eight.
+    let mut taken = BTreeMap::new();
+    let limit = group_config(&broker).session_timeout + Duration::from_secs(5);
+    while !moved.iter().all(|p| taken.contains_key(p)) {
+        let left = limit.saturating_sub(gone.elapsed());
+        assert!(
+            !left.is_zero(),
+            "the survivor took {:?} of {moved:?} within the session timeout + 5 s",
+            taken.keys()
+        );
+        match next_change(&mut survivor, left.max(Duration::from_millis(1))).await {
+            Assignment::Assigned(s) => {
+                taken.insert(s.partition(), s);
+            }
+            Assignment::Revoked(p) => {
+                a.remove(&p);
+                taken.remove(&p);
+            }
+            Assignment::Failed(e) => panic!("{e}"),
+        }
+    }
+    println!(
+        "the survivor owned the departed member's partitions {:?} after it left",
+        gone.elapsed()
+    );
+    for (partition, stream) in taken.iter_mut().filter(|(p, _)| moved.contains(p)) {
+        let want: Vec<(u64, String)> = expected[partition]
+            .iter()
+            .filter(|(offset, _)| *offset >= committed[partition])
+            .cloned()
+            .collect();
+        let got = read(stream.as_mut(), want.len()).await;
+        assert_eq!(
+            got, want,
+            "partition {partition}: from the departed node's commit"
+        );
+    }
+    drop((a, taken, survivor));
+    survivor_log.close().await.expect("close a");
 }

@@ -372,38 +372,49 @@ async fn prepare(
     Ok(partitions)
 }
 
-/// The partition count of the topic, from the cluster's metadata.
+/// The partition count of the topic, from the cluster's metadata. A topic created a moment
+/// ago may not be in every broker's metadata yet (Kafka answers CreateTopics before its brokers
+/// have all learned of it): asked again until `request_timeout`.
 async fn topic_partitions(
     producer: &FutureProducer<ProducerHealth>,
     config: &KafkaLogConfig,
 ) -> Result<u32, LogError> {
-    let producer = producer.clone();
-    let topic = config.topic.clone();
-    let timeout = config.request_timeout;
-    let metadata = tokio::task::spawn_blocking(move || {
-        producer.client().fetch_metadata(Some(&topic), timeout)
-    })
-    .await
-    .map_err(|e| LogError::Broker {
-        brokers: config.brokers.clone(),
-        message: format!("metadata task failed: {e}"),
-    })?
-    .map_err(|e| LogError::Broker {
-        brokers: config.brokers.clone(),
-        message: format!("cannot read the metadata of topic {:?}: {e}", config.topic),
-    })?;
-    let count = metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == config.topic)
-        .map_or(0, |t| t.partitions().len());
-    if count == 0 {
-        return Err(LogError::Broker {
+    let deadline = tokio::time::Instant::now() + config.request_timeout;
+    loop {
+        let producer = producer.clone();
+        let topic = config.topic.clone();
+        let timeout = config.request_timeout;
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&topic), timeout)
+        })
+        .await
+        .map_err(|e| LogError::Broker {
             brokers: config.brokers.clone(),
-            message: format!("topic {:?} has no partitions", config.topic),
-        });
+            message: format!("metadata task failed: {e}"),
+        })?
+        .map_err(|e| LogError::Broker {
+            brokers: config.brokers.clone(),
+            message: format!("cannot read the metadata of topic {:?}: {e}", config.topic),
+        })?;
+        let count = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == config.topic)
+            .map_or(0, |t| t.partitions().len());
+        if count > 0 {
+            return Ok(count as u32);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(LogError::Broker {
+                brokers: config.brokers.clone(),
+                message: format!(
+                    "topic {:?} has no partitions after {:?}",
+                    config.topic, config.request_timeout
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Ok(count as u32)
 }
 
 #[async_trait]
