@@ -552,3 +552,120 @@ async fn a_departed_static_member_s_partitions_go_to_the_survivor_after_its_sess
     drop((a, taken, survivor));
     survivor_log.close().await.expect("close a");
 }
+
+/// The topics' configs as the cluster reports them: (replication factor of partition 0,
+/// `min.insync.replicas`, `retention.ms`, `retention.bytes`).
+async fn topic_settings(brokers: &str, topic: &str) -> (usize, String, String, String) {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let replicas = metadata.topics()[0].partitions()[0].replicas().len();
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin");
+    let described = admin
+        .describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new())
+        .await
+        .expect("describe configs");
+    let resource = described
+        .into_iter()
+        .next()
+        .expect("one resource")
+        .expect("the topic's configs");
+    let value = |name: &str| {
+        resource
+            .get(name)
+            .and_then(|e| e.value.clone())
+            .unwrap_or_default()
+    };
+    (
+        replicas,
+        value("min.insync.replicas"),
+        value("retention.ms"),
+        value("retention.bytes"),
+    )
+}
+
+/// SPEC §2 production settings, read back from a real three-broker cluster: by default the
+/// topics sluice creates are replicated 3 times with min.insync.replicas 2, sluice.dlq keeps
+/// its records forever, and explicit settings are used as given; a factor larger than the
+/// cluster is a clear error; `options` reach librdkafka unchanged (an unknown property is
+/// refused by librdkafka itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_are_created_with_production_replication_and_dead_letters_never_expire() {
+    let cluster = Kafka::start(3, &[]);
+    let mut config = KafkaLogConfig::new(&cluster.bootstrap, "sluice.ingest");
+    config.other_topics = vec!["sluice.dlq".into(), "sluice.actions".into()];
+    let log = KafkaLog::connect(config).await.expect("connect");
+    log.append(vec![record("acme:u:1", "{}")])
+        .await
+        .expect("an append with acks=all on 3 replicas");
+    log.close().await.expect("close");
+    let ingest = topic_settings(&cluster.bootstrap, "sluice.ingest").await;
+    assert_eq!((ingest.0, ingest.1.as_str()), (3, "2"), "{ingest:?}");
+    assert_ne!(
+        ingest.2, "-1",
+        "the ingest topic keeps the broker's retention"
+    );
+    let dlq = topic_settings(&cluster.bootstrap, "sluice.dlq").await;
+    assert_eq!(dlq, (3, "2".into(), "-1".into(), "-1".into()), "sluice.dlq");
+    let actions = topic_settings(&cluster.bootstrap, "sluice.actions").await;
+    assert_eq!((actions.0, actions.1.as_str()), (3, "2"), "{actions:?}");
+
+    let mut config = KafkaLogConfig::new(&cluster.bootstrap, "explicit");
+    config.other_topics = Vec::new();
+    config.replication_factor = Some(2);
+    config.min_insync_replicas = Some(1);
+    KafkaLog::connect(config)
+        .await
+        .expect("connect")
+        .close()
+        .await
+        .expect("close");
+    let explicit = topic_settings(&cluster.bootstrap, "explicit").await;
+    assert_eq!((explicit.0, explicit.1.as_str()), (2, "1"), "{explicit:?}");
+
+    let mut config = KafkaLogConfig::new(&cluster.bootstrap, "too-wide");
+    config.other_topics = Vec::new();
+    config.replication_factor = Some(5);
+    let error = match KafkaLog::connect(config).await {
+        Ok(_) => panic!("created a topic with 5 replicas on 3 brokers"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains("kafka_replication_factor = 5") && error.contains("3 broker"),
+        "{error}"
+    );
+
+    let mut config = KafkaLogConfig::new(&cluster.bootstrap, "options");
+    config.options = vec![("no.such.property".into(), "1".into())];
+    let error = match KafkaLog::connect(config).await {
+        Ok(_) => panic!("librdkafka took an unknown property"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("no.such.property"), "{error}");
+}
+
+/// With one broker, the default replication factor is the broker count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_single_broker_topics_have_one_replica() {
+    let broker = Broker::start(Engine::Kafka);
+    let mut config = KafkaLogConfig::new(&broker.addr, &broker.topic);
+    config.other_topics = Vec::new();
+    KafkaLog::connect(config)
+        .await
+        .expect("connect")
+        .close()
+        .await
+        .expect("close");
+    let settings = topic_settings(&broker.addr, &broker.topic).await;
+    assert_eq!(settings.0, 1, "{settings:?}");
+}

@@ -226,7 +226,7 @@ impl Kafka {
 }
 
 /// A fresh KRaft cluster id: 16 random bytes in URL-safe base64 without padding, the form
-/// `kafka-storage random-uuid` prints.
+/// `kafka-storage random-uuid` prints, never starting with '-'.
 fn cluster_id() -> String {
     use base64::Engine;
     use std::hash::{BuildHasher, Hasher};
@@ -240,5 +240,11 @@ fn cluster_id() -> String {
         );
         bytes.extend_from_slice(&h.finish().to_le_bytes());
     }
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    let id = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    // A leading '-' reads as an option to kafka-storage (Kafka's own generator avoids it too);
+    // any other first character is as valid.
+    match id.strip_prefix('-') {
+        Some(rest) => format!("A{rest}"),
+        None => id,
+    }
 }

@@ -43,6 +43,12 @@ pub struct Config {
     #[serde(with = "duration")]
     pub kafka_session_timeout: Duration,
     pub kafka_instance_id: String,
+    /// Replication factor of the topics sluice creates; `None`: 3, or the broker count.
+    pub kafka_replication_factor: Option<u32>,
+    /// `min.insync.replicas` of those topics; `None`: 2 when the factor is 3 or more.
+    pub kafka_min_insync_replicas: Option<u32>,
+    /// `[kafka_options]`: librdkafka properties passed through unchanged. Only in the file.
+    pub kafka_options: KafkaOptions,
     pub dedup_key_prefix: String,
     pub index_prefix: String,
     #[serde(with = "duration")]
@@ -53,6 +59,20 @@ pub struct Config {
     pub max_in_flight_bytes: usize,
     /// `[[triggers]]` rules (SPEC §6 step 7). Only in the file: no env variable or flag.
     pub triggers: Vec<TriggerConfig>,
+}
+
+/// `[kafka_options]`: librdkafka properties, name to value. Values may be secrets (SASL
+/// passwords): `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct KafkaOptions(pub std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for KafkaOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "***")))
+            .finish()
+    }
 }
 
 /// One `[[triggers]]` rule: for each event named `event`, POST to `webhook` or append to
@@ -92,6 +112,9 @@ impl Default for Config {
             topic: "sluice.ingest".into(),
             kafka_session_timeout: Duration::from_secs(10),
             kafka_instance_id: String::new(),
+            kafka_replication_factor: None,
+            kafka_min_insync_replicas: None,
+            kafka_options: Default::default(),
             dedup_key_prefix: "sluice:dedup".into(),
             index_prefix: "sluice".into(),
             sendgrid_max_age: Duration::from_secs(300),
@@ -138,6 +161,21 @@ kafka_session_timeout = "10s"
 # timeout gets its partitions back without a rebalance. Must be unique among running nodes.
 # Empty: derived from the host name and the absolute data_dir.
 kafka_instance_id = ""
+# Replication of the topics sluice creates (sluice.ingest, sluice.dlq, sluice.actions and
+# trigger topics; existing topics keep theirs). Unset: 3, or the broker count when the cluster
+# has fewer; min.insync.replicas unset: 2 when the factor is 3 or more, else the broker's
+# default. Appends wait for acks=all, so with 3 and 2 an acknowledged message survives the loss
+# of any one broker. sluice.dlq is created with unlimited retention.
+# kafka_replication_factor = 3
+# kafka_min_insync_replicas = 2
+
+# librdkafka properties for every Kafka client sluice makes, passed through unchanged (TLS,
+# SASL, tuning), as in:
+# [kafka_options]
+# "security.protocol" = "SASL_SSL"
+# "sasl.mechanisms" = "PLAIN"
+# "sasl.username" = "sluice"
+# "sasl.password" = "..."
 
 # Redis dedup only: keys are `<dedup_key_prefix>:<org>:<message id>`, kept for dedup_window.
 dedup_key_prefix = "sluice:dedup"
@@ -282,6 +320,12 @@ pub struct ConfigArgs {
     /// Kafka static membership id of this node [default: from host name and data dir].
     #[arg(long, global = true, env = "SLUICE_KAFKA_INSTANCE_ID")]
     pub kafka_instance_id: Option<String>,
+    /// Replication factor of the Kafka topics sluice creates [default: 3, or the broker count].
+    #[arg(long, global = true, env = "SLUICE_KAFKA_REPLICATION_FACTOR")]
+    pub kafka_replication_factor: Option<u32>,
+    /// min.insync.replicas of those topics [default: 2 when the factor is 3 or more].
+    #[arg(long, global = true, env = "SLUICE_KAFKA_MIN_INSYNC_REPLICAS")]
+    pub kafka_min_insync_replicas: Option<u32>,
     /// Key prefix of the Redis dedup store [default: sluice:dedup].
     #[arg(long, global = true, env = "SLUICE_DEDUP_KEY_PREFIX")]
     pub dedup_key_prefix: Option<String>,
@@ -333,6 +377,12 @@ impl Config {
             Some(path) => Config::from_file(path)?,
             None => Config::default(),
         };
+        if let Some(n) = args.kafka_replication_factor {
+            config.kafka_replication_factor = Some(n);
+        }
+        if let Some(n) = args.kafka_min_insync_replicas {
+            config.kafka_min_insync_replicas = Some(n);
+        }
         macro_rules! overlay {
             ($($field:ident),*) => { $( if let Some(v) = &args.$field { config.$field = v.clone(); } )* };
         }
@@ -413,6 +463,29 @@ impl Config {
         if self.partitions == 0 {
             bail!("partitions must be at least 1");
         }
+        if self.kafka_replication_factor == Some(0) {
+            bail!("kafka_replication_factor must be at least 1");
+        }
+        if let (Some(min), factor) = (
+            self.kafka_min_insync_replicas,
+            self.kafka_replication_factor,
+        ) && (min == 0 || factor.is_some_and(|f| min > f))
+        {
+            bail!(
+                "kafka_min_insync_replicas = {min}: must be from 1 to kafka_replication_factor ({})",
+                factor.map_or("3 by default".to_string(), |f| f.to_string())
+            );
+        }
+        if let Some(key) = self.kafka_options.0.keys().find(|k| {
+            matches!(
+                k.as_str(),
+                "bootstrap.servers" | "group.id" | "enable.auto.commit"
+            )
+        }) {
+            bail!(
+                "[kafka_options] {key:?}: set by sluice itself (bootstrap.servers comes from `log`; groups and commits are the pipeline's)"
+            );
+        }
         if self.batch_size == 0 {
             bail!("batch_size must be at least 1");
         }
@@ -491,6 +564,22 @@ impl Config {
 
     pub fn index_path(&self) -> PathBuf {
         self.data_dir.join("index")
+    }
+
+    /// A Kafka log's settings for `topic` on `brokers`: replication, the `[kafka_options]`
+    /// passthrough, partitions. The caller sets what is particular to its use.
+    pub fn kafka_log_config(&self, brokers: &str, topic: &str) -> sluice_log::KafkaLogConfig {
+        let mut kafka = sluice_log::KafkaLogConfig::new(brokers, topic);
+        kafka.partitions = self.partitions;
+        kafka.replication_factor = self.kafka_replication_factor.map(|n| n as i32);
+        kafka.min_insync_replicas = self.kafka_min_insync_replicas.map(|n| n as i32);
+        kafka.options = self
+            .kafka_options
+            .0
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        kafka
     }
 
     /// The Kafka brokers, when the log is Kafka.
@@ -681,6 +770,82 @@ mod tests {
             ),
         ] {
             let err = format!("{:#}", resolve(text).expect_err(text));
+            assert!(err.contains(expected), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn kafka_replication_and_options_are_read_checked_and_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sluice.toml");
+        let resolve = |text: &str, args: ConfigArgs| {
+            std::fs::write(&path, text).expect("write");
+            Config::resolve(&ConfigArgs {
+                config: Some(path.clone()),
+                ..args
+            })
+        };
+        let config = resolve(
+            "log = \"kafka://127.0.0.1:9092\"\nkafka_replication_factor = 3\n\
+             [kafka_options]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"hunter2\"\n",
+            ConfigArgs {
+                kafka_min_insync_replicas: Some(2),
+                ..Default::default()
+            },
+        )
+        .expect("valid");
+        let kafka = config.kafka_log_config("127.0.0.1:9092", "sluice.ingest");
+        assert_eq!(kafka.replication_factor, Some(3));
+        assert_eq!(
+            kafka.min_insync_replicas,
+            Some(2),
+            "the flag lies over the file"
+        );
+        assert_eq!(
+            kafka.options,
+            vec![
+                ("sasl.password".to_string(), "hunter2".to_string()),
+                ("security.protocol".to_string(), "SASL_SSL".to_string()),
+            ]
+        );
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("sasl.password"),
+            "{shown}"
+        );
+        let unset = Config::default().kafka_log_config("b:9092", "t");
+        assert_eq!(
+            (unset.replication_factor, unset.min_insync_replicas),
+            (None, None)
+        );
+        assert!(
+            unset
+                .unlimited_retention
+                .contains(&"sluice.dlq".to_string())
+        );
+
+        for (text, expected) in [
+            (
+                "kafka_replication_factor = 0\n",
+                "kafka_replication_factor must be at least 1",
+            ),
+            (
+                "kafka_replication_factor = 2\nkafka_min_insync_replicas = 3\n",
+                "kafka_min_insync_replicas = 3: must be from 1 to kafka_replication_factor (2)",
+            ),
+            (
+                "[kafka_options]\n\"bootstrap.servers\" = \"elsewhere:9092\"\n",
+                "bootstrap.servers comes from `log`",
+            ),
+            (
+                "[kafka_options]\n\"linger.ms\" = 5\n",
+                "invalid type: integer",
+            ),
+        ] {
+            let err = format!(
+                "{:#}",
+                resolve(text, ConfigArgs::default()).expect_err(text)
+            );
             assert!(err.contains(expected), "{text}: {err}");
         }
     }

@@ -15,7 +15,7 @@ use axum::serve::ListenerExt;
 use sluice_api::{ApiConfig, AppState, Limits};
 use sluice_dedup::{Dedup, EmbeddedDedup, RedisDedup, RedisDedupConfig};
 use sluice_index::{ElasticIndex, ElasticIndexConfig, EmbeddedIndex, EmbeddedIndexConfig, Index};
-use sluice_log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, KafkaLogConfig, Log};
+use sluice_log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{Action, Pipeline, PipelineConfig, Rule, Triggers};
@@ -77,8 +77,7 @@ pub(crate) async fn open_log(
         let retention = log.spawn_retention(RETENTION_INTERVAL);
         return Ok((log, Some(retention)));
     };
-    let mut kafka = KafkaLogConfig::new(&brokers, &config.topic);
-    kafka.partitions = config.partitions;
+    let mut kafka = config.kafka_log_config(&brokers, &config.topic);
     kafka.session_timeout = config.kafka_session_timeout;
     kafka.revoke_timeout = config.shutdown_timeout;
     kafka.instance_id = role.ingests().then(|| config.kafka_instance_id());
@@ -132,8 +131,7 @@ async fn open_side_log(
         .with_context(|| format!("cannot open the {what} log at {}", path.display()))?;
         return Ok(Arc::new(log));
     };
-    let mut kafka = KafkaLogConfig::new(&brokers, topic);
-    kafka.partitions = config.partitions;
+    let mut kafka = config.kafka_log_config(&brokers, topic);
     kafka.other_topics = Vec::new();
     let log = KafkaLog::connect(kafka)
         .await

@@ -77,7 +77,7 @@ pub(super) fn subscribe(
         // librdkafka's own debug contexts, e.g. `cgrp,fetch` (logged through tracing).
         client.set("debug", debug);
     }
-    let consumer: GroupConsumer = client
+    client
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
@@ -89,7 +89,8 @@ pub(super) fn subscribe(
         .set("heartbeat.interval.ms", (session_ms / 3).max(1).to_string())
         // Prefetch per partition: enough to fill a few batches, bounded in memory.
         .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", "100");
+    let consumer: GroupConsumer = super::with_options(&mut client, config)
         .create_with_context(context)
         .map_err(|e| broker_error(format!("cannot create a consumer for group {group:?}: {e}")))?;
     let consumer = Arc::new(consumer);

@@ -37,8 +37,19 @@ pub struct KafkaLogConfig {
     pub topic: String,
     /// Partitions to create the topic with, if it does not exist.
     pub partitions: u32,
-    /// Replication factor to create the topic with.
-    pub replication_factor: i32,
+    /// Replication factor of the topics sluice creates; `None`: 3, or the broker count when
+    /// the cluster has fewer (SPEC §2).
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of the topics sluice creates; `None`: 2 when the replication
+    /// factor is 3 or more, else the broker's default. With `acks=all`, an append is
+    /// acknowledged only once this many replicas have it.
+    pub min_insync_replicas: Option<i32>,
+    /// Topics created with unlimited retention (`retention.ms` and `retention.bytes` -1): dead
+    /// letters must not expire before someone has looked at them.
+    pub unlimited_retention: Vec<String>,
+    /// librdkafka properties set on every client sluice makes (producer, consumers, admin),
+    /// after its own: TLS, SASL, tuning (SPEC §2 `[kafka_options]`).
+    pub options: Vec<(String, String)>,
     /// How long metadata and admin requests may take.
     pub request_timeout: Duration,
     /// Producer `linger.ms`: how long the producer waits to fill a batch.
@@ -63,7 +74,10 @@ impl KafkaLogConfig {
             brokers: brokers.into(),
             topic: topic.into(),
             partitions: 8,
-            replication_factor: 1,
+            replication_factor: None,
+            min_insync_replicas: None,
+            unlimited_retention: vec!["sluice.dlq".into()],
+            options: Vec::new(),
             request_timeout: Duration::from_secs(10),
             linger: Duration::from_millis(2),
             other_topics: vec!["sluice.dlq".into(), "sluice.actions".into()],
@@ -224,7 +238,8 @@ fn new_producer(
     config: &KafkaLogConfig,
     all_brokers_down: &Arc<AtomicBool>,
 ) -> Result<FutureProducer<ProducerHealth>, LogError> {
-    ClientConfig::new()
+    let mut client = ClientConfig::new();
+    client
         .set("bootstrap.servers", &config.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -233,7 +248,8 @@ fn new_producer(
         .set(
             "message.timeout.ms",
             config.request_timeout.as_millis().max(1).to_string(),
-        )
+        );
+    with_options(&mut client, config)
         .create_with_context(ProducerHealth {
             all_brokers_down: Arc::clone(all_brokers_down),
         })
@@ -258,11 +274,13 @@ fn read_partition(
         brokers: config.brokers.clone(),
         message: format!("{what} ({} partition {partition}): {e}", config.topic),
     };
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut client = ClientConfig::new();
+    client
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", "sluice-reader")
         .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.offset.store", "false");
+    let consumer: BaseConsumer = with_options(&mut client, config)
         .create()
         .map_err(|e| error("cannot create a reader", e))?;
     let timeout = config.request_timeout.max(Duration::from_secs(1));
@@ -307,6 +325,28 @@ fn read_partition(
     Ok(out)
 }
 
+/// The `[kafka_options]` passthrough, laid over a client's own settings just before it is
+/// created.
+pub(crate) fn with_options<'a>(
+    client: &'a mut ClientConfig,
+    config: &KafkaLogConfig,
+) -> &'a mut ClientConfig {
+    for (key, value) in &config.options {
+        client.set(key, value);
+    }
+    client
+}
+
+/// The replication factor and `min.insync.replicas` to create topics with, from the config
+/// and the number of brokers in the cluster.
+fn replication(config: &KafkaLogConfig, brokers: usize) -> (i32, Option<i32>) {
+    let factor = config
+        .replication_factor
+        .unwrap_or_else(|| 3.min(brokers.max(1) as i32));
+    let min_insync = config.min_insync_replicas.or((factor >= 3).then_some(2));
+    (factor, min_insync)
+}
+
 /// Creates sluice's topics if they are missing and reads the ingest topic's partition count.
 async fn prepare(
     producer: &FutureProducer<ProducerHealth>,
@@ -316,18 +356,39 @@ async fn prepare(
         brokers: config.brokers.clone(),
         message: format!("{what}: {e}"),
     };
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .create()
-        .map_err(|e| broker_error("cannot create the admin client", e))?;
+    let admin: AdminClient<DefaultClientContext> = with_options(
+        ClientConfig::new().set("bootstrap.servers", &config.brokers),
+        config,
+    )
+    .create()
+    .map_err(|e| broker_error("cannot create the admin client", e))?;
+    let brokers = broker_count(producer, config).await?;
+    let (factor, min_insync) = replication(config, brokers);
+    if factor as usize > brokers {
+        return Err(LogError::Broker {
+            brokers: config.brokers.clone(),
+            message: format!(
+                "kafka_replication_factor = {factor}, but the cluster has {brokers} broker(s): \
+                 topics cannot be created with more replicas than brokers"
+            ),
+        });
+    }
+    let min_insync_text = min_insync.map(|n| n.to_string());
     let topics: Vec<NewTopic<'_>> = std::iter::once(&config.topic)
         .chain(&config.other_topics)
         .map(|name| {
-            NewTopic::new(
+            let mut topic = NewTopic::new(
                 name,
                 config.partitions as i32,
-                TopicReplication::Fixed(config.replication_factor),
-            )
+                TopicReplication::Fixed(factor),
+            );
+            if let Some(n) = &min_insync_text {
+                topic = topic.set("min.insync.replicas", n);
+            }
+            if config.unlimited_retention.contains(name) {
+                topic = topic.set("retention.ms", "-1").set("retention.bytes", "-1");
+            }
+            topic
         })
         .collect();
     let options = AdminOptions::new()
@@ -348,9 +409,13 @@ async fn prepare(
     .map_err(|e| broker_error("cannot create topics", e))?;
     for result in results {
         match result {
-            Ok(name) => {
-                tracing::info!(topic = %name, partitions = config.partitions, "kafka: created topic")
-            }
+            Ok(name) => tracing::info!(
+                topic = %name,
+                partitions = config.partitions,
+                replication_factor = factor,
+                min_insync_replicas = ?min_insync,
+                "kafka: created topic"
+            ),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((name, code)) => {
                 return Err(LogError::Broker {
@@ -370,6 +435,27 @@ async fn prepare(
         );
     }
     Ok(partitions)
+}
+
+/// How many brokers the cluster's metadata lists.
+async fn broker_count(
+    producer: &FutureProducer<ProducerHealth>,
+    config: &KafkaLogConfig,
+) -> Result<usize, LogError> {
+    let producer = producer.clone();
+    let timeout = config.request_timeout;
+    let metadata =
+        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
+            .await
+            .map_err(|e| LogError::Broker {
+                brokers: config.brokers.clone(),
+                message: format!("metadata task failed: {e}"),
+            })?
+            .map_err(|e| LogError::Broker {
+                brokers: config.brokers.clone(),
+                message: format!("cannot read the cluster's metadata: {e}"),
+            })?;
+    Ok(metadata.brokers().len())
 }
 
 /// The partition count of the topic, from the cluster's metadata. A topic created a moment
