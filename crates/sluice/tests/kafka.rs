@@ -1,6 +1,6 @@
-//! sluice on Kafka, as a user runs it: `sluice serve --log kafka://...` against a real
-//! Kafka-protocol broker (tansu, started here on a free port), and independent Kafka clients
-//! reading and writing the same topic.
+//! sluice on Kafka, as a user runs it: `sluice serve --log kafka://...` against a broker of each
+//! test's own — real Apache Kafka 4.1 (KRaft), and tansu as a fast extra case — and independent
+//! Kafka clients reading and writing the same topic.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,11 +10,22 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sluice::client::Connection;
 use sluice_index::Index;
-use sluice_log::kafka::testing::{Tansu, committed_offsets, read_topic};
+use sluice_log::kafka::testing::{committed_offsets, read_topic};
 use sluice_log::{KafkaLog, KafkaLogConfig, Log, Record};
 
+#[macro_use]
 mod support;
 use support::Server;
+use support::{Broker, Engine};
+
+on_both_brokers!(
+    members_joining_under_load_rebalance_without_losing_or_doubling_anything,
+    serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sigterm,
+    an_independent_kafka_client_reads_what_sluice_writes_and_sluice_ingests_what_it_writes,
+    sigkill_of_serve_on_kafka_under_load_loses_and_doubles_nothing,
+    without_spilling_a_frozen_broker_is_a_503_with_retry_after_within_the_ack_timeout,
+    api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch,
+);
 
 const USERS: usize = 30;
 const ROUNDS: usize = 40;
@@ -116,7 +127,7 @@ fn records_per_partition(prefix: &str, users: usize, per_user: usize) -> BTreeMa
 
 /// `sluice serve` flags for a node on `broker`: a short session timeout (so a stopped member
 /// is noticed within the test) and short batches.
-fn serve_args(broker: &Tansu) -> Vec<String> {
+fn serve_args(broker: &Broker) -> Vec<String> {
     [
         "--log".to_string(),
         format!("kafka://{}", broker.addr),
@@ -128,9 +139,10 @@ fn serve_args(broker: &Tansu) -> Vec<String> {
     .into()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sigterm() {
-    let broker = Tansu::start();
+async fn serve_on_kafka_indexes_every_acknowledged_message_and_commits_it_on_sigterm(
+    engine: Engine,
+) {
+    let broker = Broker::start(engine);
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("node");
     // A trigger rule writing to the actions topic (created by sluice).
@@ -295,9 +307,10 @@ fn kafka_client(args: &[&str], stdin: &str) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_independent_kafka_client_reads_what_sluice_writes_and_sluice_ingests_what_it_writes() {
-    let broker = Tansu::start();
+async fn an_independent_kafka_client_reads_what_sluice_writes_and_sluice_ingests_what_it_writes(
+    engine: Engine,
+) {
+    let broker = Broker::start(engine);
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("kafka://{}", broker.addr);
     let server = Server::start(
@@ -527,11 +540,10 @@ async fn wait_complete(index: &dyn Index, users: usize, steps: usize) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn members_joining_under_load_rebalance_without_losing_or_doubling_anything() {
+async fn members_joining_under_load_rebalance_without_losing_or_doubling_anything(engine: Engine) {
     const USERS: usize = 40;
     const STEPS: usize = 300;
-    let broker = Tansu::start();
+    let broker = Broker::start(engine);
     let dir = tempfile::tempdir().expect("tempdir");
     let (registry, _key) = support::registry_with_key(dir.path()).await;
     let registry = registry as Arc<dyn sluice_registry::Registry>;
@@ -592,9 +604,8 @@ async fn members_joining_under_load_rebalance_without_losing_or_doubling_anythin
     assert_eq!(committed(&broker.addr, "sluice-pipeline"), expected);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_serve_on_kafka_under_load_loses_and_doubles_nothing() {
-    let broker = Tansu::start();
+async fn sigkill_of_serve_on_kafka_under_load_loses_and_doubles_nothing(engine: Engine) {
+    let broker = Broker::start(engine);
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("node");
     let args = serve_args(&broker);
@@ -658,9 +669,10 @@ async fn sigkill_of_serve_on_kafka_under_load_loses_and_doubles_nothing() {
 
 /// With spilling disabled (`spill_max_bytes = 0`), a broker that does not acknowledge is a
 /// 503 at the ack timeout. (With it, the default, see `tests/spill.rs`.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn without_spilling_a_frozen_broker_is_a_503_with_retry_after_within_the_ack_timeout() {
-    let broker = Tansu::start();
+async fn without_spilling_a_frozen_broker_is_a_503_with_retry_after_within_the_ack_timeout(
+    engine: Engine,
+) {
+    let broker = Broker::start(engine);
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("kafka://{}", broker.addr);
     let server = Server::start(
@@ -743,15 +755,18 @@ async fn without_spilling_a_frozen_broker_is_a_503_with_retry_after_within_the_a
 /// PostgreSQL (the registry, managed by admin commands from a third data dir), Redis (dedup) and
 /// OpenSearch (the index). What the API node accepts, the ingest node indexes, and the API
 /// node reads it back from the shared index.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch() {
-    let broker = Tansu::start();
+async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch(engine: Engine) {
+    let broker = Broker::start(engine);
     let schema = sluice_registry::testing::Schema::create();
     let registry = schema.url();
     let keys = support::RedisKeys::new("nodes");
     let index_prefix = format!("nodes-{}-{}", std::process::id(), support::unique());
     let log = format!("kafka://{}", broker.addr);
-    let osmem = &support::osmem().url;
+    // Real Kafka goes with real OpenSearch; tansu with osmem-server.
+    let search = match engine {
+        Engine::Kafka => &support::opensearch().url,
+        Engine::Tansu => &support::osmem().url,
+    };
     let shared = [
         "--log",
         &log,
@@ -762,7 +777,7 @@ async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch() {
         "--dedup-key-prefix",
         &keys.0,
         "--index",
-        osmem,
+        search,
         "--index-prefix",
         &index_prefix,
         "--kafka-session-timeout",

@@ -22,10 +22,14 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sluice::client::Connection;
 use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
-use sluice_log::kafka::testing::{Tansu, committed_offsets, read_topic};
+use sluice_log::kafka::testing::{committed_offsets, read_topic};
 
+#[macro_use]
 mod support;
 use support::Server;
+use support::{Broker, Engine};
+
+on_both_brokers!(a_frozen_broker_and_a_killed_api_lose_nothing_and_keep_each_users_order,);
 
 const ORG: &str = "acme";
 const CLIENTS: usize = 12;
@@ -184,9 +188,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_broker_and_a_killed_api_lose_nothing_and_keep_each_users_order() {
-    let broker = Tansu::start();
+async fn a_frozen_broker_and_a_killed_api_lose_nothing_and_keep_each_users_order(engine: Engine) {
+    let broker = Broker::start(engine);
     let schema = sluice_registry::testing::Schema::create();
     let registry = schema.url();
     let log = format!("kafka://{}", broker.addr);

@@ -18,6 +18,73 @@ use sluice_api::AppState;
 use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig};
 use sluice_registry::SqliteRegistry;
 
+/// The Kafka-protocol broker a test runs on: real Apache Kafka 4.1 (KRaft), or tansu, a fast
+/// imitation kept as an extra case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Kafka,
+    Tansu,
+}
+
+/// A broker of the test's own (the binary uses fixed topic and group names).
+pub struct Broker {
+    /// `127.0.0.1:PORT`, for `kafka://` URLs and `bootstrap.servers`.
+    pub addr: String,
+    kafka: Option<sluice_testkit::Kafka>,
+    tansu: Option<sluice_log::kafka::testing::Tansu>,
+}
+
+impl Broker {
+    pub fn start(engine: Engine) -> Broker {
+        match engine {
+            Engine::Kafka => {
+                let kafka = sluice_testkit::Kafka::single();
+                Broker {
+                    addr: kafka.bootstrap.clone(),
+                    kafka: Some(kafka),
+                    tansu: None,
+                }
+            }
+            Engine::Tansu => {
+                let tansu = sluice_log::kafka::testing::Tansu::start();
+                Broker {
+                    addr: tansu.addr.clone(),
+                    kafka: None,
+                    tansu: Some(tansu),
+                }
+            }
+        }
+    }
+
+    /// The broker's process id (its JVM for Kafka), to freeze it with SIGSTOP.
+    pub fn pid(&self) -> u32 {
+        match (&self.kafka, &self.tansu) {
+            (Some(kafka), _) => kafka.pid(1).expect("the broker runs"),
+            (_, Some(tansu)) => tansu.pid(),
+            _ => unreachable!("a broker is one of the two"),
+        }
+    }
+}
+
+/// Instantiates each `async fn test(engine: Engine)` once per broker, as `kafka::test` and
+/// `tansu::test`.
+macro_rules! on_both_brokers {
+    ($($test:ident),* $(,)?) => {
+        mod kafka {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::support::Engine::Kafka).await
+            })*
+        }
+        mod tansu {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::support::Engine::Tansu).await
+            })*
+        }
+    };
+}
+
 /// A registry in `dir` with its first org and key, as `sluice serve` creates them.
 pub async fn registry_with_key(dir: &std::path::Path) -> (Arc<SqliteRegistry>, String) {
     let registry = Arc::new(
@@ -85,6 +152,12 @@ pub fn unique() -> u64 {
 
 /// One osmem-server (OpenSearch-compatible, in memory) per test binary; it exits with it.
 /// Tests use index prefixes of their own on it.
+/// One real OpenSearch node for the whole test binary (it exits with this process).
+pub fn opensearch() -> &'static sluice_testkit::OpenSearch {
+    static NODE: std::sync::OnceLock<sluice_testkit::OpenSearch> = std::sync::OnceLock::new();
+    NODE.get_or_init(sluice_testkit::OpenSearch::start)
+}
+
 pub fn osmem() -> &'static sluice_index::testing::Osmem {
     static OSMEM: std::sync::OnceLock<sluice_index::testing::Osmem> = std::sync::OnceLock::new();
     OSMEM.get_or_init(sluice_index::testing::Osmem::start)
