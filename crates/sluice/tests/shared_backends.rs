@@ -1,8 +1,9 @@
 //! `sluice` with shared backends by URL, against real servers: `--dedup redis://...`
 //! (the test run's server, keys under a prefix unique to the test, deleted at the end),
 //! `--registry postgres://...` (the test run's server, a schema of the test's own,
-//! dropped at the end) and `--index http://...` (an osmem-server started for the test binary,
-//! indexes under a prefix of the test's own).
+//! dropped at the end) and `--index http://...` (a real OpenSearch 2.19 node, and osmem-server
+//! as a fast extra case, each started once for the test binary; indexes under a prefix of the
+//! test's own).
 
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,62 @@ use sluice_index::{ElasticIndex, ElasticIndexConfig};
 use sluice_registry::testing::Schema;
 
 mod support;
+
+/// The search server a test's index is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Search {
+    OpenSearch,
+    Osmem,
+}
+
+impl Search {
+    fn url(self) -> &'static str {
+        match self {
+            Search::OpenSearch => &support::opensearch().url,
+            Search::Osmem => &support::osmem().url,
+        }
+    }
+
+    /// Makes what the indexes under `prefix` hold searchable now (a real cluster refreshes
+    /// every second; osmem-server at once).
+    async fn refresh(self, prefix: &str) {
+        let addr: std::net::SocketAddr = self
+            .url()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("address");
+        let mut conn = Connection::connect(addr).await.expect("connect");
+        if self == Search::OpenSearch {
+            let r = conn
+                .post(&format!("/{prefix}-*/_refresh"), &[], Vec::new().into())
+                .await
+                .expect("refresh");
+            assert_eq!(r.status.as_u16(), 200, "refresh: {}", r.json());
+        }
+    }
+}
+
+macro_rules! on_both_search_servers {
+    ($($test:ident),* $(,)?) => {
+        mod opensearch {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::Search::OpenSearch).await
+            })*
+        }
+        mod osmem {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() {
+                super::$test(super::Search::Osmem).await
+            })*
+        }
+    };
+}
+
+on_both_search_servers!(
+    serve_with_redis_dedup_and_an_opensearch_index_drops_a_reposted_id,
+    serve_on_shared_backends_rides_out_429_storms_and_outages_of_each_backend,
+);
 use support::{RedisKeys, Server, TcpProxy, redis_cli, redis_url, run_ok, sluice};
 
 async fn post(conn: &mut Connection, key: &str, path: &str, body: Value) {
@@ -49,8 +106,7 @@ async fn profile_once(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_with_redis_dedup_and_an_opensearch_index_drops_a_reposted_id() {
+async fn serve_with_redis_dedup_and_an_opensearch_index_drops_a_reposted_id(search: Search) {
     let keys = RedisKeys::new("serve");
     let prefix = keys.0.clone();
     let index_prefix = format!("serve-{}-{}", std::process::id(), support::unique());
@@ -63,7 +119,7 @@ async fn serve_with_redis_dedup_and_an_opensearch_index_drops_a_reposted_id() {
             "--dedup-key-prefix",
             &prefix,
             "--index",
-            &support::osmem().url,
+            search.url(),
             "--index-prefix",
             &index_prefix,
             "--batch-timeout",
@@ -114,12 +170,14 @@ async fn serve_with_redis_dedup_and_an_opensearch_index_drops_a_reposted_id() {
     assert!(ttl > 6 * 24 * 3600, "ttl {ttl}");
 
     // The profile the API read is the one in the OpenSearch index.
-    let osmem: std::net::SocketAddr = support::osmem()
-        .url
+    let server: std::net::SocketAddr = search
+        .url()
         .trim_start_matches("http://")
         .parse()
-        .expect("osmem address");
-    let mut conn = Connection::connect(osmem).await.expect("connect to osmem");
+        .expect("search server address");
+    let mut conn = Connection::connect(server)
+        .await
+        .expect("connect to the search server");
     let stored = conn
         .get(&format!("/{index_prefix}-users/_doc/default:u:r1"), &[])
         .await
@@ -207,10 +265,8 @@ async fn admin_commands_and_serve_share_a_postgres_registry() {
 /// the index exactly once in effect (each profile its user's last acknowledged update, each
 /// event once); processing resumed by itself; and the failures were logged with their
 /// partition and offsets.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_on_shared_backends_rides_out_429_storms_and_outages_of_each_backend() {
-    let osmem = support::osmem();
-    let proxy = FaultProxy::start(&osmem.url);
+async fn serve_on_shared_backends_rides_out_429_storms_and_outages_of_each_backend(search: Search) {
+    let proxy = FaultProxy::start(search.url());
     let mut redis = Some(OwnRedis::start());
     let redis_port = redis.as_ref().map_or(0, |r| r.port);
     let redis_url = format!("redis://127.0.0.1:{redis_port}");
@@ -291,7 +347,8 @@ async fn serve_on_shared_backends_rides_out_429_storms_and_outages_of_each_backe
     assert!(server.sigterm().success());
     drop(redis);
 
-    let mut config = ElasticIndexConfig::new(&osmem.url);
+    search.refresh(&index_prefix).await;
+    let mut config = ElasticIndexConfig::new(search.url());
     config.prefix = index_prefix;
     let index = ElasticIndex::open(config).await.expect("index");
     support::check_index_matches_acked(&index, &acked).await;
