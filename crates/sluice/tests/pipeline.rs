@@ -146,8 +146,12 @@ impl Stack {
                     config.prefix = prefix.0.clone();
                     keys = Some(prefix);
                     let dedup = RedisDedup::connect(config).await.expect("Redis dedup");
-                    let mut config = ElasticIndexConfig::new(&support::osmem().url);
+                    let mut config = ElasticIndexConfig::new(&support::opensearch().url);
                     config.prefix = format!("e2e-{}-{}", std::process::id(), support::unique());
+                    // The tests search as soon as a batch is processed: each bulk write asks
+                    // for a refresh (a cluster otherwise shows writes to search within its
+                    // refresh interval, 1 s).
+                    config.refresh_writes = true;
                     let index = ElasticIndex::open(config).await.expect("OpenSearch index");
                     (Arc::new(registry), Arc::new(dedup), Arc::new(index))
                 }
