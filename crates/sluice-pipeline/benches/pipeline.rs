@@ -13,8 +13,9 @@
 //! (10000), SLUICE_BENCH_ONE_AT_A_TIME (500); SLUICE_BENCH_PIPELINE_ONLY=1 stops after step 2
 //! (for profiling); SLUICE_BENCH_LOG=kafka feeds the pipeline from a tansu broker;
 //! SLUICE_BENCH_BACKENDS=shared runs on the distributed stores instead of the embedded ones:
-//! Redis dedup (a redis-server started on a free port) and the OpenSearch index (an
-//! osmem-server, from `scripts/install-test-tools`). SLUICE_BENCH_TRIGGER=topic adds a trigger
+//! Redis dedup (a redis-server started on a free port) and the OpenSearch index: a real
+//! OpenSearch 2.19 node (`scripts/engine`, heap SLUICE_OPENSEARCH_HEAP, default 512m), or with
+//! SLUICE_BENCH_SEARCH=osmem an osmem-server (from `scripts/install-test-tools`). SLUICE_BENCH_TRIGGER=topic adds a trigger
 //! rule matching every event (4 in 5 messages) that appends its action to an embedded actions
 //! log: the trigger stage's cost (profile reads, payloads, stash, append, mark).
 
@@ -52,8 +53,23 @@ enum Stores {
     Embedded,
     Shared {
         redis: sluice_dedup::testing::OwnRedis,
-        osmem: sluice_index::testing::Osmem,
+        search: SearchServer,
     },
+}
+
+/// The search server of the shared stores.
+enum SearchServer {
+    OpenSearch(sluice_testkit::OpenSearch),
+    Osmem(sluice_index::testing::Osmem),
+}
+
+impl SearchServer {
+    fn url(&self) -> &str {
+        match self {
+            SearchServer::OpenSearch(node) => &node.url,
+            SearchServer::Osmem(osmem) => &osmem.url,
+        }
+    }
 }
 
 /// An index under measurement, with its backend's own counters.
@@ -72,8 +88,8 @@ impl BenchIndex {
             Stores::Embedded => BenchIndex::Embedded(Arc::new(EmbeddedIndex::open(
                 EmbeddedIndexConfig::new(dir.join(name)),
             )?)),
-            Stores::Shared { osmem, .. } => {
-                let mut config = ElasticIndexConfig::new(&osmem.url);
+            Stores::Shared { search, .. } => {
+                let mut config = ElasticIndexConfig::new(search.url());
                 config.prefix = name.into();
                 BenchIndex::Elastic(Arc::new(ElasticIndex::open(config).await?))
             }
@@ -125,9 +141,21 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     };
     let dir = tempfile::tempdir()?;
     let stores = if std::env::var("SLUICE_BENCH_BACKENDS").as_deref() == Ok("shared") {
+        let search = if std::env::var("SLUICE_BENCH_SEARCH").as_deref() == Ok("osmem") {
+            SearchServer::Osmem(sluice_index::testing::Osmem::start())
+        } else {
+            SearchServer::OpenSearch(sluice_testkit::OpenSearch::start())
+        };
+        println!(
+            "shared stores: Redis, and {}",
+            match &search {
+                SearchServer::OpenSearch(_) => "a real OpenSearch 2.19 node",
+                SearchServer::Osmem(_) => "osmem-server",
+            }
+        );
         Stores::Shared {
             redis: sluice_dedup::testing::OwnRedis::start(),
-            osmem: sluice_index::testing::Osmem::start(),
+            search,
         }
     } else {
         Stores::Embedded

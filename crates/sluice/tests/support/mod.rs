@@ -68,6 +68,7 @@ impl Broker {
 
 /// Instantiates each `async fn test(engine: Engine)` once per broker, as `kafka::test` and
 /// `tansu::test`.
+#[allow(unused_macros)]
 macro_rules! on_both_brokers {
     ($($test:ident),* $(,)?) => {
         mod kafka {
