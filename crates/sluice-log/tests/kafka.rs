@@ -276,6 +276,41 @@ async fn read(stream: &mut dyn PartitionStream, count: usize) -> Vec<(u64, Strin
     out
 }
 
+type Owned = BTreeMap<u32, Box<dyn PartitionStream>>;
+
+/// Follows two members' assignment changes until the 8 partitions are split between them, each
+/// owning some, within `within`.
+async fn split(
+    first: &mut Box<dyn Subscription>,
+    second: &mut Box<dyn Subscription>,
+    within: Duration,
+) -> (Owned, Owned) {
+    let (mut a, mut b) = (Owned::new(), Owned::new());
+    let deadline = Instant::now() + within;
+    while a.len() + b.len() < 8 || a.is_empty() || b.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "owned after {within:?}: {:?} + {:?}",
+            a.keys(),
+            b.keys()
+        );
+        tokio::select! {
+            change = first.next() => match change.expect("the first member's subscription ended") {
+                Assignment::Assigned(s) => { a.insert(s.partition(), s); }
+                Assignment::Revoked(p) => { a.remove(&p); }
+                Assignment::Failed(e) => panic!("{e}"),
+            },
+            change = second.next() => match change.expect("the second member's subscription ended") {
+                Assignment::Assigned(s) => { b.insert(s.partition(), s); }
+                Assignment::Revoked(p) => { b.remove(&p); }
+                Assignment::Failed(e) => panic!("{e}"),
+            },
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    (a, b)
+}
+
 fn group_config(broker: &Broker) -> KafkaLogConfig {
     let mut config = KafkaLogConfig::new(&broker.addr, &broker.topic);
     config.session_timeout = Duration::from_secs(6);
@@ -378,35 +413,7 @@ async fn a_joining_member_takes_partitions_only_after_they_are_released(engine: 
     drop(held);
 
     // The group settles with the partitions split between the two members.
-    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    let deadline = Instant::now() + Duration::from_secs(40);
-    while a.len() + b.len() < 8 {
-        assert!(
-            Instant::now() < deadline,
-            "owned: {:?} + {:?}",
-            a.keys(),
-            b.keys()
-        );
-        tokio::select! {
-            change = first.next() => match change.expect("first ended") {
-                Assignment::Assigned(s) => { a.insert(s.partition(), s); }
-                Assignment::Revoked(p) => { a.remove(&p); }
-                Assignment::Failed(e) => panic!("{e}"),
-            },
-            change = second.next() => match change.expect("second ended") {
-                Assignment::Assigned(s) => { b.insert(s.partition(), s); }
-                Assignment::Revoked(p) => { b.remove(&p); }
-                Assignment::Failed(e) => panic!("{e}"),
-            },
-            () = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
-    }
-    assert!(
-        !a.is_empty() && !b.is_empty(),
-        "{:?} / {:?}",
-        a.keys(),
-        b.keys()
-    );
+    let (mut a, mut b) = split(&mut first, &mut second, Duration::from_secs(40)).await;
     assert!(
         a.keys().all(|p| !b.contains_key(p)),
         "no partition owned twice"
@@ -474,28 +481,7 @@ async fn a_departed_static_member_s_partitions_go_to_the_survivor_after_its_sess
 
     let mut survivor = survivor_log.subscribe(&group).await.expect("subscribe a");
     let mut departing = departing_log.subscribe(&group).await.expect("subscribe b");
-    let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while a.len() + b.len() < 8 || a.is_empty() || b.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "split: {:?} + {:?}",
-            a.keys(),
-            b.keys()
-        );
-        tokio::select! {
-            change = survivor.next() => match change.expect("a ended") {
-                Assignment::Assigned(s) => { a.insert(s.partition(), s); }
-                Assignment::Revoked(p) => { a.remove(&p); }
-                Assignment::Failed(e) => panic!("{e}"),
-            },
-            change = departing.next() => match change.expect("b ended") {
-                Assignment::Assigned(s) => { b.insert(s.partition(), s); }
-                Assignment::Revoked(p) => { b.remove(&p); }
-                Assignment::Failed(e) => panic!("{e}"),
-            },
-        }
-    }
+    let (mut a, mut b) = split(&mut survivor, &mut departing, Duration::from_secs(60)).await;
     // The departing node processes half of each of its partitions, commits, and goes away.
     let mut committed = BTreeMap::new();
     for (partition, stream) in &mut b {

@@ -49,6 +49,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The stores a run writes to: embedded in the temp dir, or Redis and OpenSearch servers
 /// started for the run.
+// One value per run: the variants' size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Stores {
     Embedded,
     Shared {

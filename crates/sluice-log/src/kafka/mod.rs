@@ -437,25 +437,36 @@ async fn prepare(
     Ok(partitions)
 }
 
+/// The cluster's metadata (of `topic` only, when given), read off the async runtime.
+async fn metadata(
+    producer: &FutureProducer<ProducerHealth>,
+    config: &KafkaLogConfig,
+    topic: Option<&str>,
+) -> Result<rdkafka::metadata::Metadata, LogError> {
+    let producer = producer.clone();
+    let owned = topic.map(str::to_owned);
+    let timeout = config.request_timeout;
+    tokio::task::spawn_blocking(move || producer.client().fetch_metadata(owned.as_deref(), timeout))
+        .await
+        .map_err(|e| LogError::Broker {
+            brokers: config.brokers.clone(),
+            message: format!("metadata task failed: {e}"),
+        })?
+        .map_err(|e| LogError::Broker {
+            brokers: config.brokers.clone(),
+            message: match topic {
+                Some(topic) => format!("cannot read the metadata of topic {topic:?}: {e}"),
+                None => format!("cannot read the cluster's metadata: {e}"),
+            },
+        })
+}
+
 /// How many brokers the cluster's metadata lists.
 async fn broker_count(
     producer: &FutureProducer<ProducerHealth>,
     config: &KafkaLogConfig,
 ) -> Result<usize, LogError> {
-    let producer = producer.clone();
-    let timeout = config.request_timeout;
-    let metadata =
-        tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout))
-            .await
-            .map_err(|e| LogError::Broker {
-                brokers: config.brokers.clone(),
-                message: format!("metadata task failed: {e}"),
-            })?
-            .map_err(|e| LogError::Broker {
-                brokers: config.brokers.clone(),
-                message: format!("cannot read the cluster's metadata: {e}"),
-            })?;
-    Ok(metadata.brokers().len())
+    Ok(metadata(producer, config, None).await?.brokers().len())
 }
 
 /// The partition count of the topic, from the cluster's metadata. A topic created a moment
@@ -467,22 +478,8 @@ async fn topic_partitions(
 ) -> Result<u32, LogError> {
     let deadline = tokio::time::Instant::now() + config.request_timeout;
     loop {
-        let producer = producer.clone();
-        let topic = config.topic.clone();
-        let timeout = config.request_timeout;
-        let metadata = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_metadata(Some(&topic), timeout)
-        })
-        .await
-        .map_err(|e| LogError::Broker {
-            brokers: config.brokers.clone(),
-            message: format!("metadata task failed: {e}"),
-        })?
-        .map_err(|e| LogError::Broker {
-            brokers: config.brokers.clone(),
-            message: format!("cannot read the metadata of topic {:?}: {e}", config.topic),
-        })?;
-        let count = metadata
+        let count = metadata(producer, config, Some(&config.topic))
+            .await?
             .topics()
             .iter()
             .find(|t| t.name() == config.topic)
