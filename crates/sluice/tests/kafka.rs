@@ -827,13 +827,22 @@ async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch(engine: 
         (status, &profile["dataFields"]),
         (200, &json!({"plan": "pro"}))
     );
-    let found = post(
-        &mut conn,
-        &key,
-        "/api/search/users",
-        json!({"query": "dataFields.plan:pro", "size": 0, "aggs": {"plans": {"terms": {"field": "dataFields.plan"}}}}),
-    )
-    .await;
+    // Searchable within the index's refresh interval (1 s on a real cluster; reads by id, above,
+    // see a write at once).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let found = post(
+            &mut conn,
+            &key,
+            "/api/search/users",
+            json!({"query": "dataFields.plan:pro", "size": 0, "aggs": {"plans": {"terms": {"field": "dataFields.plan"}}}}),
+        )
+        .await;
+        if found["total"] == 10 || Instant::now() > deadline {
+            break found;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(found["total"], 10, "{found}");
     assert_eq!(
         found["aggregations"]["plans"]["buckets"][0]["key"], "pro",
