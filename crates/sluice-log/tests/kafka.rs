@@ -276,6 +276,15 @@ async fn read(stream: &mut dyn PartitionStream, count: usize) -> Vec<(u64, Strin
     out
 }
 
+/// The expected records of a partition from offset `commit` on.
+fn from_commit(expected: &[(u64, String)], commit: u64) -> Vec<(u64, String)> {
+    expected
+        .iter()
+        .filter(|(offset, _)| *offset >= commit)
+        .cloned()
+        .collect()
+}
+
 type Owned = BTreeMap<u32, Box<dyn PartitionStream>>;
 
 /// Follows two members' assignment changes until the 8 partitions are split between them, each
@@ -349,11 +358,7 @@ async fn a_group_reads_each_partition_in_order_and_resumes_after_its_commit(engi
         .expect("subscribe again");
     let mut streams = assigned(&mut subscription, 8).await;
     for (partition, stream) in &mut streams {
-        let want: Vec<(u64, String)> = expected[partition]
-            .iter()
-            .filter(|(offset, _)| *offset >= committed[partition])
-            .cloned()
-            .collect();
+        let want = from_commit(&expected[partition], committed[partition]);
         let got = read(stream.as_mut(), want.len()).await;
         assert_eq!(got, want, "partition {partition}: resumes at the commit");
     }
@@ -524,11 +529,7 @@ async fn a_departed_static_member_s_partitions_go_to_the_survivor_after_its_sess
         gone.elapsed()
     );
     for (partition, stream) in taken.iter_mut().filter(|(p, _)| moved.contains(p)) {
-        let want: Vec<(u64, String)> = expected[partition]
-            .iter()
-            .filter(|(offset, _)| *offset >= committed[partition])
-            .cloned()
-            .collect();
+        let want = from_commit(&expected[partition], committed[partition]);
         let got = read(stream.as_mut(), want.len()).await;
         assert_eq!(
             got, want,

@@ -22,30 +22,12 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sluice::client::Connection;
 use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig, Index};
-use sluice_log::kafka::testing::{committed_offsets, read_topic};
+use sluice_log::kafka::testing::{committed_offsets, end_offsets, read_topic};
 
 #[macro_use]
 mod support;
 use support::Server;
 use support::{Broker, Engine};
-
-/// The end offset (high watermark) of each of the topic's 8 partitions.
-fn end_offsets(brokers: &str, topic: &str) -> Vec<u64> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .expect("consumer");
-    (0..8)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .expect("watermarks")
-                .1
-                .max(0) as u64
-        })
-        .collect()
-}
 
 mod tansu {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,7 +339,7 @@ async fn a_frozen_broker_and_a_killed_api_lose_nothing_and_keep_each_users_order
 
     // The pipeline catches up with the whole topic.
     let topic = read_topic(&broker.addr, "sluice.ingest", 8);
-    let ends = end_offsets(&broker.addr, "sluice.ingest");
+    let ends = end_offsets(&broker.addr, "sluice.ingest", 8);
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let committed = committed_offsets(&broker.addr, "sluice-pipeline", "sluice.ingest", 8);

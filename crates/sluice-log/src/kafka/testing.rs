@@ -149,3 +149,21 @@ pub fn committed_offsets(brokers: &str, group: &str, topic: &str, partitions: u3
         })
         .collect()
 }
+
+/// The end offset (high watermark) of each of `topic`'s first `partitions` partitions.
+pub fn end_offsets(brokers: &str, topic: &str, partitions: u32) -> Vec<u64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("consumer");
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p as i32, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+                .max(0) as u64
+        })
+        .collect()
+}
