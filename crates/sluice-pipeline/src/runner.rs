@@ -72,6 +72,8 @@ pub struct PipelineStats {
     pub actions_fired: AtomicU64,
     /// Attempts that failed with a recoverable error and were retried.
     pub retries: AtomicU64,
+    /// Consumer-group memberships rejoined after the log ended one on an error.
+    pub rejoins: AtomicU64,
     /// Time spent in each step, summed over partitions, in microseconds: where a batch's time
     /// goes (read includes waiting for records to arrive).
     pub read_us: AtomicU64,
@@ -142,6 +144,11 @@ impl PipelineStats {
                 "attempts that failed with a recoverable error and were retried since start",
                 &self.retries,
             ),
+            counter(
+                "sluice_pipeline_rejoins_total",
+                "consumer-group memberships rejoined after the log ended one on an error, since start",
+                &self.rejoins,
+            ),
         ]
     }
 }
@@ -162,7 +169,31 @@ pub enum PipelineError {
     },
     #[error("a partition task panicked: {0}")]
     Panicked(String),
+    #[error(
+        "consumer group {group:?}: the membership ended {rejoins} times in a row within moments of joining (is another node running with the same instance id?): {source}"
+    )]
+    Rejoins {
+        group: String,
+        rejoins: u32,
+        source: LogError,
+    },
 }
+
+/// How one consumer-group membership ended without a pipeline failure.
+enum Membership {
+    /// A stop request, or the subscription closed.
+    Ended,
+    /// The log ended the membership on an error.
+    Failed(LogError),
+}
+
+/// Rejoins in a row, each after a membership shorter than [`STABLE_MEMBERSHIP`], before the
+/// pipeline gives up.
+pub const MAX_REJOINS: u32 = 5;
+/// A membership at least this long resets the rejoin count.
+pub const STABLE_MEMBERSHIP: Duration = Duration::from_secs(60);
+/// The pause before the n-th rejoin in a row is n times this, at most `max_retry_delay`.
+const REJOIN_PAUSE: Duration = Duration::from_secs(1);
 
 /// The stages and their backends, shared by every partition task.
 pub struct Pipeline {
@@ -210,21 +241,71 @@ impl Pipeline {
 
     /// Consumes the log until `stop` turns true (then finishes each partition's batch in
     /// flight and commits it) or a partition task fails.
+    ///
+    /// A membership that ends on a recoverable log error (a static member fenced after a
+    /// coordinator failover, say) is rejoined after a pause: its partition tasks stop first,
+    /// uncommitted batches are read again by the new membership, and the dedup store keeps
+    /// their effects single. More than [`MAX_REJOINS`] rejoins in a row, each membership
+    /// shorter than [`STABLE_MEMBERSHIP`], stop the pipeline instead (another node may be
+    /// running under the same instance id).
     pub async fn run(
         self: Arc<Self>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<(), PipelineError> {
-        let mut subscription = self
-            .log
-            .subscribe(&self.config.group)
-            .await
-            .map_err(|source| PipelineError::Subscribe {
-                group: self.config.group.clone(),
-                source,
-            })?;
+        let mut rejoins = 0;
+        loop {
+            let subscription = self
+                .log
+                .subscribe(&self.config.group)
+                .await
+                .map_err(|source| PipelineError::Subscribe {
+                    group: self.config.group.clone(),
+                    source,
+                })?;
+            let joined = tokio::time::Instant::now();
+            let source = match self.clone().run_membership(subscription, &mut stop).await? {
+                Membership::Ended => return Ok(()),
+                Membership::Failed(source) => source,
+            };
+            if !source.is_retriable() {
+                return Err(PipelineError::Consumer {
+                    group: self.config.group.clone(),
+                    source,
+                });
+            }
+            rejoins = if joined.elapsed() >= STABLE_MEMBERSHIP {
+                1
+            } else {
+                rejoins + 1
+            };
+            if rejoins > MAX_REJOINS {
+                return Err(PipelineError::Rejoins {
+                    group: self.config.group.clone(),
+                    rejoins: MAX_REJOINS,
+                    source,
+                });
+            }
+            self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+            let pause = (REJOIN_PAUSE * rejoins).min(self.config.max_retry_delay.max(REJOIN_PAUSE));
+            tracing::warn!(group = %self.config.group, error = %source, rejoin_in = ?pause, "pipeline: the consumer group membership ended; rejoining");
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => return Ok(()),
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// One consumer-group membership: a task per assigned partition, until `stop`, the
+    /// subscription's end or failure, or a task's failure. Every task has ended on return.
+    async fn run_membership(
+        self: Arc<Self>,
+        mut subscription: Box<dyn sluice_log::Subscription>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Membership, PipelineError> {
         let mut tasks = JoinSet::new();
         let mut partition_stops: HashMap<u32, watch::Sender<bool>> = HashMap::new();
-        let mut result = Ok(());
+        let mut result = Ok(Membership::Ended);
         loop {
             tokio::select! {
                 _ = stop.wait_for(|s| *s) => break,
@@ -240,10 +321,7 @@ impl Pipeline {
                         }
                     }
                     Some(Assignment::Failed(source)) => {
-                        result = Err(PipelineError::Consumer {
-                            group: self.config.group.clone(),
-                            source,
-                        });
+                        result = Ok(Membership::Failed(source));
                         break;
                     }
                     None => break,

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -214,6 +214,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The key printed in the banner on first start.
     pub first_key: Option<String>,
+    /// Where its standard error goes; its tail is printed when a test fails.
+    pub stderr: PathBuf,
 }
 
 impl Server {
@@ -224,12 +226,19 @@ impl Server {
     /// `sluice <role>`, once its banner's last line says it runs. It listens on a free port
     /// unless `extra` has a `--listen`.
     pub fn start_as(role: &str, data_dir: &Path, extra: &[&str]) -> Server {
+        Server::start_logging(role, data_dir, extra, "warn")
+    }
+
+    /// `start_as` with `RUST_LOG=<filter>` (tests read what the node logs from its stderr file).
+    pub fn start_logging(role: &str, data_dir: &Path, extra: &[&str], filter: &str) -> Server {
         let listen: &[&str] = if extra.contains(&"--listen") {
             &[]
         } else {
             &["--listen", "127.0.0.1:0"]
         };
+        let stderr = data_dir.with_extension("stderr.log");
         let mut child = sluice(data_dir)
+            .env("RUST_LOG", filter)
             .arg(role)
             .args(listen)
             .args(extra)
@@ -238,7 +247,7 @@ impl Server {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(data_dir.with_extension("stderr.log"))
+                    .open(&stderr)
                     .expect("stderr file"),
             ))
             .spawn()
@@ -267,6 +276,7 @@ impl Server {
             child,
             addr: addr.expect("banner has the address"),
             first_key,
+            stderr,
         }
     }
 
@@ -288,6 +298,22 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            match self.child.try_wait() {
+                Ok(Some(status)) => {
+                    eprintln!("sluice (pid {}) had exited: {status}", self.child.id())
+                }
+                _ => eprintln!("sluice (pid {}) still ran", self.child.id()),
+            }
+            let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(40)..];
+            eprintln!(
+                "last lines of {}:\n{}",
+                self.stderr.display(),
+                tail.join("\n")
+            );
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
