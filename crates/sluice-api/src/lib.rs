@@ -108,6 +108,8 @@ pub struct AppInner {
     pipeline_failure: std::sync::Mutex<Option<String>>,
     /// More metrics for `/metrics` (the pipeline's counters in a process that runs one).
     more_metrics: std::sync::OnceLock<MetricsSource>,
+    /// The index this process's pipeline writes, whose health `/readyz` reports.
+    pipeline_index: std::sync::OnceLock<Arc<dyn Index>>,
 }
 
 /// One Prometheus sample: name, type (`counter`/`gauge`), help text, value.
@@ -141,6 +143,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             pipeline_failure: std::sync::Mutex::new(None),
             more_metrics: std::sync::OnceLock::new(),
+            pipeline_index: std::sync::OnceLock::new(),
         }))
     }
 
@@ -162,6 +165,12 @@ impl AppState {
     /// Adds `source`'s metrics to `/metrics` (once; a second source is ignored).
     pub fn add_metrics(&self, source: MetricsSource) {
         let _ = self.more_metrics.set(source);
+    }
+
+    /// Makes `/readyz` report `index`'s health: the pipeline of this process writes it (once;
+    /// a second index is ignored).
+    pub fn watch_index(&self, index: Arc<dyn Index>) {
+        let _ = self.pipeline_index.set(index);
     }
 
     /// Records why the pipeline stopped (SPEC §6 "unknown" errors) and starts draining.
@@ -226,8 +235,12 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// How long `/readyz` waits for the index's health check.
+const INDEX_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Ready when not draining and an append can be made durable: the log takes writes, or the
-/// spill buffer has room (SPEC §4). The body shows the spill buffer either way.
+/// spill buffer has room (SPEC §4); and, in a process whose pipeline writes an index, when
+/// that index takes writes. The body shows the spill buffer either way.
 async fn readyz(State(state): State<AppState>) -> Response {
     let mut reasons = Vec::new();
     let failure = state.pipeline_failure();
@@ -255,8 +268,26 @@ async fn readyz(State(state): State<AppState>) -> Response {
         (false, true) => "ok",
         (false, false) => "down",
     };
+    let index = match state.pipeline_index.get() {
+        None => None,
+        Some(index) => Some(
+            match tokio::time::timeout(INDEX_HEALTH_TIMEOUT, index.health()).await {
+                Ok(Ok(())) => "ok",
+                Ok(Err(e)) => {
+                    reasons.push(format!("the pipeline cannot write its index: {e}"));
+                    "down"
+                }
+                Err(_) => {
+                    reasons.push(format!(
+                        "the pipeline cannot write its index: its health check did not answer within {INDEX_HEALTH_TIMEOUT:?}"
+                    ));
+                    "down"
+                }
+            },
+        ),
+    };
     if reasons.is_empty() {
-        Json(json!({"status": "ready", "log": log, "spill": spill})).into_response()
+        Json(json!({"status": "ready", "log": log, "index": index, "spill": spill})).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -264,6 +295,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
                 "status": "not ready",
                 "reasons": reasons,
                 "log": log,
+                "index": index,
                 "spill": spill,
                 "pipeline": failure.map(|cause| json!({"status": "failed", "error": cause})),
             })),

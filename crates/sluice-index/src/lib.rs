@@ -221,6 +221,12 @@ pub trait Index: Send + Sync + 'static {
         request: &SearchRequest,
     ) -> Result<SearchResponse, IndexError>;
 
+    /// Whether the index takes writes now; `Err` says what is wrong and where (a search
+    /// index closed or red, the server unreachable). Cheap: `/readyz` asks it.
+    async fn health(&self) -> Result<(), IndexError> {
+        Ok(())
+    }
+
     /// Finishes pending writes and releases resources.
     async fn close(&self) -> Result<(), IndexError>;
 }

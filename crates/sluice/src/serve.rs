@@ -329,6 +329,9 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     if let (Some(state), Some(pipeline)) = (&state, &pipeline) {
         let stats = pipeline.stats();
         state.add_metrics(Arc::new(move || stats.metrics()));
+        if let Some(index) = &index {
+            state.watch_index(Arc::clone(index));
+        }
     }
     let (replay_stop_tx, replay_stop_rx) = watch::channel(false);
     let replayer = bridge

@@ -384,3 +384,138 @@ fn postgres_addr() -> String {
     let rest = url.split_once('@').map_or(url, |(_, rest)| rest);
     rest.split('/').next().unwrap_or(rest).to_string()
 }
+
+/// One request to the OpenSearch node; the answer must be a 200.
+async fn opensearch(method: &str, path: &str, body: Value) -> Value {
+    let addr = support::opensearch()
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("address");
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        body.to_string().into_bytes()
+    };
+    let method = method.parse().expect("method");
+    let r = conn
+        .send(method, path, &[], body.into())
+        .await
+        .expect("request");
+    assert_eq!(r.status.as_u16(), 200, "{path}: {}", r.json());
+    r.json()
+}
+
+/// Polls `/readyz` until `test` holds for (status, body), or fails after 60 s.
+async fn wait_readyz(addr: std::net::SocketAddr, what: &str, test: impl Fn(u16, &Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    loop {
+        let r = conn.get("/readyz", &[]).await.expect("readyz");
+        let body = r.json();
+        if test(r.status.as_u16(), &body) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what} within 60 s: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A closed and a red index (real OpenSearch: a closed index reopened with its shards pinned to
+/// a node that does not exist has no primary) make `/readyz` a 503 that names the index and
+/// why; the API still acknowledges, and what it took is indexed once the index is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_a_closed_or_red_index_and_nothing_acknowledged_meanwhile_is_lost() {
+    let index_prefix = format!("ready-{}-{}", std::process::id(), support::unique());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("node"),
+        &[
+            "--index",
+            support::opensearch().url.as_str(),
+            "--index-prefix",
+            &index_prefix,
+            "--batch-timeout",
+            "50ms",
+        ],
+    );
+    let key = server.first_key.clone().expect("key");
+    let addr = server.addr;
+    let ready = |status: u16, body: &Value| status == 200 && body["index"] == "ok";
+    wait_readyz(addr, "ready", ready).await;
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let users = format!("{index_prefix}-users");
+    let events = format!("{index_prefix}-events");
+
+    // Closed.
+    opensearch("POST", &format!("/{users}/_close"), Value::Null).await;
+    let closed = format!("index {users} is closed");
+    wait_readyz(addr, "readyz names the closed index", |status, body| {
+        status == 503 && body["index"] == "down" && body["reasons"].to_string().contains(&closed)
+    })
+    .await;
+    post(
+        &mut conn,
+        &key,
+        "/api/users/update",
+        json!({"userId": "closed", "dataFields": {"while": "closed"}}),
+    )
+    .await;
+    opensearch("POST", &format!("/{users}/_open"), Value::Null).await;
+    wait_readyz(addr, "ready after the index reopens", ready).await;
+    profile_once(&mut conn, &key, "closed", |p| {
+        p["dataFields"]["while"] == "closed"
+    })
+    .await;
+
+    // Red: no node may hold the events index's shards.
+    opensearch("POST", &format!("/{events}/_close"), Value::Null).await;
+    opensearch(
+        "PUT",
+        &format!("/{events}/_settings"),
+        json!({"index.routing.allocation.require._name": "no-such-node"}),
+    )
+    .await;
+    opensearch(
+        "POST",
+        &format!("/{events}/_open?wait_for_active_shards=0"),
+        Value::Null,
+    )
+    .await;
+    let red = format!("index {events} is red");
+    wait_readyz(addr, "readyz names the red index", |status, body| {
+        status == 503 && body["reasons"].to_string().contains(&red)
+    })
+    .await;
+    post(
+        &mut conn,
+        &key,
+        "/api/events/track",
+        json!({"userId": "closed", "eventName": "while-red", "id": "red-1"}),
+    )
+    .await;
+    opensearch(
+        "PUT",
+        &format!("/{events}/_settings"),
+        json!({"index.routing.allocation.require._name": null}),
+    )
+    .await;
+    wait_readyz(addr, "ready after the index turns green", ready).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = conn
+            .get("/api/users/closed/events", &[("api-key", &key)])
+            .await
+            .expect("events");
+        if r.json()["events"].to_string().contains("red-1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the event taken while red is indexed within 60 s: {}",
+            r.json()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -552,9 +552,73 @@ impl Index for ElasticIndex {
         search::search(self, org, target, request).await
     }
 
+    /// Both indexes exist, are open, and are not red (`GET _cat/indices`, one request).
+    async fn health(&self) -> Result<(), IndexError> {
+        let names = format!("{},{}", self.users, self.events);
+        let (status, body) = self
+            .request_query(
+                Method::GET,
+                &["_cat", "indices", &names],
+                &[
+                    ("format", "json"),
+                    ("h", "index,health,status"),
+                    ("expand_wildcards", "all"),
+                ],
+                None,
+            )
+            .await?;
+        if status == StatusCode::NOT_FOUND {
+            return Err(self.unavailable(format!(
+                "index {} or {} does not exist: {}",
+                self.users,
+                self.events,
+                describe(status, &body)
+            )));
+        }
+        if !status.is_success() {
+            return Err(self.rejected("GET /_cat/indices", status, &body));
+        }
+        let rows: Vec<CatIndex> = serde_json::from_slice(&body).map_err(|e| {
+            self.unavailable(format!(
+                "GET /_cat/indices: an answer that is not the expected JSON ({e})"
+            ))
+        })?;
+        health_verdict(&[&self.users, &self.events], &rows).map_err(|m| self.unavailable(m))
+    }
+
     async fn close(&self) -> Result<(), IndexError> {
         Ok(())
     }
+}
+
+/// One row of `GET _cat/indices?format=json&h=index,health,status`.
+#[derive(Debug, Deserialize)]
+struct CatIndex {
+    index: String,
+    #[serde(default)]
+    health: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+/// What is wrong with `names` according to `rows`, if anything.
+fn health_verdict(names: &[&str], rows: &[CatIndex]) -> Result<(), String> {
+    for name in names {
+        let Some(row) = rows.iter().find(|r| r.index == *name) else {
+            return Err(format!("index {name} does not exist"));
+        };
+        if row.status.as_deref() == Some("close") {
+            return Err(format!(
+                "index {name} is closed (open it: POST /{name}/_open)"
+            ));
+        }
+        if row.health.as_deref() == Some("red") {
+            return Err(format!(
+                "index {name} is red: a primary shard is not allocated (see GET /_cluster/allocation/explain)"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Counter helper.
@@ -565,6 +629,26 @@ fn add(counter: &AtomicU64, n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_names_a_missing_closed_or_red_index_and_takes_yellow() {
+        let rows = |json: &str| -> Vec<CatIndex> { serde_json::from_str(json).expect("rows") };
+        let names = ["p-users", "p-events"];
+        let yellow = r#"[{"index":"p-events","health":"yellow","status":"open"},{"index":"p-users","health":"green","status":"open"}]"#;
+        assert_eq!(health_verdict(&names, &rows(yellow)), Ok(()));
+        let missing = r#"[{"index":"p-users","health":"green","status":"open"}]"#;
+        assert_eq!(
+            health_verdict(&names, &rows(missing)),
+            Err("index p-events does not exist".into())
+        );
+        // A closed index has no health column value in some versions.
+        let closed = r#"[{"index":"p-users","health":null,"status":"close"},{"index":"p-events","health":"green","status":"open"}]"#;
+        let error = health_verdict(&names, &rows(closed)).expect_err("closed");
+        assert!(error.starts_with("index p-users is closed"), "{error}");
+        let red = r#"[{"index":"p-users","health":"green","status":"open"},{"index":"p-events","health":"red","status":"open"}]"#;
+        let error = health_verdict(&names, &rows(red)).expect_err("red");
+        assert!(error.starts_with("index p-events is red"), "{error}");
+    }
 
     #[test]
     fn errors_name_the_type_the_reason_and_the_innermost_cause() {
