@@ -116,6 +116,7 @@ mod tests {
             email: None,
             patch: Patch::from_update(&map, deep),
             updated_at: at,
+            version: None,
         }
     }
 

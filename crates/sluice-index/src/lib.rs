@@ -42,6 +42,14 @@ pub struct UserUpsert {
     pub patch: Patch,
     /// `receivedAt` of the last folded update, unix ms.
     pub updated_at: i64,
+    /// The log position after the last folded update (its offset + 1), when the upsert comes
+    /// from the log. A search index stores it as the profile's version and refuses an upsert
+    /// whose version is not above the stored one: that upsert's updates are already in (a
+    /// replay), or it comes from a member that lost the partition while its write was on the
+    /// way (a stale writer), which must not undo a newer owner's writes. A user's key maps to
+    /// one partition, so its versions are comparable. The embedded index has one writer and
+    /// ignores it.
+    pub version: Option<u64>,
 }
 
 /// One event, as it is stored.

@@ -97,6 +97,11 @@ struct Faults {
     items_seen: AtomicU64,
     /// Requests forwarded or answered.
     requests_seen: AtomicU64,
+    /// How long to hold each `_bulk` request before forwarding it (none when `None`).
+    bulk_delay: Mutex<Option<Duration>>,
+    /// `_bulk` requests held so far, and those of them forwarded after their delay.
+    bulks_held: AtomicU64,
+    bulks_released: AtomicU64,
     down: AtomicBool,
 }
 
@@ -217,6 +222,23 @@ impl FaultProxy {
         }
     }
 
+    /// Holds every `_bulk` request for `delay` before forwarding it (`None`: forward at once).
+    /// A held request is forwarded after its delay even if its client gave up or was stopped
+    /// meanwhile: a write on its way, like one in a slow network or a paused node's socket.
+    pub fn delay_bulks(&self, delay: Option<Duration>) {
+        if let Ok(mut d) = self.faults.bulk_delay.lock() {
+            *d = delay;
+        }
+    }
+
+    /// `_bulk` requests held so far, and how many of them were forwarded.
+    pub fn bulks_held(&self) -> (u64, u64) {
+        (
+            self.faults.bulks_held.load(Ordering::SeqCst),
+            self.faults.bulks_released.load(Ordering::SeqCst),
+        )
+    }
+
     /// Bulk items withheld and failed so far.
     pub fn withheld(&self) -> u64 {
         self.faults.withheld.load(Ordering::Relaxed)
@@ -335,6 +357,44 @@ async fn handle(
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_string();
+    let delay = faults.bulk_delay.lock().ok().and_then(|d| *d);
+    if let Some(delay) = delay.filter(|_| parts.uri.path().ends_with("/_bulk")) {
+        faults.bulks_held.fetch_add(1, Ordering::SeqCst);
+        // Forwarded from a task of its own, so it lands even if the client hangs up.
+        let (method, headers, url) = (
+            parts.method.clone(),
+            parts.headers.clone(),
+            format!("{upstream}{path}"),
+        );
+        let (client, faults, body) = (client.clone(), faults.clone(), body.clone());
+        let forwarded = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let mut outgoing = client.request(method, url);
+            for (name, value) in &headers {
+                if name != hyper::header::HOST && name != hyper::header::CONTENT_LENGTH {
+                    outgoing = outgoing.header(name, value);
+                }
+            }
+            let result = match outgoing.body(body).send().await {
+                Ok(response) => {
+                    let status = response.status().as_u16();
+                    response
+                        .bytes()
+                        .await
+                        .map(|b| (status, b.to_vec()))
+                        .map_err(|e| e.to_string())
+                }
+                Err(e) => Err(e.to_string()),
+            };
+            faults.bulks_released.fetch_add(1, Ordering::SeqCst);
+            result
+        });
+        return Ok(match forwarded.await {
+            Ok(Ok((status, bytes))) => answer(status, bytes),
+            Ok(Err(e)) => answer(502, e.into_bytes()),
+            Err(e) => answer(502, e.to_string().into_bytes()),
+        });
+    }
     let item_fault = faults.items.lock().ok().and_then(|f| *f);
     let (forward, withheld) = match item_fault {
         Some(fault) if parts.uri.path().ends_with("/_bulk") => withhold(&faults, &body, fault),

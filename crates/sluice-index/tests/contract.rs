@@ -142,6 +142,7 @@ fn upsert(org: &str, id: &str, data: Value, deep: bool, at: i64) -> UserUpsert {
         email: None,
         patch: Patch::from_update(&fields(data), deep),
         updated_at: at,
+        version: None,
     }
 }
 
@@ -576,4 +577,84 @@ async fn an_event_whose_data_fields_is_not_an_object_is_refused_alone(backend: B
         "the good event is written"
     );
     index.close().await.expect("close");
+}
+
+/// Search servers only (the embedded index has one writer and ignores versions): a profile
+/// upsert from the log carries its log position as a version, and one not above the stored
+/// version (a replay, or a stale owner's write landing after a newer owner's) is taken as done
+/// without touching the profile; a higher one applies.
+mod versioned {
+    use super::*;
+
+    #[tokio::test]
+    async fn opensearch() {
+        stale_and_replayed_upserts_do_not_undo_newer_ones(Backend::OpenSearch).await
+    }
+
+    #[tokio::test]
+    async fn osmem() {
+        stale_and_replayed_upserts_do_not_undo_newer_ones(Backend::Osmem).await
+    }
+}
+
+async fn stale_and_replayed_upserts_do_not_undo_newer_ones(backend: Backend) {
+    let store = Store::new(backend);
+    let url = match backend {
+        Backend::OpenSearch => &opensearch().url,
+        _ => &osmem().url,
+    };
+    let mut config = ElasticIndexConfig::new(url);
+    config.prefix = store.prefix.clone();
+    let index = ElasticIndex::open(config).await.expect("open index");
+    let versioned = |data: Value, at: i64, version: u64| UserUpsert {
+        version: Some(version),
+        ..upsert("acme", "1", data, false, at)
+    };
+    let write = |users: Vec<UserUpsert>| {
+        let index = &index;
+        async move {
+            let outcome = index
+                .write(Arc::new(WriteBatch {
+                    users,
+                    events: vec![],
+                }))
+                .await
+                .expect("write");
+            assert!(outcome.refused.is_empty(), "{:?}", outcome.refused);
+        }
+    };
+    write(vec![versioned(json!({"plan": "pro", "step": 2}), 20, 20)]).await;
+    // The stale owner's older write lands late; the replay of the same position lands again.
+    write(vec![versioned(json!({"plan": "free", "step": 1}), 10, 10)]).await;
+    write(vec![versioned(json!({"plan": "replayed"}), 20, 20)]).await;
+    assert_eq!(user_data(&index).await, json!({"plan": "pro", "step": 2}));
+    assert_eq!(
+        index.stats().superseded_docs.load(Ordering::Relaxed),
+        2,
+        "both taken as done"
+    );
+    // Newer positions apply; two of one user in a write fold to the higher version.
+    write(vec![
+        versioned(json!({"step": 3}), 30, 31),
+        versioned(json!({"plan": "enterprise"}), 31, 32),
+    ])
+    .await;
+    assert_eq!(
+        user_data(&index).await,
+        json!({"plan": "enterprise", "step": 3})
+    );
+    write(vec![versioned(json!({"plan": "late"}), 30, 31)]).await;
+    assert_eq!(
+        user_data(&index).await,
+        json!({"plan": "enterprise", "step": 3})
+    );
+}
+
+async fn user_data(index: &ElasticIndex) -> Value {
+    index
+        .get_user("acme", "u:1")
+        .await
+        .expect("get")
+        .expect("a profile")["dataFields"]
+        .clone()
 }

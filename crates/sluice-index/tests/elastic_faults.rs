@@ -111,6 +111,7 @@ fn user(id: usize, fields: Value, deep: bool) -> UserUpsert {
         email: None,
         patch: Patch::from_update(&map, deep),
         updated_at: 1_700_000_000_000 + id as i64,
+        version: None,
     }
 }
 

@@ -723,6 +723,8 @@ struct Identity<'a> {
     user_id: Option<&'a str>,
     email: Option<&'a str>,
     updated_at: i64,
+    /// The log position after the user's last update (`UserUpsert::version`).
+    version: u64,
 }
 
 /// The record at `offset` in a batch (offsets ascend; Kafka's may have gaps).
@@ -767,10 +769,12 @@ pub fn merge_batch(messages: &[&ValidMessage]) -> (WriteBatch, Vec<(usize, Patch
                 user_id: None,
                 email: None,
                 updated_at: message.received_at,
+                version: 0,
             });
             identity.user_id = message.user_id.as_deref().or(identity.user_id);
             identity.email = message.email.as_deref().or(identity.email);
             identity.updated_at = identity.updated_at.max(message.received_at);
+            identity.version = identity.version.max(message.offset + 1);
         }
     }
     let users = merged
@@ -785,6 +789,7 @@ pub fn merge_batch(messages: &[&ValidMessage]) -> (WriteBatch, Vec<(usize, Patch
                 email: identity.email.map(str::to_owned),
                 patch,
                 updated_at: identity.updated_at,
+                version: Some(identity.version),
             })
         })
         .collect();

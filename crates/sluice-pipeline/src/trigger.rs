@@ -399,6 +399,7 @@ impl Pipeline {
                         email: identity.email.clone(),
                         patch: (*patch).clone(),
                         updated_at: identity.updated_at,
+                        version: None,
                     },
                 )),
                 _ => before,

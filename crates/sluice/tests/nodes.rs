@@ -10,15 +10,21 @@
 //! Afterwards every partition is committed to its end, every acknowledged message is in the
 //! index once in effect, and each acknowledged signup fired its welcome under one
 //! `Idempotency-Key`, repeated calls carrying the same payload.
+//!
+//! And a stale writer: an ingest node whose profile write is on its way (held by a proxy) when
+//! it loses its partitions (SIGSTOP past the session timeout) must not undo the newer writes of
+//! the node that took them over when that late write lands.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice::client::Connection;
-use sluice_index::{ElasticIndex, ElasticIndexConfig};
+use sluice_index::testing::FaultProxy;
+use sluice_index::{ElasticIndex, ElasticIndexConfig, Index};
 use sluice_log::kafka::testing::{committed_offsets, end_offsets};
 use sluice_testkit::Kafka;
 
@@ -351,5 +357,147 @@ async fn ingest_nodes_fail_over_join_leave_and_roll_under_load_losing_and_doubli
         acked.len(),
         calls.len(),
         per_key.len()
+    );
+}
+
+/// The `dataFields` of user `x`, read by id (real-time) from the index.
+async fn profile_x(index: &ElasticIndex) -> Value {
+    index
+        .get_user("default", "u:x")
+        .await
+        .expect("read")
+        .map(|p| p["dataFields"].clone())
+        .unwrap_or(Value::Null)
+}
+
+async fn wait_profile_x(index: &ElasticIndex, what: &str, test: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let profile = profile_x(index).await;
+        if test(&profile) {
+            return profile;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} within 60 s: user x is {profile}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owners_late_profile_write_does_not_undo_the_new_owners() {
+    let kafka = Kafka::start(1, &[]);
+    let search = &support::opensearch().url;
+    let proxy = FaultProxy::start(search);
+    let schema = sluice_registry::testing::Schema::create();
+    let registry = schema.url();
+    let keys = support::RedisKeys::new("stale");
+    let index_prefix = format!("stale-{}-{}", std::process::id(), support::unique());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let session = format!("{}s", SESSION.as_secs());
+    let log = format!("kafka://{}", kafka.bootstrap);
+    let args = |index: &str| -> Vec<String> {
+        [
+            "--log",
+            &log,
+            "--registry",
+            &registry,
+            "--dedup",
+            support::redis_url(),
+            "--dedup-key-prefix",
+            &keys.0,
+            "--index",
+            index,
+            "--index-prefix",
+            &index_prefix,
+            "--kafka-session-timeout",
+            &session,
+            "--batch-timeout",
+            "50ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let key = support::org_with_key(&dir.path().join("admin"), &registry, "default");
+    let api_args = args(search);
+    let api_args: Vec<&str> = api_args.iter().map(String::as_str).collect();
+    let mut api = Server::start_as("api", &dir.path().join("api"), &api_args);
+    // A writes through the proxy; B straight to the node.
+    let a_args = args(&proxy.url);
+    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let mut a = Server::start_as("ingest", &dir.path().join("a"), &a_args);
+    let mut config = ElasticIndexConfig::new(search);
+    config.prefix = index_prefix.clone();
+    let index = ElasticIndex::open(config).await.expect("index");
+    let update = |step: usize, plan: &str| json!({"userId": "x", "id": format!("x-{step}"), "dataFields": {"step": step, "plan": plan}});
+    let post = |body: Value| {
+        let key = key.clone();
+        async move {
+            let (status, answer) = support::post(api.addr, &key, "/api/users/update", body).await;
+            assert_eq!(status, 200, "{answer}");
+        }
+    };
+    post(update(0, "trial")).await;
+    wait_profile_x(&index, "A processes step 0", |p| p["step"] == 0).await;
+
+    // A's write of step 1 is held on its way; A stops past its session.
+    proxy.delay_bulks(Some(Duration::from_secs(25)));
+    post(update(1, "free")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while proxy.bulks_held().0 == 0 {
+        assert!(Instant::now() < deadline, "A sent no write within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let frozen = Command::new("kill")
+        .args(["-STOP", &a.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(frozen.success());
+
+    // B takes the partitions over from the last commit: steps 1 and 2.
+    post(update(2, "pro")).await;
+    let b_args = args(search);
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let mut b = Server::start_as("ingest", &dir.path().join("b"), &b_args);
+    wait_profile_x(&index, "B processes steps 1 and 2", |p| p["step"] == 2).await;
+    assert_eq!(
+        proxy.bulks_held().1,
+        0,
+        "B wrote before A's held write landed (else the test proves nothing)"
+    );
+
+    // A's write of step 1 lands late: the profile stays at step 2.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.bulks_held().1 == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the held write was not forwarded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.delay_bulks(None);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        profile_x(&index).await,
+        json!({"step": 2, "plan": "pro"}),
+        "the stale write did not undo the newer one"
+    );
+
+    // A comes back; the group goes on, whoever owns the partition.
+    let thawed = Command::new("kill")
+        .args(["-CONT", &a.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(thawed.success());
+    post(update(3, "enterprise")).await;
+    wait_profile_x(&index, "step 3 processed", |p| p["step"] == 3).await;
+    assert!(a.sigterm().success(), "A: SIGTERM exits 0");
+    assert!(b.sigterm().success(), "B: SIGTERM exits 0");
+    assert!(api.sigterm().success());
+    assert_eq!(
+        profile_x(&index).await,
+        json!({"step": 3, "plan": "enterprise"})
     );
 }

@@ -11,6 +11,12 @@
 //! not a lost update. Events are `index` by doc id `<org>:<messageId>`: writing one again
 //! replaces it.
 //!
+//! Upserts from the log carry a version, the log position after their last update
+//! (`UserUpsert::version`): those are always read-modify-writes, written with `index`,
+//! `version_type=external`, so the cluster keeps the highest version and a stale owner's or a
+//! replay's upsert is a 409 `version_conflict_engine_exception`, which means its updates are in
+//! already: done, counted in `ElasticStats::superseded_docs`.
+//!
 //! Item results: 2xx is done. 409, 429, 5xx (and 401/403/404/408, which an operator or the
 //! cluster fixes) are sent again, alone, with exponential backoff and jitter — a read-modify-
 //! write user is read again first. Any other 4xx (a mapping or parse error) refuses the document
@@ -181,6 +187,7 @@ impl<'a> Plan<'a> {
                         email: upsert.email.clone().or(before.email),
                         patch: before.patch.then(&upsert.patch),
                         updated_at: upsert.updated_at,
+                        version: upsert.version.max(before.version),
                     },
                 );
                 let mut positions = earlier.remove(&previous).unwrap_or_default();
@@ -213,9 +220,16 @@ impl<'a> Plan<'a> {
             .collect()
     }
 
-    /// Whether a document is a user whose upsert reads the stored profile first.
+    /// Whether a document is a user whose upsert reads the stored profile first: a versioned
+    /// one (a partial update cannot carry an external version), or one whose patch the
+    /// cluster's partial update would not apply exactly.
     fn needs_read(&self, doc: Doc) -> bool {
-        matches!(doc, Doc::User(i) if !partial_update_applies(&self.user(i).patch))
+        matches!(doc, Doc::User(i) if self.user(i).version.is_some() || !partial_update_applies(&self.user(i).patch))
+    }
+
+    /// Whether a document is a versioned user upsert.
+    fn versioned(&self, doc: Doc) -> bool {
+        matches!(doc, Doc::User(i) if self.user(i).version.is_some())
     }
 
     fn user(&self, i: usize) -> &UserUpsert {
@@ -304,6 +318,10 @@ struct Meta<'a> {
     if_primary_term: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     retry_on_conflict: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version_type: Option<&'static str>,
 }
 
 fn line(body: &mut Vec<u8>, value: &impl Serialize) -> Result<(), String> {
@@ -345,6 +363,8 @@ fn encode(
                 if_seq_no: None,
                 if_primary_term: None,
                 retry_on_conflict: None,
+                version: None,
+                version_type: None,
             };
             action(body, "index", &meta)?;
             let internal = Internal {
@@ -376,7 +396,18 @@ fn encode_user(
         if_seq_no: None,
         if_primary_term: None,
         retry_on_conflict: None,
+        version: None,
+        version_type: None,
     };
+    if let (Some(version), Some(stored)) = (upsert.version, stored) {
+        // Versioned: the cluster keeps the highest version (the log position), so a stale or
+        // replayed upsert is a 409 (`send` takes it as done) instead of undoing a newer one.
+        meta.version = Some(version);
+        meta.version_type = Some("external");
+        action(body, "index", &meta)?;
+        let stored = stored.as_ref().map(|s| s.source.clone());
+        return line(body, &with_internal(upserted_profile(stored, upsert)));
+    }
     match stored {
         // A partial update.
         None => {
@@ -612,6 +643,17 @@ async fn send(
             Some(error) => format!("{} {error}", result.status),
             None => format!("status {}", result.status),
         };
+        let superseded = result.status == 409
+            && plan.versioned(doc)
+            && result
+                .error
+                .as_ref()
+                .is_some_and(|e| e.kind == "version_conflict_engine_exception");
+        if superseded {
+            // The stored profile's version is not below ours: our updates are in already.
+            add(&index.stats.superseded_docs, 1);
+            continue;
+        }
         match verdict(result.status, result.error.as_ref()) {
             Verdict::Done => {}
             Verdict::Retry => failed.push((doc, reason())),

@@ -84,6 +84,9 @@ pub struct ElasticStats {
     pub retried_docs: AtomicU64,
     /// Documents the cluster refused for their content.
     pub refused_docs: AtomicU64,
+    /// Versioned profile upserts the cluster refused because the stored profile's version was
+    /// not below theirs (a replay, or a stale owner of the partition).
+    pub superseded_docs: AtomicU64,
 }
 
 /// The index on an Elasticsearch/OpenSearch cluster.
