@@ -26,6 +26,7 @@
 //! processed or committed past a document the cluster has not taken.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -61,6 +62,7 @@ pub(super) async fn write(
     batch: &WriteBatch,
 ) -> Result<WriteOutcome, IndexError> {
     let mut outcome = WriteOutcome::default();
+    let superseded_before = index.stats.superseded_docs.load(Ordering::Relaxed);
     let plan = Plan::new(batch);
     let mut pending = plan.docs();
     let mut delays = ExponentialBuilder::default()
@@ -126,6 +128,18 @@ pub(super) async fn write(
             send(index, &plan, body, &mut chunk, &mut outcome, &mut failed).await?;
         }
         let Some((first, reason)) = failed.first() else {
+            let superseded = index
+                .stats
+                .superseded_docs
+                .load(Ordering::Relaxed)
+                .saturating_sub(superseded_before);
+            if superseded > 0 {
+                tracing::info!(
+                    superseded,
+                    of = plan.users.len(),
+                    "index: profile upserts already superseded by newer writes, left as they are (a replay after a restart or rebalance; if every write of a new log is superseded, the index holds the positions of an older log: use a new index prefix)"
+                );
+            }
             return Ok(outcome);
         };
         let first = plan.doc_id(*first);
