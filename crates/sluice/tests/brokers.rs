@@ -60,18 +60,7 @@ async fn a_killed_leader_costs_no_request_and_two_lost_brokers_spill_and_replay_
     let key = server.first_key.clone().expect("key");
     let addr = server.addr;
     let until = Instant::now() + Duration::from_secs(40);
-    let clients: Vec<_> = (0..6)
-        .map(|c| {
-            tokio::spawn(support::client_load_retrying(
-                addr,
-                key.clone(),
-                c,
-                0,
-                until,
-                Duration::from_millis(5),
-            ))
-        })
-        .collect();
+    let clients = support::retrying_clients(addr, &key, 6, until);
 
     // 1. The leader of partition 0 dies.
     tokio::time::sleep(Duration::from_secs(4)).await;

@@ -860,37 +860,17 @@ async fn without_spilling_a_frozen_broker_is_a_503_with_retry_after_within_the_a
 /// node reads it back from the shared index.
 async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch(engine: Engine) {
     let broker = Broker::start(engine);
-    let schema = sluice_registry::testing::Schema::create();
-    let registry = schema.url();
-    let keys = support::RedisKeys::new("nodes");
-    let index_prefix = format!("nodes-{}-{}", std::process::id(), support::unique());
-    let log = format!("kafka://{}", broker.addr);
+    let stores = support::SharedStores::new("nodes", &broker.addr);
     // Real Kafka goes with real OpenSearch; tansu with osmem-server.
     let search = match engine {
         Engine::Kafka => &support::opensearch().url,
         Engine::Tansu => &support::osmem().url,
     };
-    let shared = [
-        "--log",
-        &log,
-        "--registry",
-        &registry,
-        "--dedup",
-        support::redis_url(),
-        "--dedup-key-prefix",
-        &keys.0,
-        "--index",
-        search,
-        "--index-prefix",
-        &index_prefix,
-        "--kafka-session-timeout",
-        "6s",
-        "--batch-timeout",
-        "50ms",
-    ];
+    let args = stores.args(search, Duration::from_secs(6));
+    let shared = support::strs(&args);
     let dir = tempfile::tempdir().expect("tempdir");
     let admin = dir.path().join("admin");
-    let key = support::org_with_key(&admin, &registry, "acme");
+    let key = support::org_with_key(&admin, &stores.registry(), "acme");
     let mut api = Server::start_as("api", &dir.path().join("api"), &shared);
     assert!(api.first_key.is_none(), "the registry already has an org");
     let mut ingest = Server::start_as("ingest", &dir.path().join("ingest"), &shared);
@@ -954,7 +934,7 @@ async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch(engine: 
     // Marks are in the shared Redis, under this test's prefix.
     let marks = support::redis_cli(
         support::redis_url(),
-        &["--scan", "--pattern", &format!("{}:acme:*", keys.0)],
+        &["--scan", "--pattern", &format!("{}:acme:*", stores.keys.0)],
     );
     assert_eq!(marks.lines().count(), 40, "{marks}");
     assert!(ingest.sigterm().success());

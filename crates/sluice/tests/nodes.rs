@@ -169,47 +169,15 @@ fn assignments(data: &Path) -> usize {
 async fn ingest_nodes_fail_over_join_leave_and_roll_under_load_losing_and_doubling_nothing() {
     let kafka = Kafka::start(1, &[]);
     let receiver = WebhookReceiver::start(Duration::from_millis(2)).await;
-    let schema = sluice_registry::testing::Schema::create();
-    let registry = schema.url();
-    let keys = support::RedisKeys::new("nodes");
-    let index_prefix = format!("nodes-{}-{}", std::process::id(), support::unique());
+    let stores = support::SharedStores::new("nodes", &kafka.bootstrap);
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[triggers]]\nname = \"welcome-email\"\nevent = \"signedUp\"\nwebhook = \"{}\"\n",
-            receiver.url("/ok")
-        ),
-    )
-    .expect("write config");
-    let session = format!("{}s", SESSION.as_secs());
-    let args: Vec<String> = [
-        "--config",
-        config.to_str().expect("utf-8 path"),
-        "--log",
-        &format!("kafka://{}", kafka.bootstrap),
-        "--registry",
-        &registry,
-        "--dedup",
-        support::redis_url(),
-        "--dedup-key-prefix",
-        &keys.0,
-        "--index",
-        &support::opensearch().url,
-        "--index-prefix",
-        &index_prefix,
-        "--kafka-session-timeout",
-        &session,
-        "--batch-timeout",
-        "50ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let key = support::org_with_key(&dir.path().join("admin"), &registry, "default");
-    let api_args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut api = Server::start_as("api", &dir.path().join("api"), &api_args);
+    let mut args = vec![
+        "--config".to_string(),
+        support::welcome_config(dir.path(), &receiver.url("/ok")),
+    ];
+    args.extend(stores.args(&support::opensearch().url, SESSION));
+    let key = support::org_with_key(&dir.path().join("admin"), &stores.registry(), "default");
+    let mut api = Server::start_as("api", &dir.path().join("api"), &support::strs(&args));
     let addr = api.addr;
     let mut nodes = Nodes {
         dir: dir.path().to_path_buf(),
@@ -223,18 +191,7 @@ async fn ingest_nodes_fail_over_join_leave_and_roll_under_load_losing_and_doubli
     eprintln!("nodes: three ingest nodes process every partition after {settled:?}");
 
     let until = Instant::now() + Duration::from_secs(80);
-    let clients: Vec<_> = (0..6)
-        .map(|c| {
-            tokio::spawn(support::client_load_retrying(
-                addr,
-                key.clone(),
-                c,
-                0,
-                until,
-                Duration::from_millis(5),
-            ))
-        })
-        .collect();
+    let clients = support::retrying_clients(addr, &key, 6, until);
     let signing_up = tokio::spawn(signups(addr, key.clone(), until));
     tokio::time::sleep(Duration::from_secs(5)).await;
 
@@ -301,6 +258,11 @@ async fn ingest_nodes_fail_over_join_leave_and_roll_under_load_losing_and_doubli
     while receiver.distinct().len() < signed_up && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let mut peaks = vec![format!("api {:.0}", api.peak_rss_mib().unwrap_or(0.0))];
+    for (name, node) in &nodes.running {
+        peaks.push(format!("{name} {:.0}", node.peak_rss_mib().unwrap_or(0.0)));
+    }
+    eprintln!("nodes: peak RSS, MiB: {}", peaks.join(", "));
     for (name, mut node) in std::mem::take(&mut nodes.running) {
         assert!(node.sigterm().success(), "{name}: SIGTERM exits 0");
     }
@@ -318,7 +280,7 @@ async fn ingest_nodes_fail_over_join_leave_and_roll_under_load_losing_and_doubli
     .expect("connect");
     let r = search
         .post(
-            &format!("/{index_prefix}-*/_refresh"),
+            &format!("/{}-*/_refresh", stores.index_prefix),
             &[],
             Vec::new().into(),
         )
@@ -326,7 +288,7 @@ async fn ingest_nodes_fail_over_join_leave_and_roll_under_load_losing_and_doubli
         .expect("refresh");
     assert_eq!(r.status.as_u16(), 200, "refresh: {}", r.json());
     let mut config = ElasticIndexConfig::new(&support::opensearch().url);
-    config.prefix = index_prefix;
+    config.prefix = stores.index_prefix.clone();
     let index = ElasticIndex::open(config).await.expect("index");
     support::check_index_matches_acked(&index, &acked).await;
 
@@ -390,46 +352,23 @@ async fn a_stale_owners_late_profile_write_does_not_undo_the_new_owners() {
     let kafka = Kafka::start(1, &[]);
     let search = &support::opensearch().url;
     let proxy = FaultProxy::start(search);
-    let schema = sluice_registry::testing::Schema::create();
-    let registry = schema.url();
-    let keys = support::RedisKeys::new("stale");
-    let index_prefix = format!("stale-{}-{}", std::process::id(), support::unique());
+    let stores = support::SharedStores::new("stale", &kafka.bootstrap);
     let dir = tempfile::tempdir().expect("tempdir");
-    let session = format!("{}s", SESSION.as_secs());
-    let log = format!("kafka://{}", kafka.bootstrap);
-    let args = |index: &str| -> Vec<String> {
-        [
-            "--log",
-            &log,
-            "--registry",
-            &registry,
-            "--dedup",
-            support::redis_url(),
-            "--dedup-key-prefix",
-            &keys.0,
-            "--index",
-            index,
-            "--index-prefix",
-            &index_prefix,
-            "--kafka-session-timeout",
-            &session,
-            "--batch-timeout",
-            "50ms",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
-    let key = support::org_with_key(&dir.path().join("admin"), &registry, "default");
-    let api_args = args(search);
-    let api_args: Vec<&str> = api_args.iter().map(String::as_str).collect();
-    let mut api = Server::start_as("api", &dir.path().join("api"), &api_args);
+    let args = |index: &str| stores.args(index, SESSION);
+    let key = support::org_with_key(&dir.path().join("admin"), &stores.registry(), "default");
+    let mut api = Server::start_as(
+        "api",
+        &dir.path().join("api"),
+        &support::strs(&args(search)),
+    );
     // A writes through the proxy; B straight to the node.
-    let a_args = args(&proxy.url);
-    let a_args: Vec<&str> = a_args.iter().map(String::as_str).collect();
-    let mut a = Server::start_as("ingest", &dir.path().join("a"), &a_args);
+    let mut a = Server::start_as(
+        "ingest",
+        &dir.path().join("a"),
+        &support::strs(&args(&proxy.url)),
+    );
     let mut config = ElasticIndexConfig::new(search);
-    config.prefix = index_prefix.clone();
+    config.prefix = stores.index_prefix.clone();
     let index = ElasticIndex::open(config).await.expect("index");
     let update = |step: usize, plan: &str| json!({"userId": "x", "id": format!("x-{step}"), "dataFields": {"step": step, "plan": plan}});
     let post = |body: Value| {
@@ -458,9 +397,11 @@ async fn a_stale_owners_late_profile_write_does_not_undo_the_new_owners() {
 
     // B takes the partitions over from the last commit: steps 1 and 2.
     post(update(2, "pro")).await;
-    let b_args = args(search);
-    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
-    let mut b = Server::start_as("ingest", &dir.path().join("b"), &b_args);
+    let mut b = Server::start_as(
+        "ingest",
+        &dir.path().join("b"),
+        &support::strs(&args(search)),
+    );
     wait_profile_x(&index, "B processes steps 1 and 2", |p| p["step"] == 2).await;
     assert_eq!(
         proxy.bulks_held().1,

@@ -296,18 +296,7 @@ async fn serve_on_shared_backends_rides_out_429_storms_and_outages_of_each_backe
     );
     let key = server.first_key.clone().expect("key");
     let until = Instant::now() + Duration::from_secs(40);
-    let clients: Vec<_> = (0..4)
-        .map(|c| {
-            tokio::spawn(support::client_load_retrying(
-                server.addr,
-                key.clone(),
-                c,
-                0,
-                until,
-                Duration::from_millis(5),
-            ))
-        })
-        .collect();
+    let clients = support::retrying_clients(server.addr, &key, 4, until);
     let pause = |s: u64| tokio::time::sleep(Duration::from_secs(s));
 
     pause(2).await;

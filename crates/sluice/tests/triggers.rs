@@ -41,16 +41,8 @@ async fn ten_thousand_signups_send_one_welcome_each_across_a_sigkill() {
     let receiver = WebhookReceiver::start(Duration::from_millis(20)).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let config = dir.path().join("sluice.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[triggers]]\nname = \"welcome-email\"\nevent = \"signedUp\"\nwebhook = \"{}\"\n",
-            receiver.url("/ok")
-        ),
-    )
-    .expect("write config");
-    let config = config.to_str().expect("utf-8 path");
+    let config = support::welcome_config(dir.path(), &receiver.url("/ok"));
+    let config = config.as_str();
     let mut server = Server::start(&data, &["--config", config]);
     let key = server.first_key.clone().expect("first start prints a key");
     let addr = server.addr;

@@ -119,6 +119,63 @@ pub fn redis_cli(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// Kafka and the shared stores for a test's nodes: the run's PostgreSQL (a schema of the
+/// test's own, dropped at the end), its Redis (keys under a prefix of the test's own) and a
+/// search server (indexes under a prefix of the test's own).
+pub struct SharedStores {
+    pub log: String,
+    pub schema: sluice_registry::testing::Schema,
+    pub keys: RedisKeys,
+    pub index_prefix: String,
+}
+
+impl SharedStores {
+    pub fn new(what: &str, brokers: &str) -> SharedStores {
+        SharedStores {
+            log: format!("kafka://{brokers}"),
+            schema: sluice_registry::testing::Schema::create(),
+            keys: RedisKeys::new(what),
+            index_prefix: format!("{what}-{}-{}", std::process::id(), unique()),
+        }
+    }
+
+    pub fn registry(&self) -> String {
+        self.schema.url()
+    }
+
+    /// A node's flags: these stores, the index at `index` (a search server, or a proxy in
+    /// front of one), a short session timeout and short batches.
+    pub fn args(&self, index: &str, session: Duration) -> Vec<String> {
+        let session = format!("{}ms", session.as_millis());
+        [
+            "--log",
+            &self.log,
+            "--registry",
+            &self.registry(),
+            "--dedup",
+            redis_url(),
+            "--dedup-key-prefix",
+            &self.keys.0,
+            "--index",
+            index,
+            "--index-prefix",
+            &self.index_prefix,
+            "--kafka-session-timeout",
+            &session,
+            "--batch-timeout",
+            "50ms",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+}
+
+/// `args` as the `&str`s `Server::start_as` takes.
+pub fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
 /// A key prefix unique to this test, on the machine's Redis; its keys are deleted on drop.
 pub struct RedisKeys(pub String);
 
@@ -290,6 +347,20 @@ impl Server {
         wait_timeout(&mut self.child, Duration::from_secs(30)).expect("exits after SIGTERM")
     }
 
+    /// Peak resident memory so far (`VmHWM` of /proc), in MiB.
+    pub fn peak_rss_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib / 1024.0)
+    }
+
     pub fn sigkill(&mut self) {
         self.child.kill().expect("SIGKILL");
         let _ = self.child.wait();
@@ -425,6 +496,27 @@ pub async fn client_load_retrying(
         }
     }
     (acked, unavailable)
+}
+
+/// `clients` tasks of `client_load_retrying` (round 0, one request per 5 ms each) until `until`.
+pub fn retrying_clients(
+    addr: SocketAddr,
+    key: &str,
+    clients: usize,
+    until: Instant,
+) -> Vec<tokio::task::JoinHandle<(Acked, usize)>> {
+    (0..clients)
+        .map(|c| {
+            tokio::spawn(client_load_retrying(
+                addr,
+                key.to_string(),
+                c,
+                0,
+                until,
+                Duration::from_millis(5),
+            ))
+        })
+        .collect()
 }
 
 /// Every acknowledged message of `load_request` clients is in the index exactly once in
@@ -750,6 +842,20 @@ impl WebhookReceiver {
         }
         first
     }
+}
+
+/// Writes `<dir>/sluice.toml` with one trigger rule, `welcome-email`: a `signedUp` event
+/// calls `url`. Returns the file's path as a flag value.
+pub fn welcome_config(dir: &Path, url: &str) -> String {
+    let config = dir.join("sluice.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[triggers]]\nname = \"welcome-email\"\nevent = \"signedUp\"\nwebhook = \"{url}\"\n"
+        ),
+    )
+    .expect("write config");
+    config.to_str().expect("utf-8 path").to_string()
 }
 
 impl Drop for WebhookReceiver {
