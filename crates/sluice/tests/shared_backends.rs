@@ -508,3 +508,67 @@ async fn readyz_names_a_closed_or_red_index_and_nothing_acknowledged_meanwhile_i
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A search server down when `sluice serve` starts: the node runs, `/readyz` is a 503 naming
+/// the index, the API acknowledges, and once the server answers the indexes are created with
+/// sluice's mappings (not the dynamic ones a first write would make) and what was taken is
+/// indexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_server_down_at_start_is_waited_for_and_nothing_acknowledged_is_lost() {
+    let proxy = FaultProxy::start(&support::opensearch().url);
+    proxy.go_down();
+    let index_prefix = format!("late-{}-{}", std::process::id(), support::unique());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("node"),
+        &[
+            "--index",
+            &proxy.url,
+            "--index-prefix",
+            &index_prefix,
+            "--batch-timeout",
+            "50ms",
+        ],
+    );
+    let key = server.first_key.clone().expect("key");
+    let addr = server.addr;
+    wait_readyz(
+        addr,
+        "readyz names the unreachable index",
+        |status, body| {
+            status == 503
+                && body["index"] == "down"
+                && body["reasons"].to_string().contains(&proxy.url)
+        },
+    )
+    .await;
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    post(
+        &mut conn,
+        &key,
+        "/api/users/update",
+        json!({"userId": "early", "dataFields": {"plan": "pro"}}),
+    )
+    .await;
+    proxy.come_back();
+    wait_readyz(addr, "ready once the server answers", |status, body| {
+        status == 200 && body["index"] == "ok"
+    })
+    .await;
+    profile_once(&mut conn, &key, "early", |p| {
+        p["dataFields"]["plan"] == "pro"
+    })
+    .await;
+    let mapping = opensearch(
+        "GET",
+        &format!("/{index_prefix}-users/_mapping"),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(
+        mapping[format!("{index_prefix}-users")]["mappings"]["properties"]["sluice"]["properties"]
+            ["org"]["type"],
+        "keyword",
+        "sluice's mapping, not a dynamic one: {mapping}"
+    );
+}

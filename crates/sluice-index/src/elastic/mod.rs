@@ -103,6 +103,9 @@ pub struct ElasticIndex {
     /// Whether a `dataFields.*` path is a text field (aggregations use its `.raw` keyword).
     text_fields: Mutex<HashMap<(Target, String), bool>>,
     stats: ElasticStats,
+    /// Set once the cluster answered and both indexes exist with sluice's mappings; until
+    /// then every operation tries that first (a cluster down at start is waited for).
+    prepared: tokio::sync::OnceCell<()>,
 }
 
 /// An error object of the cluster's answers.
@@ -222,18 +225,41 @@ impl ElasticIndex {
             config,
             text_fields: Mutex::new(HashMap::new()),
             stats: ElasticStats::default(),
+            prepared: tokio::sync::OnceCell::new(),
         };
-        let (status, body) = index.request(Method::GET, &[], None).await?;
-        if !status.is_success() {
-            return Err(index.rejected("GET /", status, &body));
-        }
-        for (name, body) in [
-            (&index.users, mapping::users()),
-            (&index.events, mapping::events()),
-        ] {
-            index.create_index(name, body).await?;
+        match index.prepare().await {
+            Ok(()) => {}
+            // Down for now: the node runs, `/readyz` says why, and writes wait for it.
+            Err(e) if e.is_retriable() => tracing::warn!(
+                error = %e,
+                "index: the cluster cannot be used yet; the indexes are created once it answers"
+            ),
+            Err(e) => return Err(e),
         }
         Ok(index)
+    }
+
+    /// Checks the cluster answers and creates both indexes with sluice's mappings if missing,
+    /// once; an error (the cluster down, say) leaves it to the next call. Every operation calls
+    /// it first, so no document is written before its index has the mappings (a write to a
+    /// missing index would create it with dynamic ones).
+    async fn prepare(&self) -> Result<(), IndexError> {
+        self.prepared
+            .get_or_try_init(|| async {
+                let (status, body) = self.request(Method::GET, &[], None).await?;
+                if !status.is_success() {
+                    return Err(self.rejected("GET /", status, &body));
+                }
+                for (name, body) in [
+                    (&self.users, mapping::users()),
+                    (&self.events, mapping::events()),
+                ] {
+                    self.create_index(name, body).await?;
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
     }
 
     /// The names of the two indexes.
@@ -362,6 +388,7 @@ impl ElasticIndex {
 
     /// The sources of a search's hits, without our own fields.
     async fn sources(&self, target: Target, body: &Value) -> Result<Vec<Value>, IndexError> {
+        self.prepare().await?;
         let answer = self.search_raw(target, body).await?;
         Ok(answer
             .hits
@@ -448,10 +475,12 @@ impl Index for ElasticIndex {
         if batch.is_empty() {
             return Ok(WriteOutcome::default());
         }
+        self.prepare().await?;
         bulk::write(self, &batch).await
     }
 
     async fn get_user(&self, org: &str, user_key: &str) -> Result<Option<Value>, IndexError> {
+        self.prepare().await?;
         let id = crate::doc::user_doc_id(org, user_key);
         let (status, answer) = self
             .request(Method::GET, &[&self.users, "_doc", &id], None)
@@ -478,6 +507,7 @@ impl Index for ElasticIndex {
         if users.is_empty() {
             return Ok(Vec::new());
         }
+        self.prepare().await?;
         let docs: Vec<Value> = users
             .iter()
             .map(|(org, user_key)| {
@@ -552,11 +582,13 @@ impl Index for ElasticIndex {
         request: &SearchRequest,
     ) -> Result<SearchResponse, IndexError> {
         request.check()?;
+        self.prepare().await?;
         search::search(self, org, target, request).await
     }
 
     /// Both indexes exist, are open, and are not red (`GET _cat/indices`, one request).
     async fn health(&self) -> Result<(), IndexError> {
+        self.prepare().await?;
         let names = format!("{},{}", self.users, self.events);
         let (status, body) = self
             .request_query(
@@ -684,18 +716,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unreachable_cluster_is_unavailable_and_named() {
+    async fn an_unreachable_cluster_is_waited_for_and_every_call_names_it() {
         let mut config = ElasticIndexConfig::new("http://user:pw@127.0.0.1:1");
         config.timeout = Duration::from_secs(2);
-        match ElasticIndex::open(config).await {
-            Err(e @ IndexError::Unavailable { .. }) => {
-                let message = e.to_string();
-                assert!(message.contains("http://127.0.0.1:1"), "{message}");
-                assert!(!message.contains("pw"), "{message}");
-                assert!(e.is_retriable());
-            }
-            Err(other) => panic!("{other}"),
-            Ok(_) => panic!("opened"),
+        // The node starts anyway; every call says what it waits for.
+        let index = ElasticIndex::open(config)
+            .await
+            .expect("opens while the cluster is down");
+        let health = index.health().await.expect_err("not healthy");
+        let write = index
+            .write(std::sync::Arc::new(WriteBatch {
+                users: vec![],
+                events: vec![crate::EventDoc {
+                    org: "acme".into(),
+                    message_id: "m".into(),
+                    user_key: "u:1".into(),
+                    user_id: Some("1".into()),
+                    email: None,
+                    event_name: "e".into(),
+                    created_at: 0,
+                    received_at: 0,
+                    data_fields: serde_json::value::to_raw_value(&json!({})).expect("raw"),
+                }],
+            }))
+            .await
+            .expect_err("no write");
+        let read = index.get_user("acme", "u:1").await.expect_err("no read");
+        for e in [health, write, read] {
+            assert!(matches!(e, IndexError::Unavailable { .. }), "{e}");
+            let message = e.to_string();
+            assert!(message.contains("http://127.0.0.1:1"), "{message}");
+            assert!(!message.contains("pw"), "{message}");
+            assert!(e.is_retriable());
         }
     }
 }
