@@ -424,6 +424,23 @@ async fn an_independent_kafka_client_reads_what_sluice_writes_and_sluice_ingests
     assert_eq!((status, &profile["dataFields"]), (200, &json!({"n": 3})));
 }
 
+/// The stores in-process members share, under `dir`: a registry with the default org, a dedup
+/// store and an index.
+async fn member_stores(
+    dir: &std::path::Path,
+) -> (
+    Arc<dyn sluice_registry::Registry>,
+    Arc<dyn sluice_dedup::Dedup>,
+    Arc<sluice_index::EmbeddedIndex>,
+) {
+    let (registry, _key) = support::registry_with_key(dir).await;
+    let dedup: Arc<dyn sluice_dedup::Dedup> = Arc::new(
+        sluice_dedup::EmbeddedDedup::open(&dir.join("dedup"), Duration::from_secs(3600))
+            .expect("dedup"),
+    );
+    (registry, dedup, support::embedded_index(dir))
+}
+
 /// One ingest "node" in this process: its own Kafka consumer (group member) running the
 /// pipeline into the shared dedup store and index.
 struct Member {
@@ -567,13 +584,7 @@ async fn members_joining_under_load_rebalance_without_losing_or_doubling_anythin
     const STEPS: usize = 300;
     let broker = Broker::start(engine);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (registry, _key) = support::registry_with_key(dir.path()).await;
-    let registry = registry as Arc<dyn sluice_registry::Registry>;
-    let dedup: Arc<dyn sluice_dedup::Dedup> = Arc::new(
-        sluice_dedup::EmbeddedDedup::open(&dir.path().join("dedup"), Duration::from_secs(3600))
-            .expect("dedup"),
-    );
-    let index = support::embedded_index(dir.path());
+    let (registry, dedup, index) = member_stores(dir.path()).await;
     let shared = |index: &Arc<sluice_index::EmbeddedIndex>| {
         Arc::clone(index) as Arc<dyn sluice_index::Index>
     };
@@ -641,13 +652,7 @@ async fn a_fenced_member_rejoins_and_of_two_members_under_one_id_one_stops_with_
         .try_init();
     let broker = Broker::start(Engine::Kafka);
     let dir = tempfile::tempdir().expect("tempdir");
-    let (registry, _key) = support::registry_with_key(dir.path()).await;
-    let registry = registry as Arc<dyn sluice_registry::Registry>;
-    let dedup: Arc<dyn sluice_dedup::Dedup> = Arc::new(
-        sluice_dedup::EmbeddedDedup::open(&dir.path().join("dedup"), Duration::from_secs(3600))
-            .expect("dedup"),
-    );
-    let index = support::embedded_index(dir.path());
+    let (registry, dedup, index) = member_stores(dir.path()).await;
     let node = |name: &'static str| {
         member(
             &broker.addr,

@@ -411,6 +411,21 @@ async fn wait_readyz(addr: std::net::SocketAddr, what: &str, test: impl Fn(u16, 
     }
 }
 
+/// `sluice serve` in `dir` on the index at `url` (a search server, or a proxy in front of one).
+fn serve_on_index(dir: &std::path::Path, url: &str, index_prefix: &str) -> Server {
+    Server::start(
+        &dir.join("node"),
+        &[
+            "--index",
+            url,
+            "--index-prefix",
+            index_prefix,
+            "--batch-timeout",
+            "50ms",
+        ],
+    )
+}
+
 /// A closed and a red index (real OpenSearch: a closed index reopened with its shards pinned to
 /// a node that does not exist has no primary) make `/readyz` a 503 that names the index and
 /// why; the API still acknowledges, and what it took is indexed once the index is back.
@@ -418,16 +433,10 @@ async fn wait_readyz(addr: std::net::SocketAddr, what: &str, test: impl Fn(u16, 
 async fn readyz_names_a_closed_or_red_index_and_nothing_acknowledged_meanwhile_is_lost() {
     let index_prefix = format!("ready-{}-{}", std::process::id(), support::unique());
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(
-        &dir.path().join("node"),
-        &[
-            "--index",
-            support::opensearch().url.as_str(),
-            "--index-prefix",
-            &index_prefix,
-            "--batch-timeout",
-            "50ms",
-        ],
+    let server = serve_on_index(
+        dir.path(),
+        support::opensearch().url.as_str(),
+        &index_prefix,
     );
     let key = server.first_key.clone().expect("key");
     let addr = server.addr;
@@ -519,17 +528,7 @@ async fn a_search_server_down_at_start_is_waited_for_and_nothing_acknowledged_is
     proxy.go_down();
     let index_prefix = format!("late-{}-{}", std::process::id(), support::unique());
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::start(
-        &dir.path().join("node"),
-        &[
-            "--index",
-            &proxy.url,
-            "--index-prefix",
-            &index_prefix,
-            "--batch-timeout",
-            "50ms",
-        ],
-    );
+    let server = serve_on_index(dir.path(), &proxy.url, &index_prefix);
     let key = server.first_key.clone().expect("key");
     let addr = server.addr;
     wait_readyz(
