@@ -26,7 +26,6 @@
 //! processed or committed past a document the cluster has not taken.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
@@ -62,7 +61,8 @@ pub(super) async fn write(
     batch: &WriteBatch,
 ) -> Result<WriteOutcome, IndexError> {
     let mut outcome = WriteOutcome::default();
-    let superseded_before = index.stats.superseded_docs.load(Ordering::Relaxed);
+    // Versioned upserts the cluster found superseded, in this write.
+    let mut superseded = 0;
     let plan = Plan::new(batch);
     let mut pending = plan.docs();
     let mut delays = ExponentialBuilder::default()
@@ -101,7 +101,7 @@ pub(super) async fn write(
             }
             if body.len() > index.config.bulk_max_bytes && !chunk.is_empty() {
                 let tail = body.split_off(start);
-                send(
+                superseded += send(
                     index,
                     &plan,
                     std::mem::replace(&mut body, tail),
@@ -113,7 +113,7 @@ pub(super) async fn write(
             }
             chunk.push(doc);
             if chunk.len() >= index.config.bulk_max_docs {
-                send(
+                superseded += send(
                     index,
                     &plan,
                     std::mem::take(&mut body),
@@ -125,14 +125,9 @@ pub(super) async fn write(
             }
         }
         if !chunk.is_empty() {
-            send(index, &plan, body, &mut chunk, &mut outcome, &mut failed).await?;
+            superseded += send(index, &plan, body, &mut chunk, &mut outcome, &mut failed).await?;
         }
         let Some((first, reason)) = failed.first() else {
-            let superseded = index
-                .stats
-                .superseded_docs
-                .load(Ordering::Relaxed)
-                .saturating_sub(superseded_before);
             if superseded > 0 {
                 tracing::info!(
                     superseded,
@@ -238,7 +233,8 @@ impl<'a> Plan<'a> {
     /// one (a partial update cannot carry an external version), or one whose patch the
     /// cluster's partial update would not apply exactly.
     fn needs_read(&self, doc: Doc) -> bool {
-        matches!(doc, Doc::User(i) if self.user(i).version.is_some() || !partial_update_applies(&self.user(i).patch))
+        self.versioned(doc)
+            || matches!(doc, Doc::User(i) if !partial_update_applies(&self.user(i).patch))
     }
 
     /// Whether a document is a versioned user upsert.
@@ -590,7 +586,8 @@ fn verdict(status: u16, error: Option<&ErrorBody>) -> Verdict {
 }
 
 /// Sends one bulk request of `chunk`'s documents and sorts its items into done, `failed`
-/// (to send again) and refused. Empties `chunk`.
+/// (to send again) and refused. Empties `chunk`. Returns how many versioned upserts the
+/// cluster found superseded (done too).
 async fn send(
     index: &ElasticIndex,
     plan: &Plan<'_>,
@@ -598,8 +595,9 @@ async fn send(
     chunk: &mut Vec<Doc>,
     outcome: &mut WriteOutcome,
     failed: &mut Vec<(Doc, String)>,
-) -> Result<(), IndexError> {
+) -> Result<usize, IndexError> {
     let docs = std::mem::take(chunk);
+    let mut superseded = 0;
     add(&index.stats.bulk_requests, 1);
     let refresh: &[(&str, &str)] = if index.config.refresh_writes {
         &[("refresh", "true")]
@@ -626,7 +624,7 @@ async fn send(
         Err(e) if e.is_retriable() => {
             let reason = e.to_string();
             failed.extend(docs.into_iter().map(|doc| (doc, reason.clone())));
-            return Ok(());
+            return Ok(0);
         }
         Err(e) => return Err(e),
     };
@@ -657,15 +655,16 @@ async fn send(
             Some(error) => format!("{} {error}", result.status),
             None => format!("status {}", result.status),
         };
-        let superseded = result.status == 409
+        let stale = result.status == 409
             && plan.versioned(doc)
             && result
                 .error
                 .as_ref()
                 .is_some_and(|e| e.kind == "version_conflict_engine_exception");
-        if superseded {
+        if stale {
             // The stored profile's version is not below ours: our updates are in already.
             add(&index.stats.superseded_docs, 1);
+            superseded += 1;
             continue;
         }
         match verdict(result.status, result.error.as_ref()) {
@@ -674,7 +673,7 @@ async fn send(
             Verdict::Refuse => plan.refuse(index, outcome, doc, reason()),
         }
     }
-    Ok(())
+    Ok(superseded)
 }
 
 /// The partial-update `doc` of a patch, for tests.
