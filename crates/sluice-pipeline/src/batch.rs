@@ -33,17 +33,69 @@ pub async fn next_batch(
     source: &mut dyn PartitionStream,
     config: &BatchConfig,
 ) -> Result<Vec<LogRecord>, LogError> {
-    let max = config.max_records.max(1);
-    let mut batch = source.next_batch(max).await?;
-    let deadline = Instant::now() + config.timeout;
-    while batch.len() < max {
-        match tokio::time::timeout_at(deadline, source.next_batch(max - batch.len())).await {
-            Ok(Ok(more)) => batch.extend(more),
-            Ok(Err(e)) if batch.is_empty() => return Err(e),
-            Ok(Err(_)) | Err(_) => break,
+    let mut batcher = Batcher::new(*config);
+    batcher.fill(source).await?;
+    Ok(batcher.take())
+}
+
+/// The batch stage as an accumulator that survives cancellation: [`Batcher::fill`] pulls
+/// records into the pending batch until it is complete, and a `fill` future dropped halfway
+/// keeps what it pulled (and the window it started), so the next `fill` goes on where it
+/// stopped. The pipeline reads a partition's next batch while the batch before it is written,
+/// and drops that read when the write ends first.
+#[derive(Debug)]
+pub struct Batcher {
+    config: BatchConfig,
+    pending: Vec<LogRecord>,
+    /// When the window of the pending batch closes: set by its first record.
+    deadline: Option<Instant>,
+}
+
+impl Batcher {
+    pub fn new(config: BatchConfig) -> Self {
+        Batcher {
+            config,
+            pending: Vec::new(),
+            deadline: None,
         }
     }
-    Ok(batch)
+
+    /// Waits until the pending batch is complete: `max_records` records, or at least one and
+    /// the window since the first closed. Cancel-safe.
+    ///
+    /// An error with nothing pending is returned; with records pending it completes the
+    /// batch early, and the stream gives the error again to the `fill` after `take`.
+    pub async fn fill(&mut self, source: &mut dyn PartitionStream) -> Result<(), LogError> {
+        let max = self.config.max_records.max(1);
+        while self.pending.len() < max {
+            let Some(deadline) = self.deadline else {
+                let first = source.next_batch(max).await?;
+                if !first.is_empty() {
+                    self.pending.extend(first);
+                    self.deadline = Some(Instant::now() + self.config.timeout);
+                }
+                continue;
+            };
+            match tokio::time::timeout_at(deadline, source.next_batch(max - self.pending.len()))
+                .await
+            {
+                Ok(Ok(more)) => self.pending.extend(more),
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// The pending records (the complete batch once `fill` returned).
+    pub fn pending(&self) -> &[LogRecord] {
+        &self.pending
+    }
+
+    /// Takes the pending batch; the next `fill` starts a new one.
+    pub fn take(&mut self) -> Vec<LogRecord> {
+        self.deadline = None;
+        std::mem::take(&mut self.pending)
+    }
 }
 
 #[cfg(test)]
@@ -189,5 +241,28 @@ mod tests {
             waited.is_err(),
             "still waiting after an hour of virtual time"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fill_dropped_halfway_keeps_its_records_and_its_window() {
+        let (tx, mut source) = partition();
+        tx.send(record(0)).expect("send");
+        let start = Instant::now();
+        let mut batcher = Batcher::new(BatchConfig::default());
+        // Dropped 100 ms into the window, with record 0 pulled.
+        let cut = tokio::time::timeout(Duration::from_millis(100), batcher.fill(&mut source)).await;
+        assert!(cut.is_err(), "the window was still open");
+        assert_eq!(offsets(batcher.pending()), [0]);
+        tx.send(record(1)).expect("send");
+        batcher.fill(&mut source).await.expect("fill");
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(250),
+            "the window started at record 0, not at the second fill"
+        );
+        assert_eq!(offsets(&batcher.take()), [0, 1]);
+        tx.send(record(2)).expect("send");
+        batcher.fill(&mut source).await.expect("fill");
+        assert_eq!(offsets(batcher.pending()), [2], "a new batch after take");
     }
 }

@@ -1,11 +1,20 @@
 //! The per-partition loop that drives the stages (SPEC §6): one task per assigned partition,
-//! one batch in flight per partition, all partitions in parallel.
+//! all partitions in parallel.
 //!
 //! For each batch, in order: validate → dedup check → merge → index write (durable) → dead
-//! letters (durable) → mark processed → commit the offset after the batch. Nothing is committed before the index write
-//! and the dedup mark of every message up to that offset succeeded, so a crash at any point
-//! replays from the last commit, and the dedup store plus idempotent index writes keep the
-//! effects single.
+//! letters (durable) → mark processed → commit the offset after the batch. Nothing is committed
+//! before the index write and the dedup mark of every message up to that offset succeeded, so a
+//! crash at any point replays from the last commit, and the dedup store plus idempotent index
+//! writes keep the effects single.
+//!
+//! A partition has at most two batches in hand: the one being written (index, dead letters,
+//! triggers, mark, commit) and the next, which meanwhile goes through the front stages (read,
+//! validate, dedup check, merge), so the index is not idle while a partition does its own
+//! bookkeeping. The front's dedup check runs before the batch being written is marked, so it
+//! also drops that batch's keys. The next batch is written only after the one before it is
+//! committed: per-user order and the trigger stage's profile reads see the same sequence as
+//! one batch at a time. A read still waiting for records when the write ends is dropped; what
+//! it pulled stays in the [`Batcher`].
 //!
 //! Recoverable failures (registry, dedup store, index storage, commit) are retried with
 //! exponential backoff and jitter, forever, without moving past the batch. A stop request
@@ -27,7 +36,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::batch::{BatchConfig, next_batch};
+use crate::batch::{BatchConfig, Batcher};
 use crate::dead_letter::{self, Stage};
 use crate::merge::{Item, merge};
 use crate::trigger::Triggers;
@@ -207,6 +216,64 @@ pub struct Pipeline {
     pub(crate) stats: Arc<PipelineStats>,
 }
 
+/// A batch through the front stages (validate, dedup check, merge), ready to be written.
+struct Checked {
+    records: Vec<LogRecord>,
+    valid: Vec<ValidMessage>,
+    /// Positions in `valid` of the messages not processed before, in log order.
+    fresh: Vec<usize>,
+    /// Dead letters of the validate stage.
+    dead: Vec<sluice_log::Record>,
+    write: Arc<WriteBatch>,
+    /// The merge stage's per-event profile snapshots (by position in `fresh`), for triggers.
+    snapshots: Vec<(usize, Patch)>,
+    /// When the batch was validated: the time its dead letters carry.
+    now: i64,
+}
+
+impl Checked {
+    fn first(&self) -> u64 {
+        self.records.first().map_or(0, |r| r.offset)
+    }
+
+    fn last(&self) -> u64 {
+        self.records.last().map_or(0, |r| r.offset)
+    }
+
+    fn fresh(&self) -> Vec<&ValidMessage> {
+        self.fresh.iter().map(|&i| &self.valid[i]).collect()
+    }
+
+    /// The dedup keys of the messages the batch processes.
+    fn keys(&self) -> HashSet<MessageKey<'_>> {
+        self.fresh
+            .iter()
+            .map(|&i| message_key(&self.valid[i]))
+            .collect()
+    }
+}
+
+/// Why the front stages have no batch to hand on.
+enum Halt {
+    /// The partition is closed or revoked: not ours to read any more.
+    Released,
+    /// A stop was requested while retrying a step.
+    Stopped,
+    /// Reading the log failed with a recoverable error: read again after a pause.
+    Read(LogError),
+    /// The partition stops.
+    Failed(PipelineError),
+}
+
+/// The message of a caught panic.
+fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".into())
+}
+
 /// Why a retried step gave up.
 pub(crate) enum Abandon {
     /// A stop was requested while retrying.
@@ -358,51 +425,82 @@ impl Pipeline {
             position = stream.position(),
             "pipeline: partition assigned"
         );
+        let mut batcher = Batcher::new(self.config.batch);
+        // The next batch, read and checked while the one before it was written.
+        let mut ahead: Option<Checked> = None;
+        let mut front_stop = stop.clone();
+        let nothing_in_flight = HashSet::new();
         loop {
-            let mut clock = std::time::Instant::now();
-            let batch = tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => break,
-                batch = next_batch(&mut *stream, &self.config.batch) => batch,
-            };
-            lap(&self.stats.read_us, &mut clock);
-            let records = match batch {
-                Ok(records) => records,
-                // Closed, or revoked and cut off: the partition is not ours to read any more.
-                Err(LogError::Closed | LogError::Revoked(_)) => break,
-                Err(e) if e.is_retriable() => {
-                    tracing::warn!(partition, error = %e, "pipeline: reading the log failed; retrying");
-                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
+            if *stop.borrow() {
+                break;
+            }
+            let batch = match ahead.take() {
+                Some(batch) => batch,
+                None => {
+                    let front = self.front(
+                        partition,
+                        &mut batcher,
+                        &mut *stream,
+                        &nothing_in_flight,
+                        &mut front_stop,
+                    );
+                    let checked = tokio::select! {
+                        biased;
+                        _ = stop.wait_for(|s| *s) => break,
+                        checked = front => checked,
+                    };
+                    match self.ahead_or_halt(partition, checked).await? {
+                        Some(batch) => batch,
+                        None if *stop.borrow() => break,
+                        None => continue,
+                    }
                 }
-                Err(e) => return Err(stream_error(partition, 0, 0, e.to_string())),
             };
-            let (Some(first), Some(last)) = (records.first(), records.last()) else {
-                continue;
-            };
-            let (first, last) = (first.offset, last.offset);
+            let (first, last) = (batch.first(), batch.last());
             // Every log line of the batch (retries, dead letters) names its partition and
             // offsets.
             let span = tracing::warn_span!("batch", partition, first, last);
-            // A panic in a stage is a bug (SPEC §6 "unknown"): this stream stops here, with
-            // the batch named, and nothing of the batch is committed.
-            let processed = AssertUnwindSafe(self.process(&records, &mut stop).instrument(span))
-                .catch_unwind()
-                .await;
-            match processed {
+            // While this batch is written, the next one is read, validated, checked against
+            // the dedup store and merged. Its check cannot see this batch's marks yet, so it
+            // also drops what this batch holds. (A message of this batch that the index
+            // refuses is not marked, and a copy of it in the next batch is dropped all the
+            // same: its dead letter is what a replay processes.)
+            let in_flight = batch.keys();
+            let (applied, next) = {
+                // A panic in a stage is a bug (SPEC §6 "unknown"): this stream stops here,
+                // with the batch named, and nothing of the batch is committed.
+                let apply =
+                    AssertUnwindSafe(self.apply(&batch, &mut stop).instrument(span)).catch_unwind();
+                let front = self.front(
+                    partition,
+                    &mut batcher,
+                    &mut *stream,
+                    &in_flight,
+                    &mut front_stop,
+                );
+                tokio::pin!(apply, front);
+                let mut next = None;
+                let applied = loop {
+                    tokio::select! {
+                        biased;
+                        applied = &mut apply => break applied,
+                        checked = &mut front, if next.is_none() => next = Some(checked),
+                    }
+                };
+                // A read still under way when the write ended is dropped here: what it
+                // pulled stays in the batcher for the next one.
+                (applied, next)
+            };
+            drop(in_flight);
+            match applied {
                 Ok(Ok(())) => {}
                 Ok(Err(Abandon::Stopped)) => break,
                 Ok(Err(Abandon::Fatal(message))) => {
                     return Err(stream_error(partition, first, last, message));
                 }
                 Err(panic) => {
-                    let cause = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic with no message".into());
-                    let ids = batch_message_ids(&records);
+                    let cause = panic_cause(panic.as_ref());
+                    let ids = batch_message_ids(&batch.records);
                     tracing::error!(partition, first, last, message_ids = %ids, %cause, "pipeline: a stage panicked; this partition stops");
                     return Err(stream_error(
                         partition,
@@ -442,6 +540,9 @@ impl Pipeline {
             }
             lap(&self.stats.commit_us, &mut clock);
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            if let Some(checked) = next {
+                ahead = self.ahead_or_halt(partition, checked).await?;
+            }
         }
         tracing::info!(
             partition,
@@ -451,12 +552,86 @@ impl Pipeline {
         Ok(())
     }
 
-    /// One batch through validate → dedup → merge → index → mark.
-    async fn process(
+    /// What the front stages gave: the checked batch, or `None` when there is none to
+    /// process now (a read to retry after a pause, a released partition, a stop); an error
+    /// stops the partition.
+    async fn ahead_or_halt(
+        &self,
+        partition: u32,
+        checked: Result<Checked, Halt>,
+    ) -> Result<Option<Checked>, PipelineError> {
+        match checked {
+            Ok(batch) => Ok(Some(batch)),
+            Err(Halt::Released | Halt::Stopped) => Ok(None),
+            Err(Halt::Read(e)) => {
+                tracing::warn!(partition, error = %e, "pipeline: reading the log failed; retrying");
+                self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                Ok(None)
+            }
+            Err(Halt::Failed(e)) => Err(e),
+        }
+    }
+
+    /// The front stages of one batch: read (batch) → validate → dedup check → merge.
+    /// `in_flight` holds the keys of the batch being written meanwhile, not yet marked.
+    async fn front(
+        &self,
+        partition: u32,
+        batcher: &mut Batcher,
+        stream: &mut dyn PartitionStream,
+        in_flight: &HashSet<MessageKey<'_>>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Checked, Halt> {
+        let mut clock = std::time::Instant::now();
+        match batcher.fill(stream).await {
+            Ok(()) => {}
+            // Closed, or revoked and cut off: the partition is not ours to read any more.
+            Err(LogError::Closed | LogError::Revoked(_)) => return Err(Halt::Released),
+            Err(e) if e.is_retriable() => return Err(Halt::Read(e)),
+            Err(e) => return Err(Halt::Failed(stream_error(partition, 0, 0, e.to_string()))),
+        }
+        lap(&self.stats.read_us, &mut clock);
+        let records = batcher.pending();
+        let (first, last) = match (records.first(), records.last()) {
+            (Some(first), Some(last)) => (first.offset, last.offset),
+            _ => return Err(Halt::Released),
+        };
+        let span = tracing::warn_span!("batch", partition, first, last);
+        let checked = AssertUnwindSafe(self.check(records, in_flight, stop).instrument(span))
+            .catch_unwind()
+            .await;
+        match checked {
+            Ok(Ok(checked)) => Ok(Checked {
+                records: batcher.take(),
+                ..checked
+            }),
+            Ok(Err(Abandon::Stopped)) => Err(Halt::Stopped),
+            Ok(Err(Abandon::Fatal(message))) => {
+                Err(Halt::Failed(stream_error(partition, first, last, message)))
+            }
+            Err(panic) => {
+                let cause = panic_cause(panic.as_ref());
+                let ids = batch_message_ids(records);
+                tracing::error!(partition, first, last, message_ids = %ids, %cause, "pipeline: a stage panicked; this partition stops");
+                Err(Halt::Failed(stream_error(
+                    partition,
+                    first,
+                    last,
+                    format!("a stage panicked: {cause} (batch of messages {ids})"),
+                )))
+            }
+        }
+    }
+
+    /// validate → dedup check → merge, for `records` (the returned batch's `records` are left
+    /// empty for the caller to fill).
+    async fn check(
         &self,
         records: &[LogRecord],
+        in_flight: &HashSet<MessageKey<'_>>,
         stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), Abandon> {
+    ) -> Result<Checked, Abandon> {
         self.stats
             .records
             .fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -490,7 +665,8 @@ impl Pipeline {
         }
 
         lap(&self.stats.validate_us, &mut clock);
-        // Dedup: drop what was processed before, and repeats within the batch.
+        // Dedup: drop what was processed before, what the batch being written holds, and
+        // repeats within the batch.
         let keys: Vec<MessageKey<'_>> = valid.iter().map(message_key).collect();
         let seen = self
             .retry(
@@ -501,28 +677,52 @@ impl Pipeline {
             )
             .await?;
         let mut in_batch = HashSet::with_capacity(valid.len());
-        let fresh: Vec<&ValidMessage> = valid
+        let fresh: Vec<usize> = keys
             .iter()
             .zip(seen)
-            .filter(|(m, seen)| !seen && in_batch.insert(message_key(m)))
-            .map(|(m, _)| m)
+            .enumerate()
+            .filter(|(_, (key, seen))| !seen && !in_flight.contains(*key) && in_batch.insert(**key))
+            .map(|(i, _)| i)
             .collect();
         self.stats
             .duplicates
             .fetch_add((valid.len() - fresh.len()) as u64, Ordering::Relaxed);
         lap(&self.stats.dedup_check_us, &mut clock);
+        let refs: Vec<&ValidMessage> = fresh.iter().map(|&i| &valid[i]).collect();
+        let (write, snapshots) = merge_batch(&refs);
+        drop(refs);
+        lap(&self.stats.merge_us, &mut clock);
+        Ok(Checked {
+            records: Vec::new(),
+            valid,
+            fresh,
+            dead,
+            write: Arc::new(write),
+            snapshots,
+            now,
+        })
+    }
+
+    /// The back stages of one checked batch: index write (durable) → dead letters (durable)
+    /// → trigger actions → mark processed.
+    async fn apply(
+        &self,
+        batch: &Checked,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Abandon> {
+        let mut clock = std::time::Instant::now();
+        let fresh = batch.fresh();
+        let records = batch.records.as_slice();
+        let now = batch.now;
+        let mut dead = batch.dead.clone();
         if fresh.is_empty() {
             return self.write_dead_letters(dead, stop).await;
         }
-
-        let (write, snapshots) = merge_batch(&fresh);
-        let write = Arc::new(write);
-        lap(&self.stats.merge_us, &mut clock);
+        let write = &batch.write;
+        let snapshots = &batch.snapshots;
         // Trigger payloads are computed and stashed before the index write changes the
         // profiles they start from (see `trigger`).
-        let prepared = self
-            .prepare_actions(&fresh, &write, &snapshots, stop)
-            .await?;
+        let prepared = self.prepare_actions(&fresh, write, snapshots, stop).await?;
         lap(&self.stats.trigger_us, &mut clock);
         let (users, events) = (write.users.len() as u64, write.events.len() as u64);
         let outcome = self

@@ -62,6 +62,7 @@ e2e!(
     users_named_like_routes_are_readable_and_wrong_methods_are_json_405,
     triggers_fire_once_per_event_with_the_profile_at_that_event,
     a_panicking_stage_stops_the_stream_and_a_restart_completes_the_work,
+    a_copy_read_while_its_batch_is_written_is_a_duplicate,
 );
 
 struct Stack {
@@ -669,6 +670,8 @@ struct FailingWrites {
     failing: Arc<std::sync::atomic::AtomicBool>,
     /// While set, a write holding event `boom` panics, as a bug in a stage would.
     panicking: Arc<std::sync::atomic::AtomicBool>,
+    /// How long each write waits before it goes to the index, as a busy search server's would.
+    slow: Duration,
 }
 
 const INJECTED_REFUSAL: &str = "injected: mapper_parsing_exception";
@@ -680,6 +683,7 @@ impl Index for FailingWrites {
         batch: Arc<sluice_index::WriteBatch>,
     ) -> Result<sluice_index::WriteOutcome, sluice_index::IndexError> {
         use sluice_index::Refused;
+        tokio::time::sleep(self.slow).await;
         if self.panicking.load(Ordering::SeqCst)
             && batch.events.iter().any(|e| e.message_id == "boom")
         {
@@ -757,6 +761,7 @@ async fn documents_the_index_refuses_are_dead_lettered_and_not_marked_processed(
             inner,
             failing: Arc::default(),
             panicking: Arc::default(),
+            slow: Duration::ZERO,
         }) as Arc<dyn Index>
     })
     .await;
@@ -833,6 +838,7 @@ async fn a_failing_index_is_retried_and_nothing_is_committed_past_it(backends: B
             inner,
             failing: switch,
             panicking: Arc::default(),
+            slow: Duration::ZERO,
         }) as Arc<dyn Index>
     })
     .await;
@@ -1060,6 +1066,7 @@ async fn a_panicking_stage_stops_the_stream_and_a_restart_completes_the_work(bac
                 inner,
                 failing: Arc::default(),
                 panicking: switch,
+                slow: Duration::ZERO,
             }) as Arc<dyn Index>
         },
         Triggers::new(vec![welcome]),
@@ -1108,5 +1115,50 @@ async fn a_panicking_stage_stops_the_stream_and_a_restart_completes_the_work(bac
     let distinct = receiver.distinct();
     assert_eq!(distinct.len(), 49, "one welcome per signup");
     assert_eq!(receiver.raw_count(), 49, "and no call twice");
+    stack.stop().await;
+}
+
+/// The next batch of a partition is read, validated and checked against the dedup store while
+/// the batch before it is written, before that batch is marked: a copy of one of its messages
+/// is still a duplicate, and the user's profile is not taken back to the copy's update.
+async fn a_copy_read_while_its_batch_is_written_is_a_duplicate(backends: Backends) {
+    let stack = Stack::start_with(backends, move |inner| {
+        Arc::new(FailingWrites {
+            inner,
+            failing: Arc::default(),
+            panicking: Arc::default(),
+            slow: Duration::from_millis(600),
+        }) as Arc<dyn Index>
+    })
+    .await;
+    let update = |id: &str, fields: Value| json!({"userId": "ann", "id": id, "dataFields": fields});
+    let first =
+        json!({"users": [update("a1", json!({"plan": "a"})), update("a2", json!({"plan": "b"}))]});
+    let r = stack.post("/api/users/bulkUpdate", first).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    // The first batch is in its (slow) write when the second arrives.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stack.stats.records.load(Ordering::Relaxed) < 2 {
+        assert!(Instant::now() < deadline, "the first batch was not read");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let second =
+        json!({"users": [update("a1", json!({"plan": "a"})), update("a3", json!({"step": 3}))]});
+    let r = stack.post("/api/users/bulkUpdate", second).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    while stack.stats.records.load(Ordering::Relaxed) < 4 {
+        assert!(Instant::now() < deadline, "the second batch was not read");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        stack.stats.batches.load(Ordering::Relaxed),
+        0,
+        "the second batch was read while the first was written"
+    );
+    stack.wait_processed().await;
+    let user = stack.get("/api/users/ann").await.json();
+    assert_eq!(user["dataFields"]["plan"], "b", "{user}");
+    assert_eq!(user["dataFields"]["step"], 3, "{user}");
+    assert_eq!(stack.stats.duplicates.load(Ordering::Relaxed), 1);
     stack.stop().await;
 }
