@@ -203,6 +203,39 @@ async fn an_unreachable_broker_is_a_clear_retriable_error() {
     assert!(error.to_string().contains(&brokers), "{error}");
 }
 
+/// A broker that answers at its bootstrap address but advertises a listener this node cannot
+/// reach (a container's hostname, the classic `advertised.listeners` mistake): connecting is a
+/// retriable error that names the advertised address and the setting, within the timeout,
+/// instead of a bare timeout of the first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_advertising_an_unreachable_listener_is_a_clear_error() {
+    let advertised = "kafka-0.sluice.invalid:9092";
+    let broker = Kafka::start(
+        1,
+        &[&format!("advertised.listeners=PLAINTEXT://{advertised}")],
+    );
+    let mut config = KafkaLogConfig::new(&broker.bootstrap, "sluice.ingest");
+    config.request_timeout = Duration::from_secs(3);
+    let started = Instant::now();
+    let error = match KafkaLog::connect(config).await {
+        Ok(_) => panic!("connected through a listener nobody can reach"),
+        Err(e) => e,
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "fails within the timeout"
+    );
+    assert!(error.is_retriable(), "{error:?}");
+    let text = error.to_string();
+    println!("{text}");
+    assert!(
+        text.contains(&broker.bootstrap)
+            && text.contains(&format!("broker 1 at {advertised}"))
+            && text.contains("advertised.listeners"),
+        "{text}"
+    );
+}
+
 /// Appends `count` records over 97 users (every partition gets some); returns each partition's expected (offset, value).
 async fn fill(log: &KafkaLog, count: usize, tag: &str) -> BTreeMap<u32, Vec<(u64, String)>> {
     let records: Vec<Record> = (0..count)

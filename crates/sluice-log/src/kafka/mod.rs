@@ -362,7 +362,7 @@ async fn prepare(
     )
     .create()
     .map_err(|e| broker_error("cannot create the admin client", e))?;
-    let brokers = broker_count(producer, config).await?;
+    let brokers = reachable_brokers(producer, config).await?;
     let (factor, min_insync) = replication(config, brokers);
     if factor as usize > brokers {
         return Err(LogError::Broker {
@@ -461,12 +461,66 @@ async fn metadata(
         })
 }
 
-/// How many brokers the cluster's metadata lists.
-async fn broker_count(
+/// How many brokers the cluster's metadata lists, once the addresses they advertise were
+/// checked: the bootstrap address answering says nothing about them, and a broker whose
+/// `advertised.listeners` names a host or port this node cannot reach (a container's
+/// hostname, an internal listener) makes every later request wait out its timeout with no
+/// word of why. None of them reachable is an error that names them; some of them, a warning.
+async fn reachable_brokers(
     producer: &FutureProducer<ProducerHealth>,
     config: &KafkaLogConfig,
 ) -> Result<usize, LogError> {
-    Ok(metadata(producer, config, None).await?.brokers().len())
+    let metadata = metadata(producer, config, None).await?;
+    let advertised: Vec<(i32, String)> = metadata
+        .brokers()
+        .iter()
+        .map(|b| (b.id(), format!("{}:{}", b.host(), b.port())))
+        .collect();
+    let timeout = config.request_timeout.min(Duration::from_secs(3));
+    let mut probes = tokio::task::JoinSet::new();
+    for (id, address) in advertised.clone() {
+        probes.spawn(async move {
+            let outcome =
+                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&address)).await
+                {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {timeout:?}")),
+                };
+            (id, address, outcome)
+        });
+    }
+    let mut unreachable = Vec::new();
+    while let Some(probe) = probes.join_next().await {
+        if let Ok((id, address, Err(why))) = probe {
+            unreachable.push((id, address, why));
+        }
+    }
+    unreachable.sort();
+    let listed = |list: &[(i32, String, String)]| {
+        list.iter()
+            .map(|(id, address, why)| format!("broker {id} at {address} ({why})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !advertised.is_empty() && unreachable.len() == advertised.len() {
+        return Err(LogError::Broker {
+            brokers: config.brokers.clone(),
+            message: format!(
+                "the cluster answered, but no broker it advertises can be reached from here: {}; \
+                 check the brokers' advertised.listeners",
+                listed(&unreachable)
+            ),
+        });
+    }
+    if !unreachable.is_empty() {
+        tracing::warn!(
+            brokers = %config.brokers,
+            unreachable = %listed(&unreachable),
+            "kafka: some advertised brokers cannot be reached from here (check their advertised.listeners)"
+        );
+    }
+    Ok(advertised.len())
 }
 
 /// The partition count of the topic, from the cluster's metadata. A topic created a moment
