@@ -15,7 +15,8 @@
 //! and the pipeline is compared with the mean of the raw phases on both sides of it.
 //!
 //! Settings by environment: SLUICE_BENCH_MESSAGES (default 400000), SLUICE_BENCH_USERS
-//! (10000), SLUICE_BENCH_ONE_AT_A_TIME (500); SLUICE_BENCH_PIPELINE_ONLY=1 stops after step 2
+//! (10000), SLUICE_BENCH_ONE_AT_A_TIME (500), SLUICE_BENCH_PARTITIONS (8), SLUICE_BENCH_WARMUPS
+//! and SLUICE_BENCH_ROUNDS (see below); SLUICE_BENCH_PIPELINE_ONLY=1 stops after step 2
 //! (for profiling); SLUICE_BENCH_LOG=kafka feeds the pipeline from a tansu broker;
 //! SLUICE_BENCH_BACKENDS=shared runs on the distributed stores instead of the embedded ones:
 //! Redis dedup (a redis-server started on a free port) and the OpenSearch index: a real
@@ -172,7 +173,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     sluice_registry::bootstrap(registry.as_ref()).await?;
     let log = Arc::new(EmbeddedLog::open(
         &dir.path().join("log"),
-        EmbeddedLogConfig::default(),
+        EmbeddedLogConfig {
+            partitions: setting("SLUICE_BENCH_PARTITIONS", 8).max(1) as u32,
+            ..EmbeddedLogConfig::default()
+        },
     )?);
     // SLUICE_BENCH_LOG=kafka: the same pipeline fed by a tansu broker on a free port instead
     // (pipeline part only; progress is records read, at most one batch per partition ahead).
@@ -239,56 +243,171 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         } else {
             raw_batches(&log, &registry, PipelineConfig::default().batch.max_records).await?
         };
-    // A search server's first writes are slow (JIT, fresh segments): on shared stores, a raw
-    // phase into an index of its own runs first and is not compared, so the pipeline and the
-    // raw index both meet a warm node.
-    // Then the raw phase runs on both sides of the pipeline phase, and the pipeline is
-    // compared with the mean of the two (the node still changes between phases: background
-    // merges of the last index, JIT).
+    // A search server's speed keeps changing for minutes (JIT compiles, fresh segments): on
+    // shared stores, raw warm-up phases into indexes of their own run first, until two in a
+    // row agree within 10% after at least 3 (at most SLUICE_BENCH_WARMUPS, default 5), and
+    // are not compared.
+    // Then SLUICE_BENCH_ROUNDS (default 2) rounds of a raw phase and a pipeline phase, and a
+    // last raw phase: each pipeline phase is compared with the raw phases on both sides of it.
     let shared = matches!(stores, Stores::Shared { .. });
-    let mut raw_before = None;
-    if shared && !per_partition.is_empty() {
+    let comparing = !per_partition.is_empty();
+    if shared && comparing {
         println!("warm-up, not compared:");
-        raw_phase(&stores, dir.path(), "index-warm", &per_partition, messages).await?;
-        print!("before the pipeline: ");
-        raw_before = Some(
-            raw_phase(
-                &stores,
-                dir.path(),
-                "index-before",
-                &per_partition,
-                messages,
-            )
-            .await?,
-        );
+        let mut last: Option<f64> = None;
+        for n in 0..setting("SLUICE_BENCH_WARMUPS", 5).max(1) {
+            let name = format!("index-warm-{n}");
+            let phase = raw_phase(&stores, dir.path(), &name, &per_partition, messages).await?;
+            let rate = messages as f64 / phase.secs;
+            if n >= 2 && last.is_some_and(|last| (rate - last).abs() <= 0.1 * last) {
+                break;
+            }
+            last = Some(rate);
+        }
+    }
+    let rounds = if shared && comparing {
+        setting("SLUICE_BENCH_ROUNDS", 2).max(1)
+    } else {
+        1
+    };
+    let run = PipelineRun {
+        stores: &stores,
+        dir: dir.path(),
+        source: &source,
+        log: &log,
+        registry: &registry,
+        from_kafka: kafka.is_some(),
+        messages,
+    };
+    let mut raws = Vec::new();
+    let mut pipelines = Vec::new();
+    for round in 0..rounds {
+        if shared && comparing {
+            let name = format!("index-raw-{round}");
+            raws.push(raw_phase(&stores, dir.path(), &name, &per_partition, messages).await?);
+        }
+        pipelines.push(pipeline_phase(&run, round).await?);
+    }
+    if !comparing {
+        return Ok(());
     }
 
-    // 2. The pipeline.
-    let bench_index = BenchIndex::open(&stores, dir.path(), "index-pipeline").await?;
+    // 3. The same batches straight into the index.
+    let singles_source: Vec<Arc<WriteBatch>> = per_partition
+        .iter()
+        .flatten()
+        .flat_map(|(b, _)| {
+            b.users
+                .iter()
+                .map(|u| WriteBatch {
+                    users: vec![u.clone()],
+                    events: vec![],
+                })
+                .chain(b.events.iter().map(|e| WriteBatch {
+                    users: vec![],
+                    events: vec![e.clone()],
+                }))
+                .collect::<Vec<_>>()
+        })
+        .take(singles)
+        .map(Arc::new)
+        .collect();
+    let name = "index-raw-last";
+    raws.push(raw_phase(&stores, dir.path(), name, &per_partition, messages).await?);
+
+    // 4. One message per write.
+    let single_index = BenchIndex::open(&stores, dir.path(), "index-single")
+        .await?
+        .index();
+    let started = Instant::now();
+    for batch in &singles_source {
+        single_index.write(Arc::clone(batch)).await?;
+    }
+    let single_secs = started.elapsed().as_secs_f64();
+    single_index.close().await?;
+    let single_rate = singles_source.len() as f64 / single_secs;
+    println!(
+        "one at a time: {single_secs:6.2} s  {single_rate:9.0} msg/s  ({} messages)",
+        singles_source.len()
+    );
+    // Each pipeline phase against the raw phases on both sides of it (on the embedded stores,
+    // the one raw phase after it).
+    let mut ratios = Vec::new();
+    for (n, pipeline) in pipelines.iter().enumerate() {
+        let around = &raws[n.min(raws.len() - 1)..(n + 2).min(raws.len())];
+        let raw_secs = around.len() as f64 / around.iter().map(|r| 1.0 / r.secs).sum::<f64>();
+        let raw_steady = around.iter().map(|r| r.steady).sum::<f64>() / around.len() as f64;
+        let (whole, steady) = (raw_secs / pipeline.secs, pipeline.steady / raw_steady);
+        println!(
+            "pipeline phase {}: raw index around it {:9.0} msg/s (steady {raw_steady:.0}); pipeline / raw index: {whole:.2} over the whole run, {steady:.2} steady",
+            n + 1,
+            messages as f64 / raw_secs,
+        );
+        ratios.push((whole, steady));
+    }
+    let count = ratios.len() as f64;
+    let last_raw = raws.last().map_or(1.0, |r| messages as f64 / r.secs);
+    println!(
+        "pipeline / raw index, mean of {} phases: {:.2} over the whole run, {:.2} steady    batched raw / one at a time: {:.0}x",
+        ratios.len(),
+        ratios.iter().map(|r| r.0).sum::<f64>() / count,
+        ratios.iter().map(|r| r.1).sum::<f64>() / count,
+        last_raw / single_rate
+    );
+    Ok(())
+}
+
+/// What the pipeline phases share.
+struct PipelineRun<'a> {
+    stores: &'a Stores,
+    dir: &'a std::path::Path,
+    source: &'a Arc<dyn Log>,
+    log: &'a Arc<EmbeddedLog>,
+    registry: &'a Arc<dyn Registry>,
+    /// The source is a Kafka broker: progress is records read (its commits are not readable
+    /// here).
+    from_kafka: bool,
+    messages: usize,
+}
+
+/// One pipeline phase: the whole log through a `Pipeline` of its own (its own consumer group,
+/// dedup namespace and index), until every partition has committed its last offset.
+async fn pipeline_phase(
+    run: &PipelineRun<'_>,
+    round: usize,
+) -> Result<Phase, Box<dyn std::error::Error>> {
+    let PipelineRun {
+        stores,
+        dir,
+        source,
+        log,
+        registry,
+        from_kafka,
+        messages,
+    } = *run;
+    let bench_index = BenchIndex::open(stores, dir, &format!("index-pipeline-{round}")).await?;
     let index = bench_index.index();
-    let (dedup, redis): (Arc<dyn Dedup>, Option<Arc<RedisDedup>>) = match &stores {
+    let (dedup, redis): (Arc<dyn Dedup>, Option<Arc<RedisDedup>>) = match stores {
         Stores::Embedded => (
             Arc::new(EmbeddedDedup::open(
-                &dir.path().join("dedup"),
+                &dir.join(format!("dedup-{round}")),
                 sluice_dedup::DEFAULT_WINDOW,
             )?),
             None,
         ),
         Stores::Shared { redis, .. } => {
-            let redis = Arc::new(
-                RedisDedup::connect(RedisDedupConfig::new(
-                    redis.url(),
-                    sluice_dedup::DEFAULT_WINDOW,
-                ))
-                .await?,
-            );
+            let mut config = RedisDedupConfig::new(redis.url(), sluice_dedup::DEFAULT_WINDOW);
+            config.prefix = format!("sluice:dedup:bench-{round}");
+            let redis = Arc::new(RedisDedup::connect(config).await?);
             (Arc::clone(&redis) as Arc<dyn Dedup>, Some(redis))
         }
     };
-    let mut config = PipelineConfig::default();
+    let mut config = PipelineConfig {
+        group: format!("sluice-pipeline-{round}"),
+        ..PipelineConfig::default()
+    };
     if std::env::var("SLUICE_BENCH_TRIGGER").as_deref() == Ok("topic") {
         let actions: Arc<dyn Log> = Arc::new(EmbeddedLog::open(
-            &dir.path().join("actions"),
+            &dir.join(format!("actions-{round}")),
             EmbeddedLogConfig {
                 partitions: 1,
                 ..EmbeddedLogConfig::default()
@@ -305,16 +424,16 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         println!("with a trigger rule on every event (topic action)");
     }
     let dead_letters: Arc<dyn Log> = Arc::new(EmbeddedLog::open(
-        &dir.path().join("dlq"),
+        &dir.join(format!("dlq-{round}")),
         EmbeddedLogConfig {
             partitions: 1,
             ..EmbeddedLogConfig::default()
         },
     )?);
     let pipeline = Pipeline::new(
-        Arc::clone(&source),
+        Arc::clone(source),
         dead_letters,
-        Validator::new(Arc::clone(&registry), Duration::from_secs(5)),
+        Validator::new(Arc::clone(registry), Duration::from_secs(5)),
         dedup,
         Arc::clone(&index),
         config.clone(),
@@ -327,7 +446,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
     let task = tokio::spawn(pipeline.run(stop_rx));
     let mut steady = Steady::new(messages as u64);
     loop {
-        let committed: u64 = if kafka.is_some() {
+        let committed: u64 = if from_kafka {
             PipelineStats::get(&stats.records)
         } else {
             (0..log.partitions())
@@ -361,7 +480,7 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
             redis.round_trips() as f64 / batches.max(1) as f64
         );
     }
-    print_stages(&stats, pipeline_secs);
+    print_stages(&stats, pipeline_secs, log.partitions());
     let by_thread: Vec<String> = threads_after
         .iter()
         .map(|(name, after)| {
@@ -374,74 +493,10 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
         .map(|(name, cpu)| format!("{name} {cpu:.2}"))
         .collect();
     println!("  cpu s by thread: {}", by_thread.join(", "));
-    if std::env::var_os("SLUICE_BENCH_PIPELINE_ONLY").is_some() || kafka.is_some() {
-        return Ok(());
-    }
-
-    // 3. The same batches straight into the index.
-    let singles_source: Vec<Arc<WriteBatch>> = per_partition
-        .iter()
-        .flatten()
-        .flat_map(|(b, _)| {
-            b.users
-                .iter()
-                .map(|u| WriteBatch {
-                    users: vec![u.clone()],
-                    events: vec![],
-                })
-                .chain(b.events.iter().map(|e| WriteBatch {
-                    users: vec![],
-                    events: vec![e.clone()],
-                }))
-                .collect::<Vec<_>>()
-        })
-        .take(singles)
-        .map(Arc::new)
-        .collect();
-    if raw_before.is_some() {
-        print!("after the pipeline:  ");
-    }
-    let raw = raw_phase(&stores, dir.path(), "index-raw", &per_partition, messages).await?;
-    // Compared with the mean rate of the raw phases around the pipeline, when there are two.
-    let (raw_secs, raw_steady) = match &raw_before {
-        Some(before) => (
-            2.0 / (1.0 / raw.secs + 1.0 / before.secs),
-            (raw.steady + before.steady) / 2.0,
-        ),
-        None => (raw.secs, raw.steady),
-    };
-    let raw_rate = messages as f64 / raw_secs;
-
-    // 4. One message per write.
-    let single_index = BenchIndex::open(&stores, dir.path(), "index-single")
-        .await?
-        .index();
-    let started = Instant::now();
-    for batch in &singles_source {
-        single_index.write(Arc::clone(batch)).await?;
-    }
-    let single_secs = started.elapsed().as_secs_f64();
-    single_index.close().await?;
-    let single_rate = singles_source.len() as f64 / single_secs;
-    println!(
-        "one at a time: {single_secs:6.2} s  {single_rate:9.0} msg/s  ({} messages)",
-        singles_source.len()
-    );
-    println!(
-        "raw index{}, steady (10%..90% written): {raw_steady:9.0} msg/s",
-        if raw_before.is_some() {
-            " (mean of the two)"
-        } else {
-            ""
-        }
-    );
-    println!(
-        "pipeline / raw index: {:.2} over the whole run, {:.2} steady    batched raw / one at a time: {:.0}x",
-        pipeline_rate / raw_rate,
-        pipeline_steady / raw_steady,
-        raw_rate / single_rate
-    );
-    Ok(())
+    Ok(Phase {
+        secs: pipeline_secs,
+        steady: pipeline_steady,
+    })
 }
 
 /// The log's messages validated and merged into the pipeline's batches, per partition, with
@@ -474,8 +529,8 @@ async fn raw_batches(
     Ok(per_partition)
 }
 
-/// What one raw index phase measured.
-struct RawPhase {
+/// What one phase measured.
+struct Phase {
     secs: f64,
     steady: f64,
 }
@@ -488,7 +543,7 @@ async fn raw_phase(
     name: &str,
     per_partition: &[Vec<(Arc<WriteBatch>, u64)>],
     messages: usize,
-) -> Result<RawPhase, Box<dyn std::error::Error>> {
+) -> Result<Phase, Box<dyn std::error::Error>> {
     let raw_bench_index = BenchIndex::open(stores, dir, name).await?;
     let raw_index = raw_bench_index.index();
     let started = Instant::now();
@@ -526,7 +581,7 @@ async fn raw_phase(
         messages as f64 / secs,
         raw_bench_index.describe(secs)
     );
-    Ok(RawPhase {
+    Ok(Phase {
         secs,
         steady: steady.rate(),
     })
@@ -612,8 +667,8 @@ fn cpu_by_thread() -> std::collections::BTreeMap<String, f64> {
     out
 }
 
-fn print_stages(stats: &PipelineStats, seconds: f64) {
-    let total = seconds * 1e6 * 8.0;
+fn print_stages(stats: &PipelineStats, seconds: f64, partitions: u32) {
+    let total = seconds * 1e6 * f64::from(partitions);
     for (name, counter) in [
         ("read", &stats.read_us),
         ("validate", &stats.validate_us),
