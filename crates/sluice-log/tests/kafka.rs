@@ -205,8 +205,8 @@ async fn an_unreachable_broker_is_a_clear_retriable_error() {
 
 /// A broker that answers at its bootstrap address but advertises a listener this node cannot
 /// reach (a container's hostname, the classic `advertised.listeners` mistake): connecting is a
-/// retriable error that names the advertised address and the setting, within the timeout,
-/// instead of a bare timeout of the first request.
+/// retriable error that names the setting (and the advertised address, when the metadata naming
+/// it arrived), within the timeout, instead of a bare timeout of the first request.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_advertising_an_unreachable_listener_is_a_clear_error() {
     let advertised = "kafka-0.sluice.invalid:9092";
@@ -227,11 +227,15 @@ async fn a_broker_advertising_an_unreachable_listener_is_a_clear_error() {
     );
     assert!(error.is_retriable(), "{error:?}");
     let text = error.to_string();
-    println!("{text}");
     assert!(
-        text.contains(&broker.bootstrap)
-            && text.contains(&format!("broker 1 at {advertised}"))
-            && text.contains("advertised.listeners"),
+        text.contains(&broker.bootstrap) && text.contains("advertised.listeners"),
+        "{text}"
+    );
+    // librdkafka drops its bootstrap connection once it has learned the advertised brokers, so
+    // the metadata naming them does not always arrive; when it does, the error names them.
+    assert!(
+        text.contains(&format!("broker 1 at {advertised}"))
+            || text.contains("the bootstrap address accepts connections"),
         "{text}"
     );
 }

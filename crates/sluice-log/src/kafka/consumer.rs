@@ -87,8 +87,10 @@ pub(super) fn subscribe(
         .set("enable.partition.eof", "false")
         .set("session.timeout.ms", session_ms.to_string())
         .set("heartbeat.interval.ms", (session_ms / 3).max(1).to_string())
-        // Prefetch per partition: enough to fill a few batches, bounded in memory.
-        .set("queued.max.messages.kbytes", "16384")
+        // Prefetch per partition (each has a queue of its own): 4 MiB is three batches of
+        // 5,000 typical records. Every partition of a lagging node fills it, so it bounds the
+        // node's memory: 16 MiB cost ~100 MB more RSS over 8 partitions (BENCHMARKS.md).
+        .set("queued.max.messages.kbytes", "4096")
         .set("fetch.wait.max.ms", "100");
     let consumer: GroupConsumer = super::with_options(&mut client, config)
         .create_with_context(context)
