@@ -602,10 +602,19 @@ impl Pipeline {
             .catch_unwind()
             .await;
         match checked {
-            Ok(Ok(checked)) => Ok(Checked {
-                records: batcher.take(),
-                ..checked
-            }),
+            // Counted once the check is complete: a check dropped halfway (the write before it
+            // ended first) runs again on the same records.
+            Ok(Ok(checked)) => {
+                let records = batcher.take();
+                self.stats
+                    .records
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                self.stats.duplicates.fetch_add(
+                    (checked.valid.len() - checked.fresh.len()) as u64,
+                    Ordering::Relaxed,
+                );
+                Ok(Checked { records, ..checked })
+            }
             Ok(Err(Abandon::Stopped)) => Err(Halt::Stopped),
             Ok(Err(Abandon::Fatal(message))) => {
                 Err(Halt::Failed(stream_error(partition, first, last, message)))
@@ -632,9 +641,6 @@ impl Pipeline {
         in_flight: &HashSet<MessageKey<'_>>,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Checked, Abandon> {
-        self.stats
-            .records
-            .fetch_add(records.len() as u64, Ordering::Relaxed);
         let mut clock = std::time::Instant::now();
         let validated = self
             .retry(
@@ -684,9 +690,6 @@ impl Pipeline {
             .filter(|(_, (key, seen))| !seen && !in_flight.contains(*key) && in_batch.insert(**key))
             .map(|(i, _)| i)
             .collect();
-        self.stats
-            .duplicates
-            .fetch_add((valid.len() - fresh.len()) as u64, Ordering::Relaxed);
         lap(&self.stats.dedup_check_us, &mut clock);
         let refs: Vec<&ValidMessage> = fresh.iter().map(|&i| &valid[i]).collect();
         let (write, snapshots) = merge_batch(&refs);
