@@ -265,13 +265,28 @@ enum Halt {
     Failed(PipelineError),
 }
 
-/// The message of a caught panic.
-fn panic_cause(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
+/// A panic caught in a stage, as the error that stops the partition: it names the batch (its
+/// offsets and the message ids at both ends) and the panic's message, and is logged.
+fn panicked(
+    partition: u32,
+    records: &[LogRecord],
+    panic: &(dyn std::any::Any + Send),
+) -> PipelineError {
+    let first = records.first().map_or(0, |r| r.offset);
+    let last = records.last().map_or(0, |r| r.offset);
+    let cause = panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with no message".into())
+        .unwrap_or_else(|| "a panic with no message".into());
+    let ids = batch_message_ids(records);
+    tracing::error!(partition, first, last, message_ids = %ids, %cause, "pipeline: a stage panicked; this partition stops");
+    stream_error(
+        partition,
+        first,
+        last,
+        format!("a stage panicked: {cause} (batch of messages {ids})"),
+    )
 }
 
 /// Why a retried step gave up.
@@ -491,24 +506,13 @@ impl Pipeline {
                 // pulled stays in the batcher for the next one.
                 (applied, next)
             };
-            drop(in_flight);
             match applied {
                 Ok(Ok(())) => {}
                 Ok(Err(Abandon::Stopped)) => break,
                 Ok(Err(Abandon::Fatal(message))) => {
                     return Err(stream_error(partition, first, last, message));
                 }
-                Err(panic) => {
-                    let cause = panic_cause(panic.as_ref());
-                    let ids = batch_message_ids(&batch.records);
-                    tracing::error!(partition, first, last, message_ids = %ids, %cause, "pipeline: a stage panicked; this partition stops");
-                    return Err(stream_error(
-                        partition,
-                        first,
-                        last,
-                        format!("a stage panicked: {cause} (batch of messages {ids})"),
-                    ));
-                }
+                Err(panic) => return Err(panicked(partition, &batch.records, panic.as_ref())),
             }
             let mut clock = std::time::Instant::now();
             let mut retrier = self.retrier();
@@ -619,17 +623,7 @@ impl Pipeline {
             Ok(Err(Abandon::Fatal(message))) => {
                 Err(Halt::Failed(stream_error(partition, first, last, message)))
             }
-            Err(panic) => {
-                let cause = panic_cause(panic.as_ref());
-                let ids = batch_message_ids(records);
-                tracing::error!(partition, first, last, message_ids = %ids, %cause, "pipeline: a stage panicked; this partition stops");
-                Err(Halt::Failed(stream_error(
-                    partition,
-                    first,
-                    last,
-                    format!("a stage panicked: {cause} (batch of messages {ids})"),
-                )))
-            }
+            Err(panic) => Err(Halt::Failed(panicked(partition, records, panic.as_ref()))),
         }
     }
 
@@ -693,7 +687,6 @@ impl Pipeline {
         lap(&self.stats.dedup_check_us, &mut clock);
         let refs: Vec<&ValidMessage> = fresh.iter().map(|&i| &valid[i]).collect();
         let (write, snapshots) = merge_batch(&refs);
-        drop(refs);
         lap(&self.stats.merge_us, &mut clock);
         Ok(Checked {
             records: Vec::new(),
