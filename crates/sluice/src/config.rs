@@ -62,10 +62,36 @@ pub struct Config {
 }
 
 /// `[kafka_options]`: librdkafka properties, name to value. Values may be secrets (SASL
-/// passwords): `Debug` shows the names only.
+/// passwords): `Debug` shows the names only. librdkafka reads every value as text, so a number
+/// or a boolean (`"linger.ms" = 5`) is taken as its text; a table, an array or a date is an error.
 #[derive(Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(transparent)]
-pub struct KafkaOptions(pub std::collections::BTreeMap<String, String>);
+pub struct KafkaOptions(
+    #[serde(deserialize_with = "option_values")] pub std::collections::BTreeMap<String, String>,
+);
+
+fn option_values<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<std::collections::BTreeMap<String, String>, D::Error> {
+    let values = std::collections::BTreeMap::<String, toml::Value>::deserialize(deserializer)?;
+    values
+        .into_iter()
+        .map(|(name, value)| {
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Float(x) => x.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                _ => {
+                    return Err(serde::de::Error::custom(format!(
+                        "[kafka_options] {name:?}: a librdkafka property is a string, number or boolean, not a table, an array or a date"
+                    )));
+                }
+            };
+            Ok((name, text))
+        })
+        .collect()
+}
 
 impl std::fmt::Debug for KafkaOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -787,7 +813,8 @@ mod tests {
         };
         let config = resolve(
             "log = \"kafka://127.0.0.1:9092\"\nkafka_replication_factor = 3\n\
-             [kafka_options]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"hunter2\"\n",
+             [kafka_options]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.password\" = \"hunter2\"\n\
+             \"linger.ms\" = 5\n\"enable.ssl.certificate.verification\" = false\n",
             ConfigArgs {
                 kafka_min_insync_replicas: Some(2),
                 ..Default::default()
@@ -804,6 +831,11 @@ mod tests {
         assert_eq!(
             kafka.options,
             vec![
+                (
+                    "enable.ssl.certificate.verification".to_string(),
+                    "false".to_string()
+                ),
+                ("linger.ms".to_string(), "5".to_string()),
                 ("sasl.password".to_string(), "hunter2".to_string()),
                 ("security.protocol".to_string(), "SASL_SSL".to_string()),
             ]
@@ -838,8 +870,8 @@ mod tests {
                 "bootstrap.servers comes from `log`",
             ),
             (
-                "[kafka_options]\n\"linger.ms\" = 5\n",
-                "invalid type: integer",
+                "[kafka_options]\n\"linger.ms\" = [5]\n",
+                "[kafka_options] \"linger.ms\": a librdkafka property is a string, number or boolean",
             ),
         ] {
             let err = format!(
