@@ -68,6 +68,46 @@ fn admin_commands_manage_orgs_keys_and_bans() {
     assert!(err.contains("--log kafka://"), "{err}");
 }
 
+/// `sluice ingest` with a broker address where nothing listens: exits non-zero within its
+/// timeout with an error that names the address and what was wrong there, and the producer's
+/// repeated "connection refused" reports (about two a second) are logged once, not each time.
+#[test]
+fn an_ingest_node_whose_broker_refuses_connections_says_where_and_exits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let started = std::time::Instant::now();
+    let out = sluice(&dir.path().join("data"))
+        .args([
+            "--log",
+            &format!("kafka://127.0.0.1:{port}"),
+            "--log-ack-timeout",
+            "3s",
+            "ingest",
+        ])
+        .output()
+        .expect("sluice runs");
+    let elapsed = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(elapsed < std::time::Duration::from_secs(30), "{elapsed:?}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot use the Kafka log at kafka://127.0.0.1:{port}"
+        )) && stderr.contains(&format!(
+            "no bootstrap address accepts connections: 127.0.0.1:{port} (Connection refused"
+        )),
+        "{stderr}"
+    );
+    let warnings = stderr.matches("kafka producer").count();
+    assert!(
+        warnings <= 4,
+        "{warnings} producer warnings in {elapsed:?}: {stderr}"
+    );
+}
+
 #[test]
 fn config_default_prints_a_file_the_server_accepts() {
     let dir = tempfile::tempdir().expect("tempdir");

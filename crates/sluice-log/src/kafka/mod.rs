@@ -106,16 +106,55 @@ impl KafkaLogConfig {
 
 /// The producer's callbacks: notes when librdkafka reports every broker down, for
 /// `is_healthy`; the next delivered record clears it.
+///
+/// While a broker is unreachable librdkafka reports the same error about twice a second;
+/// each is logged once (a warning), and again only after `REPEAT_WARNING` or another error
+/// in between. "All brokers down" is a warning when the producer goes down, not on each report.
 struct ProducerHealth {
     all_brokers_down: Arc<AtomicBool>,
+    /// The error last logged as a warning, and when.
+    last_warning: Mutex<Option<(Option<RDKafkaErrorCode>, std::time::Instant)>>,
+}
+
+/// How long an error that repeats is logged at debug level only.
+const REPEAT_WARNING: Duration = Duration::from_secs(60);
+
+impl ProducerHealth {
+    fn new(all_brokers_down: &Arc<AtomicBool>) -> ProducerHealth {
+        ProducerHealth {
+            all_brokers_down: Arc::clone(all_brokers_down),
+            last_warning: Mutex::new(None),
+        }
+    }
+
+    /// Whether `code` is news: not the error warned of last, within `REPEAT_WARNING`.
+    fn is_news(&self, code: Option<RDKafkaErrorCode>) -> bool {
+        let mut last = self
+            .last_warning
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        let repeated = matches!(*last, Some((c, at)) if c == code && now - at < REPEAT_WARNING);
+        if !repeated {
+            *last = Some((code, now));
+        }
+        !repeated
+    }
 }
 
 impl ClientContext for ProducerHealth {
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.all_brokers_down.store(true, Ordering::Relaxed);
+        let code = error.rdkafka_error_code();
+        let news = if code == Some(RDKafkaErrorCode::AllBrokersDown) {
+            !self.all_brokers_down.swap(true, Ordering::Relaxed)
+        } else {
+            self.is_news(code)
+        };
+        if news {
+            tracing::warn!(%error, reason, "kafka producer");
+        } else {
+            tracing::debug!(%error, reason, "kafka producer (repeated)");
         }
-        tracing::warn!(%error, reason, "kafka producer");
     }
 }
 
@@ -254,9 +293,7 @@ fn new_producer(
             config.request_timeout.as_millis().max(1).to_string(),
         );
     with_options(&mut client, config)
-        .create_with_context(ProducerHealth {
-            all_brokers_down: Arc::clone(all_brokers_down),
-        })
+        .create_with_context(ProducerHealth::new(all_brokers_down))
         .map_err(|e| LogError::Broker {
             brokers: config.brokers.clone(),
             message: format!("cannot create the producer: {e}"),
@@ -509,8 +546,12 @@ async fn reachable_brokers(config: &KafkaLogConfig) -> Result<usize, LogError> {
         Ok(metadata) => metadata,
         Err(LogError::Broker { brokers, message }) => {
             let mut answering = false;
-            for address in config.brokers.split(',') {
-                answering |= probe(address.trim().to_string(), timeout).await.is_ok();
+            let mut refusing = Vec::new();
+            for address in config.brokers.split(',').map(str::trim) {
+                match probe(address.to_string(), timeout).await {
+                    Ok(()) => answering = true,
+                    Err(why) => refusing.push(format!("{address} ({why})")),
+                }
             }
             return Err(LogError::Broker {
                 brokers,
@@ -521,7 +562,10 @@ async fn reachable_brokers(config: &KafkaLogConfig) -> Result<usize, LogError> {
                          advertised.listeners) or expect TLS/SASL (see [kafka_options])"
                     )
                 } else {
-                    message
+                    format!(
+                        "{message}; no bootstrap address accepts connections: {}",
+                        refusing.join(", ")
+                    )
                 },
             });
         }
@@ -720,6 +764,22 @@ impl Log for KafkaLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_repeated_producer_error_is_a_warning_once() {
+        let down = Arc::new(AtomicBool::new(false));
+        let health = ProducerHealth::new(&down);
+        let transport = Some(RDKafkaErrorCode::BrokerTransportFailure);
+        assert!(health.is_news(transport));
+        assert!(!health.is_news(transport), "the same error again");
+        assert!(health.is_news(Some(RDKafkaErrorCode::Authentication)));
+        assert!(health.is_news(transport), "news again after another error");
+        let all_down = KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        health.error(all_down.clone(), "1/1 brokers are down");
+        assert!(down.load(Ordering::Relaxed));
+        health.error(all_down, "1/1 brokers are down");
+        assert!(down.load(Ordering::Relaxed), "still down");
+    }
 
     #[test]
     fn kafka_urls_are_parsed_and_bad_ones_explained() {
