@@ -683,6 +683,37 @@ async fn topics_are_created_with_production_replication_and_dead_letters_never_e
     assert!(error.contains("no.such.property"), "{error}");
 }
 
+/// A replication factor above the broker count is refused before any topic is created, with
+/// an error that names the setting, both numbers and the cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replication_factor_above_the_broker_count_is_a_clear_error() {
+    let broker = Broker::start(Engine::Kafka);
+    let mut config = KafkaLogConfig::new(&broker.addr, &broker.topic);
+    config.other_topics = Vec::new();
+    config.replication_factor = Some(3);
+    let error = match KafkaLog::connect(config).await {
+        Ok(_) => panic!("created topics with 3 replicas on one broker"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        error.contains(&broker.addr)
+            && error.contains("kafka_replication_factor = 3, but the cluster has 1 broker(s)"),
+        "{error}"
+    );
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .create()
+        .expect("consumer");
+    let metadata =
+        rdkafka::consumer::Consumer::fetch_metadata(&consumer, None, Duration::from_secs(10))
+            .expect("metadata");
+    assert!(
+        metadata.topics().iter().all(|t| t.name() != broker.topic),
+        "no topic {} was created",
+        broker.topic
+    );
+}
+
 /// With one broker, the default replication factor is the broker count.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_single_broker_topics_have_one_replica() {
