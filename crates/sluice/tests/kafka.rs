@@ -910,7 +910,15 @@ async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch(engine: 
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let (status, profile) = get(&mut conn, &key, "/api/users/n4").await;
+    // n4 is on another partition than n19, which may be processed a moment later.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (status, profile) = loop {
+        let (status, profile) = get(&mut conn, &key, "/api/users/n4").await;
+        if status != 404 || Instant::now() > deadline {
+            break (status, profile);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!(
         (status, &profile["dataFields"]),
         (200, &json!({"plan": "pro"}))
