@@ -10,16 +10,25 @@
 //!   user's profile delta as it stood at that event in log order.
 //! - `trigger`: `[[triggers]]` rules fire a webhook or append to an actions topic for each
 //!   matching event, with the profile as it stood at that event.
+//! - `dispatch`: delivers the webhook actions of the actions log, per (rule, user) in order,
+//!   retrying per target host, so a down target never holds the pipeline.
 //! - `runner`: one task per partition chaining the stages, with retries.
+//! - `retry`: exponential backoff with jitter for every recoverable failure.
+//! - `group`: consumer-group membership (a task per owned partition, rejoins), for the
+//!   pipeline and the dispatcher.
 //!
 //! Invariant: no stage reorders the records of one partition.
 
 pub mod batch;
 pub mod dead_letter;
+pub mod dispatch;
+pub mod group;
 pub mod merge;
+mod retry;
 pub mod runner;
 pub mod trigger;
 pub mod validate;
 
+pub use dispatch::{DispatchStats, Dispatcher, DispatcherConfig};
 pub use runner::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
 pub use trigger::{Action, Rule, Triggers};

@@ -26,19 +26,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::FutureExt;
 use sluice_dedup::{Dedup, DedupError, MessageKey};
 use sluice_index::{EventDoc, Index, IndexError, Refused, UserUpsert, WriteBatch};
-use sluice_log::{Assignment, Log, LogError, LogRecord, PartitionStream};
+use sluice_log::{Log, LogError, LogRecord, PartitionStream};
 use sluice_model::{Kind, Patch};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::batch::{BatchConfig, Batcher};
 use crate::dead_letter::{self, Stage};
+use crate::group::{Group, Partitions};
 use crate::merge::{Item, merge};
+use crate::retry::{Abandon, Retrier, retry};
 use crate::trigger::Triggers;
 use crate::validate::{ValidMessage, Validator};
 
@@ -77,7 +77,7 @@ pub struct PipelineStats {
     pub dead_letters: AtomicU64,
     pub users_upserted: AtomicU64,
     pub events_indexed: AtomicU64,
-    /// Trigger actions done: delivered, or refused by their target (then dead letters).
+    /// Trigger actions appended to their log (the dispatcher delivers the webhook ones).
     pub actions_fired: AtomicU64,
     /// Attempts that failed with a recoverable error and were retried.
     pub retries: AtomicU64,
@@ -130,7 +130,7 @@ impl PipelineStats {
             ),
             counter(
                 "sluice_dead_letters_total",
-                "messages refused by validation, the index or a trigger target (dead letters) since start",
+                "messages refused by validation or the index (dead letters) since start",
                 &self.dead_letters,
             ),
             counter(
@@ -145,7 +145,7 @@ impl PipelineStats {
             ),
             counter(
                 "sluice_actions_fired_total",
-                "trigger actions done (delivered, or dead-lettered) since start",
+                "trigger actions appended to their log (the actions log, or a topic rule's topic) since start",
                 &self.actions_fired,
             ),
             counter(
@@ -187,22 +187,6 @@ pub enum PipelineError {
         source: LogError,
     },
 }
-
-/// How one consumer-group membership ended without a pipeline failure.
-enum Membership {
-    /// A stop request, or the subscription closed.
-    Ended,
-    /// The log ended the membership on an error.
-    Failed(LogError),
-}
-
-/// Rejoins in a row, each after a membership shorter than [`STABLE_MEMBERSHIP`], before the
-/// pipeline gives up.
-pub const MAX_REJOINS: u32 = 5;
-/// A membership at least this long resets the rejoin count.
-pub const STABLE_MEMBERSHIP: Duration = Duration::from_secs(60);
-/// The pause before the n-th rejoin in a row is n times this, at most `max_retry_delay`.
-const REJOIN_PAUSE: Duration = Duration::from_secs(1);
 
 /// The stages and their backends, shared by every partition task.
 pub struct Pipeline {
@@ -289,14 +273,6 @@ fn panicked(
     )
 }
 
-/// Why a retried step gave up.
-pub(crate) enum Abandon {
-    /// A stop was requested while retrying.
-    Stopped,
-    /// A non-recoverable error.
-    Fatal(String),
-}
-
 impl Pipeline {
     pub fn new(
         log: Arc<dyn Log>,
@@ -321,115 +297,21 @@ impl Pipeline {
         self.stats.clone()
     }
 
-    /// Consumes the log until `stop` turns true (then finishes each partition's batch in
-    /// flight and commits it) or a partition task fails.
-    ///
-    /// A membership that ends on a recoverable log error (a static member fenced after a
-    /// coordinator failover, say) is rejoined after a pause: its partition tasks stop first,
-    /// uncommitted batches are read again by the new membership, and the dedup store keeps
-    /// their effects single. More than [`MAX_REJOINS`] rejoins in a row, each membership
-    /// shorter than [`STABLE_MEMBERSHIP`], stop the pipeline instead (another node may be
-    /// running under the same instance id).
-    pub async fn run(
-        self: Arc<Self>,
-        mut stop: watch::Receiver<bool>,
-    ) -> Result<(), PipelineError> {
-        let mut rejoins = 0;
-        loop {
-            let subscription = self
-                .log
-                .subscribe(&self.config.group)
-                .await
-                .map_err(|source| PipelineError::Subscribe {
-                    group: self.config.group.clone(),
-                    source,
-                })?;
-            let joined = tokio::time::Instant::now();
-            let source = match self.clone().run_membership(subscription, &mut stop).await? {
-                Membership::Ended => return Ok(()),
-                Membership::Failed(source) => source,
-            };
-            if !source.is_retriable() {
-                return Err(PipelineError::Consumer {
-                    group: self.config.group.clone(),
-                    source,
-                });
-            }
-            rejoins = if joined.elapsed() >= STABLE_MEMBERSHIP {
-                1
-            } else {
-                rejoins + 1
-            };
-            if rejoins > MAX_REJOINS {
-                return Err(PipelineError::Rejoins {
-                    group: self.config.group.clone(),
-                    rejoins: MAX_REJOINS,
-                    source,
-                });
-            }
-            self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
-            let pause = (REJOIN_PAUSE * rejoins).min(self.config.max_retry_delay.max(REJOIN_PAUSE));
-            tracing::warn!(group = %self.config.group, error = %source, rejoin_in = ?pause, "pipeline: the consumer group membership ended; rejoining");
-            tokio::select! {
-                biased;
-                _ = stop.wait_for(|s| *s) => return Ok(()),
-                () = tokio::time::sleep(pause) => {}
-            }
-        }
+    /// Consumes the log as a member of the pipeline's group (`group`: a task per owned
+    /// partition, rejoined after a recoverable end) until `stop` turns true (then finishes
+    /// each partition's batch in flight and commits it) or a partition task fails.
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
+        let log = Arc::clone(&self.log);
+        let group = Group {
+            log: log.as_ref(),
+            name: &self.config.group,
+            max_pause: self.config.max_retry_delay,
+            rejoins: &self.stats.rejoins,
+        };
+        group.run(Arc::clone(&self), stop).await
     }
 
-    /// One consumer-group membership: a task per assigned partition, until `stop`, the
-    /// subscription's end or failure, or a task's failure. Every task has ended on return.
-    async fn run_membership(
-        self: Arc<Self>,
-        mut subscription: Box<dyn sluice_log::Subscription>,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<Membership, PipelineError> {
-        let mut tasks = JoinSet::new();
-        let mut partition_stops: HashMap<u32, watch::Sender<bool>> = HashMap::new();
-        let mut result = Ok(Membership::Ended);
-        loop {
-            tokio::select! {
-                _ = stop.wait_for(|s| *s) => break,
-                assignment = subscription.next() => match assignment {
-                    Some(Assignment::Assigned(stream)) => {
-                        let (tx, rx) = watch::channel(false);
-                        partition_stops.insert(stream.partition(), tx);
-                        tasks.spawn(self.clone().run_partition(stream, rx));
-                    }
-                    Some(Assignment::Revoked(partition)) => {
-                        if let Some(tx) = partition_stops.remove(&partition) {
-                            let _ = tx.send(true);
-                        }
-                    }
-                    Some(Assignment::Failed(source)) => {
-                        result = Ok(Membership::Failed(source));
-                        break;
-                    }
-                    None => break,
-                },
-                Some(joined) = tasks.join_next() => {
-                    if let Err(e) = flatten(joined) {
-                        result = Err(e);
-                        break;
-                    }
-                }
-            }
-        }
-        for tx in partition_stops.values() {
-            let _ = tx.send(true);
-        }
-        while let Some(joined) = tasks.join_next().await {
-            if let Err(e) = flatten(joined)
-                && result.is_ok()
-            {
-                result = Err(e);
-            }
-        }
-        result
-    }
-
-    async fn run_partition(
+    async fn process_partition(
         self: Arc<Self>,
         mut stream: Box<dyn PartitionStream>,
         mut stop: watch::Receiver<bool>,
@@ -791,7 +673,7 @@ impl Pipeline {
 
         lap(&self.stats.index_us, &mut clock);
         let fired = self
-            .fire_actions(prepared, &refused_offsets, records, now, stop, &mut dead)
+            .fire_actions(prepared, &refused_offsets, records, now, stop)
             .await?;
         lap(&self.stats.trigger_us, &mut clock);
 
@@ -848,7 +730,7 @@ impl Pipeline {
         &self,
         what: &str,
         stop: &mut watch::Receiver<bool>,
-        mut attempt: F,
+        attempt: F,
         retriable: impl Fn(&E) -> bool,
     ) -> Result<T, Abandon>
     where
@@ -856,53 +738,21 @@ impl Pipeline {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        let mut retrier = self.retrier();
-        loop {
-            match attempt().await {
-                Ok(value) => return Ok(value),
-                Err(e) if retriable(&e) => retrier.wait(stop, what, &e).await?,
-                Err(e) => return Err(Abandon::Fatal(format!("{what}: {e}"))),
-            }
-        }
+        retry(self.retrier(), what, stop, attempt, retriable).await
     }
 
-    pub(crate) fn retrier(&self) -> Retrier {
-        Retrier {
-            delays: ExponentialBuilder::default()
-                .with_min_delay(Duration::from_millis(50))
-                .with_max_delay(self.config.max_retry_delay)
-                .with_jitter()
-                .without_max_times()
-                .build(),
-            max: self.config.max_retry_delay,
-            stats: self.stats.clone(),
-        }
+    pub(crate) fn retrier(&self) -> Retrier<'_> {
+        Retrier::new(self.config.max_retry_delay, &self.stats.retries)
     }
 }
 
-/// Exponential backoff with jitter between attempts of one failing step.
-pub(crate) struct Retrier {
-    delays: backon::ExponentialBackoff,
-    max: Duration,
-    stats: Arc<PipelineStats>,
-}
-
-impl Retrier {
-    /// Logs the failure and sleeps before the next attempt; `Err` if a stop came first.
-    pub(crate) async fn wait(
-        &mut self,
-        stop: &mut watch::Receiver<bool>,
-        what: &str,
-        error: &(dyn std::fmt::Display + Sync),
-    ) -> Result<(), Abandon> {
-        self.stats.retries.fetch_add(1, Ordering::Relaxed);
-        let delay = self.delays.next().unwrap_or(self.max);
-        tracing::warn!(step = what, error = %error, retry_in = ?delay, "pipeline: recoverable error");
-        tokio::select! {
-            biased;
-            _ = stop.wait_for(|s| *s) => Err(Abandon::Stopped),
-            () = tokio::time::sleep(delay) => Ok(()),
-        }
+impl Partitions for Pipeline {
+    fn run_partition(
+        self: Arc<Self>,
+        stream: Box<dyn PartitionStream>,
+        stop: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = Result<(), PipelineError>> + Send + 'static {
+        self.process_partition(stream, stop)
     }
 }
 
@@ -1044,14 +894,5 @@ fn stream_error(partition: u32, first: u64, last: u64, message: String) -> Pipel
         first,
         last,
         message,
-    }
-}
-
-fn flatten(
-    joined: Result<Result<(), PipelineError>, tokio::task::JoinError>,
-) -> Result<(), PipelineError> {
-    match joined {
-        Ok(result) => result,
-        Err(e) => Err(PipelineError::Panicked(e.to_string())),
     }
 }

@@ -1,32 +1,30 @@
 //! The trigger stage (SPEC §6 step 7): configured rules fire an action for each matching
 //! event, at least once, with the idempotency key `<org>:<messageId>:<rule>`.
 //!
-//! An action is an HTTP webhook (a POST of the payload as JSON, header `Idempotency-Key`) or a
-//! record on an actions topic (keyed like the event's record). The payload carries the event
-//! and the user's profile as it stood at that event in log order: the profile stored before
-//! the batch with the fold of the user's earlier updates in the batch applied (the merge
-//! stage's snapshot).
+//! An action is a record: on the actions log (a `webhook` rule: the dispatcher, `dispatch`,
+//! POSTs it with header `Idempotency-Key`) or on the rule's own topic (a `topic` rule), keyed
+//! like the event's record. Its value, the payload, carries the event and the user's profile
+//! as it stood at that event in log order: the profile stored before the batch with the fold of
+//! the user's earlier updates in the batch applied (the merge stage's snapshot). No call leaves
+//! this stage, so a slow or down webhook target never holds the batch.
 //!
 //! How a crash keeps both "at least once" and "the right snapshot" (the runner drives this):
 //! 1. before the index write, each action's payload is *stashed* in the dedup store under
 //!    `(<org>/<rule>, messageId)`, unless one is stashed already: then that one is used, as it
 //!    was computed before any write of this batch reached the index;
-//! 2. the index is written, then the actions fire (webhooks retried with backoff while the
-//!    target answers 408/409/425/429/5xx or cannot be reached; any other answer but 2xx is a
-//!    dead letter);
-//! 3. each fired (or dead-lettered) action is marked under the same key, in the same `mark`
-//!    as the batch's messages, and its stash is dropped; then the offset is committed.
+//! 2. the index is written, then the actions are appended (durably) to their logs;
+//! 3. each appended action is marked under the same key, in the same `mark` as the batch's
+//!    messages, and its stash is dropped; then the offset is committed.
 //!
-//! A redelivered message whose action was marked does not fire again; one that was not fires
-//! with the stashed payload. `/` cannot occur in an org name, so these keys never meet a
-//! message's own.
+//! A redelivered message whose action was marked is not appended again; one that was not is
+//! appended with the stashed payload. `/` cannot occur in an org name, so these keys never meet
+//! a message's own.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 use sluice_dedup::MessageKey;
@@ -35,8 +33,8 @@ use sluice_log::{Log, LogError, LogRecord, Record};
 use sluice_model::Patch;
 use tokio::sync::watch;
 
-use crate::dead_letter;
-use crate::runner::{Abandon, Pipeline, record_at};
+use crate::retry::Abandon;
+use crate::runner::{Pipeline, record_at};
 use crate::validate::ValidMessage;
 
 pub use reqwest::Url;
@@ -80,13 +78,22 @@ pub fn valid_rule_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
-/// The rules and the HTTP client their webhooks share.
-#[derive(Clone, Debug)]
+/// The rules, the log their webhook actions go to, and the HTTP client that delivers them.
+#[derive(Clone)]
 pub struct Triggers {
     rules: Vec<Rule>,
     http: reqwest::Client,
-    /// Webhook calls in flight per partition (each user's actions go one after another).
-    pub concurrency: usize,
+    /// The actions log, which the dispatcher reads: needed by webhook rules.
+    actions: Option<Arc<dyn Log>>,
+}
+
+impl std::fmt::Debug for Triggers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Triggers")
+            .field("rules", &self.rules)
+            .field("actions log", &self.actions.is_some())
+            .finish()
+    }
 }
 
 impl Default for Triggers {
@@ -114,8 +121,26 @@ impl Triggers {
         Triggers {
             rules,
             http,
-            concurrency: 16,
+            actions: None,
         }
+    }
+
+    /// The same rules, their webhook actions appended to `actions` (the dispatcher's log).
+    pub fn with_actions_log(mut self, actions: Arc<dyn Log>) -> Triggers {
+        self.actions = Some(actions);
+        self
+    }
+
+    /// The log webhook actions are appended to, if one was given.
+    pub fn actions_log(&self) -> Option<&Arc<dyn Log>> {
+        self.actions.as_ref()
+    }
+
+    /// Whether some rule is a webhook (and so needs the actions log and a dispatcher).
+    pub fn has_webhooks(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(r.action, Action::Webhook(_)))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -287,7 +312,6 @@ pub(crate) struct Prepared<'a> {
     message: &'a ValidMessage,
     /// `<org>/<rule>`: the org of its stash and mark.
     mark_org: String,
-    idempotency_key: String,
     payload: Vec<u8>,
 }
 
@@ -298,13 +322,6 @@ impl Prepared<'_> {
             message_id: &self.message.message_id,
         }
     }
-}
-
-/// How one action ended.
-enum Fired {
-    Delivered,
-    /// The target refused it: a dead letter with this reason.
-    Refused(String),
 }
 
 impl Pipeline {
@@ -414,7 +431,6 @@ impl Pipeline {
                 rule,
                 message,
                 mark_org: mark_orgs[i].clone(),
-                idempotency_key: key,
                 payload,
             });
         }
@@ -437,9 +453,9 @@ impl Pipeline {
         Ok(prepared)
     }
 
-    /// Step 2: fires every prepared action whose message was not refused by the index. A
-    /// refused action becomes a dead letter in `dead`. Returns the actions done (delivered or
-    /// dead-lettered), to be marked.
+    /// Step 2: appends every prepared action whose message was not refused by the index to
+    /// its log: one append per log, in log order (so one user's actions stay in order).
+    /// Returns the actions appended, to be marked.
     pub(crate) async fn fire_actions<'a>(
         &self,
         prepared: Vec<Prepared<'a>>,
@@ -447,7 +463,6 @@ impl Pipeline {
         records: &[LogRecord],
         now: i64,
         stop: &mut watch::Receiver<bool>,
-        dead: &mut Vec<Record>,
     ) -> Result<Vec<Prepared<'a>>, Abandon> {
         let triggers = &self.config.triggers;
         let rules = triggers.rules();
@@ -458,6 +473,13 @@ impl Pipeline {
         if prepared.is_empty() {
             return Ok(prepared);
         }
+        let record = |p: &Prepared<'_>| Record {
+            key: record_at(records, p.message.offset)
+                .map(|r| r.key.to_vec())
+                .unwrap_or_default(),
+            value: p.payload.clone(),
+            timestamp_ms: now,
+        };
 
         // Topic actions: one append per rule.
         for (rule_at, rule) in rules.iter().enumerate() {
@@ -467,13 +489,7 @@ impl Pipeline {
             let batch: Vec<Record> = prepared
                 .iter()
                 .filter(|p| p.rule == rule_at)
-                .map(|p| Record {
-                    key: record_at(records, p.message.offset)
-                        .map(|r| r.key.to_vec())
-                        .unwrap_or_default(),
-                    value: p.payload.clone(),
-                    timestamp_ms: now,
-                })
+                .map(record)
                 .collect();
             if batch.is_empty() {
                 continue;
@@ -488,85 +504,30 @@ impl Pipeline {
             .await?;
         }
 
-        // Webhook actions: each user's one after another, users concurrently.
-        let mut per_user: Vec<Vec<usize>> = Vec::new();
-        let mut user_at: HashMap<(&str, &str), usize> = HashMap::new();
-        for (i, p) in prepared.iter().enumerate() {
-            if !matches!(rules[p.rule].action, Action::Webhook(_)) {
-                continue;
-            }
-            let user = (p.message.org.name.as_str(), p.message.user_key.as_str());
-            let slot = *user_at.entry(user).or_insert_with(|| {
-                per_user.push(Vec::new());
-                per_user.len() - 1
-            });
-            per_user[slot].push(i);
-        }
-        let outcomes: Vec<Result<Vec<(usize, Fired)>, Abandon>> =
-            futures_util::stream::iter(per_user.into_iter().map(|actions| {
-                let mut stop = stop.clone();
-                let prepared = &prepared;
-                async move {
-                    let mut out = Vec::with_capacity(actions.len());
-                    for i in actions {
-                        let fired = self.deliver(&prepared[i], &mut stop).await?;
-                        out.push((i, fired));
-                    }
-                    Ok(out)
-                }
-            }))
-            .buffer_unordered(triggers.concurrency.max(1))
-            .collect()
-            .await;
-        for outcome in outcomes {
-            for (i, fired) in outcome? {
-                if let Fired::Refused(reason) = fired {
-                    let p = &prepared[i];
-                    let rule = &rules[p.rule].name;
-                    tracing::warn!(
-                        offset = p.message.offset,
-                        rule = %rule,
-                        %reason,
-                        "pipeline: dead letter (the webhook refused the action)"
-                    );
-                    if let Some(record) = record_at(records, p.message.offset) {
-                        dead.push(dead_letter::action_record(
-                            rule, &reason, record, &p.payload, now,
-                        ));
-                    }
-                }
-            }
+        // Webhook actions: one append to the actions log, for the dispatcher.
+        let webhooks: Vec<Record> = prepared
+            .iter()
+            .filter(|p| matches!(rules[p.rule].action, Action::Webhook(_)))
+            .map(record)
+            .collect();
+        if !webhooks.is_empty() {
+            let Some(actions) = &triggers.actions else {
+                return Err(Abandon::Fatal(
+                    "webhook rules are configured but the pipeline has no actions log".into(),
+                ));
+            };
+            self.retry(
+                "append webhook actions to the actions log",
+                stop,
+                || actions.append(webhooks.clone()),
+                LogError::is_retriable,
+            )
+            .await?;
         }
         self.stats
             .actions_fired
             .fetch_add(prepared.len() as u64, Ordering::Relaxed);
         Ok(prepared)
-    }
-
-    /// POSTs one webhook action until it is delivered or refused, retrying failures.
-    async fn deliver(
-        &self,
-        action: &Prepared<'_>,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<Fired, Abandon> {
-        let Action::Webhook(url) = &self.config.triggers.rules()[action.rule].action else {
-            return Ok(Fired::Delivered);
-        };
-        let mut retrier = self.retrier();
-        loop {
-            match self
-                .config
-                .triggers
-                .send(url, &action.idempotency_key, &action.payload)
-                .await
-            {
-                Ok(()) => return Ok(Fired::Delivered),
-                Err(WebhookError::Refused(reason)) => return Ok(Fired::Refused(reason)),
-                Err(WebhookError::Failed(error)) => {
-                    retrier.wait(stop, "fire a webhook", &error).await?;
-                }
-            }
-        }
     }
 }
 

@@ -53,6 +53,9 @@ pub struct Config {
     pub index_prefix: String,
     #[serde(with = "duration")]
     pub sendgrid_max_age: Duration,
+    /// A webhook action older than this is a dead letter instead of a call (SPEC §6).
+    #[serde(with = "duration")]
+    pub action_max_age: Duration,
     pub spill_max_bytes: u64,
     #[serde(with = "duration")]
     pub replay_interval: Duration,
@@ -144,6 +147,7 @@ impl Default for Config {
             dedup_key_prefix: "sluice:dedup".into(),
             index_prefix: "sluice".into(),
             sendgrid_max_age: Duration::from_secs(300),
+            action_max_age: Duration::from_secs(24 * 3600),
             spill_max_bytes: 1 << 30,
             replay_interval: Duration::from_secs(1),
             max_in_flight_bytes: 256 << 20,
@@ -213,6 +217,11 @@ index_prefix = "sluice"
 # SendGrid webhook: a signed request (org with `sluice orgs set-sendgrid-key`) is refused when
 # its timestamp is further than this from now, so a captured request cannot be replayed later.
 sendgrid_max_age = "5m"
+
+# Trigger webhooks are delivered from the actions log by a dispatcher, retried while the
+# target is down; an action older than this is not sent but becomes a dead letter
+# (`sluice dlq replay` sends it).
+action_max_age = "24h"
 
 # How long a request waits for the log to acknowledge its messages. Past it (or when the log
 # fails), the messages go to the local spill buffer (<data_dir>/spill, fsynced) and the client
@@ -361,6 +370,9 @@ pub struct ConfigArgs {
     /// Largest age of a signed SendGrid webhook request [default: 5m].
     #[arg(long, global = true, env = "SLUICE_SENDGRID_MAX_AGE", value_parser = parse_duration)]
     pub sendgrid_max_age: Option<Duration>,
+    /// Age past which a webhook action becomes a dead letter [default: 24h].
+    #[arg(long, global = true, env = "SLUICE_ACTION_MAX_AGE", value_parser = parse_duration)]
+    pub action_max_age: Option<Duration>,
     /// Most bytes the spill buffer holds, 0 to disable spilling [default: 1073741824].
     #[arg(long, global = true, env = "SLUICE_SPILL_MAX_BYTES")]
     pub spill_max_bytes: Option<u64>,
@@ -437,6 +449,7 @@ impl Config {
             dedup_key_prefix,
             index_prefix,
             sendgrid_max_age,
+            action_max_age,
             spill_max_bytes,
             replay_interval,
             max_in_flight_bytes

@@ -18,7 +18,9 @@ use sluice_index::{ElasticIndex, ElasticIndexConfig, EmbeddedIndex, EmbeddedInde
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
-use sluice_pipeline::{Action, Pipeline, PipelineConfig, Rule, Triggers};
+use sluice_pipeline::{
+    Action, Dispatcher, DispatcherConfig, Pipeline, PipelineConfig, Rule, Triggers,
+};
 use sluice_registry::Registry;
 use sluice_spill::{Bridge, BridgeConfig};
 use tokio::net::TcpListener;
@@ -133,6 +135,11 @@ async fn open_side_log(
     };
     let mut kafka = config.kafka_log_config(&brokers, topic);
     kafka.other_topics = Vec::new();
+    // The actions topic is consumed by the dispatcher's group, like the ingest topic by the
+    // pipeline's: same session, drain and static membership.
+    kafka.session_timeout = config.kafka_session_timeout;
+    kafka.revoke_timeout = config.shutdown_timeout;
+    kafka.instance_id = Some(config.kafka_instance_id());
     let log = KafkaLog::connect(kafka)
         .await
         .with_context(|| format!("cannot use the {what} topic {topic} at {}", config.log))?;
@@ -142,10 +149,25 @@ async fn open_side_log(
 /// The Kafka topic of dead letters (SPEC §6).
 const DEAD_LETTER_TOPIC: &str = "sluice.dlq";
 
+/// The Kafka topic the trigger stage appends webhook actions to and the dispatcher reads
+/// (SPEC §6); embedded: the actions log `<data_dir>/actions/sluice.actions`.
+pub(crate) const ACTIONS_TOPIC: &str = "sluice.actions";
+
 /// The `[[triggers]]` rules, with a log for each actions topic they name: that Kafka topic
-/// (created if missing), or an embedded log under `<data_dir>/actions/<topic>`.
+/// (created if missing), or an embedded log under `<data_dir>/actions/<topic>`; webhook rules
+/// append to the actions log ([`ACTIONS_TOPIC`]).
 pub(crate) async fn open_triggers(config: &Config) -> anyhow::Result<Triggers> {
     let mut topics: std::collections::HashMap<&str, Arc<dyn Log>> = Default::default();
+    if config.triggers.iter().any(|rule| rule.webhook.is_some()) {
+        let log = open_side_log(
+            config,
+            ACTIONS_TOPIC,
+            &config.actions_path(ACTIONS_TOPIC),
+            "actions",
+        )
+        .await?;
+        topics.insert(ACTIONS_TOPIC, log);
+    }
     let mut rules = Vec::with_capacity(config.triggers.len());
     for rule in &config.triggers {
         let action = match (&rule.webhook, &rule.topic) {
@@ -180,7 +202,11 @@ pub(crate) async fn open_triggers(config: &Config) -> anyhow::Result<Triggers> {
     if !rules.is_empty() {
         tracing::info!(rules = ?rules, "triggers");
     }
-    Ok(Triggers::new(rules))
+    let triggers = Triggers::new(rules);
+    Ok(match topics.remove(ACTIONS_TOPIC) {
+        Some(actions) => triggers.with_actions_log(actions),
+        None => triggers,
+    })
 }
 
 /// The dedup store, as configured: embedded under the data dir, or Redis.
@@ -239,6 +265,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         None
     };
     let mut dlq_session = None;
+    let mut dispatcher = None;
     let pipeline = match &index {
         Some(index) if role.ingests() => {
             let dead_letters = open_dead_letters(&config).await?;
@@ -250,6 +277,18 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                     ingest: Arc::clone(&log),
                     triggers: triggers.clone(),
                 }));
+            }
+            // Webhook actions are delivered from the actions log by the dispatcher.
+            if let Some(actions) = triggers.actions_log().filter(|_| triggers.has_webhooks()) {
+                dispatcher = Some(Dispatcher::new(
+                    Arc::clone(actions),
+                    Arc::clone(&dead_letters),
+                    triggers.clone(),
+                    DispatcherConfig {
+                        action_max_age: config.action_max_age,
+                        ..DispatcherConfig::default()
+                    },
+                ));
             }
             Some(Pipeline::new(
                 Arc::clone(&log),
@@ -328,7 +367,14 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     });
     if let (Some(state), Some(pipeline)) = (&state, &pipeline) {
         let stats = pipeline.stats();
-        state.add_metrics(Arc::new(move || stats.metrics()));
+        let dispatch = dispatcher.as_ref().map(|d| d.stats());
+        state.add_metrics(Arc::new(move || {
+            let mut metrics = stats.metrics();
+            if let Some(dispatch) = &dispatch {
+                metrics.extend(dispatch.metrics());
+            }
+            metrics
+        }));
         if let Some(index) = &index {
             state.watch_index(Arc::clone(index));
         }
@@ -380,7 +426,15 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         let pipeline_state = state.clone();
         let pipeline_failed_stop = Arc::clone(&stop_tx);
         tokio::spawn(async move {
-            let result = pipeline.run(pipeline_stop_rx).await;
+            // The dispatcher stops with the pipeline; a failure of either stops both.
+            let result = match dispatcher {
+                Some(dispatcher) => tokio::try_join!(
+                    pipeline.run(pipeline_stop_rx.clone()),
+                    dispatcher.run(pipeline_stop_rx)
+                )
+                .map(|_| ()),
+                None => pipeline.run(pipeline_stop_rx).await,
+            };
             if let Err(e) = &result {
                 tracing::error!(error = %e, "pipeline stopped on an unexpected error: shutting down");
                 if let Some(state) = &pipeline_state {

@@ -18,7 +18,8 @@ use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{
-    Action, Pipeline, PipelineConfig, PipelineError, PipelineStats, Rule, Triggers,
+    Action, Dispatcher, DispatcherConfig, Pipeline, PipelineConfig, PipelineError, PipelineStats,
+    Rule, Triggers,
 };
 use sluice_registry::testing::Schema;
 use sluice_registry::{PostgresRegistry, Registry, SqliteRegistry};
@@ -65,6 +66,9 @@ e2e!(
     a_copy_read_while_its_batch_is_written_is_a_duplicate,
 );
 
+/// A pipeline's or a dispatcher's task.
+type Task = tokio::task::JoinHandle<Result<(), PipelineError>>;
+
 struct Stack {
     addr: std::net::SocketAddr,
     key: String,
@@ -78,6 +82,9 @@ struct Stack {
     pipeline: tokio::task::JoinHandle<Result<(), PipelineError>>,
     /// Builds another pipeline on the same backends (a restart).
     build: Box<dyn Fn() -> Arc<Pipeline> + Send + Sync>,
+    /// The dispatcher of webhook actions (when a rule is a webhook), and its stop; it runs on
+    /// across pipeline restarts.
+    dispatcher: Option<(watch::Sender<bool>, Task)>,
     _dir: tempfile::TempDir,
     /// The shared backends' test namespaces, removed on drop.
     _schema: Option<Schema>,
@@ -97,7 +104,8 @@ impl Stack {
         Stack::start_full(backends, wrap, Triggers::default()).await
     }
 
-    /// `start_with`, and the pipeline fires these triggers.
+    /// `start_with`, and the pipeline fires these triggers; webhook actions go through an
+    /// actions log of the stack's own and a dispatcher, as in `sluice serve`.
     async fn start_full(
         backends: Backends,
         wrap: impl FnOnce(Arc<dyn Index>) -> Arc<dyn Index>,
@@ -107,16 +115,38 @@ impl Stack {
         let log = Arc::new(
             EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"),
         );
-        let dlq = Arc::new(
-            EmbeddedLog::open(
-                &dir.path().join("dlq"),
-                EmbeddedLogConfig {
-                    partitions: 1,
-                    ..EmbeddedLogConfig::default()
-                },
+        let one_partition = |name: &str| {
+            Arc::new(
+                EmbeddedLog::open(
+                    &dir.path().join(name),
+                    EmbeddedLogConfig {
+                        partitions: 1,
+                        ..EmbeddedLogConfig::default()
+                    },
+                )
+                .expect("a log of one partition"),
             )
-            .expect("dead-letter log"),
-        );
+        };
+        let dlq = one_partition("dlq");
+        let mut dispatcher = None;
+        let triggers = if triggers.has_webhooks() {
+            let actions: Arc<dyn Log> = one_partition("actions");
+            let triggers = triggers.with_actions_log(Arc::clone(&actions));
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(
+                Dispatcher::new(
+                    actions,
+                    Arc::clone(&dlq) as Arc<dyn Log>,
+                    triggers.clone(),
+                    DispatcherConfig::default(),
+                )
+                .run(stop_rx),
+            );
+            dispatcher = Some((stop, task));
+            triggers
+        } else {
+            triggers
+        };
         let (mut schema, mut keys) = (None, None);
         let (registry, dedup, index): (Arc<dyn Registry>, Arc<dyn Dedup>, Arc<dyn Index>) =
             match backends {
@@ -208,6 +238,7 @@ impl Stack {
             stop,
             pipeline,
             build: Box::new(build),
+            dispatcher,
             _dir: dir,
             _schema: schema,
             _keys: keys,
@@ -313,8 +344,23 @@ impl Stack {
             .await
             .expect("pipeline task")
             .expect("pipeline stops cleanly");
+        if let Some((stop, task)) = self.dispatcher {
+            let _ = stop.send(true);
+            task.await
+                .expect("dispatcher task")
+                .expect("dispatcher stops cleanly");
+        }
         self.index.close().await.expect("close index");
         self.log.close().await.expect("close log");
+    }
+}
+
+/// Waits up to 30 s for `done`, polling.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -974,6 +1020,12 @@ async fn triggers_fire_once_per_event_with_the_profile_at_that_event(backends: B
         )
         .await);
     stack.wait_processed().await;
+    // The dispatcher delivers from the actions log: two welcomes (a 503, then the 200) and
+    // the refused nudge, which becomes a dead letter.
+    until("the dispatcher's calls and dead letter", || {
+        receiver.raw_count() >= 5 && !stack.dlq.read(0, 0, 10).expect("dlq").is_empty()
+    })
+    .await;
 
     let calls = receiver.calls();
     let welcome: Vec<_> = calls.iter().filter(|c| c.path == "/flaky").collect();
@@ -1112,6 +1164,9 @@ async fn a_panicking_stage_stops_the_stream_and_a_restart_completes_the_work(bac
         .search("events", json!({"query": "userId:ann", "size": 0}))
         .await;
     assert_eq!(found["total"], 50, "{found}");
+    until("49 welcomes", || receiver.raw_count() >= 49).await;
+    // A moment more for a repeat, which would show below.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let distinct = receiver.distinct();
     assert_eq!(distinct.len(), 49, "one welcome per signup");
     assert_eq!(receiver.raw_count(), 49, "and no call twice");

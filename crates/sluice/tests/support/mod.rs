@@ -768,6 +768,12 @@ pub struct WebhookReceiver {
 
 impl WebhookReceiver {
     pub async fn start(delay: Duration) -> WebhookReceiver {
+        WebhookReceiver::start_at("127.0.0.1:0".parse().expect("address"), delay).await
+    }
+
+    /// A receiver on `addr` (a port a test kept free, so its target was refusing connections
+    /// until now).
+    pub async fn start_at(addr: SocketAddr, delay: Duration) -> WebhookReceiver {
         use axum::http::{HeaderMap, StatusCode, Uri};
         let calls: Arc<std::sync::Mutex<Vec<WebhookCall>>> = Arc::default();
         let recorded = Arc::clone(&calls);
@@ -805,7 +811,7 @@ impl WebhookReceiver {
             }
         };
         let app = axum::Router::new().fallback(handler);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind the receiver");
         let addr = listener.local_addr().expect("receiver address");
@@ -842,6 +848,13 @@ impl WebhookReceiver {
         }
         first
     }
+}
+
+/// A loopback address where nothing listens (yet): connections to it are refused.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
 }
 
 /// Writes `<dir>/sluice.toml` with one trigger rule, `welcome-email`: a `signedUp` event

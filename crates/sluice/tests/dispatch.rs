@@ -1,0 +1,227 @@
+//! The action dispatcher (SPEC §6) against the real binary: webhook actions are delivered from
+//! the actions log, so a target that refuses connections, or answers slowly, never holds
+//! indexing; a target that keeps failing is probed at a growing interval, not hammered; an
+//! action older than `action_max_age` becomes a dead letter that `sluice dlq replay` sends.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+mod support;
+use support::{Server, WebhookReceiver, post, run_ok, sluice};
+
+/// The number of `signedUp` events searchable.
+async fn signups_searchable(addr: std::net::SocketAddr, key: &str) -> u64 {
+    let (status, found) = post(
+        addr,
+        key,
+        "/api/search/events",
+        json!({"query": "eventName:signedUp", "size": 0}),
+    )
+    .await;
+    assert_eq!(status, 200, "{found}");
+    found["total"].as_u64().expect("total")
+}
+
+/// Waits until at least `count` signups are searchable; returns how long that took.
+async fn searchable_within(
+    addr: std::net::SocketAddr,
+    key: &str,
+    count: u64,
+    limit: Duration,
+) -> Duration {
+    let started = Instant::now();
+    while signups_searchable(addr, key).await < count {
+        assert!(
+            started.elapsed() < limit,
+            "signup {count} searchable within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    started.elapsed()
+}
+
+/// `/metrics`, as name → value.
+async fn metrics(addr: std::net::SocketAddr) -> HashMap<String, f64> {
+    let mut conn = sluice::client::Connection::connect(addr)
+        .await
+        .expect("connect");
+    let answer = conn.get("/metrics", &[]).await.expect("metrics");
+    String::from_utf8_lossy(&answer.body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+async fn until(what: &str, limit: Duration, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what} within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signup(i: usize) -> Value {
+    json!({"userId": format!("w{i}"), "eventName": "signedUp", "id": format!("s{i}"), "dataFields": {"n": i}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_target_never_holds_indexing_and_gets_every_action_once_it_is_back() {
+    let target = support::free_addr();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = support::welcome_config(dir.path(), &format!("http://{target}/ok"));
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        &["--config", &config, "--batch-timeout", "50ms"],
+    );
+    let key = server.first_key.clone().expect("key");
+    let addr = server.addr;
+
+    // Signups for 8 s while the target refuses connections; every 25th must be searchable
+    // within 3 s of its acknowledgement.
+    let started = Instant::now();
+    let mut posted = 0;
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(8) {
+        let (status, answer) = post(addr, &key, "/api/events/track", signup(posted)).await;
+        assert_eq!(status, 200, "{answer}");
+        posted += 1;
+        if posted % 25 == 0 {
+            slowest = slowest
+                .max(searchable_within(addr, &key, posted as u64, Duration::from_secs(3)).await);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!(
+        "dispatch: {posted} signups, each sample searchable within {slowest:?} while the target was down"
+    );
+    searchable_within(addr, &key, posted as u64, Duration::from_secs(3)).await;
+    let before = metrics(addr).await;
+    assert_eq!(before["sluice_actions_delivered_total"], 0.0);
+    // The host's gate: one probe per (growing) delay, not one call per pending action.
+    let retries = before["sluice_action_retries_total"];
+    assert!(
+        (1.0..60.0).contains(&retries),
+        "{retries} failed calls for {posted} pending actions in 8 s"
+    );
+
+    // The target comes back: every action arrives, once.
+    let receiver = WebhookReceiver::start_at(target, Duration::ZERO).await;
+    until("every welcome", Duration::from_secs(30), || {
+        receiver.distinct().len() >= posted
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let distinct = receiver.distinct();
+    assert_eq!(distinct.len(), posted);
+    assert_eq!(receiver.raw_count(), posted, "no action was sent twice");
+    for i in [0, posted / 2, posted - 1] {
+        let call = &distinct[&format!("default:s{i}:welcome-email")];
+        assert_eq!(call.body["event"]["userId"], format!("w{i}"));
+        assert_eq!(call.body["event"]["dataFields"]["n"], i);
+    }
+    let after = metrics(addr).await;
+    assert_eq!(after["sluice_actions_delivered_total"], posted as f64);
+    assert!(server.sigterm().success(), "SIGTERM exits 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_target_does_not_slow_indexing() {
+    let receiver = WebhookReceiver::start(Duration::from_secs(2)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = support::welcome_config(dir.path(), &receiver.url("/ok"));
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        &["--config", &config, "--batch-timeout", "50ms"],
+    );
+    let key = server.first_key.clone().expect("key");
+    let addr = server.addr;
+    // 200 users sign up at once: called inline, 2 s each, they would hold their batches for
+    // many seconds.
+    let events: Vec<Value> = (0..200).map(signup).collect();
+    let (status, answer) = post(
+        addr,
+        &key,
+        "/api/events/trackBulk",
+        json!({ "events": events }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let took = searchable_within(addr, &key, 200, Duration::from_secs(3)).await;
+    eprintln!(
+        "dispatch: 200 signups searchable {took:?} after their ack, the target taking 2 s a call"
+    );
+    until("200 welcomes", Duration::from_secs(60), || {
+        receiver.distinct().len() >= 200
+    })
+    .await;
+    assert!(server.sigterm().success(), "SIGTERM exits 0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_action_older_than_action_max_age_is_a_dead_letter_that_replay_sends() {
+    let target = support::free_addr();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let config = support::welcome_config(dir.path(), &format!("http://{target}/ok"));
+    let mut server = Server::start(&data, &["--config", &config, "--action-max-age", "1s"]);
+    let key = server.first_key.clone().expect("key");
+    let addr = server.addr;
+    let events: Vec<Value> = (0..3).map(signup).collect();
+    let (status, answer) = post(
+        addr,
+        &key,
+        "/api/events/trackBulk",
+        json!({ "events": events }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let list = || -> Vec<Value> {
+        run_ok(sluice(&data).args(["--config", &config, "dlq", "list", "--json"]))
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let letters = loop {
+        let letters = list();
+        if letters.len() >= 3 {
+            break letters;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "3 dead letters within 30 s: {letters:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    for letter in &letters {
+        assert_eq!(letter["stage"], "trigger", "{letter}");
+        assert_eq!(letter["rule"], "welcome-email", "{letter}");
+        assert!(
+            letter["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("older than action_max_age (1s)")),
+            "{letter}"
+        );
+    }
+    assert_eq!(metrics(addr).await["sluice_action_dead_letters_total"], 3.0);
+
+    // The target is back: a replay sends the actions.
+    let receiver = WebhookReceiver::start_at(target, Duration::ZERO).await;
+    let out = run_ok(sluice(&data).args(["--config", &config, "dlq", "replay", "--all"]));
+    assert!(out.contains("3 actions sent"), "{out}");
+    let keys: std::collections::BTreeSet<String> = receiver.distinct().into_keys().collect();
+    assert_eq!(
+        keys,
+        (0..3)
+            .map(|i| format!("default:s{i}:welcome-email"))
+            .collect()
+    );
+    assert!(server.sigterm().success(), "SIGTERM exits 0");
+}
