@@ -37,7 +37,7 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::dead_letter;
-use crate::group::{Group, Partitions};
+use crate::group::{self, Committed, Group, Partitions};
 use crate::retry::{Abandon, FIRST_DELAY, Retrier, retry};
 use crate::runner::PipelineError;
 use crate::trigger::{Action, Triggers, Url, WebhookError};
@@ -241,21 +241,11 @@ impl Dispatcher {
                     return Err(stream_error(partition, &records, message));
                 }
             }
-            let mut commits = self.retrier();
-            loop {
-                match stream.commit(next).await {
-                    Ok(()) => break,
-                    // The next owner delivers the window again.
-                    Err(LogError::Revoked(_)) => return Ok(()),
-                    Err(e) if e.is_retriable() => {
-                        if commits.wait(&mut stop, "commit actions", &e).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Err(e) => {
-                        return Err(stream_error(partition, &records, format!("commit: {e}")));
-                    }
-                }
+            match group::commit(stream.as_mut(), next, self.retrier(), &mut stop).await {
+                Ok(Committed::Done) => {}
+                // Revoked: the next owner delivers the window again.
+                Ok(Committed::Revoked | Committed::Stopped) => return Ok(()),
+                Err(message) => return Err(stream_error(partition, &records, message)),
             }
         }
     }

@@ -23,6 +23,7 @@ use sluice_log::{Assignment, Log, LogError, PartitionStream, Subscription};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use crate::retry::Retrier;
 use crate::runner::PipelineError;
 
 /// Rejoins in a row, each after a membership shorter than [`STABLE_MEMBERSHIP`], before
@@ -162,6 +163,40 @@ async fn membership<P: Partitions>(
         }
     }
     result
+}
+
+/// How [`commit`] ended, but for an error.
+pub(crate) enum Committed {
+    Done,
+    /// The partition was revoked first: its next owner processes the records again.
+    Revoked,
+    /// A stop came while retrying.
+    Stopped,
+}
+
+/// Commits `next_offset` on `stream`, retrying recoverable errors (waiting with `retrier`)
+/// until `stop`; any other error is its text.
+pub(crate) async fn commit(
+    stream: &mut dyn PartitionStream,
+    next_offset: u64,
+    mut retrier: Retrier<'_>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Committed, String> {
+    loop {
+        let error = match stream.commit(next_offset).await {
+            Ok(()) => return Ok(Committed::Done),
+            Err(LogError::Revoked(_)) => return Ok(Committed::Revoked),
+            Err(e) if e.is_retriable() => e,
+            Err(e) => return Err(format!("commit: {e}")),
+        };
+        if retrier
+            .wait(stop, "commit the offset", &error)
+            .await
+            .is_err()
+        {
+            return Ok(Committed::Stopped);
+        }
+    }
 }
 
 fn flatten(

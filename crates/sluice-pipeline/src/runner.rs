@@ -36,7 +36,7 @@ use tracing::Instrument;
 
 use crate::batch::{BatchConfig, Batcher};
 use crate::dead_letter::{self, Stage};
-use crate::group::{Group, Partitions};
+use crate::group::{self, Committed, Group, Partitions};
 use crate::merge::{Item, merge};
 use crate::retry::{Abandon, Retrier, retry};
 use crate::trigger::Triggers;
@@ -397,32 +397,22 @@ impl Pipeline {
                 Err(panic) => return Err(panicked(partition, &batch.records, panic.as_ref())),
             }
             let mut clock = std::time::Instant::now();
-            let mut retrier = self.retrier();
-            loop {
-                let error = match stream.commit(last + 1).await {
-                    Ok(()) => break,
-                    Err(LogError::Revoked(_)) => {
-                        tracing::warn!(
-                            partition,
-                            first,
-                            last,
-                            "pipeline: the partition was revoked before its batch was committed; its next owner processes it again"
-                        );
-                        return Ok(());
-                    }
-                    Err(e) if e.is_retriable() => e,
-                    Err(e) => {
-                        return Err(stream_error(partition, first, last, format!("commit: {e}")));
-                    }
-                };
-                if retrier
-                    .wait(&mut stop, "commit the offset", &error)
-                    .await
-                    .is_err()
-                {
+            match group::commit(stream.as_mut(), last + 1, self.retrier(), &mut stop).await {
+                Ok(Committed::Done) => {}
+                Ok(Committed::Revoked) => {
+                    tracing::warn!(
+                        partition,
+                        first,
+                        last,
+                        "pipeline: the partition was revoked before its batch was committed; its next owner processes it again"
+                    );
+                    return Ok(());
+                }
+                Ok(Committed::Stopped) => {
                     tracing::info!(partition, "pipeline: stopped while retrying a commit");
                     return Ok(());
                 }
+                Err(message) => return Err(stream_error(partition, first, last, message)),
             }
             lap(&self.stats.commit_us, &mut clock);
             self.stats.batches.fetch_add(1, Ordering::Relaxed);

@@ -70,6 +70,20 @@ fn signup(i: usize) -> Value {
     json!({"userId": format!("w{i}"), "eventName": "signedUp", "id": format!("s{i}"), "dataFields": {"n": i}})
 }
 
+/// Signups `0..count` of as many users, in one request.
+async fn sign_up(server: &Server, count: usize) {
+    let events: Vec<Value> = (0..count).map(signup).collect();
+    let key = server.first_key.as_deref().expect("key");
+    let (status, answer) = post(
+        server.addr,
+        key,
+        "/api/events/trackBulk",
+        json!({ "events": events }),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_target_never_holds_indexing_and_gets_every_action_once_it_is_back() {
     let target = support::free_addr();
@@ -143,15 +157,7 @@ async fn a_slow_target_does_not_slow_indexing() {
     let addr = server.addr;
     // 200 users sign up at once: called inline, 2 s each, they would hold their batches for
     // many seconds.
-    let events: Vec<Value> = (0..200).map(signup).collect();
-    let (status, answer) = post(
-        addr,
-        &key,
-        "/api/events/trackBulk",
-        json!({ "events": events }),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
+    sign_up(&server, 200).await;
     let took = searchable_within(addr, &key, 200, Duration::from_secs(3)).await;
     eprintln!(
         "dispatch: 200 signups searchable {took:?} after their ack, the target taking 2 s a call"
@@ -170,17 +176,8 @@ async fn an_action_older_than_action_max_age_is_a_dead_letter_that_replay_sends(
     let data = dir.path().join("data");
     let config = support::welcome_config(dir.path(), &format!("http://{target}/ok"));
     let mut server = Server::start(&data, &["--config", &config, "--action-max-age", "1s"]);
-    let key = server.first_key.clone().expect("key");
     let addr = server.addr;
-    let events: Vec<Value> = (0..3).map(signup).collect();
-    let (status, answer) = post(
-        addr,
-        &key,
-        "/api/events/trackBulk",
-        json!({ "events": events }),
-    )
-    .await;
-    assert_eq!(status, 200, "{answer}");
+    sign_up(&server, 3).await;
     let list = || -> Vec<Value> {
         run_ok(sluice(&data).args(["--config", &config, "dlq", "list", "--json"]))
             .lines()
