@@ -454,7 +454,7 @@ impl Pipeline {
     }
 
     /// Step 2: appends every prepared action whose message was not refused by the index to
-    /// its log: one append per log, in log order (so one user's actions stay in order).
+    /// its log: one append per log, in log order (so one user's actions there stay in order).
     /// Returns the actions appended, to be marked.
     pub(crate) async fn fire_actions<'a>(
         &self,
@@ -481,45 +481,35 @@ impl Pipeline {
             timestamp_ms: now,
         };
 
-        // Topic actions: one append per rule.
-        for (rule_at, rule) in rules.iter().enumerate() {
-            let Action::Topic { topic, log } = &rule.action else {
-                continue;
+        // One append per log (a rule's topic, or the actions log of the webhook rules), each
+        // in log order.
+        let mut appends: Vec<(&Arc<dyn Log>, &Rule, Vec<Record>)> = Vec::new();
+        for p in &prepared {
+            let rule = &rules[p.rule];
+            let log = match (&rule.action, &triggers.actions) {
+                (Action::Topic { log, .. }, _) => log,
+                (Action::Webhook(_), Some(actions)) => actions,
+                (Action::Webhook(_), None) => {
+                    return Err(Abandon::Fatal(format!(
+                        "rule {} is a webhook rule, but the pipeline has no actions log",
+                        rule.name
+                    )));
+                }
             };
-            let batch: Vec<Record> = prepared
-                .iter()
-                .filter(|p| p.rule == rule_at)
-                .map(record)
-                .collect();
-            if batch.is_empty() {
-                continue;
+            match appends.iter_mut().find(|(l, ..)| Arc::ptr_eq(l, log)) {
+                Some((_, _, batch)) => batch.push(record(p)),
+                None => appends.push((log, rule, vec![record(p)])),
             }
-            let what = format!("append actions of rule {} to topic {topic}", rule.name);
+        }
+        for (log, rule, batch) in appends {
+            let what = match &rule.action {
+                Action::Topic { topic, .. } => format!("append actions to topic {topic}"),
+                Action::Webhook(_) => "append webhook actions to the actions log".to_string(),
+            };
             self.retry(
                 &what,
                 stop,
                 || log.append(batch.clone()),
-                LogError::is_retriable,
-            )
-            .await?;
-        }
-
-        // Webhook actions: one append to the actions log, for the dispatcher.
-        let webhooks: Vec<Record> = prepared
-            .iter()
-            .filter(|p| matches!(rules[p.rule].action, Action::Webhook(_)))
-            .map(record)
-            .collect();
-        if !webhooks.is_empty() {
-            let Some(actions) = &triggers.actions else {
-                return Err(Abandon::Fatal(
-                    "webhook rules are configured but the pipeline has no actions log".into(),
-                ));
-            };
-            self.retry(
-                "append webhook actions to the actions log",
-                stop,
-                || actions.append(webhooks.clone()),
                 LogError::is_retriable,
             )
             .await?;

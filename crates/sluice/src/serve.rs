@@ -135,8 +135,8 @@ async fn open_side_log(
     };
     let mut kafka = config.kafka_log_config(&brokers, topic);
     kafka.other_topics = Vec::new();
-    // The actions topic is consumed by the dispatcher's group, like the ingest topic by the
-    // pipeline's: same session, drain and static membership.
+    // A side log consumed as a group (the actions topic, by the dispatcher) joins as the
+    // ingest topic's pipeline does: same session, drain and static membership.
     kafka.session_timeout = config.kafka_session_timeout;
     kafka.revoke_timeout = config.shutdown_timeout;
     kafka.instance_id = Some(config.kafka_instance_id());
@@ -279,7 +279,8 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                 }));
             }
             // Webhook actions are delivered from the actions log by the dispatcher.
-            if let Some(actions) = triggers.actions_log().filter(|_| triggers.has_webhooks()) {
+            // (`open_triggers` opens the actions log only when a rule is a webhook.)
+            if let Some(actions) = triggers.actions_log() {
                 dispatcher = Some(Dispatcher::new(
                     Arc::clone(actions),
                     Arc::clone(&dead_letters),
