@@ -39,6 +39,14 @@ pub enum DedupError {
     Config(String),
 }
 
+/// Storage errors (a full disk, say) and an unreachable server may pass; a wrong setting does
+/// not.
+impl sluice_model::Recoverable for DedupError {
+    fn is_recoverable(&self) -> bool {
+        !matches!(self, DedupError::Config(_))
+    }
+}
+
 #[async_trait]
 pub trait Dedup: Send + Sync + 'static {
     /// For each key, in order, whether it was marked within the window.

@@ -182,9 +182,8 @@ pub enum IndexError {
     Closed,
 }
 
-impl IndexError {
-    /// Whether trying again later may succeed.
-    pub fn is_retriable(&self) -> bool {
+impl sluice_model::Recoverable for IndexError {
+    fn is_recoverable(&self) -> bool {
         matches!(
             self,
             IndexError::Storage { .. } | IndexError::Unavailable { .. }

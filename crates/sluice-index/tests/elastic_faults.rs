@@ -5,6 +5,7 @@
 //! OpenSearch 2.19 node (one per test binary, indexes under a prefix of the test's own) and on
 //! osmem-server (a fast imitation, one per test).
 
+use sluice_model::Recoverable;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -245,7 +246,7 @@ async fn documents_still_failing_make_a_recoverable_error_and_nothing_is_lost(se
     proxy.fail_items(429, 1, 100_000);
     match index.write(Arc::new(batch(1))).await {
         Err(e @ IndexError::Unavailable { .. }) => {
-            assert!(e.is_retriable());
+            assert!(e.is_recoverable());
             let message = e.to_string();
             assert!(
                 message.contains("still not taken after 4 attempts"),
@@ -274,13 +275,13 @@ async fn an_outage_is_a_recoverable_error_and_writes_resume_when_it_ends(server:
         .write(Arc::new(batch(1)))
         .await
         .expect_err("the store is down");
-    assert!(error.is_retriable(), "{error}");
+    assert!(error.is_recoverable(), "{error}");
     assert!(error.to_string().contains(&proxy.url), "{error}");
     let read = index
         .get_user("acme", "u:0")
         .await
         .expect_err("reads fail too");
-    assert!(read.is_retriable(), "{read}");
+    assert!(read.is_recoverable(), "{read}");
     proxy.come_back();
     index
         .write(Arc::new(batch(1)))
@@ -402,7 +403,7 @@ async fn a_closed_index_is_a_recoverable_error_naming_it() {
         .write(Arc::new(batch(1)))
         .await
         .expect_err("the events index is closed");
-    assert!(error.is_retriable(), "{error}");
+    assert!(error.is_recoverable(), "{error}");
     let message = error.to_string();
     assert!(message.contains(events), "{message}");
     assert!(message.contains("index_closed_exception"), "{message}");

@@ -78,9 +78,9 @@ pub enum LogError {
     Unexpected(String),
 }
 
-impl LogError {
-    /// Whether trying again later may succeed (the API answers 503 + Retry-After for these).
-    pub fn is_retriable(&self) -> bool {
+/// Trying again later may succeed for these (the API answers 503 + Retry-After).
+impl sluice_model::Recoverable for LogError {
+    fn is_recoverable(&self) -> bool {
         matches!(
             self,
             LogError::Storage { .. }

@@ -3,6 +3,7 @@
 //! kills it), and tansu (a Kafka-protocol broker, memory storage, one per test) as a fast extra
 //! case. Each test is written once and instantiated per broker by `on_both!`.
 
+use sluice_model::Recoverable;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -199,7 +200,7 @@ async fn an_unreachable_broker_is_a_clear_retriable_error() {
         "fails within the timeout"
     );
     assert!(matches!(error, LogError::Broker { .. }), "{error:?}");
-    assert!(error.is_retriable());
+    assert!(error.is_recoverable());
     assert!(
         error.to_string().contains(&format!(
             "no bootstrap address accepts connections: {brokers} (Connection refused"
@@ -230,7 +231,7 @@ async fn a_broker_advertising_an_unreachable_listener_is_a_clear_error() {
         started.elapsed() < Duration::from_secs(20),
         "fails within the timeout"
     );
-    assert!(error.is_retriable(), "{error:?}");
+    assert!(error.is_recoverable(), "{error:?}");
     let text = error.to_string();
     assert!(
         text.contains(&broker.bootstrap) && text.contains("advertised.listeners"),

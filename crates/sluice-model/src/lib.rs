@@ -11,6 +11,7 @@
 //! - `patch`: a user update as a `Patch` tree, and folding patches (shallow vs deep merge).
 //! - `time`: the accepted `createdAt` forms (unix seconds, unix milliseconds, RFC 3339).
 //! - `url`: backend URLs as shown in errors and logs (`redacted`: no password).
+//! - `Recoverable`: the class of a store error, which decides whether a stage retries it.
 //!
 //! Invariant: this crate does no I/O. It is pure data so every stage can test against it.
 
@@ -27,3 +28,10 @@ pub use message::{
 };
 pub use partition::{murmur2, partition_for_key};
 pub use patch::{Op, Patch};
+
+/// The class of a failure at a store's boundary (log, index, dedup store, registry): whether
+/// the same call may succeed later (a server down, a timeout, a full disk), so a stage retries
+/// it, or not (a wrong setting, a bug), so the stage stops (SPEC §6 "unknown").
+pub trait Recoverable {
+    fn is_recoverable(&self) -> bool;
+}

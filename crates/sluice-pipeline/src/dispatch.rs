@@ -24,6 +24,7 @@
 //! come through probes while the others wait again, and the probe's success opens it for all.
 //! A dead host thus gets one call per delay, not one per pending action.
 
+use sluice_model::Recoverable;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -225,11 +226,12 @@ impl Dispatcher {
                 Ok(records) if records.is_empty() => continue,
                 Ok(records) => records,
                 Err(LogError::Revoked(_)) => return Ok(()),
-                Err(e) if e.is_retriable() => match reads.wait(&mut stop, "read actions", &e).await
-                {
-                    Ok(()) => continue,
-                    Err(_) => return Ok(()),
-                },
+                Err(e) if e.is_recoverable() => {
+                    match reads.wait(&mut stop, "read actions", &e).await {
+                        Ok(()) => continue,
+                        Err(_) => return Ok(()),
+                    }
+                }
                 Err(e) => return Err(stream_error(partition, &[], format!("read: {e}"))),
             };
             reads = self.retrier();
@@ -292,7 +294,6 @@ impl Dispatcher {
             "append refused actions to the dead-letter log",
             stop,
             || self.dead_letters.append(dead.clone()),
-            LogError::is_retriable,
         )
         .await?;
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);

@@ -13,6 +13,7 @@
 //!    node may be running under the same instance id);
 //! 5. a task that fails (or panics) ends the membership with its error.
 
+use sluice_model::Recoverable;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -84,7 +85,7 @@ impl Group<'_> {
                 Membership::Ended => return Ok(()),
                 Membership::Failed(source) => source,
             };
-            if !source.is_retriable() {
+            if !source.is_recoverable() {
                 return Err(PipelineError::Consumer {
                     group: self.name.to_string(),
                     source,
@@ -186,7 +187,7 @@ pub(crate) async fn commit(
         let error = match stream.commit(next_offset).await {
             Ok(()) => return Ok(Committed::Done),
             Err(LogError::Revoked(_)) => return Ok(Committed::Revoked),
-            Err(e) if e.is_retriable() => e,
+            Err(e) if e.is_recoverable() => e,
             Err(e) => return Err(format!("commit: {e}")),
         };
         if retrier

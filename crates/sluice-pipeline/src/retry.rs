@@ -1,11 +1,13 @@
 //! Retries of recoverable failures, for every stage of the pipeline and the dispatcher:
 //! exponential backoff with jitter from 50 ms up to a maximum, forever, until the step succeeds,
-//! fails in a way retrying cannot help, or a stop is requested.
+//! fails in a way retrying cannot help (the error is not [`Recoverable`]), or a stop is
+//! requested.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
+use sluice_model::Recoverable;
 use tokio::sync::watch;
 
 /// Why a retried step gave up.
@@ -59,25 +61,109 @@ impl<'a> Retrier<'a> {
     }
 }
 
-/// Runs `attempt` until it succeeds, fails with an error `retriable` refuses, or `stop`,
-/// waiting with `retrier` between attempts.
+/// Runs `attempt` until it succeeds, fails with an error that is not [`Recoverable`], or
+/// `stop`, waiting with `retrier` between attempts.
 pub(crate) async fn retry<T, E, F, Fut>(
     mut retrier: Retrier<'_>,
     what: &str,
     stop: &mut watch::Receiver<bool>,
     mut attempt: F,
-    retriable: impl Fn(&E) -> bool,
 ) -> Result<T, Abandon>
 where
-    E: std::fmt::Display + Sync,
+    E: Recoverable + std::fmt::Display + Sync,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, E>>,
 {
     loop {
         match attempt().await {
             Ok(value) => return Ok(value),
-            Err(e) if retriable(&e) => retrier.wait(stop, what, &e).await?,
+            Err(e) if e.is_recoverable() => retrier.wait(stop, what, &e).await?,
             Err(e) => return Err(Abandon::Fatal(format!("{what}: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct Failure {
+        recoverable: bool,
+    }
+
+    impl std::fmt::Display for Failure {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "recoverable: {}", self.recoverable)
+        }
+    }
+
+    impl Recoverable for Failure {
+        fn is_recoverable(&self) -> bool {
+            self.recoverable
+        }
+    }
+
+    /// Fails `failures` times with `recoverable` errors, then succeeds.
+    async fn run(failures: u32, recoverable: bool) -> (Result<u32, Abandon>, u64) {
+        let retries = AtomicU64::new(0);
+        let (_tx, mut stop) = watch::channel(false);
+        let mut attempts = 0;
+        let result = retry(
+            Retrier::new(Duration::from_secs(1), &retries),
+            "the step",
+            &mut stop,
+            || {
+                attempts += 1;
+                let failed = attempts <= failures;
+                async move {
+                    if failed {
+                        Err(Failure { recoverable })
+                    } else {
+                        Ok(attempts)
+                    }
+                }
+            },
+        )
+        .await;
+        (result, retries.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recoverable_error_is_retried_until_the_step_succeeds() {
+        let (result, retries) = run(20, true).await;
+        assert!(matches!(result, Ok(21)));
+        assert_eq!(retries, 20);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_error_that_cannot_recover_abandons_at_once_naming_the_step() {
+        let (result, retries) = run(1, false).await;
+        match result {
+            Err(Abandon::Fatal(message)) => assert_eq!(message, "the step: recoverable: false"),
+            _ => panic!("not abandoned"),
+        }
+        assert_eq!(retries, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_the_wait_between_attempts() {
+        let retries = AtomicU64::new(0);
+        let (tx, mut stop) = watch::channel(false);
+        let stopping = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let _ = tx.send(true);
+        });
+        let result: Result<(), Abandon> = retry(
+            Retrier::new(Duration::from_secs(1), &retries),
+            "the step",
+            &mut stop,
+            || async { Err(Failure { recoverable: true }) },
+        )
+        .await;
+        assert!(matches!(result, Err(Abandon::Stopped)));
+        // About one attempt a second once the delay reaches its maximum.
+        assert!((3..=8).contains(&retries.load(Ordering::Relaxed)));
+        stopping.await.expect("stopper");
     }
 }

@@ -20,6 +20,7 @@
 //! exponential backoff and jitter, forever, without moving past the batch. A stop request
 //! abandons the batch being retried (it is not committed, so it is read again after restart).
 
+use sluice_model::Recoverable;
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -27,8 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use sluice_dedup::{Dedup, DedupError, MessageKey};
-use sluice_index::{EventDoc, Index, IndexError, Refused, UserUpsert, WriteBatch};
+use sluice_dedup::{Dedup, MessageKey};
+use sluice_index::{EventDoc, Index, Refused, UserUpsert, WriteBatch};
 use sluice_log::{Log, LogError, LogRecord, PartitionStream};
 use sluice_model::{Kind, Patch};
 use tokio::sync::watch;
@@ -464,7 +465,7 @@ impl Pipeline {
             Ok(()) => {}
             // Closed, or revoked and cut off: the partition is not ours to read any more.
             Err(LogError::Closed | LogError::Revoked(_)) => return Err(Halt::Released),
-            Err(e) if e.is_retriable() => return Err(Halt::Read(e)),
+            Err(e) if e.is_recoverable() => return Err(Halt::Read(e)),
             Err(e) => return Err(Halt::Failed(stream_error(partition, 0, 0, e.to_string()))),
         }
         lap(&self.stats.read_us, &mut clock);
@@ -509,12 +510,7 @@ impl Pipeline {
     ) -> Result<Checked, Abandon> {
         let mut clock = std::time::Instant::now();
         let validated = self
-            .retry(
-                "validate",
-                stop,
-                || self.validator.validate(records),
-                |_| true,
-            )
+            .retry("validate", stop, || self.validator.validate(records))
             .await?;
         let now = sluice_model::time::now_ms();
         let mut dead = Vec::new();
@@ -541,12 +537,7 @@ impl Pipeline {
         // repeats within the batch.
         let keys: Vec<MessageKey<'_>> = valid.iter().map(message_key).collect();
         let seen = self
-            .retry(
-                "check the dedup store",
-                stop,
-                || self.dedup.check(&keys),
-                |_| true,
-            )
+            .retry("check the dedup store", stop, || self.dedup.check(&keys))
             .await?;
         let mut in_batch = HashSet::with_capacity(valid.len());
         let fresh: Vec<usize> = keys
@@ -594,12 +585,9 @@ impl Pipeline {
         lap(&self.stats.trigger_us, &mut clock);
         let (users, events) = (write.users.len() as u64, write.events.len() as u64);
         let outcome = self
-            .retry(
-                "write to the index",
-                stop,
-                || self.index.write(write.clone()),
-                IndexError::is_retriable,
-            )
+            .retry("write to the index", stop, || {
+                self.index.write(write.clone())
+            })
             .await?;
         lap(&self.stats.index_us, &mut clock);
         // Messages whose document the index refused: dead letters, and not marked processed,
@@ -675,13 +663,8 @@ impl Pipeline {
             .map(|m| message_key(m))
             .chain(fired.iter().map(|action| action.key()))
             .collect();
-        self.retry(
-            "mark processed",
-            stop,
-            || self.dedup.mark(&processed),
-            |_: &DedupError| true,
-        )
-        .await?;
+        self.retry("mark processed", stop, || self.dedup.mark(&processed))
+            .await?;
         if !fired.is_empty() {
             let stashed: Vec<MessageKey<'_>> = fired.iter().map(|action| action.key()).collect();
             // Only space: a stash left behind expires with the window.
@@ -704,31 +687,28 @@ impl Pipeline {
             return Ok(());
         }
         let count = dead.len() as u64;
-        self.retry(
-            "write dead letters",
-            stop,
-            || self.dead_letters.append(dead.clone()),
-            LogError::is_retriable,
-        )
+        self.retry("write dead letters", stop, || {
+            self.dead_letters.append(dead.clone())
+        })
         .await?;
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Runs `attempt` until it succeeds, fails with an error `retriable` refuses, or `stop`.
+    /// Runs `attempt` until it succeeds, fails with an error that is not recoverable, or
+    /// `stop`.
     pub(crate) async fn retry<T, E, F, Fut>(
         &self,
         what: &str,
         stop: &mut watch::Receiver<bool>,
         attempt: F,
-        retriable: impl Fn(&E) -> bool,
     ) -> Result<T, Abandon>
     where
-        E: std::fmt::Display + Sync,
+        E: sluice_model::Recoverable + std::fmt::Display + Sync,
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        retry(self.retrier(), what, stop, attempt, retriable).await
+        retry(self.retrier(), what, stop, attempt).await
     }
 
     pub(crate) fn retrier(&self) -> Retrier<'_> {

@@ -28,8 +28,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 use sluice_dedup::MessageKey;
-use sluice_index::{EventDoc, EventSource, IndexError, UserUpsert, WriteBatch, profile_after};
-use sluice_log::{Log, LogError, LogRecord, Record};
+use sluice_index::{EventDoc, EventSource, UserUpsert, WriteBatch, profile_after};
+use sluice_log::{Log, LogRecord, Record};
 use sluice_model::Patch;
 use tokio::sync::watch;
 
@@ -353,12 +353,9 @@ impl Pipeline {
             })
             .collect();
         let fired = self
-            .retry(
-                "check which actions fired",
-                stop,
-                || self.dedup.check(&keys),
-                |_| true,
-            )
+            .retry("check which actions fired", stop, || {
+                self.dedup.check(&keys)
+            })
             .await?;
         let pending: Vec<usize> = (0..matches.len()).filter(|&i| !fired[i]).collect();
         if pending.is_empty() {
@@ -376,12 +373,9 @@ impl Pipeline {
         users.sort_unstable();
         users.dedup();
         let profiles = self
-            .retry(
-                "read profiles for triggers",
-                stop,
-                || self.index.get_users(&users),
-                IndexError::is_retriable,
-            )
+            .retry("read profiles for triggers", stop, || {
+                self.index.get_users(&users)
+            })
             .await?;
         let stored: HashMap<(&str, &str), Option<Value>> =
             users.into_iter().zip(profiles).collect();
@@ -439,12 +433,9 @@ impl Pipeline {
             .map(|p| (p.key(), p.payload.as_slice()))
             .collect();
         let stashed = self
-            .retry(
-                "stash trigger payloads",
-                stop,
-                || self.dedup.stash(&entries),
-                |_| true,
-            )
+            .retry("stash trigger payloads", stop, || {
+                self.dedup.stash(&entries)
+            })
             .await?;
         drop(entries);
         for (p, payload) in prepared.iter_mut().zip(stashed) {
@@ -506,13 +497,8 @@ impl Pipeline {
                 Action::Topic { topic, .. } => format!("append actions to topic {topic}"),
                 Action::Webhook(_) => "append webhook actions to the actions log".to_string(),
             };
-            self.retry(
-                &what,
-                stop,
-                || log.append(batch.clone()),
-                LogError::is_retriable,
-            )
-            .await?;
+            self.retry(&what, stop, || log.append(batch.clone()))
+                .await?;
         }
         self.stats
             .actions_fired

@@ -59,6 +59,46 @@ pub enum RegistryError {
     InvalidUserId(&'static str),
 }
 
+/// A database that cannot be reached, is restarting, busy or out of space may recover;
+/// a wrong query, a failed migration or a refused name do not.
+impl sluice_model::Recoverable for RegistryError {
+    fn is_recoverable(&self) -> bool {
+        match self {
+            RegistryError::Database { source, .. } => database_may_recover(source),
+            _ => false,
+        }
+    }
+}
+
+fn database_may_recover(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        // Closed at shutdown, while a stage may still be retrying: the stop ends it.
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // SQLite's primary result codes: busy, locked, I/O error, full.
+                code.parse::<u32>()
+                    .is_ok_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13))
+            } else {
+                // PostgreSQL's SQLSTATE classes 08 (connection), 40 (transaction rollback),
+                // 53 (insufficient resources), 57 (operator intervention: a shutdown or a
+                // restart), and 55P03 (lock not available).
+                ["08", "40", "53", "57"]
+                    .iter()
+                    .any(|class| code.starts_with(class))
+                    || code == "55P03"
+            }
+        }
+        _ => false,
+    }
+}
+
 /// The result of an `UPDATE orgs … WHERE name = …` that changed `rows` rows.
 pub(crate) fn org_updated(rows: u64, name: &str) -> Result<(), RegistryError> {
     if rows == 0 {
@@ -133,6 +173,22 @@ pub(crate) fn now_secs() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_database_that_may_come_back_is_recoverable() {
+        use sluice_model::Recoverable;
+        let database = |source| RegistryError::Database {
+            location: "test".into(),
+            source,
+        };
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(database(sqlx::Error::Io(refused)).is_recoverable());
+        assert!(database(sqlx::Error::PoolTimedOut).is_recoverable());
+        assert!(!database(sqlx::Error::RowNotFound).is_recoverable());
+        assert!(!database(sqlx::Error::ColumnNotFound("x".into())).is_recoverable());
+        assert!(!RegistryError::OrgExists("acme".into()).is_recoverable());
+        assert!(!RegistryError::NoSuchOrg("acme".into()).is_recoverable());
+    }
 
     #[test]
     fn org_names_follow_the_invariant() {

@@ -22,6 +22,7 @@
 
 mod buffer;
 
+use sluice_model::Recoverable;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -239,7 +240,7 @@ impl Bridge {
         let why = tokio::select! {
             result = direct => match result {
                 Ok(Ok(_)) => return Ok(Durable::Logged),
-                Ok(Err(e)) if !e.is_retriable() => return Err(BridgeError::Log(e)),
+                Ok(Err(e)) if !e.is_recoverable() => return Err(BridgeError::Log(e)),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("no acknowledgement within {:?}", inner.config.log_ack_timeout),
             },

@@ -9,7 +9,9 @@
 //!
 //! Afterwards every partition is committed to its end, every acknowledged message is in the
 //! index once in effect, and each acknowledged signup fired its welcome under one
-//! `Idempotency-Key`, repeated calls carrying the same payload.
+//! `Idempotency-Key`, repeated calls carrying the same payload: the dispatcher's partitions
+//! (a group of its own on `sluice.actions`) failed over with the nodes, and it committed the
+//! actions log to its end.
 //!
 //! And a stale writer: an ingest node whose profile write is on its way (held by a proxy) when
 //! it loses its partitions (SIGSTOP past the session timeout) must not undo the newer writes of
@@ -253,10 +255,22 @@ async fn ingest_nodes_fail_over_join_leave_and_roll_under_load_losing_and_doubli
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    // The last welcomes may still be on their way.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while receiver.distinct().len() < signed_up && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // The dispatcher's group (whose partitions failed over with the nodes) delivers every
+    // action and commits the actions log to its end.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ends = end_offsets(&kafka.bootstrap, "sluice.actions", 8);
+        let committed =
+            committed_offsets(&kafka.bootstrap, "sluice-dispatcher", "sluice.actions", 8);
+        if committed == ends && receiver.distinct().len() >= signed_up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dispatcher committed {committed:?}, actions log ends {ends:?}, {} of {signed_up} welcomes, after 60 s",
+            receiver.distinct().len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let mut peaks = vec![format!("api {:.0}", api.peak_rss_mib().unwrap_or(0.0))];
     for (name, node) in &nodes.running {

@@ -25,6 +25,7 @@
 //! attempts the write returns a recoverable error, so the caller retries and nothing is marked
 //! processed or committed past a document the cluster has not taken.
 
+use sluice_model::Recoverable;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -77,7 +78,7 @@ pub(super) async fn write(
         let stored = match read_profiles(index, &plan, &pending).await {
             Ok(stored) => stored,
             // The users that needed a read wait for the next attempt; the rest go now.
-            Err(e) if e.is_retriable() => {
+            Err(e) if e.is_recoverable() => {
                 let reason = e.to_string();
                 pending.retain(|doc| {
                     let needs_read = plan.needs_read(*doc);
@@ -621,7 +622,7 @@ async fn send(
         });
     let answer = match result {
         Ok(answer) => answer,
-        Err(e) if e.is_retriable() => {
+        Err(e) if e.is_recoverable() => {
             let reason = e.to_string();
             failed.extend(docs.into_iter().map(|doc| (doc, reason.clone())));
             return Ok(0);

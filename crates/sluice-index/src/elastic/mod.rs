@@ -18,6 +18,7 @@ mod bulk;
 mod mapping;
 mod search;
 
+use sluice_model::Recoverable;
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -230,7 +231,7 @@ impl ElasticIndex {
         match index.prepare().await {
             Ok(()) => {}
             // Down for now: the node runs, `/readyz` says why, and writes wait for it.
-            Err(e) if e.is_retriable() => tracing::warn!(
+            Err(e) if e.is_recoverable() => tracing::warn!(
                 error = %e,
                 "index: the cluster cannot be used yet; the indexes are created once it answers"
             ),
@@ -747,7 +748,7 @@ mod tests {
             let message = e.to_string();
             assert!(message.contains("http://127.0.0.1:1"), "{message}");
             assert!(!message.contains("pw"), "{message}");
-            assert!(e.is_retriable());
+            assert!(e.is_recoverable());
         }
     }
 }

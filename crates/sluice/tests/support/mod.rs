@@ -232,6 +232,13 @@ pub async fn spawn_api(state: AppState) -> std::net::SocketAddr {
     addr
 }
 
+/// What servers log: warnings, and the consumer's assignments (a failing test prints the
+/// tail). `SLUICE_TEST_LOG` replaces it, to look into a failure.
+fn server_log_filter() -> String {
+    std::env::var("SLUICE_TEST_LOG")
+        .unwrap_or_else(|_| "warn,sluice_log::kafka::consumer=info".to_string())
+}
+
 pub fn sluice(data_dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.arg("--data-dir").arg(data_dir).env("RUST_LOG", "warn");
@@ -283,7 +290,7 @@ impl Server {
     /// `sluice <role>`, once its banner's last line says it runs. It listens on a free port
     /// unless `extra` has a `--listen`.
     pub fn start_as(role: &str, data_dir: &Path, extra: &[&str]) -> Server {
-        Server::start_logging(role, data_dir, extra, "warn")
+        Server::start_logging(role, data_dir, extra, &server_log_filter())
     }
 
     /// `start_as` with `RUST_LOG=<filter>` (tests read what the node logs from its stderr file).
@@ -378,7 +385,19 @@ impl Drop for Server {
             }
             let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(40)..];
+            let tail = &lines[lines.len().saturating_sub(80)..];
+            if let Ok(dir) = std::env::var("SLUICE_TEST_KEEP_LOGS") {
+                // The whole log, kept past the test's temporary directory.
+                let name = format!(
+                    "{}-{}",
+                    self.child.id(),
+                    self.stderr
+                        .file_name()
+                        .map(|n| n.to_string_lossy())
+                        .unwrap_or_default()
+                );
+                let _ = std::fs::copy(&self.stderr, Path::new(&dir).join(name));
+            }
             eprintln!(
                 "last lines of {}:\n{}",
                 self.stderr.display(),
