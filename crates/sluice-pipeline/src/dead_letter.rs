@@ -10,13 +10,27 @@
 //!  "source":{"partition":3,"offset":1234},"org":"acme","messageId":"m-1","record":{...}}
 //! ```
 //!
-//! `record` is the original value as JSON, or as a string when it was not JSON.
+//! `record` is the original value as JSON, or as a string when it was not JSON. A refused
+//! action's letter (`"stage":"trigger"`) also has its `rule` and `action` (the webhook body).
+//!
+//! This module owns the format: it writes letters, reads them back ([`letters`]), and replays
+//! them ([`Session::replay`]). A letter's ID is `<partition>-<offset>` in the dead-letter log.
+//! Replaying a `validate` or `index` letter appends its original record, unchanged, to the
+//! ingest log: the pipeline processes it like any message (its dedup mark was never set).
+//! Replaying a `trigger` letter sends the action again, as its rule is configured now, with
+//! the same `Idempotency-Key`. The log is append-only, so a replay is recorded as a marker
+//! record in the dead-letter log, `{"v":1,"replayed":ID,"at":...}`: a letter with a marker is
+//! `replayed`, and `replay --all` skips it.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use sluice_log::{LogRecord, Record};
+use sluice_log::{Log, LogError, LogRecord, Record};
+
+use crate::trigger::{Action, Triggers, WebhookError};
 
 /// Which stage refused the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +138,305 @@ fn build(
     }
 }
 
+/// A dead-letter log record as stored: a letter, or the marker of a replay.
+#[derive(Deserialize)]
+struct Stored {
+    #[serde(default)]
+    stage: Option<Stage>,
+    #[serde(default)]
+    record: Option<Box<RawValue>>,
+    #[serde(default)]
+    rule: Option<String>,
+    #[serde(default)]
+    action: Option<Box<RawValue>>,
+    /// A replay marker: the ID of the letter replayed.
+    #[serde(default)]
+    replayed: Option<String>,
+}
+
+/// A dead letter read back.
+#[derive(Debug)]
+pub struct Letter {
+    /// `<partition>-<offset>` in the dead-letter log.
+    pub id: String,
+    pub key: Vec<u8>,
+    /// The whole stored JSON.
+    pub value: Box<RawValue>,
+    pub stage: Stage,
+    record: Option<Box<RawValue>>,
+    rule: Option<String>,
+    action: Option<Box<RawValue>>,
+    /// A replay marker names it.
+    pub replayed: bool,
+}
+
+impl Letter {
+    /// The stored letter with its `id` and `replayed`, as `sluice dlq list --json` shows it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut value: serde_json::Value =
+            serde_json::from_str(self.value.get()).unwrap_or(serde_json::Value::Null);
+        if let Some(map) = value.as_object_mut() {
+            map.insert("id".into(), self.id.clone().into());
+            map.insert("replayed".into(), self.replayed.into());
+        }
+        value
+    }
+
+    /// The original record, to append to the ingest log again.
+    fn original(&self, now_ms: i64) -> Result<Record, ReplayError> {
+        let record = self
+            .record
+            .as_ref()
+            .ok_or_else(|| ReplayError::Incomplete {
+                id: self.id.clone(),
+                missing: "the original record",
+            })?;
+        // The JSON as stored, or the text of a value that was not JSON.
+        let value = match serde_json::from_str::<String>(record.get()) {
+            Ok(text) => text.into_bytes(),
+            Err(_) => record.get().as_bytes().to_vec(),
+        };
+        Ok(Record {
+            key: self.key.clone(),
+            value,
+            timestamp_ms: now_ms,
+        })
+    }
+
+    fn replay_marker(&self, now_ms: i64) -> Record {
+        Record {
+            key: self.key.clone(),
+            value: serde_json::json!({"v": 1, "replayed": self.id, "at": now_ms})
+                .to_string()
+                .into_bytes(),
+            timestamp_ms: now_ms,
+        }
+    }
+}
+
+/// How many records one read asks for.
+const READ_CHUNK: usize = 10_000;
+
+/// Every dead letter of `dlq`, oldest first per partition, with whether it was replayed.
+/// Records that are not dead letters are skipped with a warning.
+pub async fn letters(dlq: &dyn Log) -> Result<Vec<Letter>, ReplayError> {
+    let mut letters = Vec::new();
+    let mut replayed = HashSet::new();
+    for partition in 0..dlq.partitions() {
+        let mut from = 0;
+        loop {
+            let records = match dlq.read(partition, from, READ_CHUNK).await {
+                Ok(records) => records,
+                // Kafka answers a timeout when there is nothing at all to read.
+                Err(LogError::Timeout(_)) if from == 0 => Vec::new(),
+                Err(source) => return Err(ReplayError::Read { partition, source }),
+            };
+            let Some(last) = records.last() else { break };
+            from = last.offset + 1;
+            for record in records {
+                let id = format!("{}-{}", record.partition, record.offset);
+                let decoded = serde_json::from_slice::<Box<RawValue>>(&record.value)
+                    .and_then(|raw| Ok((serde_json::from_str::<Stored>(raw.get())?, raw)));
+                let (stored, value) = match decoded {
+                    Ok(decoded) => decoded,
+                    Err(e) => {
+                        tracing::warn!(%id, error = %e, "skipping a dead-letter record that is not a dead letter");
+                        continue;
+                    }
+                };
+                if let Some(of) = stored.replayed {
+                    replayed.insert(of);
+                    continue;
+                }
+                let Some(stage) = stored.stage else {
+                    tracing::warn!(%id, "skipping a dead-letter record with no stage");
+                    continue;
+                };
+                letters.push(Letter {
+                    id,
+                    key: record.key.to_vec(),
+                    value,
+                    stage,
+                    record: stored.record,
+                    rule: stored.rule,
+                    action: stored.action,
+                    replayed: false,
+                });
+            }
+        }
+    }
+    for letter in &mut letters {
+        letter.replayed = replayed.contains(&letter.id);
+    }
+    Ok(letters)
+}
+
+/// What a replay did.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayReport {
+    /// Letters replayed.
+    pub letters: usize,
+    /// Original records appended to the ingest log.
+    pub messages: usize,
+    /// Refused actions sent again.
+    pub actions: usize,
+}
+
+/// Why a replay did not happen, or not all of it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    /// The request names no letter, or one that does not exist.
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot read dead letters of partition {partition}: {source}")]
+    Read { partition: u32, source: LogError },
+    #[error("dead letter {id} has no {missing} to replay")]
+    Incomplete { id: String, missing: &'static str },
+    #[error("dead letter {id}: trigger {rule:?} is not in the configuration any more")]
+    NoSuchRule { id: String, rule: String },
+    #[error("dead letter {id}: trigger {rule}: {source}")]
+    Send {
+        id: String,
+        rule: String,
+        source: WebhookError,
+    },
+    #[error("dead letter {id}: cannot append to topic {topic}: {source}")]
+    Topic {
+        id: String,
+        topic: String,
+        source: LogError,
+    },
+    #[error("cannot append the replayed messages to the log: {0}")]
+    Append(LogError),
+    #[error("replayed, but cannot record the replay in the dead-letter log: {0}")]
+    Marker(LogError),
+}
+
+/// The dead-letter operations on open logs: what `sluice dlq` runs, in its own process or in
+/// the server that holds the logs.
+pub struct Session {
+    pub dlq: Arc<dyn Log>,
+    pub ingest: Arc<dyn Log>,
+    pub triggers: Triggers,
+}
+
+impl Session {
+    /// Every letter, oldest first per partition.
+    pub async fn letters(&self) -> Result<Vec<Letter>, ReplayError> {
+        letters(self.dlq.as_ref()).await
+    }
+
+    /// Replays the letters named by `ids`, or with `all` every one not replayed yet:
+    /// messages to the ingest log, actions through their rule; then records the replay
+    /// markers.
+    pub async fn replay(&self, ids: &[String], all: bool) -> Result<ReplayReport, ReplayError> {
+        let letters = self.letters().await?;
+        let selected: Vec<&Letter> = if all {
+            letters.iter().filter(|l| !l.replayed).collect()
+        } else if ids.is_empty() {
+            return Err(ReplayError::Usage(
+                "name the letters to replay (IDs from `sluice dlq list`), or pass --all".into(),
+            ));
+        } else {
+            ids.iter()
+                .map(|id| {
+                    letters
+                        .iter()
+                        .find(|l| l.id == *id)
+                        .ok_or_else(|| ReplayError::Usage(no_such_letter(id)))
+                })
+                .collect::<Result<_, _>>()?
+        };
+        let now = sluice_model::time::now_ms();
+        let mut done = ReplayReport {
+            letters: selected.len(),
+            ..ReplayReport::default()
+        };
+        let mut records = Vec::new();
+        for letter in &selected {
+            match letter.stage {
+                Stage::Trigger => {
+                    self.replay_action(letter, now).await?;
+                    done.actions += 1;
+                }
+                Stage::Validate | Stage::Index => records.push(letter.original(now)?),
+            }
+        }
+        done.messages = records.len();
+        if !records.is_empty() {
+            self.ingest
+                .append(records)
+                .await
+                .map_err(ReplayError::Append)?;
+        }
+        let markers: Vec<Record> = selected.iter().map(|l| l.replay_marker(now)).collect();
+        if !markers.is_empty() {
+            self.dlq
+                .append(markers)
+                .await
+                .map_err(ReplayError::Marker)?;
+        }
+        Ok(done)
+    }
+
+    async fn replay_action(&self, letter: &Letter, now: i64) -> Result<(), ReplayError> {
+        let id = || letter.id.clone();
+        let (Some(rule_name), Some(action)) = (&letter.rule, &letter.action) else {
+            return Err(ReplayError::Incomplete {
+                id: id(),
+                missing: "rule or action",
+            });
+        };
+        let rule = self
+            .triggers
+            .rules()
+            .iter()
+            .find(|r| &r.name == rule_name)
+            .ok_or_else(|| ReplayError::NoSuchRule {
+                id: id(),
+                rule: rule_name.clone(),
+            })?;
+        #[derive(Deserialize)]
+        struct Key {
+            #[serde(rename = "idempotencyKey")]
+            idempotency_key: String,
+        }
+        let key: Key = serde_json::from_str(action.get()).map_err(|_| ReplayError::Incomplete {
+            id: id(),
+            missing: "idempotencyKey in its action",
+        })?;
+        match &rule.action {
+            Action::Webhook(url) => self
+                .triggers
+                .send(url, &key.idempotency_key, action.get().as_bytes())
+                .await
+                .map_err(|source| ReplayError::Send {
+                    id: id(),
+                    rule: rule_name.clone(),
+                    source,
+                }),
+            Action::Topic { topic, log } => log
+                .append(vec![Record {
+                    key: letter.key.clone(),
+                    value: action.get().as_bytes().to_vec(),
+                    timestamp_ms: now,
+                }])
+                .await
+                .map(|_| ())
+                .map_err(|source| ReplayError::Topic {
+                    id: id(),
+                    topic: topic.clone(),
+                    source,
+                }),
+        }
+    }
+}
+
+/// The error for an ID no letter has.
+pub fn no_such_letter(id: &str) -> String {
+    format!("no dead letter {id:?} (IDs are <partition>-<offset>, as `sluice dlq list` shows them)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +478,76 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&dead.value).expect("json");
         assert_eq!(v["record"], "\u{fffd}not json");
         assert!(v.get("org").is_none() && v.get("messageId").is_none());
+    }
+
+    fn embedded(dir: &std::path::Path) -> Arc<dyn Log> {
+        let config = sluice_log::EmbeddedLogConfig {
+            partitions: 2,
+            ..Default::default()
+        };
+        Arc::new(sluice_log::EmbeddedLog::open(dir, config).expect("log"))
+    }
+
+    #[tokio::test]
+    async fn a_replay_reappends_the_original_once_and_marks_the_letter() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let session = Session {
+            dlq: embedded(&dir.path().join("dlq")),
+            ingest: embedded(&dir.path().join("ingest")),
+            triggers: Triggers::default(),
+        };
+        let banned = br#"{"v":1,"kind":"event","org":"acme","messageId":"m-1"}"#;
+        let refused = record(Stage::Validate, "banned", &log_record(banned), 1);
+        let text = record(Stage::Index, "refused", &log_record(b"\xffnot json"), 2);
+        session
+            .dlq
+            .append(vec![refused, text])
+            .await
+            .expect("append");
+        let letters = session.letters().await.expect("letters");
+        assert_eq!(letters.len(), 2);
+        assert!(letters.iter().all(|l| !l.replayed));
+        let first = letters[0].id.clone();
+        assert_eq!(letters[0].to_json()["stage"], "validate");
+        assert_eq!(letters[0].to_json()["id"], first.as_str());
+
+        let err = session
+            .replay(&["9-9".into()], false)
+            .await
+            .expect_err("no such letter");
+        assert!(matches!(err, ReplayError::Usage(m) if m.contains("\"9-9\"")));
+        assert!(matches!(
+            session.replay(&[], false).await,
+            Err(ReplayError::Usage(_))
+        ));
+
+        let report = session
+            .replay(&[first.clone()], false)
+            .await
+            .expect("replay");
+        assert_eq!((report.letters, report.messages, report.actions), (1, 1, 0));
+        let letters = session.letters().await.expect("letters");
+        assert_eq!(letters.len(), 2, "a marker is not a letter");
+        assert!(
+            letters
+                .iter()
+                .find(|l| l.id == first)
+                .expect("letter")
+                .replayed
+        );
+
+        // --all replays only the letter not replayed yet: the text one, as its bytes.
+        let report = session.replay(&[], true).await.expect("replay all");
+        assert_eq!((report.letters, report.messages), (1, 1));
+        assert_eq!(session.replay(&[], true).await.expect("again").letters, 0);
+        let mut appended = Vec::new();
+        for partition in 0..2 {
+            appended.extend(session.ingest.read(partition, 0, 10).await.expect("read"));
+        }
+        let values: Vec<&[u8]> = appended.iter().map(|r| r.value.as_ref()).collect();
+        assert_eq!(values.len(), 2);
+        assert!(values.contains(&banned.as_slice()));
+        assert!(values.contains(&"\u{fffd}not json".as_bytes()));
+        assert!(appended.iter().all(|r| r.key.as_ref() == b"acme:u:42"));
     }
 }

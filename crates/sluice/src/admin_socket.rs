@@ -4,8 +4,8 @@
 //! with mode 0600, like the files beside it; nothing is exposed on the HTTP port.
 //!
 //! Routes (HTTP/1.1, JSON):
-//! - `GET /dlq/letters`: every dead letter (`dlq::Session::list`).
-//! - `POST /dlq/replay` with `{"ids": [...], "all": bool}`: `dlq::Session::replay`; 400 with
+//! - `GET /dlq/letters`: every dead letter (`dead_letter::Session::letters`).
+//! - `POST /dlq/replay` with `{"ids": [...], "all": bool}`: `dead_letter::Session::replay`; 400 with
 //!   `{"error": ...}` for an unknown ID, 500 if the replay failed.
 
 use std::path::{Path, PathBuf};
@@ -27,7 +27,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::dlq::{ReplayError, ReplayReport, Session};
+use sluice_pipeline::dead_letter::{ReplayError, ReplayReport, Session};
 
 pub fn path(config: &Config) -> PathBuf {
     config.data_dir.join("admin.sock")
@@ -86,9 +86,12 @@ fn error(status: StatusCode, message: String) -> Response {
 }
 
 async fn list(State(session): State<Arc<Session>>) -> Response {
-    match session.list().await {
-        Ok(letters) => Json(letters).into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")),
+    match session.letters().await {
+        Ok(letters) => {
+            let letters: Vec<Value> = letters.iter().map(|l| l.to_json()).collect();
+            Json(letters).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

@@ -272,7 +272,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             let triggers = open_triggers(&config).await?;
             // Embedded logs are this process's alone: `sluice dlq` goes through it.
             if config.kafka_brokers().is_none() {
-                dlq_session = Some(Arc::new(crate::dlq::Session {
+                dlq_session = Some(Arc::new(sluice_pipeline::dead_letter::Session {
                     dlq: Arc::clone(&dead_letters),
                     ingest: Arc::clone(&log),
                     triggers: triggers.clone(),
