@@ -522,7 +522,7 @@ mod tests {
         ));
 
         let report = session
-            .replay(&[first.clone()], false)
+            .replay(std::slice::from_ref(&first), false)
             .await
             .expect("replay");
         assert_eq!((report.letters, report.messages, report.actions), (1, 1, 0));
