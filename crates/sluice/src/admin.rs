@@ -1,9 +1,8 @@
 //! Admin commands on the registry: `orgs`, `keys`, `users`. They open the same registry as the
 //! server (SQLite in WAL mode), so they work while it runs.
 
-use anyhow::Context;
 use clap::Subcommand;
-use sluice_registry::{PostgresRegistry, Registry, SqliteRegistry};
+use sluice_registry::Registry;
 
 use crate::config::Config;
 
@@ -54,19 +53,7 @@ pub enum UsersCommand {
 }
 
 async fn open(config: &Config) -> anyhow::Result<Box<dyn Registry>> {
-    open_registry(config).await
-}
-
-/// The registry, as configured: SQLite under the data dir, or PostgreSQL.
-pub async fn open_registry(config: &Config) -> anyhow::Result<Box<dyn Registry>> {
-    if config.registry != "embedded" {
-        return Ok(Box::new(PostgresRegistry::connect(&config.registry).await?));
-    }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    Ok(Box::new(
-        SqliteRegistry::open(&config.registry_path()).await?,
-    ))
+    crate::backends::open_registry(config).await
 }
 
 pub async fn orgs(config: &Config, command: OrgsCommand) -> anyhow::Result<()> {

@@ -17,10 +17,10 @@ use serde::Deserialize;
 pub struct Config {
     pub listen: String,
     pub data_dir: PathBuf,
-    pub log: String,
-    pub dedup: String,
-    pub index: String,
-    pub registry: String,
+    pub log: LogBackend,
+    pub dedup: DedupBackend,
+    pub index: IndexBackend,
+    pub registry: RegistryBackend,
     pub partitions: u32,
     #[serde(with = "duration")]
     pub log_ack_timeout: Duration,
@@ -122,10 +122,10 @@ impl Default for Config {
         Config {
             listen: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./sluice-data"),
-            log: "embedded".into(),
-            dedup: "embedded".into(),
-            index: "embedded".into(),
-            registry: "embedded".into(),
+            log: LogBackend::Embedded,
+            dedup: DedupBackend::Embedded,
+            index: IndexBackend::Embedded,
+            registry: RegistryBackend::Embedded,
             partitions: 8,
             log_ack_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
@@ -398,6 +398,159 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 250ms, 5s, 2m, 7days)"))
 }
 
+/// Where the log lives (`log`): the embedded log under the data dir, or a Kafka cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum LogBackend {
+    Embedded,
+    /// `kafka://host:9092[,host:9093...]`.
+    Kafka {
+        url: String,
+        brokers: String,
+    },
+}
+
+/// Where the dedup store lives (`dedup`): embedded, or a Redis server.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum DedupBackend {
+    Embedded,
+    /// `redis://host:6379[/db]` (or `rediss://`).
+    Redis {
+        url: String,
+    },
+}
+
+/// Where the index lives (`index`): embedded, or Elasticsearch/OpenSearch.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum IndexBackend {
+    Embedded,
+    /// `http(s)://host:9200`.
+    Elastic {
+        url: String,
+    },
+}
+
+/// Where the registry lives (`registry`): SQLite under the data dir, or PostgreSQL.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum RegistryBackend {
+    Embedded,
+    /// `postgres://user@host:5432/db`.
+    Postgres {
+        url: String,
+    },
+}
+
+const EMBEDDED: &str = "embedded";
+
+/// `FromStr` from `String` (serde's `try_from`), and `Display` as the setting was written
+/// (passwords redacted).
+macro_rules! backend_setting {
+    ($backend:ident, $parse:expr) => {
+        impl std::str::FromStr for $backend {
+            type Err = String;
+            fn from_str(text: &str) -> Result<Self, String> {
+                $parse(text)
+            }
+        }
+
+        impl TryFrom<String> for $backend {
+            type Error = String;
+            fn try_from(text: String) -> Result<Self, String> {
+                text.parse()
+            }
+        }
+
+        impl std::fmt::Display for $backend {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&sluice_model::url::redacted(self.url().unwrap_or(EMBEDDED)))
+            }
+        }
+    };
+}
+
+backend_setting!(LogBackend, |text: &str| {
+    if text == EMBEDDED {
+        return Ok(LogBackend::Embedded);
+    }
+    sluice_log::KafkaLogConfig::brokers_from_url(text)
+        .map(|brokers| LogBackend::Kafka {
+            url: text.to_string(),
+            brokers,
+        })
+        .map_err(|e| format!("log = {text:?}: {e}"))
+});
+
+backend_setting!(DedupBackend, |text: &str| match text {
+    EMBEDDED => Ok(DedupBackend::Embedded),
+    url if url.starts_with("redis://") || url.starts_with("rediss://") => {
+        Ok(DedupBackend::Redis { url: url.into() })
+    }
+    other => Err(format!(
+        "dedup = {other:?}: expected `embedded` or redis://host:6379[/db]"
+    )),
+});
+
+backend_setting!(IndexBackend, |text: &str| match text {
+    EMBEDDED => Ok(IndexBackend::Embedded),
+    url if url.starts_with("http://") || url.starts_with("https://") => {
+        Ok(IndexBackend::Elastic { url: url.into() })
+    }
+    other => Err(format!(
+        "index = {:?}: expected `embedded` or http(s)://host:9200 (Elasticsearch/OpenSearch)",
+        sluice_model::url::redacted(other)
+    )),
+});
+
+backend_setting!(RegistryBackend, |text: &str| match text {
+    EMBEDDED => Ok(RegistryBackend::Embedded),
+    url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+        Ok(RegistryBackend::Postgres { url: url.into() })
+    }
+    other => Err(format!(
+        "registry = {:?}: expected `embedded` or postgres://user@host:5432/db",
+        sluice_model::url::redacted(other)
+    )),
+});
+
+impl LogBackend {
+    fn url(&self) -> Option<&str> {
+        match self {
+            LogBackend::Embedded => None,
+            LogBackend::Kafka { url, .. } => Some(url),
+        }
+    }
+}
+
+impl DedupBackend {
+    fn url(&self) -> Option<&str> {
+        match self {
+            DedupBackend::Embedded => None,
+            DedupBackend::Redis { url } => Some(url),
+        }
+    }
+}
+
+impl IndexBackend {
+    fn url(&self) -> Option<&str> {
+        match self {
+            IndexBackend::Embedded => None,
+            IndexBackend::Elastic { url } => Some(url),
+        }
+    }
+}
+
+impl RegistryBackend {
+    fn url(&self) -> Option<&str> {
+        match self {
+            RegistryBackend::Embedded => None,
+            RegistryBackend::Postgres { url } => Some(url),
+        }
+    }
+}
+
 mod duration {
     use serde::{Deserialize, Deserializer};
     use std::time::Duration;
@@ -421,16 +574,17 @@ impl Config {
         if let Some(n) = args.kafka_min_insync_replicas {
             config.kafka_min_insync_replicas = Some(n);
         }
+        // Parsed here rather than by clap, whose error would repeat the value unredacted.
+        macro_rules! overlay_backend {
+            ($($field:ident),*) => { $( if let Some(v) = &args.$field { config.$field = v.parse().map_err(anyhow::Error::msg)?; } )* };
+        }
+        overlay_backend!(log, dedup, index, registry);
         macro_rules! overlay {
             ($($field:ident),*) => { $( if let Some(v) = &args.$field { config.$field = v.clone(); } )* };
         }
         overlay!(
             listen,
             data_dir,
-            log,
-            dedup,
-            index,
-            registry,
             partitions,
             log_ack_timeout,
             shutdown_timeout,
@@ -465,39 +619,8 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.log != "embedded" {
-            sluice_log::KafkaLogConfig::brokers_from_url(&self.log)
-                .map_err(|e| anyhow::anyhow!("log = {:?}: {e}", self.log))?;
-        }
         if self.topic.trim().is_empty() {
             bail!("topic must not be empty");
-        }
-        if !(self.dedup == "embedded"
-            || self.dedup.starts_with("redis://")
-            || self.dedup.starts_with("rediss://"))
-        {
-            bail!(
-                "dedup = {:?}: expected `embedded` or redis://host:6379[/db]",
-                self.dedup
-            );
-        }
-        if !(self.registry == "embedded"
-            || self.registry.starts_with("postgres://")
-            || self.registry.starts_with("postgresql://"))
-        {
-            bail!(
-                "registry = {:?}: expected `embedded` or postgres://user@host:5432/db",
-                self.registry
-            );
-        }
-        if !(self.index == "embedded"
-            || self.index.starts_with("http://")
-            || self.index.starts_with("https://"))
-        {
-            bail!(
-                "index = {:?}: expected `embedded` or http(s)://host:9200 (Elasticsearch/OpenSearch)",
-                sluice_model::url::redacted(&self.index)
-            );
         }
         if self.partitions == 0 {
             bail!("partitions must be at least 1");
@@ -623,7 +746,10 @@ impl Config {
 
     /// The Kafka brokers, when the log is Kafka.
     pub fn kafka_brokers(&self) -> Option<String> {
-        sluice_log::KafkaLogConfig::brokers_from_url(&self.log).ok()
+        match &self.log {
+            LogBackend::Kafka { brokers, .. } => Some(brokers.clone()),
+            LogBackend::Embedded => None,
+        }
     }
 
     /// `kafka_instance_id`, or one derived from the host name and the absolute data dir, which
@@ -721,17 +847,25 @@ mod tests {
         let err = Config::resolve(&args).expect_err("unknown").to_string();
         assert!(err.contains("http(s)://host:9200"), "{err}");
         assert!(!err.contains("secret"), "the password is not shown: {err}");
-        let args = ConfigArgs {
-            dedup: Some("memcached://localhost".into()),
-            ..Default::default()
-        };
-        let err = Config::resolve(&args).expect_err("unknown").to_string();
+        std::fs::write(&path, "index = \"solr://elastic:secret@localhost:8983\"\n").expect("write");
+        let err = format!("{:#}", Config::from_file(&path).expect_err("unknown"));
+        // (The TOML error quotes the file's own line; the message after it redacts.)
+        assert!(
+            err.contains("bad.toml")
+                && err.contains("\"solr://elastic:***@localhost:8983\": expected"),
+            "{err}"
+        );
+        let err = "memcached://localhost"
+            .parse::<DedupBackend>()
+            .expect_err("unknown");
         assert!(err.contains("redis://"), "{err}");
-        let args = ConfigArgs {
-            log: Some("kafka://nohostport".into()),
-            ..Default::default()
-        };
-        let err = Config::resolve(&args).expect_err("bad url").to_string();
+        let err = "mysql://localhost"
+            .parse::<RegistryBackend>()
+            .expect_err("unknown");
+        assert!(err.contains("postgres://"), "{err}");
+        let err = "kafka://nohostport"
+            .parse::<LogBackend>()
+            .expect_err("bad url");
         assert!(err.contains("host:port"), "{err}");
         let args = ConfigArgs {
             log: Some("kafka://127.0.0.1:9092".into()),
@@ -739,6 +873,13 @@ mod tests {
         };
         let config = Config::resolve(&args).expect("kafka is supported");
         assert_eq!(config.kafka_brokers().as_deref(), Some("127.0.0.1:9092"));
+        assert_eq!(config.log.to_string(), "kafka://127.0.0.1:9092");
+        assert_eq!(config.index.to_string(), "embedded");
+        let postgres: RegistryBackend = "postgres://u:pw@db:5432/x".parse().expect("postgres");
+        assert_eq!(
+            postgres.to_string(),
+            sluice_model::url::redacted("postgres://u:pw@db:5432/x")
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use clap::Subcommand;
 use sluice_log::{Log, LogError};
 use sluice_pipeline::dead_letter::{self, Letter, Session, no_such_letter};
 
+use crate::backends;
 use crate::config::Config;
 
 #[derive(Debug, Subcommand)]
@@ -84,7 +85,7 @@ enum Target {
 }
 
 pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
-    let target = match crate::serve::open_dead_letters(config).await {
+    let target = match backends::open_dead_letters(config).await {
         Ok(dlq) => Target::Direct(dlq),
         Err(e) if is_locked(&e) => {
             let socket = crate::admin_socket::path(config);
@@ -130,17 +131,16 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
         DlqCommand::Replay { ids, all } => {
             let report = match &target {
                 Target::Direct(dlq) => {
-                    let (ingest, retention) =
-                        crate::serve::open_log(config, crate::serve::Role::Ingest)
-                            .await
-                            .map_err(locked_hint)?;
+                    let (ingest, retention) = backends::open_log(config, backends::Connect::Now)
+                        .await
+                        .map_err(locked_hint)?;
                     if let Some(retention) = retention {
                         retention.abort();
                     }
                     let session = Session {
                         dlq: Arc::clone(dlq),
                         ingest: Arc::clone(&ingest),
-                        triggers: crate::serve::open_triggers(config).await?,
+                        triggers: backends::open_triggers(config).await?,
                     };
                     let report = session.replay(&ids, all).await;
                     ingest.close().await.context("cannot close the log")?;

@@ -2,7 +2,9 @@
 //! integration tests drive the same code.
 //!
 //! Layout:
-//! - `config`: defaults < TOML file < `SLUICE_*` env < flags.
+//! - `config`: defaults < TOML file < `SLUICE_*` env < flags; the backends, typed.
+//! - `backends`: opens the log, dead-letter and actions logs, triggers, dedup store, index and
+//!   registry the configuration names.
 //! - `serve`: `sluice serve|api|ingest`: the API (behind the spill bridge), the pipeline, or both.
 //! - `admin`: `sluice orgs|keys|users`, on the registry.
 //! - `admin_socket`: the Unix socket a server holding embedded logs serves `sluice dlq` on.
@@ -13,6 +15,7 @@
 
 pub mod admin;
 pub mod admin_socket;
+pub mod backends;
 pub mod bench;
 pub mod buffer;
 pub mod client;

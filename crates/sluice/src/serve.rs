@@ -8,29 +8,25 @@
 //! exits non-zero, so a supervisor restarts it; it resumes from the last commit.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
 use sluice_api::{ApiConfig, AppState, Limits};
-use sluice_dedup::{Dedup, EmbeddedDedup, RedisDedup, RedisDedupConfig};
-use sluice_index::{ElasticIndex, ElasticIndexConfig, EmbeddedIndex, EmbeddedIndexConfig, Index};
-use sluice_log::{EmbeddedLog, EmbeddedLogConfig, KafkaLog, Log};
+use sluice_index::Index;
+
 use sluice_pipeline::batch::BatchConfig;
 use sluice_pipeline::validate::Validator;
-use sluice_pipeline::{
-    Action, Dispatcher, DispatcherConfig, Pipeline, PipelineConfig, Rule, Triggers,
-};
+use sluice_pipeline::{Dispatcher, DispatcherConfig, Pipeline, PipelineConfig};
 use sluice_registry::Registry;
 use sluice_spill::{Bridge, BridgeConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::Config;
-
-/// How often retention looks for deletable log records.
-const RETENTION_INTERVAL: Duration = Duration::from_secs(30);
+use crate::backends::{
+    Connect, open_dead_letters, open_dedup, open_index, open_log, open_registry, open_triggers,
+};
+use crate::config::{Config, IndexBackend, LogBackend};
 
 /// Which parts of sluice a process runs (SPEC §2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,185 +57,6 @@ impl Role {
     }
 }
 
-/// The log, as configured: embedded (with its retention task) or Kafka.
-pub(crate) async fn open_log(
-    config: &Config,
-    role: Role,
-) -> anyhow::Result<(Arc<dyn Log>, Option<tokio::task::JoinHandle<()>>)> {
-    let Some(brokers) = config.kafka_brokers() else {
-        let log = Arc::new(EmbeddedLog::open(
-            &config.log_path(),
-            EmbeddedLogConfig {
-                partitions: config.partitions,
-                retention_max_age: Some(config.retention_max_age).filter(|d| !d.is_zero()),
-                retention_max_bytes: Some(config.retention_max_bytes).filter(|b| *b > 0),
-                ..EmbeddedLogConfig::default()
-            },
-        )?);
-        let retention = log.spawn_retention(RETENTION_INTERVAL);
-        return Ok((log, Some(retention)));
-    };
-    let mut kafka = config.kafka_log_config(&brokers, &config.topic);
-    kafka.session_timeout = config.kafka_session_timeout;
-    kafka.revoke_timeout = config.shutdown_timeout;
-    kafka.instance_id = role.ingests().then(|| config.kafka_instance_id());
-    if role.ingests() {
-        let log = KafkaLog::connect(kafka)
-            .await
-            .with_context(|| format!("cannot use the Kafka log at {}", config.log))?;
-        return Ok((Arc::new(log), None));
-    }
-    // An API node starts even while Kafka is down: it spills until Kafka is back.
-    let log = KafkaLog::connect_lazily(kafka)
-        .with_context(|| format!("cannot use the Kafka log at {}", config.log))?;
-    match tokio::time::timeout(config.log_ack_timeout, log.prepared()).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "kafka is not reachable yet: accepting into the spill buffer until it is");
-        }
-        Err(_) => tracing::warn!(
-            timeout = ?config.log_ack_timeout,
-            "kafka did not answer: accepting into the spill buffer until it does"
-        ),
-    }
-    Ok((Arc::new(log), None))
-}
-
-/// The dead-letter log (SPEC §6): the Kafka topic `sluice.dlq` with a Kafka log, else an
-/// embedded log under `<data_dir>/dlq` (one partition, kept until deleted: no retention).
-pub(crate) async fn open_dead_letters(config: &Config) -> anyhow::Result<Arc<dyn Log>> {
-    open_side_log(config, DEAD_LETTER_TOPIC, &config.dlq_path(), "dead-letter").await
-}
-
-/// A log beside the ingest log that only sluice appends to and nothing consumes as a group:
-/// the Kafka topic `topic`, or an embedded log with one partition at `path`, kept until
-/// deleted (no retention). `what` names it in errors.
-async fn open_side_log(
-    config: &Config,
-    topic: &str,
-    path: &std::path::Path,
-    what: &str,
-) -> anyhow::Result<Arc<dyn Log>> {
-    let Some(brokers) = config.kafka_brokers() else {
-        let log = EmbeddedLog::open(
-            path,
-            EmbeddedLogConfig {
-                partitions: 1,
-                retention_max_age: None,
-                retention_max_bytes: None,
-                ..EmbeddedLogConfig::default()
-            },
-        )
-        .with_context(|| format!("cannot open the {what} log at {}", path.display()))?;
-        return Ok(Arc::new(log));
-    };
-    let mut kafka = config.kafka_log_config(&brokers, topic);
-    kafka.other_topics = Vec::new();
-    // A side log consumed as a group (the actions topic, by the dispatcher) joins as the
-    // ingest topic's pipeline does: same session, drain and static membership.
-    kafka.session_timeout = config.kafka_session_timeout;
-    kafka.revoke_timeout = config.shutdown_timeout;
-    kafka.instance_id = Some(config.kafka_instance_id());
-    let log = KafkaLog::connect(kafka)
-        .await
-        .with_context(|| format!("cannot use the {what} topic {topic} at {}", config.log))?;
-    Ok(Arc::new(log))
-}
-
-/// The Kafka topic of dead letters (SPEC §6).
-const DEAD_LETTER_TOPIC: &str = "sluice.dlq";
-
-/// The Kafka topic the trigger stage appends webhook actions to and the dispatcher reads
-/// (SPEC §6); embedded: the actions log `<data_dir>/actions/sluice.actions`.
-pub(crate) const ACTIONS_TOPIC: &str = "sluice.actions";
-
-/// The `[[triggers]]` rules, with a log for each actions topic they name: that Kafka topic
-/// (created if missing), or an embedded log under `<data_dir>/actions/<topic>`; webhook rules
-/// append to the actions log ([`ACTIONS_TOPIC`]).
-pub(crate) async fn open_triggers(config: &Config) -> anyhow::Result<Triggers> {
-    let mut topics: std::collections::HashMap<&str, Arc<dyn Log>> = Default::default();
-    if config.triggers.iter().any(|rule| rule.webhook.is_some()) {
-        let log = open_side_log(
-            config,
-            ACTIONS_TOPIC,
-            &config.actions_path(ACTIONS_TOPIC),
-            "actions",
-        )
-        .await?;
-        topics.insert(ACTIONS_TOPIC, log);
-    }
-    let mut rules = Vec::with_capacity(config.triggers.len());
-    for rule in &config.triggers {
-        let action = match (&rule.webhook, &rule.topic) {
-            (Some(url), _) => Action::Webhook(
-                url.parse()
-                    .with_context(|| format!("trigger {}: webhook {url:?}", rule.name))?,
-            ),
-            (None, Some(topic)) => {
-                let log = match topics.get(topic.as_str()) {
-                    Some(log) => Arc::clone(log),
-                    None => {
-                        let log =
-                            open_side_log(config, topic, &config.actions_path(topic), "actions")
-                                .await?;
-                        topics.insert(topic, Arc::clone(&log));
-                        log
-                    }
-                };
-                Action::Topic {
-                    topic: topic.clone(),
-                    log,
-                }
-            }
-            (None, None) => anyhow::bail!("trigger {}: no webhook or topic", rule.name),
-        };
-        rules.push(Rule {
-            name: rule.name.clone(),
-            event: rule.event.clone(),
-            action,
-        });
-    }
-    if !rules.is_empty() {
-        tracing::info!(rules = ?rules, "triggers");
-    }
-    let triggers = Triggers::new(rules);
-    Ok(match topics.remove(ACTIONS_TOPIC) {
-        Some(actions) => triggers.with_actions_log(actions),
-        None => triggers,
-    })
-}
-
-/// The dedup store, as configured: embedded under the data dir, or Redis.
-async fn open_dedup(config: &Config) -> anyhow::Result<Arc<dyn Dedup>> {
-    if config.dedup == "embedded" {
-        return Ok(Arc::new(EmbeddedDedup::open(
-            &config.dedup_path(),
-            config.dedup_window,
-        )?));
-    }
-    let mut redis = RedisDedupConfig::new(&config.dedup, config.dedup_window);
-    redis.prefix = config.dedup_key_prefix.clone();
-    let dedup = RedisDedup::connect(redis)
-        .await
-        .context("cannot use the Redis dedup store")?;
-    Ok(Arc::new(dedup))
-}
-
-/// The index, as configured: embedded under the data dir, or Elasticsearch/OpenSearch.
-async fn open_index(config: &Config) -> anyhow::Result<Arc<dyn Index>> {
-    if config.index == "embedded" {
-        return Ok(Arc::new(EmbeddedIndex::open(EmbeddedIndexConfig::new(
-            config.index_path(),
-        ))?));
-    }
-    let mut elastic = ElasticIndexConfig::new(&config.index);
-    elastic.prefix = config.index_prefix.clone();
-    let index = ElasticIndex::open(elastic)
-        .await
-        .context("cannot use the Elasticsearch/OpenSearch index")?;
-    Ok(Arc::new(index))
-}
-
 pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     if role != Role::Serve && config.kafka_brokers().is_none() {
         anyhow::bail!(
@@ -249,17 +66,26 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let registry: Arc<dyn Registry> = Arc::from(crate::admin::open_registry(&config).await?);
+    let registry: Arc<dyn Registry> = Arc::from(open_registry(&config).await?);
     let first_key = if role.accepts() {
         sluice_registry::bootstrap(registry.as_ref()).await?
     } else {
         None
     };
 
-    let (log, retention) = open_log(&config, role).await?;
+    let (log, retention) = open_log(
+        &config,
+        if role.ingests() {
+            Connect::Now
+        } else {
+            Connect::Lazily
+        },
+    )
+    .await?;
     // An API-only node reads from a shared index (Elasticsearch/OpenSearch); it has no
     // embedded index of its own (its reads then answer 501).
-    let index: Option<Arc<dyn Index>> = if role.ingests() || config.index != "embedded" {
+    let index: Option<Arc<dyn Index>> = if role.ingests() || config.index != IndexBackend::Embedded
+    {
         Some(open_index(&config).await?)
     } else {
         None
@@ -542,9 +368,11 @@ fn print_banner(
     addr: Option<std::net::SocketAddr>,
     first_key: Option<&str>,
 ) {
-    let log = match config.kafka_brokers() {
-        Some(brokers) => format!("log: kafka {brokers}, topic {}", config.topic),
-        None => format!("log: embedded, {} partitions", config.partitions),
+    let log = match &config.log {
+        LogBackend::Kafka { brokers, .. } => {
+            format!("log: kafka {brokers}, topic {}", config.topic)
+        }
+        LogBackend::Embedded => format!("log: embedded, {} partitions", config.partitions),
     };
     println!(
         "sluice {} {} (data dir {}, {log})",
@@ -552,12 +380,9 @@ fn print_banner(
         role.name(),
         config.data_dir.display(),
     );
-    let shown = |url: &str| sluice_model::url::redacted(url);
     println!(
         "  dedup: {}, index: {}, registry: {}",
-        shown(&config.dedup),
-        shown(&config.index),
-        shown(&config.registry)
+        config.dedup, config.index, config.registry
     );
     if let Some(key) = first_key {
         println!("  first start: created org \"default\"; its API key (shown once):");

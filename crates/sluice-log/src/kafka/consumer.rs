@@ -11,8 +11,11 @@
 //! - On revoke (a rebalance or the consumer closing), the callback announces `Revoked`, then
 //!   waits until each revoked stream has been dropped, that is until its owner finished or
 //!   abandoned its batch and committed, before librdkafka unassigns. A stream still alive after
-//!   `revoke_timeout` is cut off: its commits fail with `LogError::Revoked`, so no offset is
-//!   ever committed for a partition this member no longer owns.
+//!   `revoke_timeout` is cut off: its commits fail with `LogError::Revoked`. A commit already
+//!   in flight then gets [`COMMIT_GRACE`] more, never an unbounded wait: librdkafka may hold
+//!   that commit until the rebalance this callback blocks is done. If it lands later, it is
+//!   still an offset this member had processed up to, so it skips nothing; at worst the
+//!   partition's next owner reads some records again, which dedup drops.
 //! - Offsets are committed only by `PartitionStream::commit`, synchronously (auto-commit and
 //!   auto offset store are off); records older than the stream's position are dropped, so the
 //!   stream never goes backwards.
@@ -216,12 +219,34 @@ enum Ownership {
 
 /// State one partition's stream shares with the rebalance callback.
 struct PartitionShared {
-    /// Held while committing, so a revoke waits for a commit in progress and no commit starts
-    /// after it.
+    /// Held only to read or change it, never across a call to the broker.
     ownership: Mutex<Ownership>,
+    /// Held while a commit is in flight: a revoke waits for it (a while, see
+    /// [`COMMIT_GRACE`]) after marking the partition revoked, so no commit starts after it.
+    committing: Mutex<()>,
 }
 
+/// How long a revoke waits, past `revoke_timeout`, for a commit already in flight. A commit
+/// can wait on the coordinator for as long as librdkafka's own rebalance waits on the revoke:
+/// waiting for it without a bound deadlocks the consumer (seen with a frozen broker). A commit
+/// that lands later is of an offset this member had processed up to: it skips nothing.
+const COMMIT_GRACE: Duration = Duration::from_secs(5);
+
 impl PartitionShared {
+    /// Waits up to `grace` for a commit in flight to end; whether none is in flight now.
+    fn wait_for_commit(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        loop {
+            match self.committing.try_lock() {
+                Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return true,
+                Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+            }
+        }
+    }
+
     fn set(&self, to: Ownership) {
         let mut ownership = self
             .ownership
@@ -294,6 +319,7 @@ impl GroupContext {
             };
             let shared = Arc::new(PartitionShared {
                 ownership: Mutex::new(Ownership::Owned),
+                committing: Mutex::new(()),
             });
             let (release, released) = std::sync::mpsc::channel();
             if let Some(stale) = self.owned().insert(
@@ -346,6 +372,13 @@ impl GroupContext {
                 );
             }
             owned.shared.set(Ownership::Revoked);
+            if !owned.shared.wait_for_commit(COMMIT_GRACE) {
+                tracing::warn!(
+                    group = %self.group,
+                    partition,
+                    "kafka: a commit of a revoked partition is still in flight; revoking anyway (it commits only what this member processed)"
+                );
+            }
             tracing::info!(group = %self.group, partition, "kafka: partition revoked");
         }
     }
@@ -502,11 +535,17 @@ impl PartitionStream for KafkaPartitionStream {
         let shared = Arc::clone(&self.shared);
         let (topic, partition) = (self.topic.clone(), self.partition);
         let result = tokio::task::spawn_blocking(move || {
-            let ownership = shared
-                .ownership
+            let _committing = shared
+                .committing
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            ownership_result(&ownership, partition)?;
+            {
+                let ownership = shared
+                    .ownership
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                ownership_result(&ownership, partition)?;
+            }
             let mut list = TopicPartitionList::new();
             list.add_partition_offset(&topic, partition, Offset::Offset(next_offset as i64))
                 .map_err(|e| commit_error(&consumer, partition, next_offset, &e))?;
