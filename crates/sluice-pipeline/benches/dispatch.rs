@@ -119,7 +119,7 @@ async fn main() {
         },
     );
     let stats = dispatcher.stats();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop, stop_rx) = sluice_pipeline::stop::channel();
     let (cpu0, started) = (cpu_time(), Instant::now());
     let task = tokio::spawn(dispatcher.run(stop_rx));
     while stats.delivered.load(Ordering::Relaxed) < actions_count as u64 {
@@ -131,7 +131,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (elapsed, cpu) = (started.elapsed(), cpu_time() - cpu0);
-    let _ = stop.send(true);
+    stop.stop();
     let _ = task.await;
     println!(
         "dispatch: {actions_count} webhook actions over {users} users, {partitions} partitions, {concurrency} users in flight per partition"

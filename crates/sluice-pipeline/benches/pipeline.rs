@@ -443,7 +443,7 @@ async fn pipeline_phase(
         config.clone(),
     );
     let stats = pipeline.stats();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop, stop_rx) = sluice_pipeline::stop::channel();
     let started = Instant::now();
     let cpu = cpu_seconds();
     let threads_before = cpu_by_thread();
@@ -467,7 +467,7 @@ async fn pipeline_phase(
     let pipeline_steady = steady.rate();
     let pipeline_cpu = cpu_seconds() - cpu;
     let threads_after = cpu_by_thread();
-    let _ = stop.send(true);
+    stop.stop();
     task.await??;
     index.close().await?;
     let pipeline_rate = messages as f64 / pipeline_secs;

@@ -34,7 +34,9 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use sluice_log::{Log, LogError, LogRecord, PartitionStream, Record};
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
+
+use crate::stop::Stop;
 use tokio::time::Instant;
 
 use crate::dead_letter;
@@ -189,7 +191,7 @@ impl Dispatcher {
 
     /// Delivers actions as a member of its group until `stop` turns true or a partition
     /// fails (a bug: the module docs' steps never give up on a recoverable error).
-    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
+    pub async fn run(self: Arc<Self>, stop: Stop) -> Result<(), PipelineError> {
         let actions = Arc::clone(&self.actions);
         let group = Group {
             log: actions.as_ref(),
@@ -207,7 +209,7 @@ impl Dispatcher {
     async fn process_partition(
         self: Arc<Self>,
         mut stream: Box<dyn PartitionStream>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Stop,
     ) -> Result<(), PipelineError> {
         let partition = stream.partition();
         tracing::info!(
@@ -219,7 +221,7 @@ impl Dispatcher {
         loop {
             let read = tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+                _ = stop.requested() => return Ok(()),
                 read = stream.next_batch(self.config.batch_size) => read,
             };
             let records = match read {
@@ -253,11 +255,7 @@ impl Dispatcher {
     }
 
     /// Steps 2–4 of the module docs for one window, but the commit.
-    async fn window(
-        &self,
-        records: &[LogRecord],
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), Abandon> {
+    async fn window(&self, records: &[LogRecord], stop: &mut Stop) -> Result<(), Abandon> {
         let mut users: Vec<Vec<usize>> = Vec::new();
         let mut slot_of: HashMap<&[u8], usize> = HashMap::new();
         for (at, record) in records.iter().enumerate() {
@@ -304,7 +302,7 @@ impl Dispatcher {
     async fn deliver(
         &self,
         record: &LogRecord,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Stop,
     ) -> Result<Option<Record>, Abandon> {
         let refuse = |rule: &str, reason: String| {
             tracing::warn!(
@@ -378,7 +376,7 @@ impl Partitions for Dispatcher {
     fn run_partition(
         self: Arc<Self>,
         stream: Box<dyn PartitionStream>,
-        stop: watch::Receiver<bool>,
+        stop: Stop,
     ) -> impl std::future::Future<Output = Result<(), PipelineError>> + Send + 'static {
         self.process_partition(stream, stop)
     }
@@ -438,7 +436,7 @@ impl Gate {
 
     /// Waits until a call may go: the gate is open, or it reopened and this call is the probe
     /// (the others then wait for the probe's outcome or the next delay).
-    async fn wait_turn(&self, stop: &mut watch::Receiver<bool>) -> Result<(), Abandon> {
+    async fn wait_turn(&self, stop: &mut Stop) -> Result<(), Abandon> {
         loop {
             let reopened = self.reopened.notified();
             let until = {
@@ -457,7 +455,7 @@ impl Gate {
             };
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return Err(Abandon::Stopped),
+                _ = stop.requested() => return Err(Abandon::Stopped),
                 () = reopened => {}
                 () = tokio::time::sleep_until(until) => {}
             }
@@ -490,6 +488,7 @@ impl Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stop;
 
     fn gate() -> Arc<Gate> {
         Arc::new(Gate::new(Duration::from_secs(2)))
@@ -498,7 +497,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_open_gate_lets_every_call_through() {
         let gate = gate();
-        let (_tx, mut stop) = watch::channel(false);
+        let (_tx, mut stop) = stop::channel();
         let started = Instant::now();
         for _ in 0..3 {
             assert!(gate.wait_turn(&mut stop).await.is_ok());
@@ -509,7 +508,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failing_host_gets_one_probe_per_delay_and_its_recovery_opens_it_for_all() {
         let gate = gate();
-        let (_tx, stop) = watch::channel(false);
+        let (_tx, stop) = stop::channel();
         let delay = gate.failed();
         assert!(delay <= Duration::from_millis(100), "{delay:?}");
         // Three callers wait; the first through after the delay is the probe.
@@ -544,7 +543,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stop_ends_a_wait_at_a_closed_gate() {
         let gate = gate();
-        let (tx, mut stop) = watch::channel(false);
+        let (tx, mut stop) = stop::channel();
         gate.failed();
         gate.wait_turn(&mut stop)
             .await
@@ -554,7 +553,7 @@ mod tests {
             let gate = gate.clone();
             tokio::spawn(async move { gate.wait_turn(&mut stop).await.is_err() })
         };
-        tx.send(true).expect("send");
+        tx.stop();
         assert!(waiting.await.expect("task"), "stopped");
     }
 }

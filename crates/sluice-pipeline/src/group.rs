@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::stop::{self, Stop, Stopper};
 use sluice_log::{Assignment, Log, LogError, PartitionStream, Subscription};
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::retry::Retrier;
@@ -40,7 +40,7 @@ pub(crate) trait Partitions: Send + Sync + 'static {
     fn run_partition(
         self: Arc<Self>,
         stream: Box<dyn PartitionStream>,
-        stop: watch::Receiver<bool>,
+        stop: Stop,
     ) -> impl Future<Output = Result<(), PipelineError>> + Send + 'static;
 }
 
@@ -68,7 +68,7 @@ impl Group<'_> {
     pub(crate) async fn run<P: Partitions>(
         &self,
         runner: Arc<P>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Stop,
     ) -> Result<(), PipelineError> {
         let mut rejoins = 0;
         loop {
@@ -108,7 +108,7 @@ impl Group<'_> {
             tracing::warn!(group = %self.name, error = %source, rejoin_in = ?pause, "the consumer group membership ended; rejoining");
             tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+                _ = stop.requested() => return Ok(()),
                 () = tokio::time::sleep(pause) => {}
             }
         }
@@ -120,23 +120,23 @@ impl Group<'_> {
 async fn membership<P: Partitions>(
     runner: Arc<P>,
     mut subscription: Box<dyn Subscription>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut Stop,
 ) -> Result<Membership, PipelineError> {
     let mut tasks = JoinSet::new();
-    let mut partition_stops: HashMap<u32, watch::Sender<bool>> = HashMap::new();
+    let mut partition_stops: HashMap<u32, Stopper> = HashMap::new();
     let mut result = Ok(Membership::Ended);
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.requested() => break,
             assignment = subscription.next() => match assignment {
                 Some(Assignment::Assigned(stream)) => {
-                    let (tx, rx) = watch::channel(false);
+                    let (tx, rx) = stop::channel();
                     partition_stops.insert(stream.partition(), tx);
                     tasks.spawn(runner.clone().run_partition(stream, rx));
                 }
                 Some(Assignment::Revoked(partition)) => {
                     if let Some(tx) = partition_stops.remove(&partition) {
-                        let _ = tx.send(true);
+                        tx.stop();
                     }
                 }
                 Some(Assignment::Failed(source)) => {
@@ -154,7 +154,7 @@ async fn membership<P: Partitions>(
         }
     }
     for tx in partition_stops.values() {
-        let _ = tx.send(true);
+        tx.stop();
     }
     while let Some(joined) = tasks.join_next().await {
         if let Err(e) = flatten(joined)
@@ -181,7 +181,7 @@ pub(crate) async fn commit(
     stream: &mut dyn PartitionStream,
     next_offset: u64,
     mut retrier: Retrier<'_>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut Stop,
 ) -> Result<Committed, String> {
     loop {
         let error = match stream.commit(next_offset).await {

@@ -14,6 +14,7 @@
 //!   retrying per target host, so a down target never holds the pipeline.
 //! - `runner`: one task per partition chaining the stages, with retries.
 //! - `retry`: exponential backoff with jitter for every recoverable failure.
+//! - `stop`: the stop request every task and wait watches.
 //! - `group`: consumer-group membership (a task per owned partition, rejoins), for the
 //!   pipeline and the dispatcher.
 //!
@@ -26,9 +27,11 @@ pub mod group;
 pub mod merge;
 mod retry;
 pub mod runner;
+pub mod stop;
 pub mod trigger;
 pub mod validate;
 
 pub use dispatch::{DispatchStats, Dispatcher, DispatcherConfig};
 pub use runner::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
+pub use stop::{Stop, Stopper};
 pub use trigger::{Action, Rule, Triggers};

@@ -6,9 +6,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::stop::Stop;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use sluice_model::Recoverable;
-use tokio::sync::watch;
 
 /// Why a retried step gave up.
 pub(crate) enum Abandon {
@@ -46,7 +46,7 @@ impl<'a> Retrier<'a> {
     /// Logs the failure and sleeps before the next attempt; `Err` if a stop came first.
     pub(crate) async fn wait(
         &mut self,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Stop,
         what: &str,
         error: &(dyn std::fmt::Display + Sync),
     ) -> Result<(), Abandon> {
@@ -55,7 +55,7 @@ impl<'a> Retrier<'a> {
         tracing::warn!(step = what, error = %error, retry_in = ?delay, "recoverable error");
         tokio::select! {
             biased;
-            _ = stop.wait_for(|s| *s) => Err(Abandon::Stopped),
+            _ = stop.requested() => Err(Abandon::Stopped),
             () = tokio::time::sleep(delay) => Ok(()),
         }
     }
@@ -66,7 +66,7 @@ impl<'a> Retrier<'a> {
 pub(crate) async fn retry<T, E, F, Fut>(
     mut retrier: Retrier<'_>,
     what: &str,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut Stop,
     mut attempt: F,
 ) -> Result<T, Abandon>
 where
@@ -86,6 +86,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stop;
 
     #[derive(Debug)]
     struct Failure {
@@ -107,7 +108,7 @@ mod tests {
     /// Fails `failures` times with `recoverable` errors, then succeeds.
     async fn run(failures: u32, recoverable: bool) -> (Result<u32, Abandon>, u64) {
         let retries = AtomicU64::new(0);
-        let (_tx, mut stop) = watch::channel(false);
+        let (_tx, mut stop) = stop::channel();
         let mut attempts = 0;
         let result = retry(
             Retrier::new(Duration::from_secs(1), &retries),
@@ -149,10 +150,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stop_ends_the_wait_between_attempts() {
         let retries = AtomicU64::new(0);
-        let (tx, mut stop) = watch::channel(false);
+        let (tx, mut stop) = stop::channel();
         let stopping = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(3)).await;
-            let _ = tx.send(true);
+            tx.stop();
         });
         let result: Result<(), Abandon> = retry(
             Retrier::new(Duration::from_secs(1), &retries),

@@ -27,12 +27,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::stop::Stop;
 use futures_util::FutureExt;
 use sluice_dedup::{Dedup, MessageKey};
 use sluice_index::{EventDoc, Index, Refused, UserUpsert, WriteBatch};
 use sluice_log::{Log, LogError, LogRecord, PartitionStream};
 use sluice_model::{Kind, Patch};
-use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::batch::{BatchConfig, Batcher};
@@ -301,7 +301,7 @@ impl Pipeline {
     /// Consumes the log as a member of the pipeline's group (`group`: a task per owned
     /// partition, rejoined after a recoverable end) until `stop` turns true (then finishes
     /// each partition's batch in flight and commits it) or a partition task fails.
-    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> Result<(), PipelineError> {
+    pub async fn run(self: Arc<Self>, stop: Stop) -> Result<(), PipelineError> {
         let log = Arc::clone(&self.log);
         let group = Group {
             log: log.as_ref(),
@@ -315,7 +315,7 @@ impl Pipeline {
     async fn process_partition(
         self: Arc<Self>,
         mut stream: Box<dyn PartitionStream>,
-        mut stop: watch::Receiver<bool>,
+        mut stop: Stop,
     ) -> Result<(), PipelineError> {
         let partition = stream.partition();
         tracing::info!(
@@ -329,7 +329,7 @@ impl Pipeline {
         let mut front_stop = stop.clone();
         let nothing_in_flight = HashSet::new();
         loop {
-            if *stop.borrow() {
+            if stop.is_requested() {
                 break;
             }
             let batch = match ahead.take() {
@@ -344,12 +344,12 @@ impl Pipeline {
                     );
                     let checked = tokio::select! {
                         biased;
-                        _ = stop.wait_for(|s| *s) => break,
+                        _ = stop.requested() => break,
                         checked = front => checked,
                     };
                     match self.ahead_or_halt(partition, checked).await? {
                         Some(batch) => batch,
-                        None if *stop.borrow() => break,
+                        None if stop.is_requested() => break,
                         None => continue,
                     }
                 }
@@ -458,7 +458,7 @@ impl Pipeline {
         batcher: &mut Batcher,
         stream: &mut dyn PartitionStream,
         in_flight: &HashSet<MessageKey<'_>>,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Stop,
     ) -> Result<Checked, Halt> {
         let mut clock = std::time::Instant::now();
         match batcher.fill(stream).await {
@@ -506,7 +506,7 @@ impl Pipeline {
         &self,
         records: &[LogRecord],
         in_flight: &HashSet<MessageKey<'_>>,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Stop,
     ) -> Result<Checked, Abandon> {
         let mut clock = std::time::Instant::now();
         let validated = self
@@ -564,11 +564,7 @@ impl Pipeline {
 
     /// The back stages of one checked batch: index write (durable) → dead letters (durable)
     /// → trigger actions → mark processed.
-    async fn apply(
-        &self,
-        batch: &Checked,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<(), Abandon> {
+    async fn apply(&self, batch: &Checked, stop: &mut Stop) -> Result<(), Abandon> {
         let mut clock = std::time::Instant::now();
         let fresh = batch.fresh();
         let records = batch.records.as_slice();
@@ -681,7 +677,7 @@ impl Pipeline {
     async fn write_dead_letters(
         &self,
         dead: Vec<sluice_log::Record>,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Stop,
     ) -> Result<(), Abandon> {
         if dead.is_empty() {
             return Ok(());
@@ -700,7 +696,7 @@ impl Pipeline {
     pub(crate) async fn retry<T, E, F, Fut>(
         &self,
         what: &str,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Stop,
         attempt: F,
     ) -> Result<T, Abandon>
     where
@@ -720,7 +716,7 @@ impl Partitions for Pipeline {
     fn run_partition(
         self: Arc<Self>,
         stream: Box<dyn PartitionStream>,
-        stop: watch::Receiver<bool>,
+        stop: Stop,
     ) -> impl std::future::Future<Output = Result<(), PipelineError>> + Send + 'static {
         self.process_partition(stream, stop)
     }

@@ -25,13 +25,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::stop::Stop;
 use serde::Serialize;
 use serde_json::Value;
 use sluice_dedup::MessageKey;
 use sluice_index::{EventDoc, EventSource, UserUpsert, WriteBatch, profile_after};
 use sluice_log::{Log, LogRecord, Record};
 use sluice_model::Patch;
-use tokio::sync::watch;
 
 use crate::retry::Abandon;
 use crate::runner::{Pipeline, record_at};
@@ -332,7 +332,7 @@ impl Pipeline {
         fresh: &[&'a ValidMessage],
         write: &WriteBatch,
         snapshots: &[(usize, Patch)],
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Stop,
     ) -> Result<Vec<Prepared<'a>>, Abandon> {
         let triggers = &self.config.triggers;
         let matches = triggers.matches(fresh);
@@ -453,7 +453,7 @@ impl Pipeline {
         refused: &HashSet<u64>,
         records: &[LogRecord],
         now: i64,
-        stop: &mut watch::Receiver<bool>,
+        stop: &mut Stop,
     ) -> Result<Vec<Prepared<'a>>, Abandon> {
         let triggers = &self.config.triggers;
         let rules = triggers.rules();

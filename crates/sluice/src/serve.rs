@@ -248,7 +248,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
 
     // The pipeline stops on its own `stop` only after the HTTP server has drained, so the
     // requests it acknowledged last are still picked up by a running pipeline if time allows.
-    let (pipeline_stop_tx, pipeline_stop_rx) = watch::channel(false);
+    let (pipeline_stop_tx, pipeline_stop_rx) = sluice_pipeline::stop::channel();
     let mut pipeline_task = pipeline.map(|pipeline| {
         let pipeline_state = state.clone();
         let pipeline_failed_stop = Arc::clone(&stop_tx);
@@ -311,7 +311,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     }
     // The server has drained; now let each partition finish and commit its batch. The
     // deadline was set when the stop came, so the whole drain fits in shutdown_timeout.
-    let _ = pipeline_stop_tx.send(true);
+    pipeline_stop_tx.stop();
     let deadline = drain_deadline(&stop_rx.borrow());
     let pipeline_result = match &mut pipeline_task {
         None => Ok(()),

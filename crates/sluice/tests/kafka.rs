@@ -444,7 +444,7 @@ async fn member_stores(
 /// One ingest "node" in this process: its own Kafka consumer (group member) running the
 /// pipeline into the shared dedup store and index.
 struct Member {
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: sluice_pipeline::Stopper,
     task: tokio::task::JoinHandle<Result<(), sluice_pipeline::PipelineError>>,
     log: Arc<KafkaLog>,
     stats: Arc<sluice_pipeline::PipelineStats>,
@@ -483,7 +483,7 @@ async fn member(
         },
     );
     let stats = pipeline.stats();
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let (stop, stop_rx) = sluice_pipeline::stop::channel();
     let task = tokio::spawn(pipeline.run(stop_rx));
     Member {
         stop,
@@ -496,7 +496,7 @@ async fn member(
 impl Member {
     /// Graceful stop: every partition finishes and commits its batch, then leaves.
     async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.stop();
         tokio::time::timeout(Duration::from_secs(30), self.task)
             .await
             .expect("stops within 30 s")

@@ -24,7 +24,6 @@ use sluice_pipeline::{
 use sluice_registry::testing::Schema;
 use sluice_registry::{PostgresRegistry, Registry, SqliteRegistry};
 use sluice_spill::Bridge;
-use tokio::sync::watch;
 
 mod support;
 
@@ -78,13 +77,13 @@ struct Stack {
     /// The dead-letter log.
     dlq: Arc<EmbeddedLog>,
     stats: Arc<PipelineStats>,
-    stop: watch::Sender<bool>,
+    stop: sluice_pipeline::Stopper,
     pipeline: tokio::task::JoinHandle<Result<(), PipelineError>>,
     /// Builds another pipeline on the same backends (a restart).
     build: Box<dyn Fn() -> Arc<Pipeline> + Send + Sync>,
     /// The dispatcher of webhook actions (when a rule is a webhook), and its stop; it runs on
     /// across pipeline restarts.
-    dispatcher: Option<(watch::Sender<bool>, Task)>,
+    dispatcher: Option<(sluice_pipeline::Stopper, Task)>,
     _dir: tempfile::TempDir,
     /// The shared backends' test namespaces, removed on drop.
     _schema: Option<Schema>,
@@ -132,7 +131,7 @@ impl Stack {
         let triggers = if triggers.has_webhooks() {
             let actions: Arc<dyn Log> = one_partition("actions");
             let triggers = triggers.with_actions_log(Arc::clone(&actions));
-            let (stop, stop_rx) = watch::channel(false);
+            let (stop, stop_rx) = sluice_pipeline::stop::channel();
             let task = tokio::spawn(
                 Dispatcher::new(
                     actions,
@@ -218,7 +217,7 @@ impl Stack {
         };
         let pipeline = build();
         let stats = pipeline.stats();
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = sluice_pipeline::stop::channel();
         let pipeline = tokio::spawn(pipeline.run(stop_rx));
         let state = AppState::new(
             Bridge::without_spill(Arc::clone(&log) as Arc<dyn Log>, Duration::from_secs(5)),
@@ -317,7 +316,7 @@ impl Stack {
     /// running one ended (the test awaited `self.pipeline`).
     fn restart_pipeline(&mut self) {
         assert!(self.pipeline.is_finished(), "the pipeline still runs");
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = sluice_pipeline::stop::channel();
         let pipeline = (self.build)();
         self.stats = pipeline.stats();
         self.pipeline = tokio::spawn(pipeline.run(stop_rx));
@@ -339,13 +338,13 @@ impl Stack {
     }
 
     async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.stop();
         self.pipeline
             .await
             .expect("pipeline task")
             .expect("pipeline stops cleanly");
         if let Some((stop, task)) = self.dispatcher {
-            let _ = stop.send(true);
+            stop.stop();
             task.await
                 .expect("dispatcher task")
                 .expect("dispatcher stops cleanly");
