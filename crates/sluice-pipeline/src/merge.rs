@@ -1,54 +1,108 @@
 //! The merge stage: folding a batch's user updates (SPEC §6 step 4).
 //!
 //! Consecutive updates of one user fold into one `Patch` (see `sluice_model::patch` for why a
-//! patch and not a merged update). Events in between are not folded away: each gets the fold of
-//! its user's updates before it, so the profile "as it stood at that event" can be rebuilt.
+//! patch and not a merged update) and one [`Identity`]. Events in between are not folded away:
+//! an event that asks for it (one a trigger rule matches) gets the fold of its user's updates
+//! before it, so the profile "as it stood at that event" can be rebuilt. This is the only place
+//! that folds; the index write and the trigger stage read its output.
+
+use std::collections::HashMap;
+use std::hash::Hash;
 
 pub use sluice_model::patch::{Op, Patch};
 
-/// One message of a batch, as the merge stage sees it.
+/// Who a user's updates say the user is, folded in log order: the latest id and email they
+/// carried, the latest time one was received, the log position after the last.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Identity<'a> {
+    pub user_id: Option<&'a str>,
+    pub email: Option<&'a str>,
+    pub updated_at: i64,
+    /// The log position after the user's last update (`UserUpsert::version`).
+    pub version: u64,
+}
+
+impl<'a> Identity<'a> {
+    /// This identity followed by a later update's.
+    fn then(self, later: Identity<'a>) -> Identity<'a> {
+        Identity {
+            user_id: later.user_id.or(self.user_id),
+            email: later.email.or(self.email),
+            updated_at: self.updated_at.max(later.updated_at),
+            version: self.version.max(later.version),
+        }
+    }
+}
+
+/// One user's updates folded.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fold<'a> {
+    pub patch: Patch,
+    pub identity: Identity<'a>,
+}
+
+/// One message of a batch, as the merge stage sees it; `U` names the user.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Item {
-    Update { user: String, patch: Patch },
-    Event { user: String },
+pub enum Item<'a, U> {
+    Update {
+        user: U,
+        patch: Patch,
+        identity: Identity<'a>,
+    },
+    /// `snapshot`: whether to give this event the fold of its user's updates before it.
+    Event { user: U, snapshot: bool },
 }
 
 /// The merge stage's output for a batch.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Merged {
-    /// One folded patch per user that had updates, in order of each user's first update.
-    pub updates: Vec<(String, Patch)>,
-    /// For each event (by its position in the input), the fold of that user's updates that
-    /// come before it in the batch: the profile at the event is the stored profile with this
-    /// patch applied.
-    pub event_snapshots: Vec<(usize, Patch)>,
+#[derive(Debug, Clone, PartialEq)]
+pub struct Merged<'a, U> {
+    /// One fold per user that had updates, in order of each user's first update.
+    pub updates: Vec<(U, Fold<'a>)>,
+    /// For each event that asked for a snapshot (by its position in the input), the fold of
+    /// that user's updates before it in the batch (`None`: there were none): the profile at
+    /// the event is the stored profile with this fold applied.
+    pub event_snapshots: Vec<(usize, Option<Fold<'a>>)>,
 }
 
 /// Folds a batch in log order.
-pub fn merge(items: &[Item]) -> Merged {
-    let mut order: Vec<String> = Vec::new();
-    let mut folded: std::collections::HashMap<&str, Patch> = std::collections::HashMap::new();
+pub fn merge<'a, U: Copy + Eq + Hash>(items: &[Item<'a, U>]) -> Merged<'a, U> {
+    let mut order: Vec<U> = Vec::new();
+    let mut folded: HashMap<U, Fold<'a>> = HashMap::new();
     let mut event_snapshots = Vec::new();
     for (position, item) in items.iter().enumerate() {
         match item {
-            Item::Update { user, patch } => match folded.get_mut(user.as_str()) {
-                Some(existing) => *existing = std::mem::take(existing).then(patch),
+            Item::Update {
+                user,
+                patch,
+                identity,
+            } => match folded.get_mut(user) {
+                Some(existing) => {
+                    existing.patch = std::mem::take(&mut existing.patch).then(patch);
+                    existing.identity = existing.identity.then(*identity);
+                }
                 None => {
-                    order.push(user.clone());
-                    folded.insert(user, patch.clone());
+                    order.push(*user);
+                    folded.insert(
+                        *user,
+                        Fold {
+                            patch: patch.clone(),
+                            identity: *identity,
+                        },
+                    );
                 }
             },
-            Item::Event { user } => {
-                let snapshot = folded.get(user.as_str()).cloned().unwrap_or_default();
-                event_snapshots.push((position, snapshot));
+            Item::Event { user, snapshot } => {
+                if *snapshot {
+                    event_snapshots.push((position, folded.get(user).cloned()));
+                }
             }
         }
     }
     let updates = order
         .into_iter()
         .map(|user| {
-            let patch = folded.remove(user.as_str()).unwrap_or_default();
-            (user, patch)
+            let fold = folded.remove(&user).unwrap_or_default();
+            (user, fold)
         })
         .collect();
     Merged {
@@ -65,27 +119,54 @@ mod tests {
 
     #[test]
     fn events_see_the_profile_as_of_their_position() {
+        let who = |user_id, email, at| Identity {
+            user_id,
+            email,
+            updated_at: at,
+            version: at as u64,
+        };
         let items = vec![
             Item::Update {
-                user: "u".into(),
+                user: "u",
                 patch: update(json!({"seq": 1}), false),
+                identity: who(Some("u1"), Some("a@x"), 1),
             },
-            Item::Event { user: "u".into() },
+            Item::Event {
+                user: "u",
+                snapshot: true,
+            },
             Item::Update {
-                user: "v".into(),
+                user: "v",
                 patch: update(json!({"seq": 10}), false),
+                identity: who(None, None, 3),
             },
             Item::Update {
-                user: "u".into(),
+                user: "u",
                 patch: update(json!({"seq": 2}), false),
+                identity: who(None, Some("b@x"), 4),
             },
-            Item::Event { user: "u".into() },
-            Item::Event { user: "w".into() },
+            Item::Event {
+                user: "u",
+                snapshot: true,
+            },
+            Item::Event {
+                user: "w",
+                snapshot: true,
+            },
+            Item::Event {
+                user: "u",
+                snapshot: false,
+            },
         ];
         let merged = merge(&items);
-        let users: Vec<&str> = merged.updates.iter().map(|(u, _)| u.as_str()).collect();
+        let users: Vec<&str> = merged.updates.iter().map(|(u, _)| *u).collect();
         assert_eq!(users, ["u", "v"]);
-        assert_eq!(merged.updates[0].1, update(json!({"seq": 2}), false));
+        assert_eq!(merged.updates[0].1.patch, update(json!({"seq": 2}), false));
+        assert_eq!(
+            merged.updates[0].1.identity,
+            who(Some("u1"), Some("b@x"), 4),
+            "the latest id and email each update carried"
+        );
         let snapshot = |i: usize| {
             merged
                 .event_snapshots
@@ -93,13 +174,17 @@ mod tests {
                 .find(|(p, _)| *p == i)
                 .map(|(_, s)| s.clone())
         };
-        assert_eq!(snapshot(1), Some(update(json!({"seq": 1}), false)));
-        assert_eq!(snapshot(4), Some(update(json!({"seq": 2}), false)));
+        let at_1 = snapshot(1).flatten().expect("a fold before the event");
+        assert_eq!(at_1.patch, update(json!({"seq": 1}), false));
+        assert_eq!(at_1.identity, who(Some("u1"), Some("a@x"), 1));
+        let at_4 = snapshot(4).flatten().expect("a fold before the event");
+        assert_eq!(at_4.patch, update(json!({"seq": 2}), false));
         assert_eq!(
             snapshot(5),
-            Some(Patch::default()),
+            Some(None),
             "no update before: the stored profile"
         );
+        assert_eq!(snapshot(6), None, "an event that asked for none gets none");
     }
 
     use sluice_model::patch::testing::{json_object, update};
@@ -112,31 +197,35 @@ mod tests {
             stored in json_object(),
             steps in proptest::collection::vec((0u8..3, proptest::option::of((json_object(), any::<bool>()))), 0..12),
         ) {
-            let items: Vec<Item> = steps.iter().map(|(u, update)| match update {
-                Some((f, deep)) => Item::Update { user: u.to_string(), patch: Patch::from_update(f, *deep) },
-                None => Item::Event { user: u.to_string() },
+            let items: Vec<Item<'_, u8>> = steps.iter().map(|(u, update)| match update {
+                Some((f, deep)) => Item::Update { user: *u, patch: Patch::from_update(f, *deep), identity: Identity::default() },
+                None => Item::Event { user: *u, snapshot: true },
             }).collect();
             let merged = merge(&items);
+            let events = items.iter().filter(|i| matches!(i, Item::Event { .. })).count();
+            prop_assert_eq!(merged.event_snapshots.len(), events);
             for (position, snapshot) in &merged.event_snapshots {
-                let Item::Event { user } = &items[*position] else { panic!("snapshot of a non-event") };
+                let Item::Event { user, .. } = &items[*position] else { panic!("snapshot of a non-event") };
                 let mut expected = stored.clone();
                 for item in &items[..*position] {
-                    if let Item::Update { user: u, patch } = item
+                    if let Item::Update { user: u, patch, .. } = item
                         && u == user { patch.apply(&mut expected); }
                 }
                 let mut got = stored.clone();
-                snapshot.apply(&mut got);
+                if let Some(fold) = snapshot {
+                    fold.patch.apply(&mut got);
+                }
                 prop_assert_eq!(got, expected);
             }
             // And the final fold per user is the profile after all that user's updates.
-            for (user, patch) in &merged.updates {
+            for (user, fold) in &merged.updates {
                 let mut expected = stored.clone();
                 for item in &items {
-                    if let Item::Update { user: u, patch } = item
+                    if let Item::Update { user: u, patch, .. } = item
                         && u == user { patch.apply(&mut expected); }
                 }
                 let mut got = stored.clone();
-                patch.apply(&mut got);
+                fold.patch.apply(&mut got);
                 prop_assert_eq!(got, expected);
             }
         }

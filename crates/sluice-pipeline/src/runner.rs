@@ -38,7 +38,7 @@ use tracing::Instrument;
 use crate::batch::{BatchConfig, Batcher};
 use crate::dead_letter::{self, Stage};
 use crate::group::{self, Committed, Group, Partitions};
-use crate::merge::{Item, merge};
+use crate::merge::{Fold, Identity, Item, merge};
 use crate::retry::{Abandon, Retrier, retry};
 use crate::trigger::Triggers;
 use crate::validate::{ValidMessage, Validator};
@@ -210,8 +210,11 @@ struct Checked {
     /// Dead letters of the validate stage.
     dead: Vec<sluice_log::Record>,
     write: Arc<WriteBatch>,
-    /// The merge stage's per-event profile snapshots (by position in `fresh`), for triggers.
-    snapshots: Vec<(usize, Patch)>,
+    /// What the trigger rules match: (rule, position in `fresh`).
+    matches: Vec<(usize, usize)>,
+    /// The merge stage's snapshots of matched events (by position in `fresh`): the user's
+    /// updates before the event in the batch, folded.
+    snapshots: HashMap<usize, UserUpsert>,
     /// When the batch was validated: the time its dead letters carry.
     now: i64,
 }
@@ -549,7 +552,9 @@ impl Pipeline {
             .collect();
         lap(&self.stats.dedup_check_us, &mut clock);
         let refs: Vec<&ValidMessage> = fresh.iter().map(|&i| &valid[i]).collect();
-        let (write, snapshots) = merge_batch(&refs);
+        let matches = self.config.triggers.matches(&refs);
+        let matched: HashSet<usize> = matches.iter().map(|&(_, at)| at).collect();
+        let (write, snapshots) = merge_batch(&refs, &matched);
         lap(&self.stats.merge_us, &mut clock);
         Ok(Checked {
             records: Vec::new(),
@@ -557,6 +562,7 @@ impl Pipeline {
             fresh,
             dead,
             write: Arc::new(write),
+            matches,
             snapshots,
             now,
         })
@@ -574,10 +580,11 @@ impl Pipeline {
             return self.write_dead_letters(dead, stop).await;
         }
         let write = &batch.write;
-        let snapshots = &batch.snapshots;
         // Trigger payloads are computed and stashed before the index write changes the
         // profiles they start from (see `trigger`).
-        let prepared = self.prepare_actions(&fresh, write, snapshots, stop).await?;
+        let prepared = self
+            .prepare_actions(&fresh, write, &batch.matches, &batch.snapshots, stop)
+            .await?;
         lap(&self.stats.trigger_us, &mut clock);
         let (users, events) = (write.users.len() as u64, write.events.len() as u64);
         let outcome = self
@@ -729,16 +736,6 @@ fn message_key(message: &ValidMessage) -> MessageKey<'_> {
     }
 }
 
-/// Who a user's folded upsert is for.
-struct Identity<'a> {
-    message: &'a ValidMessage,
-    user_id: Option<&'a str>,
-    email: Option<&'a str>,
-    updated_at: i64,
-    /// The log position after the user's last update (`UserUpsert::version`).
-    version: u64,
-}
-
 /// The record at `offset` in a batch (offsets ascend; Kafka's may have gaps).
 pub(crate) fn record_at(records: &[LogRecord], offset: u64) -> Option<&LogRecord> {
     records
@@ -750,59 +747,66 @@ pub(crate) fn record_at(records: &[LogRecord], offset: u64) -> Option<&LogRecord
 /// Merge stage output as one index write: one upsert per user (its updates folded in log
 /// order) and every event.
 pub fn build_write(messages: &[&ValidMessage]) -> WriteBatch {
-    merge_batch(messages).0
+    merge_batch(messages, &HashSet::new()).0
 }
 
-/// `build_write`, and for each event (by position in `messages`) the fold of its user's
-/// updates before it: the merge stage's snapshots, for triggers.
-pub fn merge_batch(messages: &[&ValidMessage]) -> (WriteBatch, Vec<(usize, Patch)>) {
-    let items: Vec<Item> = messages
+/// `build_write`, and for each event at a position of `snapshot_at` (in `messages`) whose user
+/// has updates before it in the batch, those updates folded as an upsert: what the trigger
+/// stage applies to the stored profile to get the profile at the event.
+pub fn merge_batch(
+    messages: &[&ValidMessage],
+    snapshot_at: &HashSet<usize>,
+) -> (WriteBatch, HashMap<usize, UserUpsert>) {
+    let items: Vec<Item<'_, (&str, &str)>> = messages
         .iter()
-        .map(|m| {
-            let user = format!("{}:{}", m.org.name, m.user_key);
+        .enumerate()
+        .map(|(at, m)| {
+            let user = (m.org.name.as_str(), m.user_key.as_str());
             match m.kind {
                 Kind::UserUpdate => Item::Update {
                     user,
                     patch: parse_patch(m),
+                    identity: Identity {
+                        user_id: m.user_id.as_deref(),
+                        email: m.email.as_deref(),
+                        updated_at: m.received_at,
+                        version: m.offset + 1,
+                    },
                 },
-                Kind::Event => Item::Event { user },
+                Kind::Event => Item::Event {
+                    user,
+                    snapshot: snapshot_at.contains(&at),
+                },
             }
         })
         .collect();
-    let mut merged = merge(&items);
-    let snapshots = std::mem::take(&mut merged.event_snapshots);
-
-    // The identity fields of each user's upsert: the latest the updates carried.
-    let mut identities: HashMap<&str, Identity<'_>> = HashMap::new();
-    for (message, item) in messages.iter().zip(&items) {
-        if let Item::Update { user, .. } = item {
-            let identity = identities.entry(user.as_str()).or_insert(Identity {
-                message,
-                user_id: None,
-                email: None,
-                updated_at: message.received_at,
-                version: 0,
-            });
-            identity.user_id = message.user_id.as_deref().or(identity.user_id);
-            identity.email = message.email.as_deref().or(identity.email);
-            identity.updated_at = identity.updated_at.max(message.received_at);
-            identity.version = identity.version.max(message.offset + 1);
-        }
-    }
+    let merged = merge(&items);
+    let upsert = |(org, user_key): (&str, &str), fold: Fold<'_>, version| UserUpsert {
+        org: org.to_owned(),
+        user_key: user_key.to_owned(),
+        user_id: fold.identity.user_id.map(str::to_owned),
+        email: fold.identity.email.map(str::to_owned),
+        patch: fold.patch,
+        updated_at: fold.identity.updated_at,
+        version,
+    };
+    let snapshots = merged
+        .event_snapshots
+        .into_iter()
+        .filter_map(|(at, fold)| {
+            let m = messages[at];
+            Some((
+                at,
+                upsert((m.org.name.as_str(), m.user_key.as_str()), fold?, None),
+            ))
+        })
+        .collect();
     let users = merged
         .updates
         .into_iter()
-        .filter_map(|(user, patch)| {
-            let identity = identities.get(user.as_str())?;
-            Some(UserUpsert {
-                org: identity.message.org.name.clone(),
-                user_key: identity.message.user_key.clone(),
-                user_id: identity.user_id.map(str::to_owned),
-                email: identity.email.map(str::to_owned),
-                patch,
-                updated_at: identity.updated_at,
-                version: Some(identity.version),
-            })
+        .map(|(user, fold)| {
+            let version = Some(fold.identity.version);
+            upsert(user, fold, version)
         })
         .collect();
     let events = messages

@@ -31,7 +31,6 @@ use serde_json::Value;
 use sluice_dedup::MessageKey;
 use sluice_index::{EventDoc, EventSource, UserUpsert, WriteBatch, profile_after};
 use sluice_log::{Log, LogRecord, Record};
-use sluice_model::Patch;
 
 use crate::retry::Abandon;
 use crate::runner::{Pipeline, record_at};
@@ -270,42 +269,6 @@ pub(crate) fn payload(
     serde_json::to_vec(&payload).unwrap_or_default()
 }
 
-/// The identity fields a user's updates carried up to some point of a batch.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct IdentitySoFar {
-    pub user_id: Option<String>,
-    pub email: Option<String>,
-    pub updated_at: i64,
-    pub updates: usize,
-}
-
-/// For each position in `messages` (only events are filled), the identity of that user's
-/// updates earlier in the batch.
-pub(crate) fn identities_before(messages: &[&ValidMessage]) -> Vec<Option<IdentitySoFar>> {
-    let mut so_far: HashMap<(&str, &str), IdentitySoFar> = HashMap::new();
-    messages
-        .iter()
-        .map(|m| {
-            let user = (m.org.name.as_str(), m.user_key.as_str());
-            match m.kind {
-                sluice_model::Kind::UserUpdate => {
-                    let identity = so_far.entry(user).or_default();
-                    if m.user_id.is_some() {
-                        identity.user_id.clone_from(&m.user_id);
-                    }
-                    if m.email.is_some() {
-                        identity.email.clone_from(&m.email);
-                    }
-                    identity.updated_at = identity.updated_at.max(m.received_at);
-                    identity.updates += 1;
-                    None
-                }
-                sluice_model::Kind::Event => Some(so_far.get(&user).cloned().unwrap_or_default()),
-            }
-        })
-        .collect()
-}
-
 /// An action ready to fire: its payload is stashed.
 pub(crate) struct Prepared<'a> {
     rule: usize,
@@ -331,11 +294,11 @@ impl Pipeline {
         &self,
         fresh: &[&'a ValidMessage],
         write: &WriteBatch,
-        snapshots: &[(usize, Patch)],
+        matches: &[(usize, usize)],
+        snapshots: &HashMap<usize, UserUpsert>,
         stop: &mut Stop,
     ) -> Result<Vec<Prepared<'a>>, Abandon> {
         let triggers = &self.config.triggers;
-        let matches = triggers.matches(fresh);
         if matches.is_empty() {
             return Ok(Vec::new());
         }
@@ -379,9 +342,6 @@ impl Pipeline {
             .await?;
         let stored: HashMap<(&str, &str), Option<Value>> =
             users.into_iter().zip(profiles).collect();
-        let identities = identities_before(fresh);
-        let snapshot_at: HashMap<usize, &Patch> =
-            snapshots.iter().map(|(at, patch)| (*at, patch)).collect();
         // The merge stage's event documents are the batch's events in order.
         let mut event_docs = write.events.iter();
         let event_at: HashMap<usize, &EventDoc> = fresh
@@ -400,20 +360,9 @@ impl Pipeline {
                 .cloned()
                 .flatten();
             // The stored profile, with the user's updates earlier in the batch applied.
-            let profile = match (&identities[at], snapshot_at.get(&at)) {
-                (Some(identity), Some(patch)) if identity.updates > 0 => Some(profile_after(
-                    before,
-                    &UserUpsert {
-                        org: message.org.name.clone(),
-                        user_key: message.user_key.clone(),
-                        user_id: identity.user_id.clone(),
-                        email: identity.email.clone(),
-                        patch: (*patch).clone(),
-                        updated_at: identity.updated_at,
-                        version: None,
-                    },
-                )),
-                _ => before,
+            let profile = match snapshots.get(&at) {
+                Some(upsert) => Some(profile_after(before, upsert)),
+                None => before,
             };
             let rule_name = &rules[rule].name;
             let key = idempotency_key(&message.org.name, &message.message_id, rule_name);
