@@ -1,5 +1,5 @@
-//! The pipeline stages that run per log partition, strictly in offset order (SPEC §6):
-//! validate → batch → dedup → merge → index → mark processed → triggers → commit.
+//! The pipeline stages that run per log partition, strictly in offset order (SPEC §6), in
+//! the order ARCHITECTURE.md states.
 //!
 //! Layout:
 //! - `validate`: decode each record and check org, ban list and fields; rejects become

@@ -1,11 +1,10 @@
 //! The per-partition loop that drives the stages (SPEC §6): one task per assigned partition,
 //! all partitions in parallel.
 //!
-//! For each batch, in order: validate → dedup check → merge → index write (durable) → dead
-//! letters (durable) → mark processed → commit the offset after the batch. Nothing is committed
-//! before the index write and the dedup mark of every message up to that offset succeeded, so a
-//! crash at any point replays from the last commit, and the dedup store plus idempotent index
-//! writes keep the effects single.
+//! Each batch goes through the stages in the order ARCHITECTURE.md states. Nothing is
+//! committed before the index write and the dedup mark of every message up to that offset
+//! succeeded, so a crash at any point replays from the last commit, and the dedup store plus
+//! idempotent index writes keep the effects single.
 //!
 //! A partition has at most two batches in hand: the one being written (index, dead letters,
 //! triggers, mark, commit) and the next, which meanwhile goes through the front stages (read,
