@@ -356,69 +356,23 @@ impl Pipeline {
                     }
                 }
             };
-            let (first, last) = (batch.first(), batch.last());
-            // Every log line of the batch (retries, dead letters) names its partition and
-            // offsets.
-            let span = tracing::warn_span!("batch", partition, first, last);
-            // While this batch is written, the next one is read, validated, checked against
-            // the dedup store and merged. Its check cannot see this batch's marks yet, so it
-            // also drops what this batch holds. (A message of this batch that the index
-            // refuses is not marked, and a copy of it in the next batch is dropped all the
-            // same: its dead letter is what a replay processes.)
-            let in_flight = batch.keys();
-            let (applied, next) = {
-                // A panic in a stage is a bug (SPEC §6 "unknown"): this stream stops here,
-                // with the batch named, and nothing of the batch is committed.
-                let apply =
-                    AssertUnwindSafe(self.apply(&batch, &mut stop).instrument(span)).catch_unwind();
-                let front = self.front(
-                    partition,
+            let (written, next) = self
+                .write_reading_ahead(
+                    &batch,
                     &mut batcher,
                     &mut *stream,
-                    &in_flight,
+                    &mut stop,
                     &mut front_stop,
-                );
-                tokio::pin!(apply, front);
-                let mut next = None;
-                let applied = loop {
-                    tokio::select! {
-                        biased;
-                        applied = &mut apply => break applied,
-                        checked = &mut front, if next.is_none() => next = Some(checked),
-                    }
-                };
-                // A read still under way when the write ended is dropped here: what it
-                // pulled stays in the batcher for the next one.
-                (applied, next)
-            };
-            match applied {
-                Ok(Ok(())) => {}
-                Ok(Err(Abandon::Stopped)) => break,
-                Ok(Err(Abandon::Fatal(message))) => {
-                    return Err(stream_error(partition, first, last, message));
-                }
-                Err(panic) => return Err(panicked(partition, &batch.records, panic.as_ref())),
+                )
+                .await;
+            match written {
+                Ok(()) => {}
+                Err(None) => break,
+                Err(Some(e)) => return Err(e),
             }
-            let mut clock = std::time::Instant::now();
-            match group::commit(stream.as_mut(), last + 1, self.retrier(), &mut stop).await {
-                Ok(Committed::Done) => {}
-                Ok(Committed::Revoked) => {
-                    tracing::warn!(
-                        partition,
-                        first,
-                        last,
-                        "pipeline: the partition was revoked before its batch was committed; its next owner processes it again"
-                    );
-                    return Ok(());
-                }
-                Ok(Committed::Stopped) => {
-                    tracing::info!(partition, "pipeline: stopped while retrying a commit");
-                    return Ok(());
-                }
-                Err(message) => return Err(stream_error(partition, first, last, message)),
+            if !self.commit_after(&batch, &mut *stream, &mut stop).await? {
+                return Ok(());
             }
-            lap(&self.stats.commit_us, &mut clock);
-            self.stats.batches.fetch_add(1, Ordering::Relaxed);
             if let Some(checked) = next {
                 ahead = self.ahead_or_halt(partition, checked).await?;
             }
@@ -429,6 +383,85 @@ impl Pipeline {
             "pipeline: partition released"
         );
         Ok(())
+    }
+
+    /// The back stages of `batch` while the next batch goes through the front stages (read,
+    /// validate, dedup check, merge). The front's check cannot see this batch's marks yet, so
+    /// it also drops what this batch holds. (A message of this batch that the index refuses is
+    /// not marked, and a copy of it in the next batch is dropped all the same: its dead letter
+    /// is what a replay processes.) A read still under way when the write ends is dropped:
+    /// what it pulled stays in the batcher. `Err(None)`: stopped; `Err(Some)`: the partition
+    /// stops on it (a panic in a stage is a bug, SPEC §6 "unknown": nothing of the batch is
+    /// committed).
+    async fn write_reading_ahead(
+        &self,
+        batch: &Checked,
+        batcher: &mut Batcher,
+        stream: &mut dyn PartitionStream,
+        stop: &mut Stop,
+        front_stop: &mut Stop,
+    ) -> (
+        Result<(), Option<PipelineError>>,
+        Option<Result<Checked, Halt>>,
+    ) {
+        let partition = stream.partition();
+        let (first, last) = (batch.first(), batch.last());
+        // Every log line of the batch (retries, dead letters) names its partition and offsets.
+        let span = tracing::warn_span!("batch", partition, first, last);
+        let in_flight = batch.keys();
+        let apply = AssertUnwindSafe(self.apply(batch, stop).instrument(span)).catch_unwind();
+        let front = self.front(partition, batcher, stream, &in_flight, front_stop);
+        tokio::pin!(apply, front);
+        let mut next = None;
+        let applied = loop {
+            tokio::select! {
+                biased;
+                applied = &mut apply => break applied,
+                checked = &mut front, if next.is_none() => next = Some(checked),
+            }
+        };
+        let written = match applied {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(Abandon::Stopped)) => Err(None),
+            Ok(Err(Abandon::Fatal(message))) => {
+                Err(Some(stream_error(partition, first, last, message)))
+            }
+            Err(panic) => Err(Some(panicked(partition, &batch.records, panic.as_ref()))),
+        };
+        (written, next)
+    }
+
+    /// Commits the offset after `batch`; `Ok(false)` when the partition ends here instead
+    /// (revoked first, or stopped while retrying).
+    async fn commit_after(
+        &self,
+        batch: &Checked,
+        stream: &mut dyn PartitionStream,
+        stop: &mut Stop,
+    ) -> Result<bool, PipelineError> {
+        let partition = stream.partition();
+        let (first, last) = (batch.first(), batch.last());
+        let mut clock = std::time::Instant::now();
+        match group::commit(stream, last + 1, self.retrier(), stop).await {
+            Ok(Committed::Done) => {}
+            Ok(Committed::Revoked) => {
+                tracing::warn!(
+                    partition,
+                    first,
+                    last,
+                    "pipeline: the partition was revoked before its batch was committed; its next owner processes it again"
+                );
+                return Ok(false);
+            }
+            Ok(Committed::Stopped) => {
+                tracing::info!(partition, "pipeline: stopped while retrying a commit");
+                return Ok(false);
+            }
+            Err(message) => return Err(stream_error(partition, first, last, message)),
+        }
+        lap(&self.stats.commit_us, &mut clock);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
     }
 
     /// What the front stages gave: the checked batch, or `None` when there is none to
@@ -594,56 +627,7 @@ impl Pipeline {
         lap(&self.stats.index_us, &mut clock);
         // Messages whose document the index refused: dead letters, and not marked processed,
         // so a replay of the dead letter is processed again.
-        let mut refused_offsets = HashSet::new();
-        let offsets_where = |matches: &dyn Fn(&ValidMessage) -> bool| -> Vec<u64> {
-            fresh
-                .iter()
-                .filter(|m| matches(m))
-                .map(|m| m.offset)
-                .collect()
-        };
-        for refused in &outcome.refused {
-            let (offsets, reason): (Vec<u64>, &str) = match refused {
-                Refused::User { position, reason } => {
-                    let user = write.users.get(*position);
-                    tracing::warn!(
-                        org = user.map(|u| u.org.as_str()),
-                        user = user.map(|u| u.user_key.as_str()),
-                        %reason,
-                        "pipeline: dead letter (the index refused the profile)"
-                    );
-                    let offsets = offsets_where(&|m| {
-                        m.kind == Kind::UserUpdate
-                            && user.is_some_and(|u| u.org == m.org.name && u.user_key == m.user_key)
-                    });
-                    (offsets, reason)
-                }
-                Refused::Event { position, reason } => {
-                    let event = write.events.get(*position);
-                    tracing::warn!(
-                        org = event.map(|e| e.org.as_str()),
-                        message_id = event.map(|e| e.message_id.as_str()),
-                        %reason,
-                        "pipeline: dead letter (the index refused the event)"
-                    );
-                    let offsets = offsets_where(&|m| {
-                        m.kind == Kind::Event
-                            && event.is_some_and(|e| {
-                                e.org == m.org.name && e.message_id == m.message_id
-                            })
-                    });
-                    (offsets, reason)
-                }
-            };
-            for offset in offsets {
-                if refused_offsets.insert(offset)
-                    && let Some(record) = record_at(records, offset)
-                {
-                    let reason = format!("the index refused the document: {reason}");
-                    dead.push(dead_letter::record(Stage::Index, &reason, record, now));
-                }
-            }
-        }
+        let refused_offsets = refused(&outcome.refused, write, &fresh, records, now, &mut dead);
         self.stats
             .users_upserted
             .fetch_add(users, Ordering::Relaxed);
@@ -733,6 +717,68 @@ fn message_key(message: &ValidMessage) -> MessageKey<'_> {
         org: &message.org.name,
         message_id: &message.message_id,
     }
+}
+
+/// The offsets of the messages whose documents the index refused (`refusals`, by position in
+/// `write`), each with its dead letter pushed to `dead`.
+fn refused(
+    refusals: &[Refused],
+    write: &WriteBatch,
+    fresh: &[&ValidMessage],
+    records: &[LogRecord],
+    now: i64,
+    dead: &mut Vec<sluice_log::Record>,
+) -> HashSet<u64> {
+    let mut refused_offsets = HashSet::new();
+    let offsets_where = |matches: &dyn Fn(&ValidMessage) -> bool| -> Vec<u64> {
+        fresh
+            .iter()
+            .filter(|m| matches(m))
+            .map(|m| m.offset)
+            .collect()
+    };
+    for refused in refusals {
+        let (offsets, reason): (Vec<u64>, &str) = match refused {
+            Refused::User { position, reason } => {
+                let user = write.users.get(*position);
+                tracing::warn!(
+                    org = user.map(|u| u.org.as_str()),
+                    user = user.map(|u| u.user_key.as_str()),
+                    %reason,
+                    "pipeline: dead letter (the index refused the profile)"
+                );
+                let offsets = offsets_where(&|m| {
+                    m.kind == Kind::UserUpdate
+                        && user.is_some_and(|u| u.org == m.org.name && u.user_key == m.user_key)
+                });
+                (offsets, reason)
+            }
+            Refused::Event { position, reason } => {
+                let event = write.events.get(*position);
+                tracing::warn!(
+                    org = event.map(|e| e.org.as_str()),
+                    message_id = event.map(|e| e.message_id.as_str()),
+                    %reason,
+                    "pipeline: dead letter (the index refused the event)"
+                );
+                let offsets = offsets_where(&|m| {
+                    m.kind == Kind::Event
+                        && event
+                            .is_some_and(|e| e.org == m.org.name && e.message_id == m.message_id)
+                });
+                (offsets, reason)
+            }
+        };
+        for offset in offsets {
+            if refused_offsets.insert(offset)
+                && let Some(record) = record_at(records, offset)
+            {
+                let reason = format!("the index refused the document: {reason}");
+                dead.push(dead_letter::record(Stage::Index, &reason, record, now));
+            }
+        }
+    }
+    refused_offsets
 }
 
 /// The record at `offset` in a batch (offsets ascend; Kafka's may have gaps).
@@ -863,5 +909,172 @@ fn stream_error(partition: u32, first: u64, last: u64, message: String) -> Pipel
         first,
         last,
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! `Pipeline::run` end to end on the embedded backends (log, dedup, index, registry):
+    //! what one run indexes, dead-letters, drops as a duplicate and commits.
+
+    use std::time::Instant;
+
+    use serde_json::{Value, json};
+    use sluice_dedup::EmbeddedDedup;
+    use sluice_index::{EmbeddedIndex, EmbeddedIndexConfig};
+    use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Record};
+    use sluice_registry::{Registry, SqliteRegistry};
+
+    use super::*;
+    use crate::stop;
+
+    const PARTITIONS: u32 = 2;
+
+    fn record(user: &str, value: Value) -> Record {
+        Record {
+            key: format!("acme:u:{user}").into_bytes(),
+            value: value.to_string().into_bytes(),
+            timestamp_ms: 0,
+        }
+    }
+
+    fn update(user: &str, id: &str, fields: Value) -> Record {
+        record(
+            user,
+            json!({"v": 1, "kind": "user_update", "org": "acme", "messageId": id, "userId": user,
+                   "receivedAt": 1, "dataFields": fields}),
+        )
+    }
+
+    fn event(user: &str, id: &str) -> Record {
+        record(
+            user,
+            json!({"v": 1, "kind": "event", "org": "acme", "messageId": id, "userId": user,
+                   "receivedAt": 1, "eventName": "clicked", "dataFields": {"n": id}}),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_run_indexes_folds_dead_letters_drops_duplicates_and_commits_to_the_end() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_config = || EmbeddedLogConfig {
+            partitions: PARTITIONS,
+            ..EmbeddedLogConfig::default()
+        };
+        let log = Arc::new(EmbeddedLog::open(&dir.path().join("log"), log_config()).expect("log"));
+        let dead_letters =
+            Arc::new(EmbeddedLog::open(&dir.path().join("dlq"), log_config()).expect("dlq"));
+        let registry = Arc::new(
+            SqliteRegistry::open(&dir.path().join("registry.db"))
+                .await
+                .expect("registry"),
+        );
+        registry.create_org("acme").await.expect("org");
+        registry.ban_user("acme", "banned").await.expect("ban");
+        let dedup = Arc::new(
+            EmbeddedDedup::open(&dir.path().join("dedup"), Duration::from_secs(3600))
+                .expect("dedup"),
+        );
+        let index = Arc::new(
+            EmbeddedIndex::open(EmbeddedIndexConfig::new(dir.path().join("index"))).expect("index"),
+        );
+        log.append(vec![
+            update("a", "a1", json!({"plan": "free", "seen": 1})),
+            event("a", "e1"),
+            update("a", "a2", json!({"plan": "pro"})),
+            event("a", "e1"),
+            update("b", "b1", json!({"plan": "trial"})),
+            event("banned", "x1"),
+            record("a", json!("not a record")),
+        ])
+        .await
+        .expect("append");
+
+        let pipeline = Pipeline::new(
+            Arc::clone(&log) as Arc<dyn Log>,
+            Arc::clone(&dead_letters) as Arc<dyn Log>,
+            Validator::new(
+                Arc::clone(&registry) as Arc<dyn Registry>,
+                Duration::from_secs(1),
+            ),
+            dedup,
+            Arc::clone(&index) as Arc<dyn Index>,
+            PipelineConfig {
+                batch: BatchConfig {
+                    max_records: 100,
+                    timeout: Duration::from_millis(20),
+                },
+                ..PipelineConfig::default()
+            },
+        );
+        let stats = pipeline.stats();
+        let (stopper, stop) = stop::channel();
+        let running = tokio::spawn(pipeline.run(stop));
+        let committed_to_the_end = || {
+            (0..PARTITIONS).all(|p| {
+                log.committed("sluice-pipeline", p)
+                    .expect("committed")
+                    .unwrap_or(0)
+                    == log.end_offset(p).expect("end")
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !committed_to_the_end() {
+            assert!(Instant::now() < deadline, "not committed within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stopper.stop();
+        running.await.expect("task").expect("a clean stop");
+
+        let a = index
+            .get_user("acme", "u:a")
+            .await
+            .expect("read")
+            .expect("a");
+        assert_eq!(
+            a["dataFields"],
+            json!({"plan": "pro", "seen": 1}),
+            "folded in order"
+        );
+        let b = index
+            .get_user("acme", "u:b")
+            .await
+            .expect("read")
+            .expect("b");
+        assert_eq!(b["dataFields"], json!({"plan": "trial"}));
+        assert!(
+            index
+                .get_user("acme", "u:banned")
+                .await
+                .expect("read")
+                .is_none()
+        );
+        let counted = |c: &AtomicU64| PipelineStats::get(c);
+        assert_eq!(counted(&stats.records), 7);
+        assert_eq!(counted(&stats.duplicates), 1, "e1 twice");
+        assert_eq!(counted(&stats.events_indexed), 1);
+        assert_eq!(
+            counted(&stats.dead_letters),
+            2,
+            "the banned user and the non-record"
+        );
+        let mut letters = Vec::new();
+        for p in 0..PARTITIONS {
+            letters.extend(dead_letters.read(p, 0, 10).expect("read"));
+        }
+        let reasons: Vec<String> = letters
+            .iter()
+            .map(|l| {
+                let v: Value = serde_json::from_slice(&l.value).expect("json");
+                v["reason"].as_str().unwrap_or_default().to_string()
+            })
+            .collect();
+        assert!(reasons.iter().any(|r| r.contains("banned")), "{reasons:?}");
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("not a sluice log record")),
+            "{reasons:?}"
+        );
     }
 }
