@@ -117,8 +117,19 @@ pub struct TriggerConfig {
     pub topic: Option<String>,
 }
 
+/// The defaults, taken from the crates' own settings wherever a crate has one, so each is
+/// defined once; `DEFAULT_CONFIG_TOML` and the flags' `[default: …]` are tested against them.
 impl Default for Config {
     fn default() -> Self {
+        let log = sluice_log::EmbeddedLogConfig::default();
+        let kafka = sluice_log::KafkaLogConfig::new("", "sluice.ingest");
+        let batch = sluice_pipeline::batch::BatchConfig::default();
+        let dispatcher = sluice_pipeline::DispatcherConfig::default();
+        let limits = sluice_api::Limits::default();
+        let api = sluice_api::ApiConfig::default();
+        let bridge = sluice_spill::BridgeConfig::default();
+        let redis = sluice_dedup::RedisDedupConfig::new("", sluice_dedup::DEFAULT_WINDOW);
+        let elastic = sluice_index::ElasticIndexConfig::new("");
         Config {
             listen: "127.0.0.1:8080".into(),
             data_dir: PathBuf::from("./sluice-data"),
@@ -126,37 +137,36 @@ impl Default for Config {
             dedup: DedupBackend::Embedded,
             index: IndexBackend::Embedded,
             registry: RegistryBackend::Embedded,
-            partitions: 8,
-            log_ack_timeout: Duration::from_secs(5),
+            partitions: log.partitions,
+            log_ack_timeout: bridge.log_ack_timeout,
             shutdown_timeout: Duration::from_secs(30),
-            max_item_bytes: 32 << 10,
-            max_request_bytes: 10 << 20,
-            max_request_items: 10_000,
-            retention_max_age: Duration::from_secs(7 * 24 * 3600),
-            retention_max_bytes: 0,
-            key_cache_ttl: Duration::from_secs(5),
-            batch_size: 5000,
-            batch_timeout: Duration::from_millis(250),
-            dedup_window: Duration::from_secs(7 * 24 * 3600),
-            topic: "sluice.ingest".into(),
-            kafka_session_timeout: Duration::from_secs(10),
+            max_item_bytes: limits.max_item_bytes,
+            max_request_bytes: limits.max_request_bytes,
+            max_request_items: limits.max_request_items,
+            retention_max_age: log.retention_max_age.unwrap_or_default(),
+            retention_max_bytes: log.retention_max_bytes.unwrap_or_default(),
+            key_cache_ttl: api.key_cache_ttl,
+            batch_size: batch.max_records,
+            batch_timeout: batch.timeout,
+            dedup_window: redis.window,
+            topic: kafka.topic,
+            kafka_session_timeout: kafka.session_timeout,
             kafka_instance_id: String::new(),
             kafka_replication_factor: None,
             kafka_min_insync_replicas: None,
             kafka_options: Default::default(),
-            dedup_key_prefix: "sluice:dedup".into(),
-            index_prefix: "sluice".into(),
-            sendgrid_max_age: Duration::from_secs(300),
-            action_max_age: Duration::from_secs(24 * 3600),
-            spill_max_bytes: 1 << 30,
-            replay_interval: Duration::from_secs(1),
-            max_in_flight_bytes: 256 << 20,
+            dedup_key_prefix: redis.prefix,
+            index_prefix: elastic.prefix,
+            sendgrid_max_age: api.sendgrid_max_age,
+            action_max_age: dispatcher.action_max_age,
+            spill_max_bytes: bridge.max_bytes,
+            replay_interval: bridge.replay_interval,
+            max_in_flight_bytes: api.max_in_flight_bytes,
             triggers: Vec::new(),
         }
     }
 }
 
-/// What `sluice config default` prints. A test checks it parses to `Config::default()`.
 pub const DEFAULT_CONFIG_TOML: &str = r#"# sluice configuration. Every key is optional; shown here with its default.
 # Precedence: this file < SLUICE_<KEY> environment variables < command-line flags
 # (e.g. `listen` is SLUICE_LISTEN and --listen).
@@ -780,6 +790,38 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_flags_stated_default_is_the_default() {
+        let command = ConfigArgs::augment_args(clap::Command::new("sluice"));
+        // `DEFAULT_CONFIG_TOML` is tested to be `Config::default()`.
+        let defaults: toml::Table = toml::from_str(DEFAULT_CONFIG_TOML).expect("parses");
+        let mut checked = 0;
+        for arg in command.get_arguments() {
+            let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+            let Some(stated) = help
+                .split("[default: ")
+                .nth(1)
+                .and_then(|rest| rest.split(']').next())
+            else {
+                continue;
+            };
+            let key = arg.get_id().as_str();
+            let value = match defaults.get(key) {
+                Some(toml::Value::String(text)) if text.is_empty() => continue,
+                Some(toml::Value::String(text)) => text.clone(),
+                Some(other) => other.to_string(),
+                // Unset by default (the Kafka replication settings): the help says what then.
+                None => continue,
+            };
+            assert_eq!(
+                stated, value,
+                "--{key}: the help's default is not the default"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 20, "only {checked} flags state a default");
+    }
 
     #[test]
     fn the_printed_default_config_is_the_default() {

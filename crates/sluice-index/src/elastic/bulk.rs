@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{Value, json};
 use sluice_model::{Op, Patch};
 
-use super::{ElasticIndex, ErrorBody, Got, add, describe};
+use super::{ElasticIndex, ErrorBody, add, describe};
 use crate::doc::{
     EventSource, Internal, NOT_AN_OBJECT, event_doc_id, upserted_profile, user_doc_id,
 };
@@ -469,46 +469,16 @@ async fn read_profiles(
     if positions.is_empty() {
         return Ok(stored);
     }
-    let docs: Vec<Value> = positions
+    let ids: Vec<String> = positions
         .iter()
         .map(|&i| {
             let user = plan.user(i);
-            json!({"_index": index.users, "_id": user_doc_id(&user.org, &user.user_key)})
+            user_doc_id(&user.org, &user.user_key)
         })
         .collect();
-    let body = serde_json::to_vec(&json!({ "docs": docs }))
-        .map_err(|e| IndexError::Config(format!("cannot encode a request: {e}")))?;
     add(&index.stats.mget_requests, 1);
-    let (status, answer) = index
-        .request(
-            Method::POST,
-            &["_mget"],
-            Some((Bytes::from(body), "application/json")),
-        )
-        .await?;
-    if !status.is_success() {
-        return Err(index.rejected("POST /_mget", status, &answer));
-    }
-    #[derive(Deserialize)]
-    struct Answer {
-        docs: Vec<Got>,
-    }
-    let answer: Answer = serde_json::from_slice(&answer)
-        .map_err(|e| index.unavailable(format!("POST /_mget: unexpected answer: {e}")))?;
-    if answer.docs.len() != positions.len() {
-        return Err(IndexError::Rejected {
-            server: index.server.clone(),
-            message: format!(
-                "POST /_mget answered {} documents for {} ids",
-                answer.docs.len(),
-                positions.len()
-            ),
-        });
-    }
-    for (i, got) in positions.into_iter().zip(answer.docs) {
-        if let Some(error) = got.error {
-            return Err(index.unavailable(format!("POST /_mget: {error}")));
-        }
+    let docs = index.mget_users(&ids).await?;
+    for (i, got) in positions.into_iter().zip(docs) {
         let value = match (got.found, got.seq_no, got.primary_term) {
             (false, _, _) => None,
             (true, Some(seq_no), Some(primary_term)) => {

@@ -293,6 +293,42 @@ impl ElasticIndex {
         }
     }
 
+    /// `POST /_mget` of the user documents with these ids, real time: one [`Got`] per id, in
+    /// order. A document the cluster could not read is `Unavailable`; an answer that does not
+    /// match the request is `Rejected`.
+    async fn mget_users(&self, ids: &[String]) -> Result<Vec<Got>, IndexError> {
+        let what = "POST /_mget";
+        let docs: Vec<Value> = ids
+            .iter()
+            .map(|id| json!({"_index": self.users, "_id": id}))
+            .collect();
+        let body = json_body(&json!({ "docs": docs }))?;
+        let (status, answer) = self.request(Method::POST, &["_mget"], Some(body)).await?;
+        if !status.is_success() {
+            return Err(self.rejected(what, status, &answer));
+        }
+        #[derive(Deserialize)]
+        struct Answer {
+            docs: Vec<Got>,
+        }
+        let answer: Answer = serde_json::from_slice(&answer)
+            .map_err(|e| self.unavailable(format!("{what}: unexpected answer: {e}")))?;
+        if answer.docs.len() != ids.len() {
+            return Err(IndexError::Rejected {
+                server: self.server.clone(),
+                message: format!(
+                    "{what} answered {} documents for {} ids",
+                    answer.docs.len(),
+                    ids.len()
+                ),
+            });
+        }
+        if let Some(error) = answer.docs.iter().find_map(|got| got.error.as_ref()) {
+            return Err(self.unavailable(format!("{what}: {error}")));
+        }
+        Ok(answer.docs)
+    }
+
     /// One request; `path` segments are percent-encoded. Transport failures are `Unavailable`.
     async fn request(
         &self,
@@ -509,39 +545,16 @@ impl Index for ElasticIndex {
             return Ok(Vec::new());
         }
         self.prepare().await?;
-        let docs: Vec<Value> = users
+        let ids: Vec<String> = users
             .iter()
-            .map(|(org, user_key)| {
-                serde_json::json!({"_index": self.users, "_id": crate::doc::user_doc_id(org, user_key)})
-            })
+            .map(|(org, user_key)| crate::doc::user_doc_id(org, user_key))
             .collect();
-        let body = json_body(&serde_json::json!({ "docs": docs }))?;
-        let (status, answer) = self.request(Method::POST, &["_mget"], Some(body)).await?;
-        let what = "POST /_mget";
-        if !status.is_success() {
-            return Err(self.rejected(what, status, &answer));
-        }
-        #[derive(Deserialize)]
-        struct Answer {
-            docs: Vec<Got>,
-        }
-        let answer: Answer = serde_json::from_slice(&answer)
-            .map_err(|e| self.unavailable(format!("{what}: unexpected answer: {e}")))?;
-        if answer.docs.len() != users.len() {
-            return Err(self.unavailable(format!(
-                "{what}: {} documents for {} ids",
-                answer.docs.len(),
-                users.len()
-            )));
-        }
-        answer
-            .docs
+        Ok(self
+            .mget_users(&ids)
+            .await?
             .into_iter()
-            .map(|got| match got.error {
-                Some(error) => Err(self.unavailable(format!("{what}: {error}"))),
-                None => Ok(got.found.then(|| without_internal(got.source))),
-            })
-            .collect()
+            .map(|got| got.found.then(|| without_internal(got.source)))
+            .collect())
     }
 
     async fn get_user_by_email(&self, org: &str, email: &str) -> Result<Option<Value>, IndexError> {
