@@ -10,6 +10,7 @@
 
 mod keys;
 mod postgres;
+mod sql;
 mod sqlite;
 #[cfg(feature = "testing")]
 pub mod testing;
