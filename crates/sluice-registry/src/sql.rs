@@ -43,11 +43,33 @@ pub(crate) fn numbered(sql: &'static str) -> sqlx::SqlStr {
     sqlx::SqlSafeStr::into_sql_str(sqlx::AssertSqlSafe(out))
 }
 
-/// `impl Registry for $registry` (a struct with `pool` and `err`) on database `$db`, each
+/// `impl Registry for $registry` (a struct with `pool` and `location`) on database `$db`, each
 /// statement passed through `$sql` ([`as_is`] or [`numbered`]).
 macro_rules! registry_impl {
     ($registry:ty, $db:ty, $sql:path) => {
         impl $registry {
+            /// Runs `migrator`'s migrations not applied yet.
+            async fn migrate(
+                migrator: &sqlx::migrate::Migrator,
+                pool: &sqlx::Pool<$db>,
+                location: &str,
+            ) -> Result<(), RegistryError> {
+                migrator
+                    .run(pool)
+                    .await
+                    .map_err(|source| RegistryError::Migration {
+                        location: location.to_string(),
+                        source,
+                    })
+            }
+
+            fn err(&self, source: sqlx::Error) -> RegistryError {
+                RegistryError::Database {
+                    location: self.location.clone(),
+                    source,
+                }
+            }
+
             async fn org_id(&self, name: &str) -> Result<i64, RegistryError> {
                 sqlx::query($sql(crate::sql::ORG_ID))
                     .bind(name)

@@ -39,21 +39,8 @@ impl SqliteRegistry {
             .connect_with(options)
             .await
             .map_err(db_err)?;
-        MIGRATIONS
-            .run(&pool)
-            .await
-            .map_err(|source| RegistryError::Migration {
-                location: location.clone(),
-                source,
-            })?;
+        Self::migrate(&MIGRATIONS, &pool, &location).await?;
         Ok(SqliteRegistry { pool, location })
-    }
-
-    fn err(&self, source: sqlx::Error) -> RegistryError {
-        RegistryError::Database {
-            location: self.location.clone(),
-            source,
-        }
     }
 }
 
