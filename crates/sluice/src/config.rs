@@ -458,7 +458,17 @@ const EMBEDDED: &str = "embedded";
 /// `FromStr` from `String` (serde's `try_from`), and `Display` as the setting was written
 /// (passwords redacted).
 macro_rules! backend_setting {
-    ($backend:ident, $parse:expr) => {
+    ($backend:ident, $variant:ident, $parse:expr) => {
+        impl $backend {
+            /// The URL as written; `None` for `embedded`.
+            fn url(&self) -> Option<&str> {
+                match self {
+                    $backend::Embedded => None,
+                    $backend::$variant { url, .. } => Some(url),
+                }
+            }
+        }
+
         impl std::str::FromStr for $backend {
             type Err = String;
             fn from_str(text: &str) -> Result<Self, String> {
@@ -481,7 +491,7 @@ macro_rules! backend_setting {
     };
 }
 
-backend_setting!(LogBackend, |text: &str| {
+backend_setting!(LogBackend, Kafka, |text: &str| {
     if text == EMBEDDED {
         return Ok(LogBackend::Embedded);
     }
@@ -493,7 +503,7 @@ backend_setting!(LogBackend, |text: &str| {
         .map_err(|e| format!("log = {text:?}: {e}"))
 });
 
-backend_setting!(DedupBackend, |text: &str| match text {
+backend_setting!(DedupBackend, Redis, |text: &str| match text {
     EMBEDDED => Ok(DedupBackend::Embedded),
     url if url.starts_with("redis://") || url.starts_with("rediss://") => {
         Ok(DedupBackend::Redis { url: url.into() })
@@ -503,7 +513,7 @@ backend_setting!(DedupBackend, |text: &str| match text {
     )),
 });
 
-backend_setting!(IndexBackend, |text: &str| match text {
+backend_setting!(IndexBackend, Elastic, |text: &str| match text {
     EMBEDDED => Ok(IndexBackend::Embedded),
     url if url.starts_with("http://") || url.starts_with("https://") => {
         Ok(IndexBackend::Elastic { url: url.into() })
@@ -514,7 +524,7 @@ backend_setting!(IndexBackend, |text: &str| match text {
     )),
 });
 
-backend_setting!(RegistryBackend, |text: &str| match text {
+backend_setting!(RegistryBackend, Postgres, |text: &str| match text {
     EMBEDDED => Ok(RegistryBackend::Embedded),
     url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
         Ok(RegistryBackend::Postgres { url: url.into() })
@@ -524,42 +534,6 @@ backend_setting!(RegistryBackend, |text: &str| match text {
         sluice_model::url::redacted(other)
     )),
 });
-
-impl LogBackend {
-    fn url(&self) -> Option<&str> {
-        match self {
-            LogBackend::Embedded => None,
-            LogBackend::Kafka { url, .. } => Some(url),
-        }
-    }
-}
-
-impl DedupBackend {
-    fn url(&self) -> Option<&str> {
-        match self {
-            DedupBackend::Embedded => None,
-            DedupBackend::Redis { url } => Some(url),
-        }
-    }
-}
-
-impl IndexBackend {
-    fn url(&self) -> Option<&str> {
-        match self {
-            IndexBackend::Embedded => None,
-            IndexBackend::Elastic { url } => Some(url),
-        }
-    }
-}
-
-impl RegistryBackend {
-    fn url(&self) -> Option<&str> {
-        match self {
-            RegistryBackend::Embedded => None,
-            RegistryBackend::Postgres { url } => Some(url),
-        }
-    }
-}
 
 mod duration {
     use serde::{Deserialize, Deserializer};
