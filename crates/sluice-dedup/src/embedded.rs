@@ -208,12 +208,13 @@ impl EmbeddedDedup {
         Ok(stored)
     }
 
-    /// `unstash`: one atomic batch.
+    /// `unstash`: one atomic batch, not fsynced: a stash a crash brings back only takes space
+    /// until it expires with the window (a marked action never reads it again).
     pub fn unstash_now(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError> {
         if keys.is_empty() {
             return Ok(());
         }
-        let mut batch = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut batch = self.inner.db.batch().durability(None);
         for key in keys {
             batch.remove(&self.inner.stash, encode_key(key));
         }

@@ -291,6 +291,24 @@ impl Index for EmbeddedIndex {
         .await
     }
 
+    /// One blocking task and one searcher for all of them.
+    async fn get_users(&self, users: &[(&str, &str)]) -> Result<Vec<Option<Value>>, IndexError> {
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = users
+            .iter()
+            .map(|(org, user_key)| crate::doc::user_doc_id(org, user_key))
+            .collect();
+        self.read(Target::Users, move |side| {
+            let searcher = side.reader.searcher();
+            ids.iter()
+                .map(|id| side.find_source(&searcher, id))
+                .collect()
+        })
+        .await
+    }
+
     async fn get_user_by_email(&self, org: &str, email: &str) -> Result<Option<Value>, IndexError> {
         let (org, email) = (org.to_owned(), email.to_lowercase());
         self.read(Target::Users, move |side| {
