@@ -98,6 +98,14 @@ impl Batcher {
     }
 }
 
+/// The record at `offset` in a batch (offsets ascend; Kafka's may have gaps).
+pub(crate) fn record_at(records: &[LogRecord], offset: u64) -> Option<&LogRecord> {
+    records
+        .binary_search_by_key(&offset, |r| r.offset)
+        .ok()
+        .map(|i| &records[i])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -40,9 +40,9 @@ use crate::stop::Stop;
 use tokio::time::Instant;
 
 use crate::dead_letter;
+use crate::error::PipelineError;
 use crate::group::{self, Committed, Group, Partitions};
 use crate::retry::{Abandon, FIRST_DELAY, Retrier, retry};
-use crate::runner::PipelineError;
 use crate::trigger::{Action, Triggers, Url, WebhookError};
 
 /// Settings of the dispatcher.

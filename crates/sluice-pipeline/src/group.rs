@@ -24,8 +24,8 @@ use crate::stop::{self, Stop, Stopper};
 use sluice_log::{Assignment, Log, LogError, PartitionStream, Subscription};
 use tokio::task::JoinSet;
 
+use crate::error::PipelineError;
 use crate::retry::Retrier;
-use crate::runner::PipelineError;
 
 /// Rejoins in a row, each after a membership shorter than [`STABLE_MEMBERSHIP`], before
 /// giving up.

@@ -13,6 +13,7 @@
 //! - `dispatch`: delivers the webhook actions of the actions log, per (rule, user) in order,
 //!   retrying per target host, so a down target never holds the pipeline.
 //! - `runner`: one task per partition chaining the stages, with retries.
+//! - `error`: `PipelineError`, the failure that stops a consumer.
 //! - `retry`: exponential backoff with jitter for every recoverable failure.
 //! - `stop`: the stop request every task and wait watches.
 //! - `group`: consumer-group membership (a task per owned partition, rejoins), for the
@@ -23,6 +24,7 @@
 pub mod batch;
 pub mod dead_letter;
 pub mod dispatch;
+mod error;
 pub mod group;
 pub mod merge;
 mod retry;
@@ -32,6 +34,7 @@ pub mod trigger;
 pub mod validate;
 
 pub use dispatch::{DispatchStats, Dispatcher, DispatcherConfig};
-pub use runner::{Pipeline, PipelineConfig, PipelineError, PipelineStats};
+pub use error::PipelineError;
+pub use runner::{Pipeline, PipelineConfig, PipelineStats};
 pub use stop::{Stop, Stopper};
 pub use trigger::{Action, Rule, Triggers};

@@ -34,12 +34,13 @@ use sluice_log::{Log, LogError, LogRecord, PartitionStream};
 use sluice_model::{Kind, Patch};
 use tracing::Instrument;
 
-use crate::batch::{BatchConfig, Batcher};
+use crate::batch::{BatchConfig, Batcher, record_at};
 use crate::dead_letter::{self, Stage};
+pub use crate::error::PipelineError;
 use crate::group::{self, Committed, Group, Partitions};
 use crate::merge::{Fold, Identity, Item, merge};
 use crate::retry::{Abandon, Retrier, retry};
-use crate::trigger::Triggers;
+use crate::trigger::{self, Triggers};
 use crate::validate::{ValidMessage, Validator};
 
 /// Settings of the pipeline.
@@ -160,32 +161,6 @@ impl PipelineStats {
             ),
         ]
     }
-}
-
-/// A failure that stops the pipeline: a bug or a broken invariant (SPEC §6 "unknown").
-#[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
-    #[error("cannot join consumer group {group:?}: {source}")]
-    Subscribe { group: String, source: LogError },
-    #[error("consumer group {group:?} failed: {source}")]
-    Consumer { group: String, source: LogError },
-    #[error("partition {partition}, offsets {first}..={last}: {message}")]
-    Stream {
-        partition: u32,
-        first: u64,
-        last: u64,
-        message: String,
-    },
-    #[error("a partition task panicked: {0}")]
-    Panicked(String),
-    #[error(
-        "consumer group {group:?}: the membership ended {rejoins} times in a row within moments of joining (is another node running with the same instance id?): {source}"
-    )]
-    Rejoins {
-        group: String,
-        rejoins: u32,
-        source: LogError,
-    },
 }
 
 /// The stages and their backends, shared by every partition task.
@@ -615,6 +590,7 @@ impl Pipeline {
         // Trigger payloads are computed and stashed before the index write changes the
         // profiles they start from (see `trigger`).
         let prepared = self
+            .trigger_stage()
             .prepare_actions(&fresh, write, &batch.matches, &batch.snapshots, stop)
             .await?;
         lap(&self.stats.trigger_us, &mut clock);
@@ -637,6 +613,7 @@ impl Pipeline {
 
         lap(&self.stats.index_us, &mut clock);
         let fired = self
+            .trigger_stage()
             .fire_actions(prepared, &refused_offsets, records, now, stop)
             .await?;
         lap(&self.stats.trigger_us, &mut clock);
@@ -695,6 +672,17 @@ impl Pipeline {
         Fut: std::future::Future<Output = Result<T, E>>,
     {
         retry(self.retrier(), what, stop, attempt).await
+    }
+
+    fn trigger_stage(&self) -> trigger::Stage<'_> {
+        trigger::Stage {
+            triggers: &self.config.triggers,
+            dedup: self.dedup.as_ref(),
+            index: self.index.as_ref(),
+            max_retry_delay: self.config.max_retry_delay,
+            retries: &self.stats.retries,
+            fired: &self.stats.actions_fired,
+        }
     }
 
     pub(crate) fn retrier(&self) -> Retrier<'_> {
@@ -779,14 +767,6 @@ fn refused(
         }
     }
     refused_offsets
-}
-
-/// The record at `offset` in a batch (offsets ascend; Kafka's may have gaps).
-pub(crate) fn record_at(records: &[LogRecord], offset: u64) -> Option<&LogRecord> {
-    records
-        .binary_search_by_key(&offset, |r| r.offset)
-        .ok()
-        .map(|i| &records[i])
 }
 
 /// Merge stage output as one index write: one upsert per user (its updates folded in log

@@ -22,18 +22,18 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::stop::Stop;
 use serde::Serialize;
 use serde_json::Value;
-use sluice_dedup::MessageKey;
-use sluice_index::{EventDoc, EventSource, UserUpsert, WriteBatch, profile_after};
+use sluice_dedup::{Dedup, MessageKey};
+use sluice_index::{EventDoc, EventSource, Index, UserUpsert, WriteBatch, profile_after};
 use sluice_log::{Log, LogRecord, Record};
 
-use crate::retry::Abandon;
-use crate::runner::{Pipeline, record_at};
+use crate::batch::record_at;
+use crate::retry::{Abandon, Retrier, retry};
+use crate::stop::Stop;
 use crate::validate::ValidMessage;
 
 pub use reqwest::Url;
@@ -287,7 +287,41 @@ impl Prepared<'_> {
     }
 }
 
-impl Pipeline {
+/// What the trigger stage works with: the rules, the stores it reads and stashes in, and the
+/// counters it adds to (borrowed from the pipeline for one batch).
+pub(crate) struct Stage<'p> {
+    pub triggers: &'p Triggers,
+    pub dedup: &'p dyn Dedup,
+    pub index: &'p dyn Index,
+    /// Longest wait between two attempts of a failing step.
+    pub max_retry_delay: Duration,
+    pub retries: &'p AtomicU64,
+    pub fired: &'p AtomicU64,
+}
+
+impl Stage<'_> {
+    /// Runs `attempt` until it succeeds, fails with an error that is not recoverable, or
+    /// `stop`.
+    async fn retry<T, E, F, Fut>(
+        &self,
+        what: &str,
+        stop: &mut Stop,
+        attempt: F,
+    ) -> Result<T, Abandon>
+    where
+        E: sluice_model::Recoverable + std::fmt::Display + Sync,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        retry(
+            Retrier::new(self.max_retry_delay, self.retries),
+            what,
+            stop,
+            attempt,
+        )
+        .await
+    }
+
     /// Step 1 of the module docs, before the index write: the actions of `fresh` not fired
     /// yet, each with its payload stashed (or the one stashed by an earlier attempt).
     pub(crate) async fn prepare_actions<'a>(
@@ -298,7 +332,7 @@ impl Pipeline {
         snapshots: &HashMap<usize, UserUpsert>,
         stop: &mut Stop,
     ) -> Result<Vec<Prepared<'a>>, Abandon> {
-        let triggers = &self.config.triggers;
+        let triggers = self.triggers;
         if matches.is_empty() {
             return Ok(Vec::new());
         }
@@ -404,7 +438,7 @@ impl Pipeline {
         now: i64,
         stop: &mut Stop,
     ) -> Result<Vec<Prepared<'a>>, Abandon> {
-        let triggers = &self.config.triggers;
+        let triggers = self.triggers;
         let rules = triggers.rules();
         let prepared: Vec<Prepared<'a>> = prepared
             .into_iter()
@@ -449,8 +483,7 @@ impl Pipeline {
             self.retry(&what, stop, || log.append(batch.clone()))
                 .await?;
         }
-        self.stats
-            .actions_fired
+        self.fired
             .fetch_add(prepared.len() as u64, Ordering::Relaxed);
         Ok(prepared)
     }
