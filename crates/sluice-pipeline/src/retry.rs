@@ -61,6 +61,34 @@ impl<'a> Retrier<'a> {
     }
 }
 
+/// How a place retries: its longest pause and the counter of its retries.
+#[derive(Clone, Copy)]
+pub(crate) struct Policy<'a> {
+    pub max_delay: Duration,
+    pub retries: &'a AtomicU64,
+}
+
+impl<'a> Policy<'a> {
+    pub(crate) fn retrier(self) -> Retrier<'a> {
+        Retrier::new(self.max_delay, self.retries)
+    }
+
+    /// [`retry`] with a fresh [`Retrier`] of this policy.
+    pub(crate) async fn retry<T, E, F, Fut>(
+        self,
+        what: &str,
+        stop: &mut Stop,
+        attempt: F,
+    ) -> Result<T, Abandon>
+    where
+        E: Recoverable + std::fmt::Display + Sync,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        retry(self.retrier(), what, stop, attempt).await
+    }
+}
+
 /// Runs `attempt` until it succeeds, fails with an error that is not [`Recoverable`], or
 /// `stop`, waiting with `retrier` between attempts.
 pub(crate) async fn retry<T, E, F, Fut>(

@@ -39,7 +39,7 @@ use crate::dead_letter::{self, Stage};
 pub use crate::error::PipelineError;
 use crate::group::{self, Committed, Group, Partitions};
 use crate::merge::{Fold, Identity, Item, merge};
-use crate::retry::{Abandon, Retrier, retry};
+use crate::retry::{Abandon, Policy};
 use crate::trigger::{self, Triggers};
 use crate::validate::{ValidMessage, Validator};
 
@@ -417,7 +417,7 @@ impl Pipeline {
         let partition = stream.partition();
         let (first, last) = (batch.first(), batch.last());
         let mut clock = std::time::Instant::now();
-        match group::commit(stream, last + 1, self.retrier(), stop).await {
+        match group::commit(stream, last + 1, self.policy().retrier(), stop).await {
             Ok(Committed::Done) => {}
             Ok(Committed::Revoked) => {
                 tracing::warn!(
@@ -520,6 +520,7 @@ impl Pipeline {
     ) -> Result<Checked, Abandon> {
         let mut clock = std::time::Instant::now();
         let validated = self
+            .policy()
             .retry("validate", stop, || self.validator.validate(records))
             .await?;
         let now = sluice_model::time::now_ms();
@@ -547,6 +548,7 @@ impl Pipeline {
         // repeats within the batch.
         let keys: Vec<MessageKey<'_>> = valid.iter().map(message_key).collect();
         let seen = self
+            .policy()
             .retry("check the dedup store", stop, || self.dedup.check(&keys))
             .await?;
         let mut in_batch = HashSet::with_capacity(valid.len());
@@ -596,6 +598,7 @@ impl Pipeline {
         lap(&self.stats.trigger_us, &mut clock);
         let (users, events) = (write.users.len() as u64, write.events.len() as u64);
         let outcome = self
+            .policy()
             .retry("write to the index", stop, || {
                 self.index.write(write.clone())
             })
@@ -626,7 +629,8 @@ impl Pipeline {
             .map(|m| message_key(m))
             .chain(fired.iter().map(|action| action.key()))
             .collect();
-        self.retry("mark processed", stop, || self.dedup.mark(&processed))
+        self.policy()
+            .retry("mark processed", stop, || self.dedup.mark(&processed))
             .await?;
         if !fired.is_empty() {
             let stashed: Vec<MessageKey<'_>> = fired.iter().map(|action| action.key()).collect();
@@ -650,28 +654,13 @@ impl Pipeline {
             return Ok(());
         }
         let count = dead.len() as u64;
-        self.retry("write dead letters", stop, || {
-            self.dead_letters.append(dead.clone())
-        })
-        .await?;
+        self.policy()
+            .retry("write dead letters", stop, || {
+                self.dead_letters.append(dead.clone())
+            })
+            .await?;
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
         Ok(())
-    }
-
-    /// Runs `attempt` until it succeeds, fails with an error that is not recoverable, or
-    /// `stop`.
-    pub(crate) async fn retry<T, E, F, Fut>(
-        &self,
-        what: &str,
-        stop: &mut Stop,
-        attempt: F,
-    ) -> Result<T, Abandon>
-    where
-        E: sluice_model::Recoverable + std::fmt::Display + Sync,
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-    {
-        retry(self.retrier(), what, stop, attempt).await
     }
 
     fn trigger_stage(&self) -> trigger::Stage<'_> {
@@ -679,14 +668,17 @@ impl Pipeline {
             triggers: &self.config.triggers,
             dedup: self.dedup.as_ref(),
             index: self.index.as_ref(),
-            max_retry_delay: self.config.max_retry_delay,
-            retries: &self.stats.retries,
+            retries: self.policy(),
             fired: &self.stats.actions_fired,
         }
     }
 
-    pub(crate) fn retrier(&self) -> Retrier<'_> {
-        Retrier::new(self.config.max_retry_delay, &self.stats.retries)
+    /// How every step of the pipeline retries.
+    fn policy(&self) -> Policy<'_> {
+        Policy {
+            max_delay: self.config.max_retry_delay,
+            retries: &self.stats.retries,
+        }
     }
 }
 

@@ -32,7 +32,7 @@ use sluice_index::{EventDoc, EventSource, Index, UserUpsert, WriteBatch, profile
 use sluice_log::{Log, LogRecord, Record};
 
 use crate::batch::record_at;
-use crate::retry::{Abandon, Retrier, retry};
+use crate::retry::{Abandon, Policy};
 use crate::stop::Stop;
 use crate::validate::ValidMessage;
 
@@ -293,35 +293,11 @@ pub(crate) struct Stage<'p> {
     pub triggers: &'p Triggers,
     pub dedup: &'p dyn Dedup,
     pub index: &'p dyn Index,
-    /// Longest wait between two attempts of a failing step.
-    pub max_retry_delay: Duration,
-    pub retries: &'p AtomicU64,
+    pub retries: Policy<'p>,
     pub fired: &'p AtomicU64,
 }
 
 impl Stage<'_> {
-    /// Runs `attempt` until it succeeds, fails with an error that is not recoverable, or
-    /// `stop`.
-    async fn retry<T, E, F, Fut>(
-        &self,
-        what: &str,
-        stop: &mut Stop,
-        attempt: F,
-    ) -> Result<T, Abandon>
-    where
-        E: sluice_model::Recoverable + std::fmt::Display + Sync,
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, E>>,
-    {
-        retry(
-            Retrier::new(self.max_retry_delay, self.retries),
-            what,
-            stop,
-            attempt,
-        )
-        .await
-    }
-
     /// Step 1 of the module docs, before the index write: the actions of `fresh` not fired
     /// yet, each with its payload stashed (or the one stashed by an earlier attempt).
     pub(crate) async fn prepare_actions<'a>(
@@ -350,6 +326,7 @@ impl Stage<'_> {
             })
             .collect();
         let fired = self
+            .retries
             .retry("check which actions fired", stop, || {
                 self.dedup.check(&keys)
             })
@@ -370,6 +347,7 @@ impl Stage<'_> {
         users.sort_unstable();
         users.dedup();
         let profiles = self
+            .retries
             .retry("read profiles for triggers", stop, || {
                 self.index.get_users(&users)
             })
@@ -416,6 +394,7 @@ impl Stage<'_> {
             .map(|p| (p.key(), p.payload.as_slice()))
             .collect();
         let stashed = self
+            .retries
             .retry("stash trigger payloads", stop, || {
                 self.dedup.stash(&entries)
             })
@@ -480,7 +459,8 @@ impl Stage<'_> {
                 Action::Topic { topic, .. } => format!("append actions to topic {topic}"),
                 Action::Webhook(_) => "append webhook actions to the actions log".to_string(),
             };
-            self.retry(&what, stop, || log.append(batch.clone()))
+            self.retries
+                .retry(&what, stop, || log.append(batch.clone()))
                 .await?;
         }
         self.fired
