@@ -14,16 +14,8 @@ use std::time::{Duration, Instant};
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log, Record};
 use sluice_pipeline::{Action, Dispatcher, DispatcherConfig, Rule, Triggers};
 
-/// The `sluice` binary's allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod support;
+use support::setting;
 
 /// This process's CPU time so far (all threads).
 fn cpu_time() -> Duration {

@@ -39,16 +39,8 @@ use sluice_pipeline::validate::Validator;
 use sluice_pipeline::{Pipeline, PipelineConfig, PipelineStats, runner::build_write};
 use sluice_registry::{Registry, SqliteRegistry};
 
-/// The `sluice` binary's allocator, so the pipeline costs here what it costs there.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn setting(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+mod support;
+use support::setting;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()

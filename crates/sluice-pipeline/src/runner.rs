@@ -663,8 +663,8 @@ impl Pipeline {
         Ok(())
     }
 
-    fn trigger_stage(&self) -> trigger::Stage<'_> {
-        trigger::Stage {
+    fn trigger_stage(&self) -> trigger::Context<'_> {
+        trigger::Context {
             triggers: &self.config.triggers,
             dedup: self.dedup.as_ref(),
             index: self.index.as_ref(),

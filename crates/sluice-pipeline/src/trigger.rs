@@ -289,7 +289,7 @@ impl Prepared<'_> {
 
 /// What the trigger stage works with: the rules, the stores it reads and stashes in, and the
 /// counters it adds to (borrowed from the pipeline for one batch).
-pub(crate) struct Stage<'p> {
+pub(crate) struct Context<'p> {
     pub triggers: &'p Triggers,
     pub dedup: &'p dyn Dedup,
     pub index: &'p dyn Index,
@@ -297,7 +297,7 @@ pub(crate) struct Stage<'p> {
     pub fired: &'p AtomicU64,
 }
 
-impl Stage<'_> {
+impl Context<'_> {
     /// Step 1 of the module docs, before the index write: the actions of `fresh` not fired
     /// yet, each with its payload stashed (or the one stashed by an earlier attempt).
     pub(crate) async fn prepare_actions<'a>(

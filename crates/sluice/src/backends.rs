@@ -45,10 +45,7 @@ pub async fn open_log(
         let retention = log.spawn_retention(RETENTION_INTERVAL);
         return Ok((log, Some(retention)));
     };
-    let mut kafka = config.kafka_log_config(brokers, &config.topic);
-    kafka.session_timeout = config.kafka_session_timeout;
-    kafka.revoke_timeout = config.shutdown_timeout;
-    kafka.instance_id = Some(config.kafka_instance_id());
+    let kafka = config.kafka_log_config(brokers, &config.topic);
     if connect == Connect::Now {
         let log = KafkaLog::connect(kafka)
             .await
@@ -99,12 +96,9 @@ async fn open_side_log(
         return Ok(Arc::new(log));
     };
     let mut kafka = config.kafka_log_config(brokers, topic);
-    kafka.other_topics = Vec::new();
     // A side log consumed as a group (the actions topic, by the dispatcher) joins as the
     // ingest topic's pipeline does: same session, drain and static membership.
-    kafka.session_timeout = config.kafka_session_timeout;
-    kafka.revoke_timeout = config.shutdown_timeout;
-    kafka.instance_id = Some(config.kafka_instance_id());
+    kafka.other_topics = Vec::new();
     let log = KafkaLog::connect(kafka)
         .await
         .with_context(|| format!("cannot use the {what} topic {topic} at {url}"))?;

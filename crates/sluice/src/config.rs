@@ -713,7 +713,8 @@ impl Config {
     }
 
     /// A Kafka log's settings for `topic` on `brokers`: replication, the `[kafka_options]`
-    /// passthrough, partitions. The caller sets what is particular to its use.
+    /// passthrough, partitions, and how its consumer groups join (session timeout, drain on
+    /// revoke, static membership). The caller sets what is particular to its use.
     pub fn kafka_log_config(&self, brokers: &str, topic: &str) -> sluice_log::KafkaLogConfig {
         let mut kafka = sluice_log::KafkaLogConfig::new(brokers, topic);
         kafka.partitions = self.partitions;
@@ -725,6 +726,9 @@ impl Config {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        kafka.session_timeout = self.kafka_session_timeout;
+        kafka.revoke_timeout = self.shutdown_timeout;
+        kafka.instance_id = Some(self.kafka_instance_id());
         kafka
     }
 

@@ -177,13 +177,7 @@ fn is_locked(e: &anyhow::Error) -> bool {
 
 /// Adds what to do when an embedded log is held by a running server.
 fn locked_hint(e: anyhow::Error) -> anyhow::Error {
-    let locked = e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<LogError>(),
-            Some(LogError::Locked { .. })
-        )
-    });
-    if locked {
+    if is_locked(&e) {
         e.context("a sluice server holds this data dir's logs: stop it (SIGTERM drains it), run the dlq command, and start it again")
     } else {
         e

@@ -226,16 +226,17 @@ struct PartitionShared {
     committing: Mutex<()>,
 }
 
-/// How long a revoke waits, past `revoke_timeout`, for a commit already in flight. A commit
+/// How long a revoke waits, past `revoke_timeout`, for commits already in flight (one bound
+/// for all its partitions). A commit
 /// can wait on the coordinator for as long as librdkafka's own rebalance waits on the revoke:
 /// waiting for it without a bound deadlocks the consumer (seen with a frozen broker). A commit
 /// that lands later is of an offset this member had processed up to: it skips nothing.
 const COMMIT_GRACE: Duration = Duration::from_secs(5);
 
 impl PartitionShared {
-    /// Waits up to `grace` for a commit in flight to end; whether none is in flight now.
-    fn wait_for_commit(&self, grace: Duration) -> bool {
-        let deadline = Instant::now() + grace;
+    /// Waits until `deadline` at most for a commit in flight to end; whether none is in
+    /// flight now.
+    fn wait_for_commit(&self, deadline: Instant) -> bool {
         loop {
             match self.committing.try_lock() {
                 Ok(_) | Err(std::sync::TryLockError::Poisoned(_)) => return true,
@@ -372,7 +373,7 @@ impl GroupContext {
                 );
             }
             owned.shared.set(Ownership::Revoked);
-            if !owned.shared.wait_for_commit(COMMIT_GRACE) {
+            if !owned.shared.wait_for_commit(deadline + COMMIT_GRACE) {
                 tracing::warn!(
                     group = %self.group,
                     partition,
