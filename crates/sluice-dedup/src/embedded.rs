@@ -16,7 +16,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use sluice_model::time::now_ms;
 
-use crate::{Dedup, DedupError, MessageKey};
+use crate::{Dedup, DedupError, MessageKey, Stash};
 
 const KEYSPACE: &str = "seen";
 /// The trigger outbox: key as in `seen`, value = time stashed (i64 big-endian) + payload.
@@ -167,21 +167,22 @@ impl EmbeddedDedup {
         batch.commit().map_err(|e| self.error(e))
     }
 
-    /// `stash` as of `now_ms`: one atomic batch, one fsync, for what was not stashed yet.
+    /// `stash` as of `now_ms`: one atomic batch, one fsync, for what is kept and was not
+    /// stashed yet.
     pub fn stash_at(
         &self,
-        entries: &[(MessageKey<'_>, &[u8])],
+        entries: &[Stash<'_>],
         now_ms: i64,
-    ) -> Result<Vec<Vec<u8>>, DedupError> {
+    ) -> Result<Vec<Option<Vec<u8>>>, DedupError> {
         let floor = now_ms.saturating_sub(self.inner.window_ms);
         let mut batch = self.inner.db.batch().durability(Some(PersistMode::SyncAll));
-        let mut stored = Vec::with_capacity(entries.len());
+        let mut found = Vec::with_capacity(entries.len());
+        // Keys stashed by this call, and the entry whose payload was stashed.
         let mut fresh: std::collections::HashMap<Vec<u8>, usize> = Default::default();
-        for (key, payload) in entries {
-            let encoded = encode_key(key);
+        for (at, entry) in entries.iter().enumerate() {
+            let encoded = encode_key(&entry.key);
             if let Some(&earlier) = fresh.get(&encoded) {
-                let payload: &Vec<u8> = &stored[earlier];
-                stored.push(payload.clone());
+                found.push(Some(entries[earlier].payload.to_vec()));
                 continue;
             }
             let existing = self
@@ -191,21 +192,23 @@ impl EmbeddedDedup {
                 .map_err(|e| self.error(e))?
                 .filter(|v| decode_time(v).is_some_and(|at| at >= floor));
             match existing {
-                Some(value) => stored.push(value[8..].to_vec()),
+                Some(value) => found.push(Some(value[8..].to_vec())),
                 None => {
-                    let mut value = Vec::with_capacity(8 + payload.len());
-                    value.extend_from_slice(&now_ms.to_be_bytes());
-                    value.extend_from_slice(payload);
-                    batch.insert(&self.inner.stash, encoded.clone(), value);
-                    fresh.insert(encoded, stored.len());
-                    stored.push(payload.to_vec());
+                    if entry.keep {
+                        let mut value = Vec::with_capacity(8 + entry.payload.len());
+                        value.extend_from_slice(&now_ms.to_be_bytes());
+                        value.extend_from_slice(entry.payload);
+                        batch.insert(&self.inner.stash, encoded.clone(), value);
+                        fresh.insert(encoded, at);
+                    }
+                    found.push(None);
                 }
             }
         }
         if !fresh.is_empty() {
             batch.commit().map_err(|e| self.error(e))?;
         }
-        Ok(stored)
+        Ok(found)
     }
 
     /// `unstash`: one atomic batch, not fsynced: a stash a crash brings back only takes space
@@ -256,14 +259,22 @@ impl Dedup for EmbeddedDedup {
             .map_err(|e| self.error(format!("mark task failed: {e}")))?
     }
 
-    async fn stash(&self, entries: &[(MessageKey<'_>, &[u8])]) -> Result<Vec<Vec<u8>>, DedupError> {
+    async fn stash(&self, entries: &[Stash<'_>]) -> Result<Vec<Option<Vec<u8>>>, DedupError> {
         let this = self.clone();
-        let keys = owned(&entries.iter().map(|(k, _)| *k).collect::<Vec<_>>());
-        let payloads: Vec<Vec<u8>> = entries.iter().map(|(_, p)| p.to_vec()).collect();
+        let keys = owned(&entries.iter().map(|e| e.key).collect::<Vec<_>>());
+        let payloads: Vec<(Vec<u8>, bool)> = entries
+            .iter()
+            .map(|e| (e.payload.to_vec(), e.keep))
+            .collect();
         tokio::task::spawn_blocking(move || {
-            let entries: Vec<(MessageKey<'_>, &[u8])> = borrowed(&keys)
+            let entries: Vec<Stash<'_>> = borrowed(&keys)
                 .into_iter()
-                .zip(payloads.iter().map(Vec::as_slice))
+                .zip(&payloads)
+                .map(|(key, (payload, keep))| Stash {
+                    key,
+                    payload,
+                    keep: *keep,
+                })
                 .collect();
             this.stash_at(&entries, now_ms())
         })
@@ -328,14 +339,27 @@ mod tests {
     #[tokio::test]
     async fn a_stash_keeps_the_first_payload_until_unstashed_and_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (a, b) = (key("acme/welcome", "m1"), key("acme/welcome", "m2"));
+        let (a, b, c) = (
+            key("acme/welcome", "m1"),
+            key("acme/welcome", "m2"),
+            key("acme/welcome", "m3"),
+        );
         {
             let dedup = EmbeddedDedup::open(dir.path(), crate::DEFAULT_WINDOW).expect("open");
-            let stored = dedup
-                .stash(&[(a, b"first"), (b, b"other"), (a, b"again")])
+            let found = dedup
+                .stash(&[
+                    kept(a, b"first"),
+                    kept(b, b"other"),
+                    kept(a, b"again"),
+                    looked_up(c, b"only looked up"),
+                ])
                 .await
                 .expect("stash");
-            assert_eq!(stored, [&b"first"[..], b"other", b"first"]);
+            assert_eq!(
+                found,
+                [None, None, Some(b"first".to_vec()), None],
+                "a key repeated in one call finds the payload stashed by the first"
+            );
             assert_eq!(
                 dedup.check(&[a]).await.expect("check"),
                 [false],
@@ -343,16 +367,41 @@ mod tests {
             );
         }
         let dedup = EmbeddedDedup::open(dir.path(), crate::DEFAULT_WINDOW).expect("reopen");
-        let stored = dedup.stash(&[(a, b"later")]).await.expect("stash");
-        assert_eq!(stored, [b"first"], "a stashed payload is durable and kept");
+        let found = dedup
+            .stash(&[looked_up(a, b"later"), kept(c, b"kept now")])
+            .await
+            .expect("stash");
+        assert_eq!(
+            found,
+            [Some(b"first".to_vec()), None],
+            "a stashed payload is durable and kept; a look-up stashes nothing"
+        );
+        let found = dedup.stash(&[looked_up(c, b"")]).await.expect("stash");
+        assert_eq!(found, [Some(b"kept now".to_vec())]);
         dedup.unstash(&[a]).await.expect("unstash");
-        let stored = dedup.stash(&[(a, b"new")]).await.expect("stash");
-        assert_eq!(stored, [b"new"], "after unstash the key is free");
+        let found = dedup.stash(&[kept(a, b"new")]).await.expect("stash");
+        assert_eq!(found, [None], "after unstash the key is free");
         // An expired stash counts as absent.
         let old = dedup
-            .stash_at(&[(b, b"newer")], now_ms() + 8 * 24 * 3600 * 1000)
+            .stash_at(&[kept(b, b"newer")], now_ms() + 8 * 24 * 3600 * 1000)
             .expect("stash");
-        assert_eq!(old, [b"newer"]);
+        assert_eq!(old, [None]);
+    }
+
+    fn kept<'a>(key: MessageKey<'a>, payload: &'a [u8]) -> Stash<'a> {
+        Stash {
+            key,
+            payload,
+            keep: true,
+        }
+    }
+
+    fn looked_up<'a>(key: MessageKey<'a>, payload: &'a [u8]) -> Stash<'a> {
+        Stash {
+            key,
+            payload,
+            keep: false,
+        }
     }
 
     #[test]

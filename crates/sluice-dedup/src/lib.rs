@@ -28,6 +28,16 @@ pub struct MessageKey<'a> {
     pub message_id: &'a str,
 }
 
+/// One payload for [`Dedup::stash`].
+#[derive(Debug, Clone, Copy)]
+pub struct Stash<'a> {
+    pub key: MessageKey<'a>,
+    pub payload: &'a [u8],
+    /// Whether to stash the payload if none is stashed under the key (`false` only looks an
+    /// earlier one up).
+    pub keep: bool,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DedupError {
     #[error("dedup store error at {path}: {message}")]
@@ -56,10 +66,11 @@ pub trait Dedup: Send + Sync + 'static {
     async fn mark(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError>;
 
     /// The trigger outbox (SPEC §6 step 7): for each entry, in order, the payload stashed
-    /// under its key within the window, or, when there is none, the entry's own payload,
-    /// stashed now. Durable when it returns. Stashes live beside the marks, never mixed with
-    /// them: a stashed key is not marked.
-    async fn stash(&self, entries: &[(MessageKey<'_>, &[u8])]) -> Result<Vec<Vec<u8>>, DedupError>;
+    /// under its key within the window, if there is one. When there is none the entry's own
+    /// payload is the one, and it is stashed now if the entry says `keep`. Durable when it
+    /// returns. Stashes live beside the marks, never mixed with them: a stashed key is not
+    /// marked.
+    async fn stash(&self, entries: &[Stash<'_>]) -> Result<Vec<Option<Vec<u8>>>, DedupError>;
 
     /// Drops the stashed payloads of these keys (their actions fired).
     async fn unstash(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError>;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::{Dedup, DedupError, MessageKey};
+use crate::{Dedup, DedupError, MessageKey, Stash};
 
 /// Settings of the Redis dedup store.
 #[derive(Debug, Clone)]
@@ -151,35 +151,49 @@ impl Dedup for RedisDedup {
             .map_err(|e| self.error("marking message ids", &e))
     }
 
-    async fn stash(&self, entries: &[(MessageKey<'_>, &[u8])]) -> Result<Vec<Vec<u8>>, DedupError> {
+    async fn stash(&self, entries: &[Stash<'_>]) -> Result<Vec<Option<Vec<u8>>>, DedupError> {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        // SET NX keeps a payload stashed earlier; the GET after it, in the same pipeline on
-        // one connection, reads whichever payload is stashed.
+        // Per entry, in one pipeline on one connection: for a kept entry SET NX, which answers
+        // OK when its payload is stashed now; then GET, which reads whichever is stashed.
         let mut pipe = redis::pipe();
-        for (key, payload) in entries {
-            let key = self.stash_key(key);
-            pipe.cmd("SET")
-                .arg(&key)
-                .arg(*payload)
-                .arg("EX")
-                .arg(self.window_secs)
-                .arg("NX")
-                .ignore();
+        for entry in entries {
+            let key = self.stash_key(&entry.key);
+            if entry.keep {
+                pipe.cmd("SET")
+                    .arg(&key)
+                    .arg(entry.payload)
+                    .arg("EX")
+                    .arg(self.window_secs)
+                    .arg("NX");
+            }
             pipe.get(key);
         }
         let mut connection = self.connection.clone();
         self.count_round_trip();
-        let stored: Vec<Option<Vec<u8>>> = pipe
-            .query_async(&mut connection)
+        let failed = |e: redis::RedisError| self.error("stashing trigger payloads", &e);
+        let mut answers = pipe
+            .query_async::<Vec<redis::Value>>(&mut connection)
             .await
-            .map_err(|e| self.error("stashing trigger payloads", &e))?;
-        Ok(stored
-            .into_iter()
-            .zip(entries)
-            .map(|(stored, (_, payload))| stored.unwrap_or_else(|| payload.to_vec()))
-            .collect())
+            .map_err(failed)?
+            .into_iter();
+        let mut found = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let stashed_now = if entry.keep {
+                let set: Option<String> =
+                    redis::from_redis_value(answers.next().unwrap_or(redis::Value::Nil))
+                        .map_err(|e| failed(e.into()))?;
+                set.as_deref() == Some("OK")
+            } else {
+                false
+            };
+            let stored: Option<Vec<u8>> =
+                redis::from_redis_value(answers.next().unwrap_or(redis::Value::Nil))
+                    .map_err(|e| failed(e.into()))?;
+            found.push(if stashed_now { None } else { stored });
+        }
+        Ok(found)
     }
 
     async fn unstash(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError> {

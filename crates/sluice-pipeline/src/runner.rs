@@ -622,18 +622,17 @@ impl Pipeline {
         lap(&self.stats.trigger_us, &mut clock);
 
         self.write_dead_letters(dead, stop).await?;
-        // The batch's messages and its fired actions, in one mark.
+        // The batch's messages; a message's mark stands for its actions (see `trigger`).
         let processed: Vec<MessageKey<'_>> = fresh
             .iter()
             .filter(|m| !refused_offsets.contains(&m.offset))
             .map(|m| message_key(m))
-            .chain(fired.iter().map(|action| action.key()))
             .collect();
         self.policy()
             .retry("mark processed", stop, || self.dedup.mark(&processed))
             .await?;
-        if !fired.is_empty() {
-            let stashed: Vec<MessageKey<'_>> = fired.iter().map(|action| action.key()).collect();
+        let stashed: Vec<MessageKey<'_>> = fired.iter().filter_map(|a| a.stash_key()).collect();
+        if !stashed.is_empty() {
             // Only space: a stash left behind expires with the window.
             if let Err(e) = self.dedup.unstash(&stashed).await {
                 tracing::warn!(error = %e, "pipeline: cannot drop the payloads of fired actions");
@@ -1047,6 +1046,175 @@ mod tests {
                 .iter()
                 .any(|r| r.contains("not a sluice log record")),
             "{reasons:?}"
+        );
+    }
+
+    fn signed_up(user: &str, id: &str) -> Record {
+        record(
+            user,
+            json!({"v": 1, "kind": "event", "org": "acme", "messageId": id, "userId": user,
+                   "receivedAt": 1, "eventName": "signed_up", "dataFields": {}}),
+        )
+    }
+
+    /// A crash between the index write and the mark (here: the rule's topic refuses every
+    /// append until the pipeline is stopped) leaves the batch's profiles in the index; the
+    /// next run fires every action once, each with the profile as it stood at its event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn actions_replayed_after_the_index_write_keep_their_snapshots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log_config = || EmbeddedLogConfig {
+            partitions: PARTITIONS,
+            ..EmbeddedLogConfig::default()
+        };
+        let open_log = |name: &str| {
+            Arc::new(EmbeddedLog::open(&dir.path().join(name), log_config()).expect("log"))
+        };
+        let log = open_log("log");
+        let dead_letters = open_log("dlq");
+        let registry = Arc::new(
+            SqliteRegistry::open(&dir.path().join("registry.db"))
+                .await
+                .expect("registry"),
+        );
+        registry.create_org("acme").await.expect("org");
+        let dedup = Arc::new(
+            EmbeddedDedup::open(&dir.path().join("dedup"), Duration::from_secs(3600))
+                .expect("dedup"),
+        );
+        let index = Arc::new(
+            EmbeddedIndex::open(EmbeddedIndexConfig::new(dir.path().join("index"))).expect("index"),
+        );
+        log.append(vec![
+            update("a", "a1", json!({"plan": "free"})),
+            signed_up("a", "e1"),
+            update("a", "a2", json!({"plan": "pro", "paid": true})),
+            signed_up("a", "e2"),
+            signed_up("b", "f1"),
+            update("c", "c1", json!({"n": 1})),
+            signed_up("c", "f2"),
+        ])
+        .await
+        .expect("append");
+        let pipeline = |topic: &Arc<EmbeddedLog>| {
+            let rule = trigger::Rule {
+                name: "welcome".into(),
+                event: "signed_up".into(),
+                action: trigger::Action::Topic {
+                    topic: "welcome".into(),
+                    log: Arc::clone(topic) as Arc<dyn Log>,
+                },
+            };
+            Pipeline::new(
+                Arc::clone(&log) as Arc<dyn Log>,
+                Arc::clone(&dead_letters) as Arc<dyn Log>,
+                Validator::new(
+                    Arc::clone(&registry) as Arc<dyn Registry>,
+                    Duration::from_secs(1),
+                ),
+                Arc::clone(&dedup) as Arc<dyn Dedup>,
+                Arc::clone(&index) as Arc<dyn Index>,
+                PipelineConfig {
+                    batch: BatchConfig {
+                        max_records: 100,
+                        timeout: Duration::from_millis(20),
+                    },
+                    max_retry_delay: Duration::from_millis(50),
+                    triggers: Triggers::new(vec![rule]),
+                    ..PipelineConfig::default()
+                },
+            )
+        };
+        let plan = || async {
+            index
+                .get_user("acme", "u:a")
+                .await
+                .expect("read")
+                .map(|a| a["dataFields"]["plan"].clone())
+        };
+
+        // First run: the topic is closed, so the batch is indexed and then retried at the
+        // append until the stop abandons it (not marked, not committed).
+        let closed = open_log("closed-topic");
+        closed.close().await.expect("close");
+        let (stopper, stop) = stop::channel();
+        let running = tokio::spawn(pipeline(&closed).run(stop));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while plan().await != Some(json!("pro"))
+            || index.get_user("acme", "u:c").await.expect("read").is_none()
+        {
+            assert!(Instant::now() < deadline, "not indexed within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        stopper.stop();
+        let _ = running.await.expect("task");
+        for p in 0..PARTITIONS {
+            assert_eq!(
+                log.committed("sluice-pipeline", p)
+                    .expect("committed")
+                    .unwrap_or(0),
+                0,
+                "the first run committed nothing"
+            );
+        }
+
+        // Second run, the topic open: every action once, with its snapshot.
+        let topic = open_log("topic");
+        let (stopper, stop) = stop::channel();
+        let running = tokio::spawn(pipeline(&topic).run(stop));
+        let committed_to_the_end = || {
+            (0..PARTITIONS).all(|p| {
+                log.committed("sluice-pipeline", p)
+                    .expect("committed")
+                    .unwrap_or(0)
+                    == log.end_offset(p).expect("end")
+            })
+        };
+        while !committed_to_the_end() {
+            assert!(Instant::now() < deadline, "not committed within 20 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stopper.stop();
+        running.await.expect("task").expect("a clean stop");
+
+        let mut profiles: Vec<(String, Value)> = Vec::new();
+        for p in 0..PARTITIONS {
+            for action in topic.read(p, 0, 100).expect("read") {
+                let payload: Value = serde_json::from_slice(&action.value).expect("json");
+                let id = payload["messageId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                profiles.push((id, payload["profile"]["dataFields"].clone()));
+            }
+        }
+        profiles.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            profiles,
+            [
+                ("e1".to_string(), json!({"plan": "free"})),
+                ("e2".to_string(), json!({"plan": "pro", "paid": true})),
+                ("f1".to_string(), Value::Null),
+                ("f2".to_string(), json!({"n": 1})),
+            ],
+            "each action once, with the profile at its event (e1 from its stash)"
+        );
+        let stash = |id: &'static str| sluice_dedup::Stash {
+            key: MessageKey {
+                org: "acme/welcome",
+                message_id: id,
+            },
+            payload: b"",
+            keep: false,
+        };
+        assert_eq!(
+            dedup
+                .stash(&[stash("e1"), stash("e2")])
+                .await
+                .expect("stash"),
+            [None, None],
+            "the stash of a fired action is dropped"
         );
     }
 }

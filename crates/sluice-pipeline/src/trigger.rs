@@ -9,16 +9,23 @@
 //! this stage, so a slow or down webhook target never holds the batch.
 //!
 //! How a crash keeps both "at least once" and "the right snapshot" (the runner drives this):
-//! 1. before the index write, each action's payload is *stashed* in the dedup store under
-//!    `(<org>/<rule>, messageId)`, unless one is stashed already: then that one is used, as it
-//!    was computed before any write of this batch reached the index;
+//! 1. before the index write, the payload of each action whose user has an update *later in
+//!    the batch* than its event is *stashed* in the dedup store under `(<org>/<rule>,
+//!    messageId)`; every other action only looks a stash up. An action that finds one uses
+//!    it: it was computed before any write of an earlier attempt reached the index;
 //! 2. the index is written, then the actions are appended (durably) to their logs;
-//! 3. each appended action is marked under the same key, in the same `mark` as the batch's
-//!    messages, and its stash is dropped; then the offset is committed.
+//! 3. the batch's messages are marked, then the stashes of the appended actions dropped; then
+//!    the offset is committed.
 //!
-//! A redelivered message whose action was marked is not appended again; one that was not is
-//! appended with the stashed payload. `/` cannot occur in an org name, so these keys never meet
-//! a message's own.
+//! A redelivered message was not marked, so its actions were not known to be appended: they
+//! are appended again (at least once), with the same idempotency key and the same snapshot.
+//! The snapshot is the same because either it was stashed, or the user had no update after
+//! the event in the batch an earlier attempt wrote: then the stored profile is the one before
+//! that batch with at most the updates before the event applied, and applying those again
+//! changes nothing (patches are idempotent, `sluice_model::patch`). A message's mark stands
+//! for its actions too: they are appended before it is marked, and never for a message the
+//! index refused (which is not marked). `/` cannot occur in an org name, so stash keys never
+//! meet a message's own.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -27,7 +34,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::Value;
-use sluice_dedup::{Dedup, MessageKey};
+use sluice_dedup::{Dedup, MessageKey, Stash};
 use sluice_index::{EventDoc, EventSource, Index, UserUpsert, WriteBatch, profile_after};
 use sluice_log::{Log, LogRecord, Record};
 
@@ -225,8 +232,8 @@ fn chain(e: &dyn std::error::Error) -> String {
     message
 }
 
-/// The pseudo-org of a rule's stash and marks: `<org>/<rule>`.
-pub(crate) fn mark_org(org: &str, rule: &str) -> String {
+/// The pseudo-org of a rule's stash: `<org>/<rule>`.
+pub(crate) fn stash_org(org: &str, rule: &str) -> String {
     format!("{org}/{rule}")
 }
 
@@ -269,21 +276,24 @@ pub(crate) fn payload(
     serde_json::to_vec(&payload).unwrap_or_default()
 }
 
-/// An action ready to fire: its payload is stashed.
+/// An action ready to fire, with the payload it fires with.
 pub(crate) struct Prepared<'a> {
     rule: usize,
     message: &'a ValidMessage,
-    /// `<org>/<rule>`: the org of its stash and mark.
-    mark_org: String,
+    /// `<org>/<rule>`: the org of its stash.
+    stash_org: String,
     payload: Vec<u8>,
+    /// Whether its payload is in the stash (to drop once it fired).
+    stashed: bool,
 }
 
 impl Prepared<'_> {
-    pub(crate) fn key(&self) -> MessageKey<'_> {
-        MessageKey {
-            org: &self.mark_org,
+    /// Its stash's key, if its payload is stashed.
+    pub(crate) fn stash_key(&self) -> Option<MessageKey<'_>> {
+        self.stashed.then_some(MessageKey {
+            org: &self.stash_org,
             message_id: &self.message.message_id,
-        }
+        })
     }
 }
 
@@ -298,8 +308,9 @@ pub(crate) struct Context<'p> {
 }
 
 impl Context<'_> {
-    /// Step 1 of the module docs, before the index write: the actions of `fresh` not fired
-    /// yet, each with its payload stashed (or the one stashed by an earlier attempt).
+    /// Step 1 of the module docs, before the index write: the actions of `fresh`, each with
+    /// its payload: the one stashed by an earlier attempt, or one computed now (and stashed
+    /// when the user has a later update in the batch).
     pub(crate) async fn prepare_actions<'a>(
         &self,
         fresh: &[&'a ValidMessage],
@@ -308,42 +319,14 @@ impl Context<'_> {
         snapshots: &HashMap<usize, UserUpsert>,
         stop: &mut Stop,
     ) -> Result<Vec<Prepared<'a>>, Abandon> {
-        let triggers = self.triggers;
         if matches.is_empty() {
             return Ok(Vec::new());
         }
-        let rules = triggers.rules();
-        let mark_orgs: Vec<String> = matches
-            .iter()
-            .map(|&(rule, at)| mark_org(&fresh[at].org.name, &rules[rule].name))
-            .collect();
-        let keys: Vec<MessageKey<'_>> = matches
-            .iter()
-            .zip(&mark_orgs)
-            .map(|(&(_, at), org)| MessageKey {
-                org,
-                message_id: &fresh[at].message_id,
-            })
-            .collect();
-        let fired = self
-            .retries
-            .retry("check which actions fired", stop, || {
-                self.dedup.check(&keys)
-            })
-            .await?;
-        let pending: Vec<usize> = (0..matches.len()).filter(|&i| !fired[i]).collect();
-        if pending.is_empty() {
-            return Ok(Vec::new());
-        }
+        let rules = self.triggers.rules();
+        let user = |m: &'a ValidMessage| (m.org.name.as_str(), m.user_key.as_str());
 
         // The profiles before this batch, of every user with an action to fire.
-        let mut users: Vec<(&str, &str)> = pending
-            .iter()
-            .map(|&i| {
-                let m = fresh[matches[i].1];
-                (m.org.name.as_str(), m.user_key.as_str())
-            })
-            .collect();
+        let mut users: Vec<(&str, &str)> = matches.iter().map(|&(_, at)| user(fresh[at])).collect();
         users.sort_unstable();
         users.dedup();
         let profiles = self
@@ -354,6 +337,13 @@ impl Context<'_> {
             .await?;
         let stored: HashMap<(&str, &str), Option<Value>> =
             users.into_iter().zip(profiles).collect();
+        // Each user's last update in the batch: an action before it is stashed.
+        let last_update: HashMap<(&str, &str), usize> = fresh
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.kind == sluice_model::Kind::UserUpdate)
+            .map(|(at, m)| (user(m), at))
+            .collect();
         // The merge stage's event documents are the batch's events in order.
         let mut event_docs = write.events.iter();
         let event_at: HashMap<usize, &EventDoc> = fresh
@@ -363,14 +353,13 @@ impl Context<'_> {
             .filter_map(|(at, _)| Some((at, event_docs.next()?)))
             .collect();
 
-        let mut prepared = Vec::with_capacity(pending.len());
-        for i in pending {
-            let (rule, at) = matches[i];
+        let mut prepared = Vec::with_capacity(matches.len());
+        for &(rule, at) in matches {
             let message = fresh[at];
-            let before = stored
-                .get(&(message.org.name.as_str(), message.user_key.as_str()))
-                .cloned()
-                .flatten();
+            let Some(event) = event_at.get(&at) else {
+                continue;
+            };
+            let before = stored.get(&user(message)).cloned().flatten();
             // The stored profile, with the user's updates earlier in the batch applied.
             let profile = match snapshots.get(&at) {
                 Some(upsert) => Some(profile_after(before, upsert)),
@@ -378,37 +367,47 @@ impl Context<'_> {
             };
             let rule_name = &rules[rule].name;
             let key = idempotency_key(&message.org.name, &message.message_id, rule_name);
-            let Some(event) = event_at.get(&at) else {
-                continue;
-            };
-            let payload = payload(rule_name, &key, event, profile.as_ref());
             prepared.push(Prepared {
                 rule,
                 message,
-                mark_org: mark_orgs[i].clone(),
-                payload,
+                stash_org: stash_org(&message.org.name, rule_name),
+                payload: payload(rule_name, &key, event, profile.as_ref()),
+                stashed: last_update
+                    .get(&user(message))
+                    .is_some_and(|&last| last > at),
             });
         }
-        let entries: Vec<(MessageKey<'_>, &[u8])> = prepared
+        let entries: Vec<Stash<'_>> = prepared
             .iter()
-            .map(|p| (p.key(), p.payload.as_slice()))
+            .map(|p| Stash {
+                key: MessageKey {
+                    org: &p.stash_org,
+                    message_id: &p.message.message_id,
+                },
+                payload: &p.payload,
+                keep: p.stashed,
+            })
             .collect();
-        let stashed = self
+        let found = self
             .retries
             .retry("stash trigger payloads", stop, || {
                 self.dedup.stash(&entries)
             })
             .await?;
         drop(entries);
-        for (p, payload) in prepared.iter_mut().zip(stashed) {
-            p.payload = payload;
+        for (p, earlier) in prepared.iter_mut().zip(found) {
+            if let Some(payload) = earlier {
+                p.payload = payload;
+                p.stashed = true;
+            }
         }
         Ok(prepared)
     }
 
     /// Step 2: appends every prepared action whose message was not refused by the index to
     /// its log: one append per log, in log order (so one user's actions there stay in order).
-    /// Returns the actions appended, to be marked.
+    /// Returns the actions appended, whose stashes are to be dropped once their messages are
+    /// marked.
     pub(crate) async fn fire_actions<'a>(
         &self,
         prepared: Vec<Prepared<'a>>,
@@ -419,25 +418,25 @@ impl Context<'_> {
     ) -> Result<Vec<Prepared<'a>>, Abandon> {
         let triggers = self.triggers;
         let rules = triggers.rules();
-        let prepared: Vec<Prepared<'a>> = prepared
+        let mut prepared: Vec<Prepared<'a>> = prepared
             .into_iter()
             .filter(|p| !refused.contains(&p.message.offset))
             .collect();
         if prepared.is_empty() {
             return Ok(prepared);
         }
-        let record = |p: &Prepared<'_>| Record {
+        let record = |p: &mut Prepared<'_>| Record {
             key: record_at(records, p.message.offset)
                 .map(|r| r.key.to_vec())
                 .unwrap_or_default(),
-            value: p.payload.clone(),
+            value: std::mem::take(&mut p.payload),
             timestamp_ms: now,
         };
 
         // One append per log (a rule's topic, or the actions log of the webhook rules), each
         // in log order.
         let mut appends: Vec<(&Arc<dyn Log>, &Rule, Vec<Record>)> = Vec::new();
-        for p in &prepared {
+        for p in &mut prepared {
             let rule = &rules[p.rule];
             let log = match (&rule.action, &triggers.actions) {
                 (Action::Topic { log, .. }, _) => log,
