@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// The resolved configuration.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// The resolved configuration. `Serialize` writes it with every secret redacted (passwords in
+/// backend and webhook URLs, `[kafka_options]` values): what `sluice config check` prints.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub listen: String,
@@ -96,6 +97,13 @@ fn option_values<'de, D: serde::Deserializer<'de>>(
         .collect()
 }
 
+/// Names only, each value `***`.
+impl Serialize for KafkaOptions {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_map(self.0.keys().map(|k| (k, "***")))
+    }
+}
+
 impl std::fmt::Debug for KafkaOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_map()
@@ -106,12 +114,12 @@ impl std::fmt::Debug for KafkaOptions {
 
 /// One `[[triggers]]` rule: for each event named `event`, POST to `webhook` or append to
 /// `topic` (exactly one of the two).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerConfig {
     pub name: String,
     pub event: String,
-    #[serde(default)]
+    #[serde(default, serialize_with = "redacted_url")]
     pub webhook: Option<String>,
     #[serde(default)]
     pub topic: Option<String>,
@@ -409,8 +417,8 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// Where the log lives (`log`): the embedded log under the data dir, or a Kafka cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum LogBackend {
     Embedded,
     /// `kafka://host:9092[,host:9093...]`.
@@ -421,8 +429,8 @@ pub enum LogBackend {
 }
 
 /// Where the dedup store lives (`dedup`): embedded, or a Redis server.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum DedupBackend {
     Embedded,
     /// `redis://host:6379[/db]` (or `rediss://`).
@@ -432,8 +440,8 @@ pub enum DedupBackend {
 }
 
 /// Where the index lives (`index`): embedded, or Elasticsearch/OpenSearch.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum IndexBackend {
     Embedded,
     /// `http(s)://host:9200`.
@@ -443,8 +451,8 @@ pub enum IndexBackend {
 }
 
 /// Where the registry lives (`registry`): SQLite under the data dir, or PostgreSQL.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "String")]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum RegistryBackend {
     Embedded,
     /// `postgres://user@host:5432/db`.
@@ -455,8 +463,8 @@ pub enum RegistryBackend {
 
 const EMBEDDED: &str = "embedded";
 
-/// `FromStr` from `String` (serde's `try_from`), and `Display` as the setting was written
-/// (passwords redacted).
+/// `FromStr` from `String` (serde's `try_from`), and `Display` (and serde's `into`) as the
+/// setting was written, passwords redacted.
 macro_rules! backend_setting {
     ($backend:ident, $variant:ident, $parse:expr) => {
         impl $backend {
@@ -486,6 +494,13 @@ macro_rules! backend_setting {
         impl std::fmt::Display for $backend {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str(&sluice_model::url::redacted(self.url().unwrap_or(EMBEDDED)))
+            }
+        }
+
+        /// Serialized redacted, as `Display`.
+        impl From<$backend> for String {
+            fn from(backend: $backend) -> String {
+                backend.to_string()
             }
         }
     };
@@ -535,9 +550,20 @@ backend_setting!(RegistryBackend, Postgres, |text: &str| match text {
     )),
 });
 
+fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => s.serialize_some(&sluice_model::url::redacted(url)),
+        None => s.serialize_none(),
+    }
+}
+
 mod duration {
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
@@ -592,7 +618,15 @@ impl Config {
             replay_interval,
             max_in_flight_bytes
         );
-        config.validate()?;
+        config.validate().map_err(|e| {
+            e.context(match &args.config {
+                Some(path) => format!(
+                    "invalid configuration ({} with the SLUICE_* variables and flags over it)",
+                    path.display()
+                ),
+                None => "invalid configuration (the defaults with the SLUICE_* variables and flags over them)".to_string(),
+            })
+        })?;
         Ok(config)
     }
 
@@ -768,6 +802,44 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_printed_configuration_reads_back_and_hides_every_secret() {
+        let defaults = Config::default();
+        let text = toml::to_string(&defaults).expect("serializes");
+        assert_eq!(
+            toml::from_str::<Config>(&text).expect("reads back"),
+            defaults,
+            "{text}"
+        );
+        let mut config = Config {
+            dedup: "redis://:hunter2@redis:6379".parse().expect("url"),
+            registry: "postgres://sluice:hunter3@db/sluice".parse().expect("url"),
+            ..Config::default()
+        };
+        config
+            .kafka_options
+            .0
+            .insert("sasl.password".into(), "hunter4".into());
+        config.triggers.push(TriggerConfig {
+            name: "welcome".into(),
+            event: "signed_up".into(),
+            webhook: Some("https://bot:hunter5@hooks.example/welcome".into()),
+            topic: None,
+        });
+        let text = toml::to_string(&config).expect("serializes");
+        for secret in ["hunter2", "hunter3", "hunter4", "hunter5"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        for shown in [
+            "sasl.password",
+            "hooks.example/welcome",
+            "redis:6379",
+            "db/sluice",
+        ] {
+            assert!(text.contains(shown), "{shown} not in {text}");
+        }
+    }
 
     #[test]
     fn each_flags_stated_default_is_the_default() {

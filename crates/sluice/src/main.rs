@@ -72,10 +72,19 @@ enum Command {
 enum ConfigCommand {
     /// Print a fully commented default configuration file.
     Default,
+    /// Check the configuration (defaults < --config file < SLUICE_* variables < flags) and
+    /// print it resolved, secrets redacted; exit 2 if it is invalid.
+    Check,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Config {
+        command: ConfigCommand::Check,
+    }) = &cli.command
+    {
+        return config_check(&cli.config);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
@@ -105,6 +114,23 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `sluice config check`: the resolved configuration as TOML on stdout, or the error and 2.
+fn config_check(args: &ConfigArgs) -> std::process::ExitCode {
+    let printed = Config::resolve(args).and_then(|config| {
+        toml::to_string(&config).map_err(|e| anyhow::anyhow!("cannot print the configuration: {e}"))
+    });
+    match printed {
+        Ok(text) => {
+            print!("{text}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::Config {
@@ -127,6 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Users { command } => sluice::admin::users(&config, command).await,
         Command::Buffer { command } => sluice::buffer::run(&config, command).await,
         Command::Dlq { command } => sluice::dlq::run(&config, command).await,
+        // Handled above.
         Command::Config { .. } | Command::Bench(_) => Ok(()),
     }
 }

@@ -154,6 +154,66 @@ fn config_default_prints_a_file_the_server_accepts() {
     );
 }
 
+#[test]
+fn config_check_prints_the_resolved_configuration_or_exits_2_naming_the_key_and_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sluice.toml");
+    std::fs::write(
+        &path,
+        "partitions = 3\ndedup = \"redis://:hunter2@cache:6379\"\n\n[[triggers]]\nname = \"welcome\"\nevent = \"signed_up\"\nwebhook = \"https://hooks.example/welcome\"\n",
+    )
+    .expect("write");
+    let check = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_sluice"));
+        command
+            .env_remove("SLUICE_CONFIG")
+            .arg("--config")
+            .arg(&path)
+            .args(["config", "check"]);
+        command
+    };
+    let printed = run_ok(check().env("SLUICE_BATCH_SIZE", "77"));
+    let resolved: toml::Table = toml::from_str(&printed).expect("TOML");
+    assert_eq!(resolved["partitions"].as_integer(), Some(3), "{printed}");
+    assert_eq!(
+        resolved["batch_size"].as_integer(),
+        Some(77),
+        "env over file"
+    );
+    assert_eq!(resolved["log"].as_str(), Some("embedded"));
+    assert!(
+        !printed.contains("hunter2") && printed.contains("cache:6379"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("https://hooks.example/welcome"),
+        "{printed}"
+    );
+
+    std::fs::write(
+        &path,
+        "[[triggers]]\nname = \"welcome\"\nevent = \"signed_up\"\nwebhook = \"ftp://hooks.example\"\n",
+    )
+    .expect("write");
+    let output = check().output().expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("sluice.toml")
+            && stderr.contains("[[triggers]] #1")
+            && stderr.contains("webhook must be an http:// or https:// URL"),
+        "{stderr}"
+    );
+    std::fs::write(&path, "batch_timeout = \"soon\"\n").expect("write");
+    let output = check().output().expect("runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("sluice.toml") && stderr.contains("batch_timeout"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn serve_prints_a_key_once_and_admin_commands_work_while_it_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
