@@ -10,6 +10,7 @@
 //!   `response`: the success body.
 //!
 //! - `inflight`: the bound on request bytes being handled at once (backpressure).
+//! - `ops`: `/healthz`, `/readyz`, `/metrics`, which every node serves (an ingest node alone).
 //!
 //! Invariant: a handler answers 200 only after `Bridge::append` returned for every accepted
 //! message: acknowledged by the log, or fsynced to the spill buffer (`sluice-spill`). Nothing
@@ -20,16 +21,15 @@ mod body;
 mod error;
 mod inflight;
 mod ingest;
+pub mod ops;
 mod read;
 mod response;
 mod segment;
 pub mod sendgrid;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -41,6 +41,7 @@ use sluice_spill::Bridge;
 
 pub use auth::{Authenticator, KeySources};
 pub use error::ApiError;
+pub use ops::{HealthCheck, Metric, MetricsSource, Operations};
 pub use response::{Accepted, Failure};
 
 /// Request limits (SPEC §4 defaults).
@@ -101,22 +102,9 @@ pub struct AppInner {
     pub(crate) limits: Limits,
     pub(crate) in_flight: inflight::InFlight,
     pub(crate) sendgrid_max_age: Duration,
-    /// Set when the server starts draining: `/readyz` turns 503 so balancers stop sending.
-    pub(crate) draining: AtomicBool,
-    /// Why the pipeline of this process stopped, if it stopped on an unknown error (a bug):
-    /// shown on `/readyz` while the process drains before exiting non-zero.
-    pipeline_failure: std::sync::Mutex<Option<String>>,
-    /// More metrics for `/metrics` (the pipeline's counters in a process that runs one).
-    more_metrics: std::sync::OnceLock<MetricsSource>,
-    /// The index this process's pipeline writes, whose health `/readyz` reports.
-    pipeline_index: std::sync::OnceLock<Arc<dyn Index>>,
+    /// What `/healthz`, `/readyz` and `/metrics` read.
+    operations: Operations,
 }
-
-/// One Prometheus sample: name, type (`counter`/`gauge`), help text, value.
-pub type Metric = (&'static str, &'static str, &'static str, f64);
-
-/// Metrics `/metrics` adds to its own, read at each scrape.
-pub type MetricsSource = Arc<dyn Fn() -> Vec<Metric> + Send + Sync>;
 
 impl std::ops::Deref for AppState {
     type Target = AppInner;
@@ -134,16 +122,13 @@ impl AppState {
         config: &ApiConfig,
     ) -> Self {
         AppState(Arc::new(AppInner {
-            bridge,
             index,
             auth: Authenticator::new(registry, config.key_cache_ttl),
             limits: config.limits,
             in_flight: inflight::InFlight::new(config.max_in_flight_bytes, config.in_flight_wait),
             sendgrid_max_age: config.sendgrid_max_age,
-            draining: AtomicBool::new(false),
-            pipeline_failure: std::sync::Mutex::new(None),
-            more_metrics: std::sync::OnceLock::new(),
-            pipeline_index: std::sync::OnceLock::new(),
+            operations: Operations::for_bridge(bridge.clone()),
+            bridge,
         }))
     }
 
@@ -157,45 +142,15 @@ impl AppState {
         })
     }
 
-    /// Marks the server as draining (readyz fails from now on).
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::SeqCst);
-    }
-
-    /// Adds `source`'s metrics to `/metrics` (once; a second source is ignored).
-    pub fn add_metrics(&self, source: MetricsSource) {
-        let _ = self.more_metrics.set(source);
-    }
-
-    /// Makes `/readyz` report `index`'s health: the pipeline of this process writes it (once;
-    /// a second index is ignored).
-    pub fn watch_index(&self, index: Arc<dyn Index>) {
-        let _ = self.pipeline_index.set(index);
-    }
-
-    /// Records why the pipeline stopped (SPEC §6 "unknown" errors) and starts draining.
-    pub fn pipeline_failed(&self, cause: String) {
-        *self
-            .pipeline_failure
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cause);
-        self.start_draining();
-    }
-
-    fn pipeline_failure(&self) -> Option<String> {
-        self.pipeline_failure
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+    /// What the operations routes of this API read (draining, backends, metrics).
+    pub fn operations(&self) -> &Operations {
+        &self.operations
     }
 }
 
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
-    let operations = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+    let operations = ops::router(state.operations.clone());
     Router::new()
         // A user may be called "update" or "bulkUpdate": GET on these paths reads that user.
         .route(
@@ -225,165 +180,10 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             inflight::bounded,
         ))
-        .merge(operations)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-}
-
-async fn healthz() -> Json<serde_json::Value> {
-    Json(json!({"status": "ok"}))
-}
-
-/// How long `/readyz` waits for the index's health check.
-const INDEX_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Ready when not draining and an append can be made durable: the log takes writes, or the
-/// spill buffer has room (SPEC §4); and, in a process whose pipeline writes an index, when
-/// that index takes writes. The body shows the spill buffer either way.
-async fn readyz(State(state): State<AppState>) -> Response {
-    let mut reasons = Vec::new();
-    let failure = state.pipeline_failure();
-    if let Some(cause) = &failure {
-        reasons.push(format!(
-            "the pipeline stopped on an unexpected error: {cause}"
-        ));
-    }
-    if state.draining.load(Ordering::SeqCst) {
-        reasons.push("draining: the server is shutting down".into());
-    }
-    let spill = state.bridge.status();
-    if !state.bridge.is_ready() {
-        reasons.push(
-            if spill.max_bytes == 0 {
-                "the log cannot accept writes (and spilling is disabled)"
-            } else {
-                "the log cannot accept writes and the spill buffer is full"
-            }
-            .into(),
-        );
-    }
-    let log = match (spill.spilling, spill.log_healthy) {
-        (true, _) => "spilling",
-        (false, true) => "ok",
-        (false, false) => "down",
-    };
-    let index = match state.pipeline_index.get() {
-        None => None,
-        Some(index) => Some(
-            match tokio::time::timeout(INDEX_HEALTH_TIMEOUT, index.health()).await {
-                Ok(Ok(())) => "ok",
-                Ok(Err(e)) => {
-                    reasons.push(format!("the pipeline cannot write its index: {e}"));
-                    "down"
-                }
-                Err(_) => {
-                    reasons.push(format!(
-                        "the pipeline cannot write its index: its health check did not answer within {INDEX_HEALTH_TIMEOUT:?}"
-                    ));
-                    "down"
-                }
-            },
-        ),
-    };
-    if reasons.is_empty() {
-        Json(json!({"status": "ready", "log": log, "index": index, "spill": spill})).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({
-                "status": "not ready",
-                "reasons": reasons,
-                "log": log,
-                "index": index,
-                "spill": spill,
-                "pipeline": failure.map(|cause| json!({"status": "failed", "error": cause})),
-            })),
-        )
-            .into_response()
-    }
-}
-
-/// Prometheus text exposition of the spill bridge and, in a process that runs the pipeline,
-/// its counters (SPEC §4 `/metrics`; the API's own request counters are not exported yet).
-async fn metrics(State(state): State<AppState>) -> Response {
-    let s = state.bridge.status();
-    let oldest = s.oldest_age_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
-    let lines = [
-        (
-            "sluice_spill_mode",
-            "gauge",
-            "1 while appends go to the spill buffer instead of the log",
-            s.spilling as u64 as f64,
-        ),
-        (
-            "sluice_log_healthy",
-            "gauge",
-            "1 while the log reports that it takes writes",
-            s.log_healthy as u64 as f64,
-        ),
-        (
-            "sluice_spill_records",
-            "gauge",
-            "records in the spill buffer waiting to be replayed",
-            s.records as f64,
-        ),
-        (
-            "sluice_spill_bytes",
-            "gauge",
-            "bytes the spill buffer holds",
-            s.bytes as f64,
-        ),
-        (
-            "sluice_spill_max_bytes",
-            "gauge",
-            "the spill buffer's limit (0: spilling disabled)",
-            s.max_bytes as f64,
-        ),
-        (
-            "sluice_spill_oldest_age_seconds",
-            "gauge",
-            "age of the oldest record waiting in the spill buffer",
-            oldest,
-        ),
-        (
-            "sluice_spilled_records_total",
-            "counter",
-            "records written to the spill buffer since start",
-            s.spilled_total as f64,
-        ),
-        (
-            "sluice_replayed_records_total",
-            "counter",
-            "records replayed from the spill buffer into the log since start",
-            s.replayed_total as f64,
-        ),
-        (
-            "sluice_spill_replay_failures_total",
-            "counter",
-            "failed replay attempts since start",
-            s.replay_failures as f64,
-        ),
-    ];
-    let more = state
-        .more_metrics
-        .get()
-        .map(|source| source())
-        .unwrap_or_default();
-    let mut body = String::new();
-    for (name, kind, help, value) in lines.into_iter().chain(more) {
-        body.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    }
-    (
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+        .merge(operations)
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {

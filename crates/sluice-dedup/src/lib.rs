@@ -74,4 +74,7 @@ pub trait Dedup: Send + Sync + 'static {
 
     /// Drops the stashed payloads of these keys (their actions fired).
     async fn unstash(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError>;
+
+    /// Whether the store answers (`/readyz`): a server is reached, a local store is open.
+    async fn health(&self) -> Result<(), DedupError>;
 }

@@ -196,6 +196,15 @@ impl Dedup for RedisDedup {
         Ok(found)
     }
 
+    async fn health(&self) -> Result<(), DedupError> {
+        let mut connection = self.connection.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut connection)
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error("PING", &e))
+    }
+
     async fn unstash(&self, keys: &[MessageKey<'_>]) -> Result<(), DedupError> {
         if keys.is_empty() {
             return Ok(());

@@ -154,6 +154,8 @@ pub trait Registry: Send + Sync + 'static {
     async fn is_banned(&self, org_id: i64, user_id: &str) -> Result<bool, RegistryError>;
     /// Every banned user of an org (the pipeline holds this set in memory and refreshes it).
     async fn banned_users(&self, org_id: i64) -> Result<Vec<String>, RegistryError>;
+    /// Whether the database answers a query (`/readyz`).
+    async fn health(&self) -> Result<(), RegistryError>;
 }
 
 /// On an empty registry, creates org `default` and one key for it, and returns that key.

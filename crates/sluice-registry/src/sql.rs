@@ -224,6 +224,14 @@ macro_rules! registry_impl {
                     .await
                     .map_err(|e| self.err(e))
             }
+
+            async fn health(&self) -> Result<(), RegistryError> {
+                sqlx::query("SELECT 1")
+                    .execute(&self.pool)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.err(e))
+            }
         }
     };
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
-use sluice_api::{ApiConfig, AppState, Limits};
+use sluice_api::{ApiConfig, AppState, HealthCheck, Limits, Operations};
+use sluice_dedup::Dedup;
 use sluice_index::Index;
 
 use sluice_pipeline::batch::BatchConfig;
@@ -92,6 +93,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     };
     let mut dlq_session = None;
     let mut dispatcher = None;
+    let mut dedup = None;
     let pipeline = match &index {
         Some(index) if role.ingests() => {
             let dead_letters = open_dead_letters(&config).await?;
@@ -117,11 +119,13 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
                     },
                 ));
             }
+            let opened = open_dedup(&config).await?;
+            dedup = Some(Arc::clone(&opened));
             Some(Pipeline::new(
                 Arc::clone(&log),
                 dead_letters,
                 Validator::new(Arc::clone(&registry), config.key_cache_ttl),
-                open_dedup(&config).await?,
+                opened,
                 Arc::clone(index),
                 PipelineConfig {
                     batch: BatchConfig {
@@ -192,57 +196,55 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             &api_config,
         )
     });
-    if let (Some(state), Some(pipeline)) = (&state, &pipeline) {
+    // What `/healthz`, `/readyz` and `/metrics` read: an API node's through its bridge, an
+    // ingest node's from its log.
+    let operations = match &state {
+        Some(state) => state.operations().clone(),
+        None => Operations::for_log(Arc::clone(&log)),
+    };
+    watch_backends(
+        &operations,
+        &registry,
+        pipeline.as_ref().and(index.as_ref()),
+        dedup.as_ref(),
+    );
+    if let Some(pipeline) = &pipeline {
         let stats = pipeline.stats();
         let dispatch = dispatcher.as_ref().map(|d| d.stats());
-        state.add_metrics(Arc::new(move || {
+        operations.add_metrics(Arc::new(move || {
             let mut metrics = stats.metrics();
             if let Some(dispatch) = &dispatch {
                 metrics.extend(dispatch.metrics());
             }
             metrics
         }));
-        if let Some(index) = &index {
-            state.watch_index(Arc::clone(index));
-        }
     }
     let (replay_stop_tx, replay_stop_rx) = watch::channel(false);
     let replayer = bridge
         .clone()
         .map(|bridge| tokio::spawn(async move { bridge.replay(replay_stop_rx).await }));
 
-    let listener = match &state {
-        Some(_) => Some(
-            TcpListener::bind(&config.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", config.listen))?,
-        ),
-        None => None,
-    };
+    // Every node listens: an ingest node for its operations routes only.
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
     // Install the handlers before the banner: once the last line is printed, SIGTERM drains.
     let signals = ShutdownSignals::install()?;
-    let addr = match &listener {
-        Some(listener) => Some(
-            listener
-                .local_addr()
-                .context("listener has no local address")?,
-        ),
-        None => None,
-    };
+    let addr = listener
+        .local_addr()
+        .context("listener has no local address")?;
     print_banner(&config, role, addr, first_key.as_deref());
 
     // A signal, or the pipeline failing, flips this; the server stops accepting and the
     // shutdown clock starts. It holds the moment the drain started.
     let (stop_tx, mut stop_rx) = watch::channel(None::<Instant>);
     let stop_tx = Arc::new(stop_tx);
-    let drain_state = state.clone();
+    let drain_operations = operations.clone();
     let signal_stop = Arc::clone(&stop_tx);
     tokio::spawn(async move {
         signals.recv().await;
         tracing::info!("shutdown signal received: draining");
-        if let Some(state) = &drain_state {
-            state.start_draining();
-        }
+        drain_operations.start_draining();
         signal_stop.send_if_modified(start_drain);
     });
 
@@ -250,7 +252,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     // requests it acknowledged last are still picked up by a running pipeline if time allows.
     let (pipeline_stop_tx, pipeline_stop_rx) = sluice_pipeline::stop::channel();
     let mut pipeline_task = pipeline.map(|pipeline| {
-        let pipeline_state = state.clone();
+        let pipeline_operations = operations.clone();
         let pipeline_failed_stop = Arc::clone(&stop_tx);
         tokio::spawn(async move {
             // The dispatcher stops with the pipeline; a failure of either stops both.
@@ -264,9 +266,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             };
             if let Err(e) = &result {
                 tracing::error!(error = %e, "pipeline stopped on an unexpected error: shutting down");
-                if let Some(state) = &pipeline_state {
-                    state.pipeline_failed(e.to_string());
-                }
+                pipeline_operations.pipeline_failed(e.to_string());
                 pipeline_failed_stop.send_if_modified(start_drain);
             }
             result
@@ -277,27 +277,18 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     let stopped = async move {
         let _ = graceful_rx.wait_for(Option::is_some).await;
     };
-    let server: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
-        match (listener, state) {
-            (Some(listener), Some(state)) => {
-                let app = sluice_api::router(state);
-                let listener = listener.tap_io(|tcp| {
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-                    }
-                });
-                Box::pin(
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped)
-                        .into_future(),
-                )
-            }
-            // No HTTP: run until the stop.
-            _ => Box::pin(async move {
-                stopped.await;
-                Ok(())
-            }),
-        };
+    let app = match state {
+        Some(state) => sluice_api::router(state),
+        None => sluice_api::ops::router(operations),
+    };
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
+    let server = axum::serve(listener, app)
+        .with_graceful_shutdown(stopped)
+        .into_future();
     let drain_deadline =
         |stop: &Option<Instant>| stop.map_or_else(Instant::now, |at| at) + config.shutdown_timeout;
     tokio::select! {
@@ -351,6 +342,38 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes `/readyz` check the backends this node uses besides its log: the registry always,
+/// and for a node that runs the pipeline the index it writes and its dedup store.
+fn watch_backends(
+    operations: &Operations,
+    registry: &Arc<dyn Registry>,
+    index: Option<&Arc<dyn Index>>,
+    dedup: Option<&Arc<dyn Dedup>>,
+) {
+    let registry = Arc::clone(registry);
+    let check: HealthCheck = Arc::new(move || {
+        let registry = Arc::clone(&registry);
+        Box::pin(async move { registry.health().await.map_err(|e| e.to_string()) })
+    });
+    operations.watch("registry", check);
+    if let Some(index) = index {
+        let index = Arc::clone(index);
+        let check: HealthCheck = Arc::new(move || {
+            let index = Arc::clone(&index);
+            Box::pin(async move { index.health().await.map_err(|e| e.to_string()) })
+        });
+        operations.watch("index", check);
+    }
+    if let Some(dedup) = dedup {
+        let dedup = Arc::clone(dedup);
+        let check: HealthCheck = Arc::new(move || {
+            let dedup = Arc::clone(&dedup);
+            Box::pin(async move { dedup.health().await.map_err(|e| e.to_string()) })
+        });
+        operations.watch("dedup", check);
+    }
+}
+
 /// Marks the start of the drain, once.
 fn start_drain(stop: &mut Option<Instant>) -> bool {
     if stop.is_some() {
@@ -362,12 +385,7 @@ fn start_drain(stop: &mut Option<Instant>) -> bool {
 
 /// The banner. `listening on` (or, for an ingest node, `ingesting from`) is always the last
 /// line, so a supervisor or test that reads it knows the node is running.
-fn print_banner(
-    config: &Config,
-    role: Role,
-    addr: Option<std::net::SocketAddr>,
-    first_key: Option<&str>,
-) {
+fn print_banner(config: &Config, role: Role, addr: std::net::SocketAddr, first_key: Option<&str>) {
     let log = match &config.log {
         LogBackend::Kafka { brokers, .. } => {
             format!("log: kafka {brokers}, topic {}", config.topic)
@@ -388,9 +406,14 @@ fn print_banner(
         println!("  first start: created org \"default\"; its API key (shown once):");
         println!("  api key: {key}");
     }
-    match addr {
-        Some(addr) => println!("listening on http://{addr}"),
-        None => println!("ingesting from {}", config.log),
+    if role.accepts() {
+        println!("listening on http://{addr}");
+    } else {
+        // An ingest node serves only /healthz, /readyz and /metrics.
+        println!(
+            "listening on http://{addr} (operations only; ingesting from {})",
+            config.log
+        );
     }
 }
 

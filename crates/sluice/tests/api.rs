@@ -594,7 +594,7 @@ async fn health_and_readiness() {
         200
     );
     assert_eq!(conn.get("/readyz", &[]).await.expect("readyz").status, 200);
-    s.state.start_draining();
+    s.state.operations().start_draining();
     let r = conn.get("/readyz", &[]).await.expect("readyz");
     assert_eq!(r.status, 503);
     assert!(
@@ -610,6 +610,7 @@ async fn health_and_readiness() {
     );
     assert!(r.json()["pipeline"].is_null(), "{:?}", r.json());
     s.state
+        .operations()
         .pipeline_failed("partition 3, offsets 10..=19: a stage panicked: boom".into());
     let r = conn.get("/readyz", &[]).await.expect("readyz");
     assert_eq!(r.status, 503);

@@ -159,6 +159,28 @@ impl Nodes {
 }
 
 /// How many times `data`'s node logged a partition assignment.
+/// An ingest node serves its operations routes: ready with every backend it uses checked,
+/// the pipeline's counters in `/metrics`, and nothing of the API.
+async fn operations_only(name: &str, addr: SocketAddr) {
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let ready = conn.get("/readyz", &[]).await.expect("readyz");
+    let body = ready.json();
+    assert_eq!(ready.status, 200, "{name}: {body}");
+    for backend in ["log", "index", "dedup", "registry"] {
+        assert_eq!(body[backend], "ok", "{name}: {backend} in {body}");
+    }
+    let metrics = conn.get("/metrics", &[]).await.expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let batches = text
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_pipeline_batches_total "))
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(batches.is_some_and(|n| n >= 0.0), "{name}: {text}");
+    assert!(text.contains("sluice_log_healthy 1"), "{name}: {text}");
+    let api = conn.get("/api/users/x", &[]).await.expect("get");
+    assert_eq!(api.status, 404, "{name}: an ingest node has no API routes");
+}
+
 fn assignments(data: &Path) -> usize {
     std::fs::read_to_string(data.with_extension("stderr.log"))
         .unwrap_or_default()
@@ -191,6 +213,9 @@ async fn ingest_nodes_fail_over_join_leave_and_roll_under_load_losing_and_doubli
     }
     let settled = probe(addr, &key, 0, Duration::from_secs(60)).await;
     eprintln!("nodes: three ingest nodes process every partition after {settled:?}");
+    for (name, node) in &nodes.running {
+        operations_only(name, node.addr).await;
+    }
 
     let until = Instant::now() + Duration::from_secs(80);
     let clients = support::retrying_clients(addr, &key, 6, until);

@@ -426,6 +426,67 @@ fn serve_on_index(dir: &std::path::Path, url: &str, index_prefix: &str) -> Serve
     )
 }
 
+/// Redis killed makes `/readyz` a 503 that names the dedup store; back, the node is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_a_dedup_store_that_is_gone() {
+    let redis = OwnRedis::start();
+    let port = redis.port;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(
+        &dir.path().join("node"),
+        &["--dedup", &format!("redis://127.0.0.1:{port}")],
+    );
+    let addr = server.addr;
+    wait_readyz(addr, "ready", |status, body| {
+        status == 200 && body["dedup"] == "ok" && body["registry"] == "ok" && body["index"] == "ok"
+    })
+    .await;
+    drop(redis);
+    wait_readyz(addr, "readyz names the dedup store", |status, body| {
+        status == 503
+            && body["dedup"] == "down"
+            && body["reasons"]
+                .to_string()
+                .contains("the dedup store does not answer")
+    })
+    .await;
+    let _redis = OwnRedis::start_on(port);
+    wait_readyz(addr, "ready once Redis is back", |status, body| {
+        status == 200 && body["dedup"] == "ok"
+    })
+    .await;
+}
+
+/// PostgreSQL unreachable makes `/readyz` a 503 that names the registry; back, ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_a_registry_that_is_gone() {
+    let schema = Schema::create();
+    let pg_addr = postgres_addr();
+    let pg = TcpProxy::start(pg_addr.parse().expect("address"));
+    let registry = schema.url().replace(&pg_addr, &pg.addr.to_string());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(&dir.path().join("node"), &["--registry", &registry]);
+    let addr = server.addr;
+    wait_readyz(addr, "ready", |status, body| {
+        status == 200 && body["registry"] == "ok"
+    })
+    .await;
+    pg.set_down(true);
+    wait_readyz(addr, "readyz names the registry", |status, body| {
+        status == 503
+            && body["registry"] == "down"
+            && body["reasons"]
+                .to_string()
+                .contains("the registry store does not answer")
+    })
+    .await;
+    pg.set_down(false);
+    wait_readyz(addr, "ready once PostgreSQL is back", |status, body| {
+        status == 200 && body["registry"] == "ok"
+    })
+    .await;
+}
+
 /// A closed and a red index (real OpenSearch: a closed index reopened with its shards pinned to
 /// a node that does not exist has no primary) make `/readyz` a 503 that names the index and
 /// why; the API still acknowledges, and what it took is indexed once the index is back.

@@ -325,12 +325,10 @@ impl Server {
             if let Some(rest) = line.split("api key: ").nth(1) {
                 first_key = Some(rest.trim().to_string());
             }
+            // An ingest node adds what it serves after the address.
             if let Some(rest) = line.split("listening on http://").nth(1) {
-                addr = Some(rest.trim().parse().expect("listen address"));
-                break;
-            }
-            if line.starts_with("ingesting from ") {
-                addr = Some(SocketAddr::from(([0, 0, 0, 0], 0)));
+                let at = rest.split_whitespace().next().unwrap_or_default();
+                addr = Some(at.parse().expect("listen address"));
                 break;
             }
         }

@@ -1,0 +1,390 @@
+//! The operations routes every node serves (SPEC §9): `/healthz`, `/readyz`, `/metrics`.
+//!
+//! [`Operations`] is what they read, shared with the node that runs them: how its writes are
+//! made durable (an API node: the spill bridge in front of the log; an ingest node: the log it
+//! consumes), whether it drains, why its pipeline stopped, the health checks of the backends it
+//! uses, and the metrics its pipeline adds. The API's router merges [`router`]; `sluice ingest`
+//! serves it alone.
+//!
+//! Invariant: `/readyz` answers 200 only when nothing of the node's own says otherwise: not
+//! draining, no pipeline failure, writes can be made durable, and every watched backend
+//! answered its check within [`HEALTH_TIMEOUT`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use sluice_log::Log;
+use sluice_spill::Bridge;
+
+/// One Prometheus sample: name, type (`counter`/`gauge`), help text, value.
+pub type Metric = (&'static str, &'static str, &'static str, f64);
+
+/// Metrics `/metrics` adds to its own, read at each scrape.
+pub type MetricsSource = Arc<dyn Fn() -> Vec<Metric> + Send + Sync>;
+
+/// A backend's health check: `Err` says what is wrong.
+pub type HealthCheck =
+    Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
+
+/// How long `/readyz` waits for each backend's health check.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the node's writes become durable.
+enum Writes {
+    /// An API node: the log behind the spill buffer.
+    Bridge(Bridge),
+    /// A node that only consumes: the log itself.
+    Log(Arc<dyn Log>),
+}
+
+/// The state of the operations routes (one `Arc`, cheap to clone).
+#[derive(Clone)]
+pub struct Operations(Arc<Inner>);
+
+struct Inner {
+    writes: Writes,
+    /// Set when the node starts draining: `/readyz` turns 503 so balancers stop sending.
+    draining: AtomicBool,
+    /// Why the pipeline of this process stopped, if it stopped on an unknown error (a bug):
+    /// shown on `/readyz` while the process drains before exiting non-zero.
+    pipeline_failure: Mutex<Option<String>>,
+    /// More metrics for `/metrics` (the pipeline's counters in a process that runs one).
+    more_metrics: OnceLock<MetricsSource>,
+    /// The backends `/readyz` checks, by name (`index`, `dedup`, `registry`).
+    backends: Mutex<Vec<(&'static str, HealthCheck)>>,
+}
+
+impl Operations {
+    /// An API node's: its writes go through `bridge`.
+    pub fn for_bridge(bridge: Bridge) -> Operations {
+        Operations::new(Writes::Bridge(bridge))
+    }
+
+    /// A consuming node's: it writes nothing, its log is `log`.
+    pub fn for_log(log: Arc<dyn Log>) -> Operations {
+        Operations::new(Writes::Log(log))
+    }
+
+    fn new(writes: Writes) -> Operations {
+        Operations(Arc::new(Inner {
+            writes,
+            draining: AtomicBool::new(false),
+            pipeline_failure: Mutex::new(None),
+            more_metrics: OnceLock::new(),
+            backends: Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// Marks the node as draining (readyz fails from now on).
+    pub fn start_draining(&self) {
+        self.0.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Adds `source`'s metrics to `/metrics` (once; a second source is ignored).
+    pub fn add_metrics(&self, source: MetricsSource) {
+        let _ = self.0.more_metrics.set(source);
+    }
+
+    /// Makes `/readyz` check backend `name` with `check` (a second check of a name replaces
+    /// the first).
+    pub fn watch(&self, name: &'static str, check: HealthCheck) {
+        let mut backends = self
+            .0
+            .backends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        backends.retain(|(n, _)| *n != name);
+        backends.push((name, check));
+    }
+
+    /// Records why the pipeline stopped (SPEC §6 "unknown" errors) and starts draining.
+    pub fn pipeline_failed(&self, cause: String) {
+        *self
+            .0
+            .pipeline_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(cause);
+        self.start_draining();
+    }
+
+    fn pipeline_failure(&self) -> Option<String> {
+        self.0
+            .pipeline_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Each watched backend's verdict, checked at once: `"ok"` or what is wrong.
+    async fn check_backends(&self) -> Vec<(&'static str, Result<(), String>)> {
+        let backends = self
+            .0
+            .backends
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let checks = backends.into_iter().map(|(name, check)| async move {
+            let verdict = match tokio::time::timeout(HEALTH_TIMEOUT, check()).await {
+                Ok(verdict) => verdict,
+                Err(_) => Err(format!(
+                    "its health check did not answer within {HEALTH_TIMEOUT:?}"
+                )),
+            };
+            (name, verdict)
+        });
+        let tasks: Vec<_> = checks.map(tokio::spawn).collect();
+        let mut verdicts = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            match task.await {
+                Ok(verdict) => verdicts.push(verdict),
+                Err(e) => verdicts.push(("?", Err(format!("a health check failed: {e}")))),
+            }
+        }
+        verdicts
+    }
+}
+
+/// `/healthz`, `/readyz` and `/metrics`.
+pub fn router(operations: Operations) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(operations)
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// Ready when not draining, writes can be made durable (the log takes them, or the spill
+/// buffer has room, SPEC §4) and every watched backend answers. The body shows each part.
+async fn readyz(State(ops): State<Operations>) -> Response {
+    let mut reasons = Vec::new();
+    let failure = ops.pipeline_failure();
+    if let Some(cause) = &failure {
+        reasons.push(format!(
+            "the pipeline stopped on an unexpected error: {cause}"
+        ));
+    }
+    if ops.0.draining.load(Ordering::SeqCst) {
+        reasons.push("draining: the server is shutting down".into());
+    }
+    let (log, spill) = match &ops.0.writes {
+        Writes::Bridge(bridge) => {
+            let spill = bridge.status();
+            if !bridge.is_ready() {
+                reasons.push(
+                    if spill.max_bytes == 0 {
+                        "the log cannot accept writes (and spilling is disabled)"
+                    } else {
+                        "the log cannot accept writes and the spill buffer is full"
+                    }
+                    .into(),
+                );
+            }
+            let log = match (spill.spilling, spill.log_healthy) {
+                (true, _) => "spilling",
+                (false, true) => "ok",
+                (false, false) => "down",
+            };
+            (log, serde_json::to_value(&spill).unwrap_or(Value::Null))
+        }
+        Writes::Log(log) => {
+            if log.is_healthy() {
+                ("ok", Value::Null)
+            } else {
+                reasons.push("the log is unreachable".into());
+                ("down", Value::Null)
+            }
+        }
+    };
+    let mut body = json!({"log": log, "spill": spill, "index": null});
+    for (name, verdict) in ops.check_backends().await {
+        body[name] = match verdict {
+            Ok(()) => json!("ok"),
+            Err(e) => {
+                reasons.push(match name {
+                    "index" => format!("the pipeline cannot write its index: {e}"),
+                    other => format!("the {other} store does not answer: {e}"),
+                });
+                json!("down")
+            }
+        };
+    }
+    if reasons.is_empty() {
+        body["status"] = json!("ready");
+        Json(body).into_response()
+    } else {
+        body["status"] = json!("not ready");
+        body["reasons"] = json!(reasons);
+        body["pipeline"] = json!(failure.map(|cause| json!({"status": "failed", "error": cause})));
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    }
+}
+
+/// Prometheus text exposition of the spill bridge (or the log's health on a node without
+/// one) and, in a process that runs the pipeline, its counters (SPEC §9; the request
+/// counters and histograms are not exported yet).
+async fn metrics(State(ops): State<Operations>) -> Response {
+    let lines: Vec<Metric> = match &ops.0.writes {
+        Writes::Bridge(bridge) => spill_metrics(bridge),
+        Writes::Log(log) => vec![(
+            "sluice_log_healthy",
+            "gauge",
+            "1 while the log reports that it takes writes",
+            log.is_healthy() as u64 as f64,
+        )],
+    };
+    let more = ops
+        .0
+        .more_metrics
+        .get()
+        .map(|source| source())
+        .unwrap_or_default();
+    let mut body = String::new();
+    for (name, kind, help, value) in lines.into_iter().chain(more) {
+        body.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn spill_metrics(bridge: &Bridge) -> Vec<Metric> {
+    let s = bridge.status();
+    let oldest = s.oldest_age_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
+    vec![
+        (
+            "sluice_spill_mode",
+            "gauge",
+            "1 while appends go to the spill buffer instead of the log",
+            s.spilling as u64 as f64,
+        ),
+        (
+            "sluice_log_healthy",
+            "gauge",
+            "1 while the log reports that it takes writes",
+            s.log_healthy as u64 as f64,
+        ),
+        (
+            "sluice_spill_records",
+            "gauge",
+            "records in the spill buffer waiting to be replayed",
+            s.records as f64,
+        ),
+        (
+            "sluice_spill_bytes",
+            "gauge",
+            "bytes the spill buffer holds",
+            s.bytes as f64,
+        ),
+        (
+            "sluice_spill_max_bytes",
+            "gauge",
+            "the spill buffer's limit (0: spilling disabled)",
+            s.max_bytes as f64,
+        ),
+        (
+            "sluice_spill_oldest_age_seconds",
+            "gauge",
+            "age of the oldest record waiting in the spill buffer",
+            oldest,
+        ),
+        (
+            "sluice_spilled_records_total",
+            "counter",
+            "records written to the spill buffer since start",
+            s.spilled_total as f64,
+        ),
+        (
+            "sluice_replayed_records_total",
+            "counter",
+            "records replayed from the spill buffer into the log since start",
+            s.replayed_total as f64,
+        ),
+        (
+            "sluice_spill_replay_failures_total",
+            "counter",
+            "failed replay attempts since start",
+            s.replay_failures as f64,
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_log::{EmbeddedLog, EmbeddedLogConfig};
+
+    async fn answer(ops: &Operations) -> (StatusCode, Value) {
+        let response = readyz(State(ops.clone())).await;
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&body).expect("json"))
+    }
+
+    fn check(verdict: Option<Result<(), String>>) -> HealthCheck {
+        Arc::new(move || {
+            let verdict = verdict.clone();
+            Box::pin(async move {
+                match verdict {
+                    Some(verdict) => verdict,
+                    // Never answers.
+                    None => std::future::pending().await,
+                }
+            })
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn readyz_names_each_backend_that_fails_or_does_not_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = EmbeddedLog::open(dir.path(), EmbeddedLogConfig::default()).expect("log");
+        let ops = Operations::for_log(Arc::new(log));
+        ops.watch("index", check(Some(Ok(()))));
+        ops.watch("dedup", check(Some(Ok(()))));
+        let (status, body) = answer(&ops).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["log"], "ok");
+        assert_eq!(body["index"], "ok");
+        assert_eq!(body["dedup"], "ok");
+
+        ops.watch("dedup", check(Some(Err("PING: connection refused".into()))));
+        ops.watch("registry", check(None));
+        let (status, body) = answer(&ops).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert_eq!(body["index"], "ok");
+        assert_eq!(body["dedup"], "down");
+        assert_eq!(body["registry"], "down");
+        let reasons = body["reasons"].to_string();
+        assert!(
+            reasons.contains("the dedup store does not answer: PING: connection refused"),
+            "{reasons}"
+        );
+        assert!(
+            reasons.contains(
+                "the registry store does not answer: its health check did not answer within 2s"
+            ),
+            "{reasons}"
+        );
+    }
+}
