@@ -345,69 +345,20 @@ mod tests {
     #[tokio::test]
     async fn a_stash_keeps_the_first_payload_until_unstashed_and_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (a, b, c) = (
-            key("acme/welcome", "m1"),
-            key("acme/welcome", "m2"),
-            key("acme/welcome", "m3"),
-        );
         {
             let dedup = EmbeddedDedup::open(dir.path(), crate::DEFAULT_WINDOW).expect("open");
-            let found = dedup
-                .stash(&[
-                    kept(a, b"first"),
-                    kept(b, b"other"),
-                    kept(a, b"again"),
-                    looked_up(c, b"only looked up"),
-                ])
-                .await
-                .expect("stash");
-            assert_eq!(
-                found,
-                [None, None, Some(b"first".to_vec()), None],
-                "a key repeated in one call finds the payload stashed by the first"
-            );
-            assert_eq!(
-                dedup.check(&[a]).await.expect("check"),
-                [false],
-                "a stash is not a mark"
-            );
+            crate::contract::stash_first(&dedup).await;
         }
         let dedup = EmbeddedDedup::open(dir.path(), crate::DEFAULT_WINDOW).expect("reopen");
-        let found = dedup
-            .stash(&[looked_up(a, b"later"), kept(c, b"kept now")])
-            .await
-            .expect("stash");
-        assert_eq!(
-            found,
-            [Some(b"first".to_vec()), None],
-            "a stashed payload is durable and kept; a look-up stashes nothing"
-        );
-        let found = dedup.stash(&[looked_up(c, b"")]).await.expect("stash");
-        assert_eq!(found, [Some(b"kept now".to_vec())]);
-        dedup.unstash(&[a]).await.expect("unstash");
-        let found = dedup.stash(&[kept(a, b"new")]).await.expect("stash");
-        assert_eq!(found, [None], "after unstash the key is free");
+        crate::contract::stash_then(&dedup).await;
         // An expired stash counts as absent.
         let old = dedup
-            .stash_at(&[kept(b, b"newer")], now_ms() + 8 * 24 * 3600 * 1000)
+            .stash_at(
+                &[Stash::kept(key("acme/welcome", "m2"), b"newer")],
+                now_ms() + 8 * 24 * 3600 * 1000,
+            )
             .expect("stash");
         assert_eq!(old, [None]);
-    }
-
-    fn kept<'a>(key: MessageKey<'a>, payload: &'a [u8]) -> Stash<'a> {
-        Stash {
-            key,
-            payload,
-            keep: true,
-        }
-    }
-
-    fn looked_up<'a>(key: MessageKey<'a>, payload: &'a [u8]) -> Stash<'a> {
-        Stash {
-            key,
-            payload,
-            keep: false,
-        }
     }
 
     #[test]

@@ -10,6 +10,8 @@
 
 use async_trait::async_trait;
 
+#[cfg(any(test, feature = "testing"))]
+pub mod contract;
 pub mod embedded;
 pub mod redis;
 #[cfg(feature = "testing")]
@@ -36,6 +38,26 @@ pub struct Stash<'a> {
     /// Whether to stash the payload if none is stashed under the key (`false` only looks an
     /// earlier one up).
     pub keep: bool,
+}
+
+impl<'a> Stash<'a> {
+    /// `payload`, to stash under `key` unless one is stashed there.
+    pub fn kept(key: MessageKey<'a>, payload: &'a [u8]) -> Stash<'a> {
+        Stash {
+            key,
+            payload,
+            keep: true,
+        }
+    }
+
+    /// Only a look-up of what is stashed under `key` (`payload` is the one to use if nothing).
+    pub fn looked_up(key: MessageKey<'a>, payload: &'a [u8]) -> Stash<'a> {
+        Stash {
+            key,
+            payload,
+            keep: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

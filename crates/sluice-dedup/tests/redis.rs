@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sluice_dedup::testing::{OwnRedis, redis_url};
-use sluice_dedup::{Dedup, DedupError, MessageKey, RedisDedup, RedisDedupConfig, Stash};
+use sluice_dedup::{Dedup, DedupError, MessageKey, RedisDedup, RedisDedupConfig};
 
 fn key<'a>(org: &'a str, message_id: &'a str) -> MessageKey<'a> {
     MessageKey { org, message_id }
@@ -91,43 +91,10 @@ async fn marks_are_seen_per_org_in_batch_order_with_the_window_as_ttl() {
 #[tokio::test]
 async fn a_stash_keeps_the_first_payload_until_unstashed_apart_from_marks() {
     let s = scoped(Duration::from_secs(3600)).await;
-    let (a, b, c) = (
-        key("acme/welcome", "m1"),
-        key("acme/welcome", "m2"),
-        key("acme/welcome", "m3"),
-    );
-    let found = s
-        .store
-        .stash(&[
-            kept(a, b"first"),
-            kept(b, b"other"),
-            kept(a, b"again"),
-            looked_up(c, b"only looked up"),
-        ])
-        .await
-        .expect("stash");
-    assert_eq!(found, [None, None, Some(b"first".to_vec()), None]);
-    let found = s
-        .store
-        .stash(&[looked_up(a, b"later"), kept(c, b"kept now")])
-        .await
-        .expect("stash");
-    assert_eq!(
-        found,
-        [Some(b"first".to_vec()), None],
-        "a stashed payload is kept; a look-up stashes nothing"
-    );
-    let found = s.store.stash(&[looked_up(c, b"")]).await.expect("stash");
-    assert_eq!(found, [Some(b"kept now".to_vec())]);
-    assert_eq!(
-        s.store.check(&[a]).await.expect("check"),
-        [false],
-        "a stash is not a mark"
-    );
+    sluice_dedup::contract::stash_first(&s.store).await;
+    let a = key("acme/welcome", "m1");
     s.store.mark(&[a]).await.expect("mark");
-    s.store.unstash(&[a]).await.expect("unstash");
-    let found = s.store.stash(&[kept(a, b"new")]).await.expect("stash");
-    assert_eq!(found, [None], "after unstash the key is free");
+    sluice_dedup::contract::stash_then(&s.store).await;
     assert_eq!(
         s.store.check(&[a]).await.expect("check"),
         [true],
@@ -218,20 +185,4 @@ async fn a_restarted_server_fails_calls_while_down_and_serves_them_again_after()
         store.check(&[key("acme", "after")]).await.expect("check"),
         [true]
     );
-}
-
-fn kept<'a>(key: MessageKey<'a>, payload: &'a [u8]) -> Stash<'a> {
-    Stash {
-        key,
-        payload,
-        keep: true,
-    }
-}
-
-fn looked_up<'a>(key: MessageKey<'a>, payload: &'a [u8]) -> Stash<'a> {
-    Stash {
-        key,
-        payload,
-        keep: false,
-    }
 }

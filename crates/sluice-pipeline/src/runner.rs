@@ -925,30 +925,100 @@ mod tests {
         )
     }
 
+    /// Embedded stores in a temp dir, with org `acme`.
+    struct Stores {
+        dir: tempfile::TempDir,
+        log: Arc<EmbeddedLog>,
+        dead_letters: Arc<EmbeddedLog>,
+        registry: Arc<SqliteRegistry>,
+        dedup: Arc<EmbeddedDedup>,
+        index: Arc<EmbeddedIndex>,
+    }
+
+    impl Stores {
+        async fn open() -> Stores {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let registry = Arc::new(
+                SqliteRegistry::open(&dir.path().join("registry.db"))
+                    .await
+                    .expect("registry"),
+            );
+            registry.create_org("acme").await.expect("org");
+            Stores {
+                log: Stores::open_log(&dir, "log"),
+                dead_letters: Stores::open_log(&dir, "dlq"),
+                registry,
+                dedup: Arc::new(
+                    EmbeddedDedup::open(&dir.path().join("dedup"), Duration::from_secs(3600))
+                        .expect("dedup"),
+                ),
+                index: Arc::new(
+                    EmbeddedIndex::open(EmbeddedIndexConfig::new(dir.path().join("index")))
+                        .expect("index"),
+                ),
+                dir,
+            }
+        }
+
+        fn open_log(dir: &tempfile::TempDir, name: &str) -> Arc<EmbeddedLog> {
+            let config = EmbeddedLogConfig {
+                partitions: PARTITIONS,
+                ..EmbeddedLogConfig::default()
+            };
+            Arc::new(EmbeddedLog::open(&dir.path().join(name), config).expect("log"))
+        }
+
+        /// A pipeline on these stores: small batches, short retries, `triggers`.
+        fn pipeline(&self, triggers: Triggers) -> Arc<Pipeline> {
+            Pipeline::new(
+                Arc::clone(&self.log) as Arc<dyn Log>,
+                Arc::clone(&self.dead_letters) as Arc<dyn Log>,
+                Validator::new(
+                    Arc::clone(&self.registry) as Arc<dyn Registry>,
+                    Duration::from_secs(1),
+                ),
+                Arc::clone(&self.dedup) as Arc<dyn Dedup>,
+                Arc::clone(&self.index) as Arc<dyn Index>,
+                PipelineConfig {
+                    batch: BatchConfig {
+                        max_records: 100,
+                        timeout: Duration::from_millis(20),
+                    },
+                    max_retry_delay: Duration::from_millis(50),
+                    triggers,
+                    ..PipelineConfig::default()
+                },
+            )
+        }
+
+        /// Waits (20 s at most) until every partition is committed to its end.
+        async fn wait_committed_to_the_end(&self) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let done = || {
+                (0..PARTITIONS).all(|p| {
+                    self.log
+                        .committed("sluice-pipeline", p)
+                        .expect("committed")
+                        .unwrap_or(0)
+                        == self.log.end_offset(p).expect("end")
+                })
+            };
+            while !done() {
+                assert!(Instant::now() < deadline, "not committed within 20 s");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn one_run_indexes_folds_dead_letters_drops_duplicates_and_commits_to_the_end() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log_config = || EmbeddedLogConfig {
-            partitions: PARTITIONS,
-            ..EmbeddedLogConfig::default()
-        };
-        let log = Arc::new(EmbeddedLog::open(&dir.path().join("log"), log_config()).expect("log"));
-        let dead_letters =
-            Arc::new(EmbeddedLog::open(&dir.path().join("dlq"), log_config()).expect("dlq"));
-        let registry = Arc::new(
-            SqliteRegistry::open(&dir.path().join("registry.db"))
-                .await
-                .expect("registry"),
-        );
-        registry.create_org("acme").await.expect("org");
-        registry.ban_user("acme", "banned").await.expect("ban");
-        let dedup = Arc::new(
-            EmbeddedDedup::open(&dir.path().join("dedup"), Duration::from_secs(3600))
-                .expect("dedup"),
-        );
-        let index = Arc::new(
-            EmbeddedIndex::open(EmbeddedIndexConfig::new(dir.path().join("index"))).expect("index"),
-        );
+        let stores = Stores::open().await;
+        let (log, index, dead_letters) = (&stores.log, &stores.index, &stores.dead_letters);
+        stores
+            .registry
+            .ban_user("acme", "banned")
+            .await
+            .expect("ban");
         log.append(vec![
             update("a", "a1", json!({"plan": "free", "seen": 1})),
             event("a", "e1"),
@@ -961,39 +1031,11 @@ mod tests {
         .await
         .expect("append");
 
-        let pipeline = Pipeline::new(
-            Arc::clone(&log) as Arc<dyn Log>,
-            Arc::clone(&dead_letters) as Arc<dyn Log>,
-            Validator::new(
-                Arc::clone(&registry) as Arc<dyn Registry>,
-                Duration::from_secs(1),
-            ),
-            dedup,
-            Arc::clone(&index) as Arc<dyn Index>,
-            PipelineConfig {
-                batch: BatchConfig {
-                    max_records: 100,
-                    timeout: Duration::from_millis(20),
-                },
-                ..PipelineConfig::default()
-            },
-        );
+        let pipeline = stores.pipeline(Triggers::default());
         let stats = pipeline.stats();
         let (stopper, stop) = stop::channel();
         let running = tokio::spawn(pipeline.run(stop));
-        let committed_to_the_end = || {
-            (0..PARTITIONS).all(|p| {
-                log.committed("sluice-pipeline", p)
-                    .expect("committed")
-                    .unwrap_or(0)
-                    == log.end_offset(p).expect("end")
-            })
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !committed_to_the_end() {
-            assert!(Instant::now() < deadline, "not committed within 20 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        stores.wait_committed_to_the_end().await;
         stopper.stop();
         running.await.expect("task").expect("a clean stop");
 
@@ -1062,29 +1104,8 @@ mod tests {
     /// next run fires every action once, each with the profile as it stood at its event.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn actions_replayed_after_the_index_write_keep_their_snapshots() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let log_config = || EmbeddedLogConfig {
-            partitions: PARTITIONS,
-            ..EmbeddedLogConfig::default()
-        };
-        let open_log = |name: &str| {
-            Arc::new(EmbeddedLog::open(&dir.path().join(name), log_config()).expect("log"))
-        };
-        let log = open_log("log");
-        let dead_letters = open_log("dlq");
-        let registry = Arc::new(
-            SqliteRegistry::open(&dir.path().join("registry.db"))
-                .await
-                .expect("registry"),
-        );
-        registry.create_org("acme").await.expect("org");
-        let dedup = Arc::new(
-            EmbeddedDedup::open(&dir.path().join("dedup"), Duration::from_secs(3600))
-                .expect("dedup"),
-        );
-        let index = Arc::new(
-            EmbeddedIndex::open(EmbeddedIndexConfig::new(dir.path().join("index"))).expect("index"),
-        );
+        let stores = Stores::open().await;
+        let (log, index, dedup) = (&stores.log, &stores.index, &stores.dedup);
         log.append(vec![
             update("a", "a1", json!({"plan": "free"})),
             signed_up("a", "e1"),
@@ -1097,33 +1118,14 @@ mod tests {
         .await
         .expect("append");
         let pipeline = |topic: &Arc<EmbeddedLog>| {
-            let rule = trigger::Rule {
+            stores.pipeline(Triggers::new(vec![trigger::Rule {
                 name: "welcome".into(),
                 event: "signed_up".into(),
                 action: trigger::Action::Topic {
                     topic: "welcome".into(),
                     log: Arc::clone(topic) as Arc<dyn Log>,
                 },
-            };
-            Pipeline::new(
-                Arc::clone(&log) as Arc<dyn Log>,
-                Arc::clone(&dead_letters) as Arc<dyn Log>,
-                Validator::new(
-                    Arc::clone(&registry) as Arc<dyn Registry>,
-                    Duration::from_secs(1),
-                ),
-                Arc::clone(&dedup) as Arc<dyn Dedup>,
-                Arc::clone(&index) as Arc<dyn Index>,
-                PipelineConfig {
-                    batch: BatchConfig {
-                        max_records: 100,
-                        timeout: Duration::from_millis(20),
-                    },
-                    max_retry_delay: Duration::from_millis(50),
-                    triggers: Triggers::new(vec![rule]),
-                    ..PipelineConfig::default()
-                },
-            )
+            }]))
         };
         let plan = || async {
             index
@@ -1135,7 +1137,7 @@ mod tests {
 
         // First run: the topic is closed, so the batch is indexed and then retried at the
         // append until the stop abandons it (not marked, not committed).
-        let closed = open_log("closed-topic");
+        let closed = Stores::open_log(&stores.dir, "closed-topic");
         closed.close().await.expect("close");
         let (stopper, stop) = stop::channel();
         let running = tokio::spawn(pipeline(&closed).run(stop));
@@ -1160,21 +1162,10 @@ mod tests {
         }
 
         // Second run, the topic open: every action once, with its snapshot.
-        let topic = open_log("topic");
+        let topic = Stores::open_log(&stores.dir, "topic");
         let (stopper, stop) = stop::channel();
         let running = tokio::spawn(pipeline(&topic).run(stop));
-        let committed_to_the_end = || {
-            (0..PARTITIONS).all(|p| {
-                log.committed("sluice-pipeline", p)
-                    .expect("committed")
-                    .unwrap_or(0)
-                    == log.end_offset(p).expect("end")
-            })
-        };
-        while !committed_to_the_end() {
-            assert!(Instant::now() < deadline, "not committed within 20 s");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        stores.wait_committed_to_the_end().await;
         stopper.stop();
         running.await.expect("task").expect("a clean stop");
 

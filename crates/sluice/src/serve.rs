@@ -350,27 +350,23 @@ fn watch_backends(
     index: Option<&Arc<dyn Index>>,
     dedup: Option<&Arc<dyn Dedup>>,
 ) {
-    let registry = Arc::clone(registry);
-    let check: HealthCheck = Arc::new(move || {
-        let registry = Arc::clone(&registry);
-        Box::pin(async move { registry.health().await.map_err(|e| e.to_string()) })
-    });
-    operations.watch("registry", check);
+    // Each store's `health()`, its error as text.
+    macro_rules! check {
+        ($store:expr) => {{
+            let store = Arc::clone($store);
+            let check: HealthCheck = Arc::new(move || {
+                let store = Arc::clone(&store);
+                Box::pin(async move { store.health().await.map_err(|e| e.to_string()) })
+            });
+            check
+        }};
+    }
+    operations.watch("registry", check!(registry));
     if let Some(index) = index {
-        let index = Arc::clone(index);
-        let check: HealthCheck = Arc::new(move || {
-            let index = Arc::clone(&index);
-            Box::pin(async move { index.health().await.map_err(|e| e.to_string()) })
-        });
-        operations.watch("index", check);
+        operations.watch("index", check!(index));
     }
     if let Some(dedup) = dedup {
-        let dedup = Arc::clone(dedup);
-        let check: HealthCheck = Arc::new(move || {
-            let dedup = Arc::clone(&dedup);
-            Box::pin(async move { dedup.health().await.map_err(|e| e.to_string()) })
-        });
-        operations.watch("dedup", check);
+        operations.watch("dedup", check!(dedup));
     }
 }
 
