@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -61,6 +61,8 @@ struct Inner {
     more_metrics: OnceLock<MetricsSource>,
     /// The backends `/readyz` checks, by name (`index`, `dedup`, `registry`).
     backends: Mutex<Vec<(&'static str, HealthCheck)>>,
+    /// `admin_token`: when set, `/metrics` needs `Authorization: Bearer <token>`.
+    admin_token: OnceLock<String>,
 }
 
 impl Operations {
@@ -81,7 +83,31 @@ impl Operations {
             pipeline_failure: Mutex::new(None),
             more_metrics: OnceLock::new(),
             backends: Mutex::new(Vec::new()),
+            admin_token: OnceLock::new(),
         }))
+    }
+
+    /// Makes `/metrics` require `Authorization: Bearer <token>` (once; empty: open).
+    pub fn require_token(&self, token: &str) {
+        if !token.is_empty() {
+            let _ = self.0.admin_token.set(token.to_string());
+        }
+    }
+
+    /// Whether `headers` carry the admin token, when one is required.
+    fn admitted(&self, headers: &HeaderMap) -> bool {
+        let Some(token) = self.0.admin_token.get() else {
+            return true;
+        };
+        let given = headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        bool::from(subtle::ConstantTimeEq::ct_eq(
+            given.as_bytes(),
+            token.as_bytes(),
+        ))
     }
 
     /// Marks the node as draining (readyz fails from now on).
@@ -235,7 +261,18 @@ async fn readyz(State(ops): State<Operations>) -> Response {
 /// Prometheus text exposition of the spill bridge (or the log's health on a node without
 /// one) and, in a process that runs the pipeline, its counters (SPEC §9; the request
 /// counters and histograms are not exported yet).
-async fn metrics(State(ops): State<Operations>) -> Response {
+async fn metrics(State(ops): State<Operations>, headers: HeaderMap) -> Response {
+    if !ops.admitted(&headers) {
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+            Json(json!({
+                "code": "Unauthorized",
+                "error": "/metrics needs `Authorization: Bearer <admin_token>` (this server has an admin_token set)",
+            })),
+        )
+            .into_response();
+    }
     let lines: Vec<Metric> = match &ops.0.writes {
         Writes::Bridge(bridge) => spill_metrics(bridge),
         Writes::Log(log) => vec![(

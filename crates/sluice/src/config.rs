@@ -61,8 +61,23 @@ pub struct Config {
     #[serde(with = "duration")]
     pub replay_interval: Duration,
     pub max_in_flight_bytes: usize,
+    /// When set, `/metrics` requires `Authorization: Bearer <admin_token>` (SPEC §9).
+    #[serde(serialize_with = "redacted_secret")]
+    pub admin_token: String,
+    /// How log lines are written to stderr.
+    pub log_format: LogFormat,
     /// `[[triggers]]` rules (SPEC §6 step 7). Only in the file: no env variable or flag.
     pub triggers: Vec<TriggerConfig>,
+}
+
+/// `log_format`: text for a terminal or journal, or one JSON object per line with the
+/// structured fields (partition, offsets, org, route) for a log pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `[kafka_options]`: librdkafka properties, name to value. Values may be secrets (SASL
@@ -161,6 +176,8 @@ impl Default for Config {
             kafka_session_timeout: kafka.session_timeout,
             kafka_instance_id: String::new(),
             kafka_replication_factor: None,
+            admin_token: String::new(),
+            log_format: LogFormat::Text,
             kafka_min_insync_replicas: None,
             kafka_options: Default::default(),
             dedup_key_prefix: redis.prefix,
@@ -257,6 +274,14 @@ replay_interval = "1s"
 # Most request body bytes handled at once; further requests wait (up to log_ack_timeout) for
 # room, then get a 503. Bounds the API's memory under bursts.
 max_in_flight_bytes = 268435456
+
+# When set, /metrics requires `Authorization: Bearer <admin_token>` (a 401 without it).
+# /healthz and /readyz stay open for probes.
+admin_token = ""
+
+# Log lines on stderr: "text", or "json" (one object per line, with the fields of the
+# partition, batch and request each line belongs to). RUST_LOG sets the levels.
+log_format = "text"
 
 # On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
 shutdown_timeout = "30s"
@@ -400,6 +425,12 @@ pub struct ConfigArgs {
     /// Most request body bytes handled at once [default: 268435456].
     #[arg(long, global = true, env = "SLUICE_MAX_IN_FLIGHT_BYTES")]
     pub max_in_flight_bytes: Option<usize>,
+    /// Token `/metrics` requires as `Authorization: Bearer` (unset: open) [default: ].
+    #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", value_name = "TOKEN")]
+    pub admin_token: Option<String>,
+    /// Log lines on stderr: text or json [default: text].
+    #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 /// Kafka's legal topic names (also safe as a directory name); `.` and `..` excluded.
@@ -550,6 +581,11 @@ backend_setting!(RegistryBackend, Postgres, |text: &str| match text {
     )),
 });
 
+/// A secret shown as `***` when set.
+fn redacted_secret<S: serde::Serializer>(secret: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if secret.is_empty() { "" } else { "***" })
+}
+
 fn redacted_url<S: serde::Serializer>(url: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
     match url {
         Some(url) => s.serialize_some(&sluice_model::url::redacted(url)),
@@ -616,7 +652,9 @@ impl Config {
             action_max_age,
             spill_max_bytes,
             replay_interval,
-            max_in_flight_bytes
+            max_in_flight_bytes,
+            admin_token,
+            log_format
         );
         config.validate().map_err(|e| {
             e.context(match &args.config {

@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 
 use sluice::admin::{KeysCommand, OrgsCommand, UsersCommand};
 use sluice::bench::BenchArgs;
-use sluice::config::{Config, ConfigArgs, DEFAULT_CONFIG_TOML};
+use sluice::config::{Config, ConfigArgs, DEFAULT_CONFIG_TOML, LogFormat};
 use sluice::serve::Role;
 
 /// mimalloc instead of glibc's malloc: ingest allocates many small, short-lived buffers across
@@ -85,16 +85,11 @@ fn main() -> std::process::ExitCode {
     {
         return config_check(&cli.config);
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        // Colors for a terminal only: a log file or a supervisor's journal gets plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // Resolved once, before logging starts (its format is a setting); an invalid configuration
+    // is reported by the command that needs it, so `config default` and `bench` still run.
+    let config = Config::resolve(&cli.config);
+    let format = config.as_ref().map_or(LogFormat::Text, |c| c.log_format);
+    init_logging(format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -105,7 +100,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli, config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -131,7 +126,28 @@ fn config_check(args: &ConfigArgs) -> std::process::ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Log lines to stderr at `RUST_LOG`'s levels (default info), as text or one JSON object per
+/// line whose `span`/`spans` carry the fields of the batch or request a line belongs to.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fjall=warn,lsm_tree=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        // Colors for a terminal only: a log file or a supervisor's journal gets plain text.
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .init(),
+    }
+}
+
+async fn run(cli: Cli, config: anyhow::Result<Config>) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Serve);
     if let Command::Config {
         command: ConfigCommand::Default,
@@ -143,7 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Bench(args) = command {
         return sluice::bench::run(args).await;
     }
-    let config = Config::resolve(&cli.config)?;
+    let config = config?;
     match command {
         Command::Serve => sluice::serve::run(config, Role::Serve).await,
         Command::Api => sluice::serve::run(config, Role::Api).await,

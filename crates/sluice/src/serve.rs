@@ -202,6 +202,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         Some(state) => state.operations().clone(),
         None => Operations::for_log(Arc::clone(&log)),
     };
+    operations.require_token(&config.admin_token);
     watch_backends(
         &operations,
         &registry,

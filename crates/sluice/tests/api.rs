@@ -631,6 +631,53 @@ async fn health_and_readiness() {
 }
 
 #[tokio::test]
+async fn an_admin_token_guards_metrics_and_leaves_the_probes_open() {
+    let s = TestServer::start(Limits::default()).await;
+    let mut conn = Connection::connect(s.addr).await.expect("connect");
+    assert_eq!(
+        conn.get("/metrics", &[]).await.expect("metrics").status,
+        200
+    );
+    s.state.operations().require_token("t0ken-of-the-admin");
+    let refused = conn.get("/metrics", &[]).await.expect("metrics");
+    assert_eq!(refused.status, 401);
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Authorization: Bearer")),
+        "{:?}",
+        refused.json()
+    );
+    for wrong in [
+        "Bearer t0ken",
+        "Bearer t0ken-of-the-admin2",
+        "t0ken-of-the-admin",
+    ] {
+        let r = conn
+            .get("/metrics", &[("authorization", wrong)])
+            .await
+            .expect("metrics");
+        assert_eq!(r.status, 401, "{wrong}");
+    }
+    let r = conn
+        .get(
+            "/metrics",
+            &[("authorization", "Bearer t0ken-of-the-admin")],
+        )
+        .await
+        .expect("metrics");
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("sluice_spill_mode"));
+    for probe in ["/healthz", "/readyz"] {
+        assert_eq!(
+            conn.get(probe, &[]).await.expect("probe").status,
+            200,
+            "{probe}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_log_that_cannot_make_data_durable_gives_503_with_retry_after() {
     let s = TestServer::start(Limits::default()).await;
     s.log.close().await.expect("close");

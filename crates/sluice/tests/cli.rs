@@ -214,6 +214,50 @@ fn config_check_prints_the_resolved_configuration_or_exits_2_naming_the_key_and_
     );
 }
 
+/// `--log-format json`: every line on stderr is one JSON object with level, message and the
+/// fields of the span it was logged in. `--admin-token`: `/metrics` needs it.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_and_the_admin_token_guards_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = Server::start_logging(
+        "serve",
+        &dir.path().join("data"),
+        &["--log-format", "json", "--admin-token", "s3cret"],
+        "info",
+    );
+    let mut conn = sluice::client::Connection::connect(server.addr)
+        .await
+        .expect("connect");
+    assert_eq!(conn.get("/metrics", &[]).await.expect("get").status, 401);
+    let allowed = conn
+        .get("/metrics", &[("authorization", "Bearer s3cret")])
+        .await
+        .expect("get");
+    assert_eq!(allowed.status, 200);
+    assert!(server.sigterm().success());
+    let stderr = std::fs::read_to_string(&server.stderr).expect("stderr");
+    let lines: Vec<Value> = stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty(), "no log line at info");
+    for line in &lines {
+        assert!(
+            line["timestamp"].is_string()
+                && line["level"].is_string()
+                && line["fields"].is_object(),
+            "{line}"
+        );
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "stopped" && l["level"] == "INFO"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn serve_prints_a_key_once_and_admin_commands_work_while_it_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
