@@ -158,22 +158,28 @@ impl Operations {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let checks = backends.into_iter().map(|(name, check)| async move {
-            let verdict = match tokio::time::timeout(HEALTH_TIMEOUT, check()).await {
-                Ok(verdict) => verdict,
-                Err(_) => Err(format!(
-                    "its health check did not answer within {HEALTH_TIMEOUT:?}"
-                )),
-            };
-            (name, verdict)
-        });
-        let tasks: Vec<_> = checks.map(tokio::spawn).collect();
-        let mut verdicts = Vec::with_capacity(tasks.len());
-        for task in tasks {
-            match task.await {
-                Ok(verdict) => verdicts.push(verdict),
-                Err(e) => verdicts.push(("?", Err(format!("a health check failed: {e}")))),
-            }
+        // All at once, each bounded by the timeout.
+        let running: Vec<_> = backends
+            .into_iter()
+            .map(|(name, check)| {
+                let verdict = tokio::spawn(async move {
+                    tokio::time::timeout(HEALTH_TIMEOUT, check())
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(format!(
+                                "its health check did not answer within {HEALTH_TIMEOUT:?}"
+                            ))
+                        })
+                });
+                (name, verdict)
+            })
+            .collect();
+        let mut verdicts = Vec::with_capacity(running.len());
+        for (name, verdict) in running {
+            let verdict = verdict
+                .await
+                .unwrap_or_else(|e| Err(format!("its health check failed: {e}")));
+            verdicts.push((name, verdict));
         }
         verdicts
     }

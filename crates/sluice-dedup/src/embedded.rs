@@ -262,9 +262,20 @@ impl Dedup for EmbeddedDedup {
     async fn stash(&self, entries: &[Stash<'_>]) -> Result<Vec<Option<Vec<u8>>>, DedupError> {
         let this = self.clone();
         let keys = owned(&entries.iter().map(|e| e.key).collect::<Vec<_>>());
+        // Only a kept entry's payload can be written (or found again by a repeated key): a
+        // look-up's stays behind.
         let payloads: Vec<(Vec<u8>, bool)> = entries
             .iter()
-            .map(|e| (e.payload.to_vec(), e.keep))
+            .map(|e| {
+                (
+                    if e.keep {
+                        e.payload.to_vec()
+                    } else {
+                        Vec::new()
+                    },
+                    e.keep,
+                )
+            })
             .collect();
         tokio::task::spawn_blocking(move || {
             let entries: Vec<Stash<'_>> = borrowed(&keys)
