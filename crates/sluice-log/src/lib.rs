@@ -99,6 +99,12 @@ pub trait Log: Send + Sync + 'static {
 
     /// Appends `records`, returning once every one of them is durable, with their positions in
     /// input order. Records with equal keys land in one partition in input order.
+    ///
+    /// No gaps: a record is written only after every record given earlier for its partition
+    /// (by this call or an earlier one) was written. A caller that stops waiting (a dropped
+    /// future, a timeout) may still see its records written later, in that order; whatever it
+    /// sends again lands behind them. So a retry duplicates (dedup drops the copies) but never
+    /// puts a user's later message ahead of an earlier one.
     async fn append(&self, records: Vec<Record>) -> Result<Vec<Ack>, LogError>;
 
     /// Joins consumer group `group`; partitions are handed out through the subscription.

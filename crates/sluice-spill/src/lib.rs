@@ -17,6 +17,11 @@
 //! what was replayed. A crash between the log's acknowledgement and that commit replays the
 //! batch again: the copies carry the same message ids, and the pipeline's dedup drops them.
 //!
+//! A replayed append is waited for until the log answers, however long: it is never abandoned
+//! and sent again for being slow, because the log may still write what it was given, and the
+//! second send would land behind it (a later message of a user ahead of an earlier one's copy,
+//! if the first try was written in part). Only a failure the log reports is retried.
+//!
 //! Invariant: the bridge leaves spill mode only when no record accepted into the buffer is
 //! still unreplayed (`State::pending == 0`, checked under the same lock that admits appends).
 
@@ -46,8 +51,9 @@ pub struct BridgeConfig {
     pub max_replay_interval: Duration,
     /// Records per replayed append.
     pub replay_batch: usize,
-    /// How long one replayed append may take before it counts as failed.
-    pub replay_timeout: Duration,
+    /// How long a replayed append may go unacknowledged before each warning (and a count in
+    /// `replay_failures`). It is not abandoned: see `replay`.
+    pub replay_warn_after: Duration,
 }
 
 impl Default for BridgeConfig {
@@ -58,7 +64,7 @@ impl Default for BridgeConfig {
             replay_interval: Duration::from_secs(1),
             max_replay_interval: Duration::from_secs(8),
             replay_batch: 5_000,
-            replay_timeout: Duration::from_secs(30),
+            replay_warn_after: Duration::from_secs(30),
         }
     }
 }
@@ -398,25 +404,38 @@ impl Bridge {
                     timestamp_ms: r.timestamp_ms,
                 })
                 .collect();
-            let append = tokio::time::timeout(config.replay_timeout, inner.log.append(records));
-            let acked = tokio::select! {
-                acked = append => acked,
-                // Stopping: the records stay in the buffer for the next start (any the log
-                // takes meanwhile come again then, and dedup drops the copies).
-                _ = stop.wait_for(|stop| *stop) => break,
+            // Waited for however long it takes, never sent again for being slow: the log may
+            // still write what it was given, and a second send would land behind it (see
+            // `Log::append`: a partly written first try plus a resend is a user's later
+            // message ahead of an earlier one).
+            let append = inner.log.append(records);
+            tokio::pin!(append);
+            let started = tokio::time::Instant::now();
+            let acked = loop {
+                tokio::select! {
+                    acked = &mut append => break Some(acked),
+                    // Stopping: the records stay in the buffer for the next start (any the
+                    // log takes meanwhile come again then, and dedup drops the copies).
+                    _ = stop.wait_for(|stop| *stop) => break None,
+                    () = tokio::time::sleep(config.replay_warn_after) => {
+                        inner.counters.replay_failures.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            records = count,
+                            waited = ?started.elapsed(),
+                            "spill replay: the log has not acknowledged yet; still waiting"
+                        );
+                    }
+                }
             };
+            let Some(acked) = acked else { break };
             let failure = match acked {
-                Ok(Ok(_)) => match buffer::replayed(buffer, next).await {
+                Ok(_) => match buffer::replayed(buffer, next).await {
                     Ok(()) => None,
                     Err(e) => Some(format!(
                         "the spill buffer cannot record replay progress: {e}"
                     )),
                 },
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!(
-                    "no acknowledgement within {:?}",
-                    config.replay_timeout
-                )),
+                Err(e) => Some(e.to_string()),
             };
             match failure {
                 None => {

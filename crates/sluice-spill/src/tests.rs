@@ -14,6 +14,9 @@ const UP: u8 = 0;
 const HANG: u8 = 1;
 /// Appends fail at once, and the log reports that it cannot take writes.
 const FAIL: u8 = 2;
+/// As a Kafka producer while the brokers do not answer: the log keeps what it is given and
+/// writes it once up, in the order given, even for callers that stopped waiting.
+const QUEUE: u8 = 3;
 
 struct FlakyLog {
     inner: EmbeddedLog,
@@ -22,6 +25,8 @@ struct FlakyLog {
     fail_once: std::sync::atomic::AtomicBool,
     /// Reports the log down whatever the mode (librdkafka saw every broker go).
     reported_down: std::sync::atomic::AtomicBool,
+    /// What `QUEUE` appends were given and the log has not written yet.
+    queued: Mutex<Vec<Record>>,
 }
 
 impl FlakyLog {
@@ -56,9 +61,21 @@ impl Log for FlakyLog {
                 message: "connection reset".into(),
             });
         }
+        let mut records = Some(records);
         loop {
             match self.mode.load(Ordering::SeqCst) {
-                UP => return self.inner.append(records).await,
+                UP => {
+                    // What abandoned `QUEUE` appends left goes first, as a producer's queue.
+                    let mut all = std::mem::take(&mut *lock_queued(&self.queued));
+                    all.extend(records.take().unwrap_or_default());
+                    return self.inner.append(all).await;
+                }
+                QUEUE => {
+                    if let Some(records) = records.take() {
+                        lock_queued(&self.queued).extend(records);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 FAIL => {
                     return Err(LogError::Broker {
                         brokers: "flaky".into(),
@@ -85,6 +102,10 @@ impl Log for FlakyLog {
     }
 }
 
+fn lock_queued(queued: &Mutex<Vec<Record>>) -> std::sync::MutexGuard<'_, Vec<Record>> {
+    queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 struct Setup {
     _dir: tempfile::TempDir,
     spill_dir: std::path::PathBuf,
@@ -109,6 +130,7 @@ fn setup() -> Setup {
             mode: AtomicU8::new(UP),
             fail_once: Default::default(),
             reported_down: Default::default(),
+            queued: Default::default(),
         }),
     }
 }
@@ -119,7 +141,7 @@ fn config() -> BridgeConfig {
         replay_interval: Duration::from_millis(10),
         max_replay_interval: Duration::from_millis(40),
         replay_batch: 7,
-        replay_timeout: Duration::from_millis(200),
+        replay_warn_after: Duration::from_millis(200),
         ..BridgeConfig::default()
     }
 }
@@ -470,7 +492,7 @@ async fn appends_dropped_while_spilling_are_still_written_and_counted() {
 async fn the_replayer_stops_promptly_while_the_log_hangs() {
     let s = setup();
     let mut config = config();
-    config.replay_timeout = Duration::from_secs(60);
+    config.replay_warn_after = Duration::from_secs(60);
     let bridge = Bridge::open(s.log.clone(), &s.spill_dir, config).expect("bridge");
     s.log.set(FAIL);
     append(&bridge, "a", 0).await.expect("spill");
@@ -492,4 +514,39 @@ async fn the_replayer_stops_promptly_while_the_log_hangs() {
         (1, 0),
         "{status:?}"
     );
+}
+
+/// A replayed batch the log is slow to acknowledge is waited for, not sent again: a producer
+/// that keeps what it was given writes each spilled record once, in order, when it is up.
+/// (Sent again after a timeout, the batch would be written twice, and a first try written in
+/// part would put a later record ahead of an earlier one's copy.)
+#[tokio::test]
+async fn a_slow_replay_is_waited_for_and_never_sent_twice() {
+    let s = setup();
+    let bridge = Bridge::open(s.log.clone(), &s.spill_dir, config()).expect("bridge");
+    s.log.set(FAIL);
+    for seq in 0..20 {
+        assert_eq!(
+            append(&bridge, "a", seq).await.expect("spill"),
+            Durable::Spilled
+        );
+    }
+    s.log.set(QUEUE);
+    let (stop_tx, stop) = watch::channel(false);
+    let replayer = tokio::spawn({
+        let bridge = bridge.clone();
+        async move { bridge.replay(stop).await }
+    });
+    // Three times the warning interval without an acknowledgement.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let status = bridge.status();
+    assert_eq!(status.replayed_total, 0, "{status:?}");
+    assert!(status.replay_failures >= 2, "each wait counted: {status:?}");
+    s.log.set(UP);
+    wait_drained(&bridge).await;
+    stop_tx.send(true).expect("stop");
+    replayer.await.expect("replayer");
+    let records = s.log.records();
+    assert_eq!(records.len(), 20, "each spilled record written once: {records:?}");
+    assert_eq!(first_copies(&records)["a"], (0..20).collect::<Vec<_>>());
 }

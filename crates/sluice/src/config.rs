@@ -704,6 +704,16 @@ impl Config {
                 "[kafka_options] {key:?}: set by sluice itself (bootstrap.servers comes from `log`; groups and commits are the pipeline's)"
             );
         }
+        if let Some(key) = self.kafka_options.0.keys().find(|k| {
+            matches!(
+                k.as_str(),
+                "message.timeout.ms" | "delivery.timeout.ms" | "enable.idempotence" | "acks"
+            )
+        }) {
+            bail!(
+                "[kafka_options] {key:?}: set by sluice itself: an idempotent acks=all producer whose records never time out is what keeps every acknowledged message, in each user's order (how long the API waits for the log is log_ack_timeout)"
+            );
+        }
         if self.batch_size == 0 {
             bail!("batch_size must be at least 1");
         }
@@ -1152,6 +1162,10 @@ mod tests {
             (
                 "[kafka_options]\n\"bootstrap.servers\" = \"elsewhere:9092\"\n",
                 "bootstrap.servers comes from `log`",
+            ),
+            (
+                "[kafka_options]\n\"message.timeout.ms\" = 30000\n",
+                "[kafka_options] \"message.timeout.ms\": set by sluice itself: an idempotent acks=all producer whose records never time out",
             ),
             (
                 "[kafka_options]\n\"linger.ms\" = [5]\n",

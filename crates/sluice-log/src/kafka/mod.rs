@@ -8,6 +8,12 @@
 //!   partitioner as the embedded log (`sluice_model::partition_for_key`), through an idempotent
 //!   producer with `acks=all`, and returns only when every delivery report came back: that is
 //!   the durability promise of the API's 200.
+//! - Records never time out in the producer (`message.timeout.ms` 0): librdkafka keeps each
+//!   partition's queue and retries it in order until the brokers take it, so the queue has no
+//!   gaps. With a timeout, a record that expired in an outage could be followed by a later one
+//!   that got through; the caller's retry of the first would then land behind the second, out
+//!   of the user's order. A caller that stops waiting leaves its records to be delivered; its
+//!   bound on waiting is its own (`log_ack_timeout`, the pipeline's stop, shutdown).
 //!
 //! - `subscribe` joins a consumer group: see `consumer` for how partitions are handed out,
 //!   revoked and committed.
@@ -288,10 +294,8 @@ fn new_producer(
         // took 30% off the single-event rate (BENCHMARKS.md). `[kafka_options]`
         // `"compression.type" = "lz4"` (or zstd) trades CPU for bytes on a metered network.
         .set("compression.type", "none")
-        .set(
-            "message.timeout.ms",
-            config.request_timeout.as_millis().max(1).to_string(),
-        );
+        // Never: see the module docs (no gaps in a partition's queue).
+        .set("message.timeout.ms", "0");
     with_options(&mut client, config)
         .create_with_context(ProducerHealth::new(all_brokers_down))
         .map_err(|e| LogError::Broker {
