@@ -182,10 +182,10 @@ pub(crate) async fn accept(
     // is deterministic and succeeded once (the bridge checks the count all the same).
     let again = || build().unwrap_or_default();
     let answer = Accepted::new(&messages, &failures);
-    app.bridge
-        .append(records, &again)
-        .await
-        .map_err(|e| match e {
+    let started = std::time::Instant::now();
+    let appended = app.bridge.append(records, &again).await;
+    crate::metrics::log_append().record(started.elapsed().as_secs_f64());
+    appended.map_err(|e| match e {
             BridgeError::Timeout(timeout) => ApiError::Unavailable(format!(
                 "the log did not acknowledge within {timeout:?}; nothing was acknowledged, retry the request"
             )),

@@ -11,6 +11,8 @@
 //!
 //! - `inflight`: the bound on request bytes being handled at once (backpressure).
 //! - `ops`: `/healthz`, `/readyz`, `/metrics`, which every node serves (an ingest node alone).
+//! - `metrics`: the process's Prometheus recorder, and the layer that counts and times every
+//!   request (`metrics::tracked`).
 //!
 //! Invariant: a handler answers 200 only after `Bridge::append` returned for every accepted
 //! message: acknowledged by the log, or fsynced to the spill buffer (`sluice-spill`). Nothing
@@ -21,6 +23,7 @@ mod body;
 mod error;
 mod inflight;
 mod ingest;
+pub mod metrics;
 pub mod ops;
 mod read;
 mod response;
@@ -41,7 +44,7 @@ use sluice_spill::Bridge;
 
 pub use auth::{Authenticator, KeySources};
 pub use error::ApiError;
-pub use ops::{HealthCheck, Metric, MetricsSource, Operations};
+pub use ops::{HealthCheck, Operations, Refresh, Sample};
 pub use response::{Accepted, Failure};
 
 /// Request limits (SPEC §4 defaults).

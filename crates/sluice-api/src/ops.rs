@@ -25,11 +25,9 @@ use serde_json::{Value, json};
 use sluice_log::Log;
 use sluice_spill::Bridge;
 
-/// One Prometheus sample: name, type (`counter`/`gauge`), help text, value.
-pub type Metric = (&'static str, &'static str, &'static str, f64);
-
-/// Metrics `/metrics` adds to its own, read at each scrape.
-pub type MetricsSource = Arc<dyn Fn() -> Vec<Metric> + Send + Sync>;
+/// Sets values kept elsewhere (gauges, counts in atomics of their own) just before `/metrics`
+/// renders; see [`publish`].
+pub type Refresh = Arc<dyn Fn() + Send + Sync>;
 
 /// A backend's health check: `Err` says what is wrong.
 pub type HealthCheck =
@@ -57,8 +55,9 @@ struct Inner {
     /// Why the pipeline of this process stopped, if it stopped on an unknown error (a bug):
     /// shown on `/readyz` while the process drains before exiting non-zero.
     pipeline_failure: Mutex<Option<String>>,
-    /// More metrics for `/metrics` (the pipeline's counters in a process that runs one).
-    more_metrics: OnceLock<MetricsSource>,
+    /// What `/metrics` refreshes before it renders (the pipeline's counters in a process
+    /// that runs one).
+    refreshers: Mutex<Vec<Refresh>>,
     /// The backends `/readyz` checks, by name (`index`, `dedup`, `registry`).
     backends: Mutex<Vec<(&'static str, HealthCheck)>>,
     /// `admin_token`: when set, `/metrics` needs `Authorization: Bearer <token>`.
@@ -81,7 +80,7 @@ impl Operations {
             writes,
             draining: AtomicBool::new(false),
             pipeline_failure: Mutex::new(None),
-            more_metrics: OnceLock::new(),
+            refreshers: Mutex::new(Vec::new()),
             backends: Mutex::new(Vec::new()),
             admin_token: OnceLock::new(),
         }))
@@ -115,9 +114,13 @@ impl Operations {
         self.0.draining.store(true, Ordering::SeqCst);
     }
 
-    /// Adds `source`'s metrics to `/metrics` (once; a second source is ignored).
-    pub fn add_metrics(&self, source: MetricsSource) {
-        let _ = self.0.more_metrics.set(source);
+    /// Runs `refresh` before each `/metrics` render.
+    pub fn on_scrape(&self, refresh: Refresh) {
+        self.0
+            .refreshers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(refresh);
     }
 
     /// Makes `/readyz` check backend `name` with `check` (a second check of a name replaces
@@ -264,9 +267,9 @@ async fn readyz(State(ops): State<Operations>) -> Response {
     }
 }
 
-/// Prometheus text exposition of the spill bridge (or the log's health on a node without
-/// one) and, in a process that runs the pipeline, its counters (SPEC §9; the request
-/// counters and histograms are not exported yet).
+/// Prometheus text exposition (SPEC §9) of the process's recorder (`crate::metrics`), after
+/// the scrape-time values were set: the spill bridge's gauges (or the log's health on a node
+/// without one) and whatever the node added with [`Operations::on_scrape`].
 async fn metrics(State(ops): State<Operations>, headers: HeaderMap) -> Response {
     if !ops.admitted(&headers) {
         return (
@@ -279,41 +282,76 @@ async fn metrics(State(ops): State<Operations>, headers: HeaderMap) -> Response 
         )
             .into_response();
     }
-    let lines: Vec<Metric> = match &ops.0.writes {
-        Writes::Bridge(bridge) => spill_metrics(bridge),
-        Writes::Log(log) => vec![(
+    let Some(handle) = crate::metrics::handle() else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({
+                "code": "NotFound",
+                "error": "metrics are off in this process (SLUICE_METRICS=off)",
+            })),
+        )
+            .into_response();
+    };
+    match &ops.0.writes {
+        Writes::Bridge(bridge) => publish_spill(bridge),
+        Writes::Log(log) => publish(&[(
             "sluice_log_healthy",
             "gauge",
             "1 while the log reports that it takes writes",
             log.is_healthy() as u64 as f64,
-        )],
-    };
-    let more = ops
+        )]),
+    }
+    let refreshers: Vec<Refresh> = ops
         .0
-        .more_metrics
-        .get()
-        .map(|source| source())
-        .unwrap_or_default();
-    let mut body = String::new();
-    for (name, kind, help, value) in lines.into_iter().chain(more) {
-        body.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
+        .refreshers
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    for refresh in refreshers {
+        refresh();
     }
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        body,
+        handle.render(),
     )
         .into_response()
 }
 
-fn spill_metrics(bridge: &Bridge) -> Vec<Metric> {
+/// A value kept elsewhere, published at scrape time: name, kind (`"gauge"`, set as is, or
+/// `"counter"`, a count in an atomic of its own published as the counter's total), help text,
+/// value.
+pub type Sample = (&'static str, &'static str, &'static str, f64);
+
+/// Publishes scrape-time samples to the recorder, describing each the first time.
+pub fn publish(samples: &[Sample]) {
+    static DESCRIBED: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    {
+        let mut described = DESCRIBED.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, kind, help, _) in samples {
+            if !described.contains(name) {
+                match *kind {
+                    "counter" => metrics::describe_counter!(*name, *help),
+                    _ => metrics::describe_gauge!(*name, *help),
+                }
+                described.push(name);
+            }
+        }
+    }
+    for (name, kind, _, value) in samples {
+        match *kind {
+            "counter" => metrics::counter!(*name).absolute(*value as u64),
+            _ => metrics::gauge!(*name).set(*value),
+        }
+    }
+}
+
+fn publish_spill(bridge: &Bridge) {
     let s = bridge.status();
     let oldest = s.oldest_age_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
-    vec![
+    publish(&[
         (
             "sluice_spill_mode",
             "gauge",
@@ -365,10 +403,10 @@ fn spill_metrics(bridge: &Bridge) -> Vec<Metric> {
         (
             "sluice_spill_replay_failures_total",
             "counter",
-            "failed replay attempts since start",
+            "replay attempts that failed or waited past the warning interval, since start",
             s.replay_failures as f64,
         ),
-    ]
+    ]);
 }
 
 #[cfg(test)]

@@ -127,6 +127,14 @@ pub trait Log: Send + Sync + 'static {
         ))
     }
 
+    /// Each partition's end: the offset the next appended record will get (for lag: end minus
+    /// the group's committed offset).
+    async fn end_offsets(&self) -> Result<Vec<u64>, LogError> {
+        Err(LogError::Config(
+            "this log does not report its partitions' end offsets".into(),
+        ))
+    }
+
     /// Stops accepting appends, finishes what was queued, and releases resources.
     async fn close(&self) -> Result<(), LogError>;
 }

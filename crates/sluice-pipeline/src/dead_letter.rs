@@ -42,6 +42,17 @@ pub enum Stage {
     Trigger,
 }
 
+impl Stage {
+    /// As in the record (`validate`, `index`, `trigger`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Validate => "validate",
+            Stage::Index => "index",
+            Stage::Trigger => "trigger",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
     pub partition: u32,

@@ -39,11 +39,11 @@ use tokio::sync::Notify;
 use crate::stop::Stop;
 use tokio::time::Instant;
 
-use crate::dead_letter;
+use crate::dead_letter::{self, Stage};
 use crate::error::PipelineError;
 use crate::group::{self, Committed, Group, Partitions};
 use crate::retry::{Abandon, FIRST_DELAY, Retrier, retry};
-use crate::trigger::{Action, Triggers, Url, WebhookError};
+use crate::trigger::{Action, Triggers, Url, WebhookError, count_actions};
 
 /// Settings of the dispatcher.
 #[derive(Debug, Clone)]
@@ -295,6 +295,8 @@ impl Dispatcher {
         )
         .await?;
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
+        metrics::counter!("sluice_dead_letters_total", "stage" => Stage::Trigger.name())
+            .increment(count);
         Ok(())
     }
 
@@ -305,6 +307,7 @@ impl Dispatcher {
         stop: &mut Stop,
     ) -> Result<Option<Record>, Abandon> {
         let refuse = |rule: &str, reason: String| {
+            count_actions(rule, "dead_lettered", 1);
             tracing::warn!(
                 partition = record.partition,
                 offset = record.offset,
@@ -356,6 +359,7 @@ impl Dispatcher {
                 Ok(()) => {
                     target.gate.opened();
                     self.stats.delivered.fetch_add(1, Ordering::Relaxed);
+                    count_actions(rule, "delivered", 1);
                     return Ok(None);
                 }
                 Err(WebhookError::Refused(reason)) => {
@@ -365,6 +369,7 @@ impl Dispatcher {
                 Err(WebhookError::Failed(error)) => {
                     let delay = target.gate.failed();
                     self.stats.retried.fetch_add(1, Ordering::Relaxed);
+                    count_actions(rule, "retried", 1);
                     tracing::warn!(rule, %error, retry_in = ?delay, "dispatcher: webhook call failed");
                 }
             }

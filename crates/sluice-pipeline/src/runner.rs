@@ -95,18 +95,123 @@ pub struct PipelineStats {
     pub trigger_us: AtomicU64,
     pub mark_us: AtomicU64,
     pub commit_us: AtomicU64,
+    /// The partitions this pipeline owns now, each with its committed offset (the next one to
+    /// process): what partition lag is measured from.
+    owned: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
 }
 
-/// Adds the time since `*since` to `counter` and restarts the clock.
-fn lap(counter: &AtomicU64, since: &mut std::time::Instant) {
+/// A partition's entry in [`PipelineStats`]'s owned partitions, for as long as its task runs.
+struct Owned<'a> {
+    stats: &'a PipelineStats,
+    partition: u32,
+}
+
+impl<'a> Owned<'a> {
+    fn new(stats: &'a PipelineStats, partition: u32, committed: u64) -> Owned<'a> {
+        stats.set_committed(partition, committed);
+        Owned { stats, partition }
+    }
+}
+
+impl Drop for Owned<'_> {
+    fn drop(&mut self) {
+        self.stats.owned_lock().remove(&self.partition);
+    }
+}
+
+/// Adds the time since `*since` to `counter` and to the histogram of `stage`
+/// (`sluice_pipeline_stage_duration_seconds`, one sample per batch), and restarts the clock.
+fn lap(counter: &AtomicU64, stage: &'static str, since: &mut std::time::Instant) {
     let now = std::time::Instant::now();
-    counter.fetch_add((now - *since).as_micros() as u64, Ordering::Relaxed);
+    let took = now - *since;
+    counter.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    metrics::histogram!("sluice_pipeline_stage_duration_seconds", "stage" => stage)
+        .record(took.as_secs_f64());
     *since = now;
+}
+
+/// Describes the pipeline's metrics that are recorded as they happen (the counters of
+/// [`PipelineStats`] are published at scrape time from `metrics()`), and creates the counters
+/// that may stay at 0 so that their families are there from the start.
+pub fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_histogram!(
+        "sluice_pipeline_stage_duration_seconds",
+        Unit::Seconds,
+        "time a batch spent in each pipeline stage (read includes waiting for records)"
+    );
+    describe_histogram!(
+        "sluice_index_bulk_duration_seconds",
+        Unit::Seconds,
+        "time of a batch's index write, retries of refused items included"
+    );
+    describe_counter!(
+        "sluice_dead_letters_total",
+        "messages dead-lettered, by the stage that refused them"
+    );
+    describe_counter!(
+        "sluice_actions_total",
+        "trigger actions by rule and outcome (fired: appended by the pipeline; delivered, retried, dead_lettered: the dispatcher's webhook calls)"
+    );
+    metrics::describe_gauge!(
+        "sluice_partition_lag",
+        "records of the partition not yet processed and committed (the log's end minus the committed offset), for the partitions this node owns"
+    );
+    describe_counter!(
+        "sluice_index_item_retries_total",
+        "index documents the search engine failed with 429/5xx and the write sent again"
+    );
+    for stage in [Stage::Validate, Stage::Index, Stage::Trigger] {
+        metrics::counter!("sluice_dead_letters_total", "stage" => stage.name()).increment(0);
+    }
+    metrics::counter!("sluice_index_item_retries_total").increment(0);
 }
 
 impl PipelineStats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    fn owned_lock(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<u32, u64>> {
+        self.owned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_committed(&self, partition: u32, committed: u64) {
+        self.owned_lock().insert(partition, committed);
+    }
+
+    /// The partitions owned now, with their committed offsets.
+    pub fn owned(&self) -> Vec<(u32, u64)> {
+        self.owned_lock().iter().map(|(&p, &c)| (p, c)).collect()
+    }
+
+    /// Publishes `sluice_partition_lag{partition}` (the log's end minus the committed offset)
+    /// for the partitions owned, every `every`, for as long as it runs. A partition no longer
+    /// owned stops being updated; the recorder drops idle gauges.
+    pub async fn publish_lag(self: Arc<Self>, log: Arc<dyn Log>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let owned = self.owned();
+            if owned.is_empty() {
+                continue;
+            }
+            match log.end_offsets().await {
+                Ok(ends) => {
+                    for (partition, committed) in owned {
+                        let end = ends.get(partition as usize).copied().unwrap_or(committed);
+                        metrics::gauge!("sluice_partition_lag", "partition" => partition.to_string())
+                            .set(end.saturating_sub(committed) as f64);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "pipeline: cannot read the log's end offsets for lag")
+                }
+            }
+        }
     }
 
     /// The counters as Prometheus samples: (name, type, help, value).
@@ -128,11 +233,6 @@ impl PipelineStats {
                 "sluice_pipeline_duplicates_total",
                 "messages dropped as already processed since start",
                 &self.duplicates,
-            ),
-            counter(
-                "sluice_dead_letters_total",
-                "messages refused by validation or the index (dead letters) since start",
-                &self.dead_letters,
             ),
             counter(
                 "sluice_users_upserted_total",
@@ -300,6 +400,7 @@ impl Pipeline {
             position = stream.position(),
             "pipeline: partition assigned"
         );
+        let _owned = Owned::new(&self.stats, partition, stream.position());
         let mut batcher = Batcher::new(self.config.batch);
         // The next batch, read and checked while the one before it was written.
         let mut ahead: Option<Checked> = None;
@@ -434,7 +535,8 @@ impl Pipeline {
             }
             Err(message) => return Err(stream_error(partition, first, last, message)),
         }
-        lap(&self.stats.commit_us, &mut clock);
+        lap(&self.stats.commit_us, "commit", &mut clock);
+        self.stats.set_committed(partition, last + 1);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         Ok(true)
     }
@@ -478,7 +580,7 @@ impl Pipeline {
             Err(e) if e.is_recoverable() => return Err(Halt::Read(e)),
             Err(e) => return Err(Halt::Failed(stream_error(partition, 0, 0, e.to_string()))),
         }
-        lap(&self.stats.read_us, &mut clock);
+        lap(&self.stats.read_us, "read", &mut clock);
         let records = batcher.pending();
         let (first, last) = match (records.first(), records.last()) {
             (Some(first), Some(last)) => (first.offset, last.offset),
@@ -543,7 +645,7 @@ impl Pipeline {
             }
         }
 
-        lap(&self.stats.validate_us, &mut clock);
+        lap(&self.stats.validate_us, "validate", &mut clock);
         // Dedup: drop what was processed before, what the batch being written holds, and
         // repeats within the batch.
         let keys: Vec<MessageKey<'_>> = valid.iter().map(message_key).collect();
@@ -559,12 +661,12 @@ impl Pipeline {
             .filter(|(_, (key, seen))| !seen && !in_flight.contains(*key) && in_batch.insert(**key))
             .map(|(i, _)| i)
             .collect();
-        lap(&self.stats.dedup_check_us, &mut clock);
+        lap(&self.stats.dedup_check_us, "dedup", &mut clock);
         let refs: Vec<&ValidMessage> = fresh.iter().map(|&i| &valid[i]).collect();
         let matches = self.config.triggers.matches(&refs);
         let matched: HashSet<usize> = matches.iter().map(|&(_, at)| at).collect();
         let (write, snapshots) = merge_batch(&refs, &matched);
-        lap(&self.stats.merge_us, &mut clock);
+        lap(&self.stats.merge_us, "merge", &mut clock);
         Ok(Checked {
             records: Vec::new(),
             valid,
@@ -586,7 +688,7 @@ impl Pipeline {
         let now = batch.now;
         let mut dead = batch.dead.clone();
         if fresh.is_empty() {
-            return self.write_dead_letters(dead, stop).await;
+            return self.write_dead_letters(dead, batch.dead.len(), stop).await;
         }
         let write = &batch.write;
         // Trigger payloads are computed and stashed before the index write changes the
@@ -595,7 +697,7 @@ impl Pipeline {
             .trigger_stage()
             .prepare_actions(&fresh, write, &batch.matches, &batch.snapshots, stop)
             .await?;
-        lap(&self.stats.trigger_us, &mut clock);
+        lap(&self.stats.trigger_us, "prepare_actions", &mut clock);
         let (users, events) = (write.users.len() as u64, write.events.len() as u64);
         let outcome = self
             .policy()
@@ -603,7 +705,8 @@ impl Pipeline {
                 self.index.write(write.clone())
             })
             .await?;
-        lap(&self.stats.index_us, &mut clock);
+        metrics::histogram!("sluice_index_bulk_duration_seconds")
+            .record(clock.elapsed().as_secs_f64());
         // Messages whose document the index refused: dead letters, and not marked processed,
         // so a replay of the dead letter is processed again.
         let refused_offsets = refused(&outcome.refused, write, &fresh, records, now, &mut dead);
@@ -613,15 +716,15 @@ impl Pipeline {
         self.stats
             .events_indexed
             .fetch_add(events, Ordering::Relaxed);
-
-        lap(&self.stats.index_us, &mut clock);
+        lap(&self.stats.index_us, "index", &mut clock);
         let fired = self
             .trigger_stage()
             .fire_actions(prepared, &refused_offsets, records, now, stop)
             .await?;
-        lap(&self.stats.trigger_us, &mut clock);
+        lap(&self.stats.trigger_us, "fire_actions", &mut clock);
 
-        self.write_dead_letters(dead, stop).await?;
+        self.write_dead_letters(dead, batch.dead.len(), stop)
+            .await?;
         // The batch's messages; a message's mark stands for its actions (see `trigger`).
         let processed: Vec<MessageKey<'_>> = fresh
             .iter()
@@ -638,15 +741,16 @@ impl Pipeline {
                 tracing::warn!(error = %e, "pipeline: cannot drop the payloads of fired actions");
             }
         }
-        lap(&self.stats.mark_us, &mut clock);
+        lap(&self.stats.mark_us, "mark", &mut clock);
         Ok(())
     }
 
     /// Appends the batch's dead letters (durable before the batch is committed, like the index
-    /// write).
+    /// write): the first `validated` of the validate stage, the rest of the index's.
     async fn write_dead_letters(
         &self,
         dead: Vec<sluice_log::Record>,
+        validated: usize,
         stop: &mut Stop,
     ) -> Result<(), Abandon> {
         if dead.is_empty() {
@@ -659,6 +763,11 @@ impl Pipeline {
             })
             .await?;
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
+        let validated = validated as u64;
+        metrics::counter!("sluice_dead_letters_total", "stage" => Stage::Validate.name())
+            .increment(validated);
+        metrics::counter!("sluice_dead_letters_total", "stage" => Stage::Index.name())
+            .increment(count - validated);
         Ok(())
     }
 

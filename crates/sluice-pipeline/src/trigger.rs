@@ -454,6 +454,7 @@ impl Context<'_> {
             }
         }
         for (log, rule, batch) in appends {
+            let count = batch.len() as u64;
             let what = match &rule.action {
                 Action::Topic { topic, .. } => format!("append actions to topic {topic}"),
                 Action::Webhook(_) => "append webhook actions to the actions log".to_string(),
@@ -461,11 +462,18 @@ impl Context<'_> {
             self.retries
                 .retry(&what, stop, || log.append(batch.clone()))
                 .await?;
+            count_actions(&rule.name, "fired", count);
         }
         self.fired
             .fetch_add(prepared.len() as u64, Ordering::Relaxed);
         Ok(prepared)
     }
+}
+
+/// `sluice_actions_total{rule, outcome}` += `count`.
+pub(crate) fn count_actions(rule: &str, outcome: &'static str, count: u64) {
+    metrics::counter!("sluice_actions_total", "rule" => rule.to_string(), "outcome" => outcome)
+        .increment(count);
 }
 
 #[cfg(test)]

@@ -103,7 +103,9 @@ impl Log for FlakyLog {
 }
 
 fn lock_queued(queued: &Mutex<Vec<Record>>) -> std::sync::MutexGuard<'_, Vec<Record>> {
-    queued.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    queued
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct Setup {
@@ -547,6 +549,10 @@ async fn a_slow_replay_is_waited_for_and_never_sent_twice() {
     stop_tx.send(true).expect("stop");
     replayer.await.expect("replayer");
     let records = s.log.records();
-    assert_eq!(records.len(), 20, "each spilled record written once: {records:?}");
+    assert_eq!(
+        records.len(),
+        20,
+        "each spilled record written once: {records:?}"
+    );
     assert_eq!(first_copies(&records)["a"], (0..20).collect::<Vec<_>>());
 }

@@ -8,6 +8,7 @@
 //! exits non-zero, so a supervisor restarts it; it resumes from the last commit.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::serve::ListenerExt;
@@ -58,6 +59,9 @@ impl Role {
     }
 }
 
+/// How often `sluice_partition_lag` is measured (a watermark request per partition on Kafka).
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+
 pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     if role != Role::Serve && config.kafka_brokers().is_none() {
         anyhow::bail!(
@@ -67,6 +71,13 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    // Before anything records. SLUICE_METRICS=off runs without a recorder: the benchmarks'
+    // "without metrics" side (BENCHMARKS.md).
+    if std::env::var("SLUICE_METRICS").as_deref() != Ok("off") {
+        if let Some(handle) = sluice_api::metrics::install() {
+            tokio::spawn(sluice_api::metrics::upkeep(handle));
+        }
+    }
     let registry: Arc<dyn Registry> = Arc::from(open_registry(&config).await?);
     let first_key = if role.accepts() {
         sluice_registry::bootstrap(registry.as_ref()).await?
@@ -209,15 +220,21 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         pipeline.as_ref().and(index.as_ref()),
         dedup.as_ref(),
     );
+    let mut lag = None;
     if let Some(pipeline) = &pipeline {
         let stats = pipeline.stats();
+        if sluice_api::metrics::handle().is_some() {
+            sluice_pipeline::runner::describe_metrics();
+            lag = Some(tokio::spawn(
+                Arc::clone(&stats).publish_lag(Arc::clone(&log), LAG_INTERVAL),
+            ));
+        }
         let dispatch = dispatcher.as_ref().map(|d| d.stats());
-        operations.add_metrics(Arc::new(move || {
-            let mut metrics = stats.metrics();
+        operations.on_scrape(Arc::new(move || {
+            sluice_api::ops::publish(&stats.metrics());
             if let Some(dispatch) = &dispatch {
-                metrics.extend(dispatch.metrics());
+                sluice_api::ops::publish(&dispatch.metrics());
             }
-            metrics
         }));
     }
     let (replay_stop_tx, replay_stop_rx) = watch::channel(false);
@@ -287,7 +304,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, app)
+    let server = axum::serve(listener, sluice_api::metrics::tracked(app))
         .with_graceful_shutdown(stopped)
         .into_future();
     let drain_deadline =
@@ -333,6 +350,9 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     }
     if let Some(retention) = retention {
         retention.abort();
+    }
+    if let Some(lag) = lag {
+        lag.abort();
     }
     if let Some(index) = &index {
         index.close().await.context("closing the index")?;

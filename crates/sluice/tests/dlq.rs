@@ -114,7 +114,10 @@ async fn dead_letters_are_listed_shown_and_replayed() {
     let metrics = conn.get("/metrics", &[]).await.expect("metrics");
     let text = String::from_utf8_lossy(&metrics.body).into_owned();
     for line in [
-        "sluice_dead_letters_total 1",
+        "sluice_dead_letters_total{stage=\"validate\"} 1",
+        "sluice_dead_letters_total{stage=\"trigger\"} 1",
+        "sluice_dead_letters_total{stage=\"index\"} 0",
+        "sluice_actions_total{rule=\"nudge\",outcome=\"dead_lettered\"} 1",
         "sluice_actions_fired_total 1",
         "sluice_action_dead_letters_total 1",
         "# TYPE sluice_events_indexed_total counter",

@@ -147,6 +147,7 @@ pub(super) async fn write(
             )));
         }
         add(&index.stats.retried_docs, failed.len());
+        metrics::counter!("sluice_index_item_retries_total").increment(failed.len() as u64);
         let delay = delays.next().unwrap_or(index.config.max_retry_delay);
         tracing::warn!(
             attempt,

@@ -367,6 +367,12 @@ impl crate::Log for EmbeddedLog {
         EmbeddedLog::read(self, partition, from, max)
     }
 
+    async fn end_offsets(&self) -> Result<Vec<u64>, LogError> {
+        (0..self.shared.config.partitions)
+            .map(|p| self.end_offset(p))
+            .collect()
+    }
+
     fn partitions(&self) -> u32 {
         self.shared.config.partitions
     }

@@ -723,6 +723,26 @@ impl Log for KafkaLog {
             .map_err(|e| LogError::Unexpected(format!("read task failed: {e}")))?
     }
 
+    async fn end_offsets(&self) -> Result<Vec<u64>, LogError> {
+        let partitions = self.prepared().await?;
+        let (_, producer) = self.producer();
+        let topic = self.config.topic.clone();
+        let timeout = self.config.request_timeout;
+        let ends = tokio::task::spawn_blocking(move || {
+            (0..partitions as i32)
+                .map(|p| {
+                    producer
+                        .client()
+                        .fetch_watermarks(&topic, p, timeout)
+                        .map(|(_, high)| high.max(0) as u64)
+                })
+                .collect::<Result<Vec<u64>, KafkaError>>()
+        })
+        .await
+        .map_err(|e| LogError::Unexpected(format!("watermark task failed: {e}")))?;
+        ends.map_err(|e| self.error(format!("cannot read the end offsets: {e}")))
+    }
+
     async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, LogError> {
         let (subscription, thread) = consumer::subscribe(&self.config, group, &self.slots)?;
         self.consumers

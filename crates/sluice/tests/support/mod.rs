@@ -227,7 +227,9 @@ pub async fn spawn_api(state: AppState) -> std::net::SocketAddr {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let app = sluice_api::router(state);
+    // As `serve` does: one recorder for the test process, every request counted.
+    sluice_api::metrics::install();
+    let app = sluice_api::metrics::tracked(sluice_api::router(state));
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
 }
