@@ -321,14 +321,8 @@ async fn sigkill_under_load_loses_no_acknowledged_message() {
             key = server.first_key.clone();
         }
         let key = key.clone().expect("key from the first start");
-        let clients: Vec<_> = (0..16)
-            .map(|c| tokio::spawn(client_load(server.addr, key.clone(), c, round)))
-            .collect();
-        tokio::time::sleep(Duration::from_millis(run_for)).await;
-        server.sigkill();
-        for c in clients {
-            all_acked.extend(c.await.expect("client task"));
-        }
+        let run_for = Duration::from_millis(run_for);
+        all_acked.extend(support::load_then_kill(&mut server, &key, 16, round, run_for, 400).await);
     }
     eprintln!(
         "crash test: {} acknowledged messages over 3 SIGKILLs",

@@ -726,14 +726,8 @@ async fn sigkill_of_serve_on_kafka_under_load_loses_and_doubles_nothing(engine: 
         let mut server = Server::start(&data, &args);
         key = key.or_else(|| server.first_key.clone());
         let key = key.clone().expect("key from the first start");
-        let clients: Vec<_> = (0..8)
-            .map(|c| tokio::spawn(support::client_load(server.addr, key.clone(), c, round)))
-            .collect();
-        tokio::time::sleep(Duration::from_millis(run_for)).await;
-        server.sigkill();
-        for c in clients {
-            acked.extend(c.await.expect("client task"));
-        }
+        let run_for = Duration::from_millis(run_for);
+        acked.extend(support::load_then_kill(&mut server, &key, 8, round, run_for, 300).await);
     }
     assert!(
         acked.len() > 500,
