@@ -184,7 +184,11 @@ pub(crate) async fn accept(
     let answer = Accepted::new(&messages, &failures);
     let started = std::time::Instant::now();
     let appended = app.bridge.append(records, &again).await;
-    crate::metrics::log_append().record(started.elapsed().as_secs_f64());
+    let waited = started.elapsed();
+    crate::metrics::log_append().record(waited.as_secs_f64());
+    if appended.is_ok() {
+        crate::recent::recent().record(messages.len() as u64, waited);
+    }
     appended.map_err(|e| match e {
             BridgeError::Timeout(timeout) => ApiError::Unavailable(format!(
                 "the log did not acknowledge within {timeout:?}; nothing was acknowledged, retry the request"

@@ -10,9 +10,11 @@
 //!   `response`: the success body.
 //!
 //! - `inflight`: the bound on request bytes being handled at once (backpressure).
-//! - `ops`: `/healthz`, `/readyz`, `/metrics`, which every node serves (an ingest node alone).
+//! - `ops`: `/healthz`, `/readyz`, `/metrics`, `/stats` and the dashboard `/`, which every
+//!   node serves (an ingest node alone).
 //! - `metrics`: the process's Prometheus recorder, and the layer that counts and times every
-//!   request (`metrics::tracked`).
+//!   request (`metrics::tracked`); `recent`: the last minutes of acknowledged ingest, per
+//!   second, for the dashboard's charts.
 //!
 //! Invariant: a handler answers 200 only after `Bridge::append` returned for every accepted
 //! message: acknowledged by the log, or fsynced to the spill buffer (`sluice-spill`). Nothing
@@ -26,6 +28,7 @@ mod ingest;
 pub mod metrics;
 pub mod ops;
 mod read;
+pub mod recent;
 mod response;
 mod segment;
 pub mod sendgrid;

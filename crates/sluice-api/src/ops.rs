@@ -1,10 +1,13 @@
-//! The operations routes every node serves (SPEC §9): `/healthz`, `/readyz`, `/metrics`.
+//! The operations routes every node serves (SPEC §9): `/healthz`, `/readyz`, `/metrics`,
+//! `/stats` (the JSON of the dashboard) and `/` (the dashboard, `dashboard.html`, compiled
+//! into the binary: one page with its styles and script inline, nothing fetched elsewhere; it
+//! polls `/stats` every second).
 //!
 //! [`Operations`] is what they read, shared with the node that runs them: how its writes are
 //! made durable (an API node: the spill bridge in front of the log; an ingest node: the log it
 //! consumes), whether it drains, why its pipeline stopped, the health checks of the backends it
-//! uses, and the metrics its pipeline adds. The API's router merges [`router`]; `sluice ingest`
-//! serves it alone.
+//! uses, and the metrics and `/stats` sections its pipeline adds. The API's router merges
+//! [`router`]; `sluice ingest` serves it alone.
 //!
 //! Invariant: `/readyz` answers 200 only when nothing of the node's own says otherwise: not
 //! draining, no pipeline failure, writes can be made durable, and every watched backend
@@ -28,6 +31,9 @@ use sluice_spill::Bridge;
 /// Sets values kept elsewhere (gauges, counts in atomics of their own) just before `/metrics`
 /// renders; see [`publish`].
 pub type Refresh = Arc<dyn Fn() + Send + Sync>;
+
+/// A part of `/stats` kept elsewhere (the pipeline's, the actions'), read at each request.
+pub type Section = Arc<dyn Fn() -> Value + Send + Sync>;
 
 /// A backend's health check: `Err` says what is wrong.
 pub type HealthCheck =
@@ -60,8 +66,14 @@ struct Inner {
     refreshers: Mutex<Vec<Refresh>>,
     /// The backends `/readyz` checks, by name (`index`, `dedup`, `registry`).
     backends: Mutex<Vec<(&'static str, HealthCheck)>>,
-    /// `admin_token`: when set, `/metrics` needs `Authorization: Bearer <token>`.
+    /// `/stats` sections by name (`pipeline`, `dead_letters`, `actions`).
+    sections: Mutex<Vec<(&'static str, Section)>>,
+    /// `admin_token`: when set, `/`, `/stats` and `/metrics` need `Authorization: Bearer
+    /// <token>`.
     admin_token: OnceLock<String>,
+    /// What the node is (`serve`, `api`, `ingest`), for the dashboard.
+    role: OnceLock<&'static str>,
+    started: std::time::Instant,
 }
 
 impl Operations {
@@ -82,11 +94,32 @@ impl Operations {
             pipeline_failure: Mutex::new(None),
             refreshers: Mutex::new(Vec::new()),
             backends: Mutex::new(Vec::new()),
+            sections: Mutex::new(Vec::new()),
             admin_token: OnceLock::new(),
+            role: OnceLock::new(),
+            started: std::time::Instant::now(),
         }))
     }
 
-    /// Makes `/metrics` require `Authorization: Bearer <token>` (once; empty: open).
+    /// Names the node on the dashboard (`serve`, `api`, `ingest`; once).
+    pub fn set_role(&self, role: &'static str) {
+        let _ = self.0.role.set(role);
+    }
+
+    /// Adds `section` to `/stats` under `name` (a second section of a name replaces the
+    /// first).
+    pub fn on_stats(&self, name: &'static str, section: Section) {
+        let mut sections = self
+            .0
+            .sections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        sections.retain(|(n, _)| *n != name);
+        sections.push((name, section));
+    }
+
+    /// Makes `/`, `/stats` and `/metrics` require `Authorization: Bearer <token>` (once;
+    /// empty: open).
     pub fn require_token(&self, token: &str) {
         if !token.is_empty() {
             let _ = self.0.admin_token.set(token.to_string());
@@ -101,7 +134,7 @@ impl Operations {
         let given = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(given_token)
             .unwrap_or_default();
         bool::from(subtle::ConstantTimeEq::ct_eq(
             given.as_bytes(),
@@ -188,13 +221,196 @@ impl Operations {
     }
 }
 
-/// `/healthz`, `/readyz` and `/metrics`.
+/// `/healthz`, `/readyz`, `/metrics`, `/stats` and `/`.
 pub fn router(operations: Operations) -> Router {
     Router::new()
+        .route("/", get(dashboard))
+        .route("/stats", get(stats))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(operations)
+}
+
+/// The token of an `Authorization` header: `Bearer <token>`, or `Basic` with the token as the
+/// password (any user name), which is what a browser sends after its login prompt: the
+/// dashboard's way in, and its fetches of `/stats` carry the same header.
+fn given_token(authorization: &str) -> Option<String> {
+    if let Some(token) = authorization.strip_prefix("Bearer ") {
+        return Some(token.to_string());
+    }
+    let encoded = authorization.strip_prefix("Basic ")?;
+    let decoded =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded.trim()).ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (_user, password) = decoded.split_once(':')?;
+    Some(password.to_string())
+}
+
+/// The 401 of a route that needs the admin token. Two challenges: Bearer for programs, Basic
+/// so that a browser asks for the token (as the password).
+fn unauthorized(route: &str) -> Response {
+    let mut answer = (
+        StatusCode::UNAUTHORIZED,
+        [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+        Json(json!({
+            "code": "Unauthorized",
+            "error": format!("{route} needs `Authorization: Bearer <admin_token>` (this server has an admin_token set; in a browser, give the token as the password)"),
+        })),
+    )
+        .into_response();
+    answer.headers_mut().append(
+        axum::http::header::WWW_AUTHENTICATE,
+        axum::http::HeaderValue::from_static("Basic realm=\"sluice\", charset=\"UTF-8\""),
+    );
+    answer
+}
+
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard(State(ops): State<Operations>, headers: HeaderMap) -> Response {
+    if !ops.admitted(&headers) {
+        return unauthorized("/");
+    }
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            // The page's own inline style and script, and fetches of this origin only.
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:",
+            ),
+            (axum::http::header::CACHE_CONTROL, "no-cache"),
+        ],
+        DASHBOARD,
+    )
+        .into_response()
+}
+
+/// What the dashboard shows (SPEC §9), as JSON: the node's health (as `/readyz` sees it),
+/// the last minutes of acknowledged ingest ([`crate::recent`]), the spill buffer, and the
+/// sections the node added (`pipeline`, `dead_letters`, `actions`; `null` where the node
+/// runs none), and the failure that stopped a stream.
+async fn stats(State(ops): State<Operations>, headers: HeaderMap) -> Response {
+    if !ops.admitted(&headers) {
+        return unauthorized("/stats");
+    }
+    let health = ops.health().await;
+    let recent = crate::recent::recent();
+    let series = recent.series();
+    let now = series.last();
+    let (p50, p99) = recent.quantiles();
+    let mut backends = serde_json::Map::new();
+    backends.insert("log".into(), json!(health.log));
+    for (name, verdict) in &health.backends {
+        backends.insert(
+            (*name).into(),
+            json!(if verdict.is_ok() { "ok" } else { "down" }),
+        );
+    }
+    let mut body = json!({
+        "at": sluice_model::time::now_ms(),
+        "role": ops.0.role.get().copied().unwrap_or("serve"),
+        "uptime_seconds": ops.0.started.elapsed().as_secs(),
+        "status": if health.reasons.is_empty() { "ready" } else { "not ready" },
+        "reasons": health.reasons,
+        "backends": backends,
+        "ingest": {
+            "accepted_total": recent.total(),
+            "rate_per_second": now.map_or(0.0, |p| p.rate),
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "point_seconds": crate::recent::POINT_SECONDS,
+            "series": series,
+        },
+        "spill": health.spill,
+        "pipeline": null,
+        "dead_letters": {"total": 0, "by_stage": {}, "latest": []},
+        "actions": [],
+        "failure": health.failure.map(|error| json!({"error": error})),
+    });
+    let sections = ops
+        .0
+        .sections
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    for (name, section) in sections {
+        body[name] = section();
+    }
+    Json(body).into_response()
+}
+
+/// The node's health as `/readyz` and `/stats` show it.
+struct Health {
+    /// `ok`, `spilling` or `down`.
+    log: &'static str,
+    /// The bridge's status (`null` on a node without one).
+    spill: Value,
+    backends: Vec<(&'static str, Result<(), String>)>,
+    failure: Option<String>,
+    /// Why the node is not ready (empty: ready).
+    reasons: Vec<String>,
+}
+
+impl Operations {
+    async fn health(&self) -> Health {
+        let mut reasons = Vec::new();
+        let failure = self.pipeline_failure();
+        if let Some(cause) = &failure {
+            reasons.push(format!(
+                "the pipeline stopped on an unexpected error: {cause}"
+            ));
+        }
+        if self.0.draining.load(Ordering::SeqCst) {
+            reasons.push("draining: the server is shutting down".into());
+        }
+        let (log, spill) = match &self.0.writes {
+            Writes::Bridge(bridge) => {
+                let spill = bridge.status();
+                if !bridge.is_ready() {
+                    reasons.push(
+                        if spill.max_bytes == 0 {
+                            "the log cannot accept writes (and spilling is disabled)"
+                        } else {
+                            "the log cannot accept writes and the spill buffer is full"
+                        }
+                        .into(),
+                    );
+                }
+                let log = match (spill.spilling, spill.log_healthy) {
+                    (true, _) => "spilling",
+                    (false, true) => "ok",
+                    (false, false) => "down",
+                };
+                (log, serde_json::to_value(&spill).unwrap_or(Value::Null))
+            }
+            Writes::Log(log) => {
+                if log.is_healthy() {
+                    ("ok", Value::Null)
+                } else {
+                    reasons.push("the log is unreachable".into());
+                    ("down", Value::Null)
+                }
+            }
+        };
+        let backends = self.check_backends().await;
+        for (name, verdict) in &backends {
+            if let Err(e) = verdict {
+                reasons.push(match *name {
+                    "index" => format!("the pipeline cannot write its index: {e}"),
+                    other => format!("the {other} store does not answer: {e}"),
+                });
+            }
+        }
+        Health {
+            log,
+            spill,
+            backends,
+            failure,
+            reasons,
+        }
+    }
 }
 
 async fn healthz() -> Json<Value> {
@@ -204,65 +420,22 @@ async fn healthz() -> Json<Value> {
 /// Ready when not draining, writes can be made durable (the log takes them, or the spill
 /// buffer has room, SPEC §4) and every watched backend answers. The body shows each part.
 async fn readyz(State(ops): State<Operations>) -> Response {
-    let mut reasons = Vec::new();
-    let failure = ops.pipeline_failure();
-    if let Some(cause) = &failure {
-        reasons.push(format!(
-            "the pipeline stopped on an unexpected error: {cause}"
-        ));
+    let health = ops.health().await;
+    let mut body = json!({"log": health.log, "spill": health.spill, "index": null});
+    for (name, verdict) in &health.backends {
+        body[*name] = json!(if verdict.is_ok() { "ok" } else { "down" });
     }
-    if ops.0.draining.load(Ordering::SeqCst) {
-        reasons.push("draining: the server is shutting down".into());
-    }
-    let (log, spill) = match &ops.0.writes {
-        Writes::Bridge(bridge) => {
-            let spill = bridge.status();
-            if !bridge.is_ready() {
-                reasons.push(
-                    if spill.max_bytes == 0 {
-                        "the log cannot accept writes (and spilling is disabled)"
-                    } else {
-                        "the log cannot accept writes and the spill buffer is full"
-                    }
-                    .into(),
-                );
-            }
-            let log = match (spill.spilling, spill.log_healthy) {
-                (true, _) => "spilling",
-                (false, true) => "ok",
-                (false, false) => "down",
-            };
-            (log, serde_json::to_value(&spill).unwrap_or(Value::Null))
-        }
-        Writes::Log(log) => {
-            if log.is_healthy() {
-                ("ok", Value::Null)
-            } else {
-                reasons.push("the log is unreachable".into());
-                ("down", Value::Null)
-            }
-        }
-    };
-    let mut body = json!({"log": log, "spill": spill, "index": null});
-    for (name, verdict) in ops.check_backends().await {
-        body[name] = match verdict {
-            Ok(()) => json!("ok"),
-            Err(e) => {
-                reasons.push(match name {
-                    "index" => format!("the pipeline cannot write its index: {e}"),
-                    other => format!("the {other} store does not answer: {e}"),
-                });
-                json!("down")
-            }
-        };
-    }
-    if reasons.is_empty() {
+    if health.reasons.is_empty() {
         body["status"] = json!("ready");
         Json(body).into_response()
     } else {
         body["status"] = json!("not ready");
-        body["reasons"] = json!(reasons);
-        body["pipeline"] = json!(failure.map(|cause| json!({"status": "failed", "error": cause})));
+        body["reasons"] = json!(health.reasons);
+        body["pipeline"] = json!(
+            health
+                .failure
+                .map(|cause| json!({"status": "failed", "error": cause}))
+        );
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
@@ -272,15 +445,7 @@ async fn readyz(State(ops): State<Operations>) -> Response {
 /// without one) and whatever the node added with [`Operations::on_scrape`].
 async fn metrics(State(ops): State<Operations>, headers: HeaderMap) -> Response {
     if !ops.admitted(&headers) {
-        return (
-            StatusCode::UNAUTHORIZED,
-            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
-            Json(json!({
-                "code": "Unauthorized",
-                "error": "/metrics needs `Authorization: Bearer <admin_token>` (this server has an admin_token set)",
-            })),
-        )
-            .into_response();
+        return unauthorized("/metrics");
     }
     let Some(handle) = crate::metrics::handle() else {
         return (

@@ -23,8 +23,8 @@
 //! `replayed`, and `replay --all` skips it.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -51,6 +51,85 @@ impl Stage {
             Stage::Trigger => "trigger",
         }
     }
+}
+
+/// How many letters of each stage this process wrote, and the latest it made: what `/stats`
+/// shows (the letters themselves are in the dead-letter log).
+struct Tally {
+    by_stage: [u64; 3],
+    /// Newest last, at most [`LATEST`].
+    latest: VecDeque<serde_json::Value>,
+}
+
+/// How many of the latest letters [`tally`] keeps.
+pub const LATEST: usize = 10;
+
+static TALLY: Mutex<Tally> = Mutex::new(Tally {
+    by_stage: [0; 3],
+    latest: VecDeque::new(),
+});
+
+fn tally_lock() -> std::sync::MutexGuard<'static, Tally> {
+    TALLY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Counts `count` letters of `stage` written: `sluice_dead_letters_total{stage}` and
+/// [`tally`].
+pub fn counted(stage: Stage, count: u64) {
+    if count == 0 {
+        return;
+    }
+    metrics::counter!("sluice_dead_letters_total", "stage" => stage.name()).increment(count);
+    tally_lock().by_stage[stage as usize] += count;
+}
+
+/// This process's letters: `{"total", "by_stage": {stage: n}, "latest": [letter, newest
+/// first]}`, each latest letter with its stage, reason, where it came from and when.
+pub fn tally() -> serde_json::Value {
+    let tally = tally_lock();
+    let by_stage: serde_json::Map<String, serde_json::Value> =
+        [Stage::Validate, Stage::Index, Stage::Trigger]
+            .into_iter()
+            .map(|stage| {
+                (
+                    stage.name().to_string(),
+                    tally.by_stage[stage as usize].into(),
+                )
+            })
+            .collect();
+    serde_json::json!({
+        "total": tally.by_stage.iter().sum::<u64>(),
+        "by_stage": by_stage,
+        "latest": tally.latest.iter().rev().collect::<Vec<_>>(),
+    })
+}
+
+/// Keeps what `/stats` shows of a letter just made.
+fn note(value: &Value<'_>) {
+    let mut reason = value.reason.to_string();
+    if reason.len() > 300 {
+        let mut cut = 300;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push('…');
+    }
+    let shown = serde_json::json!({
+        "stage": value.stage,
+        "reason": reason,
+        "failedAt": value.failed_at,
+        "partition": value.source.partition,
+        "offset": value.source.offset,
+        "org": value.org,
+        "messageId": value.message_id,
+        "rule": value.rule,
+    });
+    let mut tally = tally_lock();
+    if tally.latest.len() == LATEST {
+        tally.latest.pop_front();
+    }
+    tally.latest.push_back(shown);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +218,7 @@ fn build(
         rule: action.map(|(rule, _)| rule),
         action: action.and_then(|(_, payload)| payload),
     };
+    note(&value);
     Record {
         key: source.key.to_vec(),
         // Serializing strings, integers and valid raw JSON into a Vec does not fail; if it

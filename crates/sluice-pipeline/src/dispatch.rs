@@ -295,8 +295,7 @@ impl Dispatcher {
         )
         .await?;
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
-        metrics::counter!("sluice_dead_letters_total", "stage" => Stage::Trigger.name())
-            .increment(count);
+        dead_letter::counted(Stage::Trigger, count);
         Ok(())
     }
 

@@ -98,6 +98,8 @@ pub struct PipelineStats {
     /// The partitions this pipeline owns now, each with its committed offset (the next one to
     /// process): what partition lag is measured from.
     owned: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
+    /// The log's end offset of each partition, as [`PipelineStats::watch_lag`] last read it.
+    ends: std::sync::Mutex<Vec<u64>>,
 }
 
 /// A partition's entry in [`PipelineStats`]'s owned partitions, for as long as its task runs.
@@ -151,7 +153,7 @@ pub fn describe_metrics() {
     );
     describe_counter!(
         "sluice_actions_total",
-        "trigger actions by rule and outcome (fired: appended by the pipeline; delivered, retried, dead_lettered: the dispatcher's webhook calls)"
+        "trigger actions by rule and outcome (fired: appended by the pipeline; delivered: a webhook call answered 2xx, or a topic rule's record appended; retried, dead_lettered: the dispatcher's webhook calls)"
     );
     metrics::describe_gauge!(
         "sluice_partition_lag",
@@ -187,10 +189,11 @@ impl PipelineStats {
         self.owned_lock().iter().map(|(&p, &c)| (p, c)).collect()
     }
 
-    /// Publishes `sluice_partition_lag{partition}` (the log's end minus the committed offset)
-    /// for the partitions owned, every `every`, for as long as it runs. A partition no longer
+    /// Reads the log's end offsets every `every`, for as long as it runs, and publishes
+    /// `sluice_partition_lag{partition}` (the log's end minus the committed offset) for the
+    /// partitions owned; [`PipelineStats::snapshot`] shows the same. A partition no longer
     /// owned stops being updated; the recorder drops idle gauges.
-    pub async fn publish_lag(self: Arc<Self>, log: Arc<dyn Log>, every: Duration) {
+    pub async fn watch_lag(self: Arc<Self>, log: Arc<dyn Log>, every: Duration) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -201,6 +204,10 @@ impl PipelineStats {
             }
             match log.end_offsets().await {
                 Ok(ends) => {
+                    self.ends
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .clone_from(&ends);
                     for (partition, committed) in owned {
                         let end = ends.get(partition as usize).copied().unwrap_or(committed);
                         metrics::gauge!("sluice_partition_lag", "partition" => partition.to_string())
@@ -212,6 +219,62 @@ impl PipelineStats {
                 }
             }
         }
+    }
+
+    /// What `/stats` shows of the pipeline (SPEC §9): its totals, each owned partition's
+    /// committed and end offsets and lag, and the time per batch of each stage.
+    pub fn snapshot(&self) -> serde_json::Value {
+        let ends = self
+            .ends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let partitions: Vec<serde_json::Value> = self
+            .owned()
+            .into_iter()
+            .map(|(partition, committed)| {
+                // The end is read every few seconds and the commit moves on meanwhile: an end
+                // behind the commit is stale, and the partition has no lag.
+                let end = ends.get(partition as usize).map(|&end| end.max(committed));
+                serde_json::json!({
+                    "partition": partition,
+                    "committed": committed,
+                    "end": end,
+                    "lag": end.map(|end| end.saturating_sub(committed)),
+                })
+            })
+            .collect();
+        let batches = Self::get(&self.batches);
+        let stages: Vec<serde_json::Value> = [
+            ("read", &self.read_us),
+            ("validate", &self.validate_us),
+            ("dedup", &self.dedup_check_us),
+            ("merge", &self.merge_us),
+            ("index", &self.index_us),
+            ("actions", &self.trigger_us),
+            ("mark", &self.mark_us),
+            ("commit", &self.commit_us),
+        ]
+        .into_iter()
+        .map(|(stage, micros)| {
+            let total_ms = Self::get(micros) as f64 / 1000.0;
+            serde_json::json!({
+                "stage": stage,
+                "total_ms": total_ms,
+                "per_batch_ms": if batches == 0 { 0.0 } else { total_ms / batches as f64 },
+            })
+        })
+        .collect();
+        serde_json::json!({
+            "batches_total": batches,
+            "records_total": Self::get(&self.records),
+            "dedup_drops_total": Self::get(&self.duplicates),
+            "users_upserted_total": Self::get(&self.users_upserted),
+            "events_indexed_total": Self::get(&self.events_indexed),
+            "retries_total": Self::get(&self.retries),
+            "partitions": partitions,
+            "stages": stages,
+        })
     }
 
     /// The counters as Prometheus samples: (name, type, help, value).
@@ -764,10 +827,8 @@ impl Pipeline {
             .await?;
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
         let validated = validated as u64;
-        metrics::counter!("sluice_dead_letters_total", "stage" => Stage::Validate.name())
-            .increment(validated);
-        metrics::counter!("sluice_dead_letters_total", "stage" => Stage::Index.name())
-            .increment(count - validated);
+        dead_letter::counted(Stage::Validate, validated);
+        dead_letter::counted(Stage::Index, count - validated);
         Ok(())
     }
 

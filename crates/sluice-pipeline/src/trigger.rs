@@ -454,7 +454,6 @@ impl Context<'_> {
             }
         }
         for (log, rule, batch) in appends {
-            let count = batch.len() as u64;
             let what = match &rule.action {
                 Action::Topic { topic, .. } => format!("append actions to topic {topic}"),
                 Action::Webhook(_) => "append webhook actions to the actions log".to_string(),
@@ -462,7 +461,20 @@ impl Context<'_> {
             self.retries
                 .retry(&what, stop, || log.append(batch.clone()))
                 .await?;
-            count_actions(&rule.name, "fired", count);
+        }
+        // Counted by rule once all are appended (webhook rules share the actions log).
+        let mut fired = vec![0u64; rules.len()];
+        for p in &prepared {
+            fired[p.rule] += 1;
+        }
+        for (rule, count) in rules.iter().zip(fired) {
+            if count > 0 {
+                count_actions(&rule.name, "fired", count);
+                if let Action::Topic { .. } = rule.action {
+                    // A topic rule's action is done once in its topic.
+                    count_actions(&rule.name, "delivered", count);
+                }
+            }
         }
         self.fired
             .fetch_add(prepared.len() as u64, Ordering::Relaxed);
@@ -470,10 +482,57 @@ impl Context<'_> {
     }
 }
 
-/// `sluice_actions_total{rule, outcome}` += `count`.
+/// The outcomes of the actions of one rule in this process (for `/stats`).
+#[derive(Default, Clone, Copy)]
+struct Outcomes {
+    fired: u64,
+    delivered: u64,
+    retried: u64,
+    dead_lettered: u64,
+}
+
+static OUTCOMES: std::sync::Mutex<std::collections::BTreeMap<String, Outcomes>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// `sluice_actions_total{rule, outcome}` += `count`, and the same in [`outcomes`].
 pub(crate) fn count_actions(rule: &str, outcome: &'static str, count: u64) {
     metrics::counter!("sluice_actions_total", "rule" => rule.to_string(), "outcome" => outcome)
         .increment(count);
+    let mut all = OUTCOMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let tally = match all.get_mut(rule) {
+        Some(tally) => tally,
+        None => all.entry(rule.to_string()).or_default(),
+    };
+    match outcome {
+        "fired" => tally.fired += count,
+        "delivered" => tally.delivered += count,
+        "retried" => tally.retried += count,
+        _ => tally.dead_lettered += count,
+    }
+}
+
+/// Actions by rule in this process, for `/stats`: `[{"rule", "pending", "fired",
+/// "delivered", "retried", "dead_lettered"}]`. `pending` is fired and not yet delivered or
+/// dead-lettered; it is exact where one process fires and delivers (`serve`, or one ingest
+/// node), and a lower bound when the dispatchers of other nodes deliver some.
+pub fn outcomes() -> serde_json::Value {
+    let all = OUTCOMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    all.iter()
+        .map(|(rule, o)| {
+            serde_json::json!({
+                "rule": rule,
+                "pending": o.fired.saturating_sub(o.delivered + o.dead_lettered),
+                "fired": o.fired,
+                "delivered": o.delivered,
+                "retried": o.retried,
+                "dead_lettered": o.dead_lettered,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

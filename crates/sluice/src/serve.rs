@@ -73,10 +73,10 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
     // Before anything records. SLUICE_METRICS=off runs without a recorder: the benchmarks'
     // "without metrics" side (BENCHMARKS.md).
-    if std::env::var("SLUICE_METRICS").as_deref() != Ok("off") {
-        if let Some(handle) = sluice_api::metrics::install() {
-            tokio::spawn(sluice_api::metrics::upkeep(handle));
-        }
+    if std::env::var("SLUICE_METRICS").as_deref() != Ok("off")
+        && let Some(handle) = sluice_api::metrics::install()
+    {
+        tokio::spawn(sluice_api::metrics::upkeep(handle));
     }
     let registry: Arc<dyn Registry> = Arc::from(open_registry(&config).await?);
     let first_key = if role.accepts() {
@@ -220,15 +220,23 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
         pipeline.as_ref().and(index.as_ref()),
         dedup.as_ref(),
     );
+    operations.set_role(role.name());
     let mut lag = None;
     if let Some(pipeline) = &pipeline {
         let stats = pipeline.stats();
         if sluice_api::metrics::handle().is_some() {
             sluice_pipeline::runner::describe_metrics();
-            lag = Some(tokio::spawn(
-                Arc::clone(&stats).publish_lag(Arc::clone(&log), LAG_INTERVAL),
-            ));
         }
+        lag = Some(tokio::spawn(
+            Arc::clone(&stats).watch_lag(Arc::clone(&log), LAG_INTERVAL),
+        ));
+        let shown = Arc::clone(&stats);
+        operations.on_stats("pipeline", Arc::new(move || shown.snapshot()));
+        operations.on_stats(
+            "dead_letters",
+            Arc::new(sluice_pipeline::dead_letter::tally),
+        );
+        operations.on_stats("actions", Arc::new(sluice_pipeline::trigger::outcomes));
         let dispatch = dispatcher.as_ref().map(|d| d.stats());
         operations.on_scrape(Arc::new(move || {
             sluice_api::ops::publish(&stats.metrics());
