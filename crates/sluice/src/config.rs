@@ -61,7 +61,8 @@ pub struct Config {
     #[serde(with = "duration")]
     pub replay_interval: Duration,
     pub max_in_flight_bytes: usize,
-    /// When set, `/metrics` requires `Authorization: Bearer <admin_token>` (SPEC §9).
+    /// When set, `/`, `/stats` and `/metrics` require `Authorization: Bearer <admin_token>`
+    /// (SPEC §9).
     #[serde(serialize_with = "redacted_secret")]
     pub admin_token: String,
     /// How log lines are written to stderr.
@@ -275,8 +276,9 @@ replay_interval = "1s"
 # room, then get a 503. Bounds the API's memory under bursts.
 max_in_flight_bytes = 268435456
 
-# When set, /metrics requires `Authorization: Bearer <admin_token>` (a 401 without it).
-# /healthz and /readyz stay open for probes.
+# When set, the dashboard (/), /stats and /metrics require `Authorization: Bearer
+# <admin_token>` (a 401 without it; in a browser, give the token as the password when it
+# asks). /healthz and /readyz stay open for probes.
 admin_token = ""
 
 # Log lines on stderr: "text", or "json" (one object per line, with the fields of the
