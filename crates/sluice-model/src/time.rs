@@ -9,7 +9,12 @@ use time::format_description::well_known::Rfc3339;
 /// year 5138; 10^11 milliseconds is March 1973, so no realistic timestamp is ambiguous.
 const SECONDS_CUTOFF: f64 = 1e11;
 
-/// Parses a JSON `createdAt` into unix milliseconds, or says what is wrong with it.
+/// The latest time sluice stores: the last millisecond of 64-bit unix nanoseconds
+/// (2262-04-11T23:47:16.854Z), which is where the search indexes' dates end.
+pub const MAX_MS: i64 = i64::MAX / 1_000_000;
+
+/// Parses a JSON `createdAt` into unix milliseconds (1970 to 2262-04-11, [`MAX_MS`]), or says
+/// what is wrong with it.
 pub fn parse_timestamp_ms(value: &Value) -> Result<i64, String> {
     match value {
         Value::Number(n) => {
@@ -22,8 +27,10 @@ pub fn parse_timestamp_ms(value: &Value) -> Result<i64, String> {
                 ));
             }
             let ms = if f < SECONDS_CUTOFF { f * 1000.0 } else { f };
-            if ms > 253_402_300_799_999.0 {
-                return Err(format!("createdAt {n} is after the year 9999"));
+            if ms > MAX_MS as f64 {
+                return Err(format!(
+                    "createdAt {n} is after 2262-04-11, the latest time sluice stores"
+                ));
             }
             Ok(ms as i64)
         }
@@ -31,7 +38,16 @@ pub fn parse_timestamp_ms(value: &Value) -> Result<i64, String> {
             let t = OffsetDateTime::parse(s, &Rfc3339).map_err(|e| {
                 format!("createdAt {s:?} is not an RFC 3339 timestamp ({e}); expected e.g. \"2024-05-01T12:00:00Z\" or unix seconds/ms")
             })?;
-            Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
+            let ms = t.unix_timestamp_nanos() / 1_000_000;
+            if ms < 0 {
+                return Err(format!("createdAt {s:?} is before 1970"));
+            }
+            if ms > i128::from(MAX_MS) {
+                return Err(format!(
+                    "createdAt {s:?} is after 2262-04-11, the latest time sluice stores"
+                ));
+            }
+            Ok(ms as i64)
         }
         other => Err(format!(
             "createdAt must be unix seconds, unix milliseconds or an RFC 3339 string, not {}",
@@ -91,6 +107,31 @@ mod tests {
             parse_timestamp_ms(&json!("2023-11-15T00:13:20+02:00")),
             Ok(expected)
         );
+    }
+
+    #[test]
+    fn times_outside_what_the_indexes_store_are_refused() {
+        // Found by schemathesis: year 15 reached the embedded index, whose nanosecond dates
+        // overflowed, and its writer panicked.
+        for value in [
+            json!("0015-07-16T03:22:27+15:41"),
+            json!("1969-12-31T23:59:59Z"),
+            json!("2262-04-12T00:00:00Z"),
+            json!("9999-12-31T23:59:59Z"),
+            json!(9_300_000_000_000_i64),
+            json!(2.5e14),
+        ] {
+            let error = parse_timestamp_ms(&value).expect_err("refused");
+            assert!(
+                error.contains("1970") || error.contains("2262"),
+                "{value}: {error}"
+            );
+        }
+        assert_eq!(
+            parse_timestamp_ms(&json!("2262-04-11T23:47:16.854Z")),
+            Ok(MAX_MS)
+        );
+        assert_eq!(parse_timestamp_ms(&json!("1970-01-01T00:00:00Z")), Ok(0));
     }
 
     #[test]

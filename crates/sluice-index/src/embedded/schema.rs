@@ -127,13 +127,13 @@ pub(crate) fn user_document(
         doc.add_text(f.email, email.to_lowercase());
     }
     if let Some(ms) = profile.get("createdAt").and_then(Value::as_i64) {
-        doc.add_date(f.created_at, DateTime::from_timestamp_millis(ms));
+        doc.add_date(f.created_at, date_ms(ms));
     }
     if let (Some(field), Some(ms)) = (
         f.updated_at,
         profile.get("updatedAt").and_then(Value::as_i64),
     ) {
-        doc.add_date(field, DateTime::from_timestamp_millis(ms));
+        doc.add_date(field, date_ms(ms));
     }
     if let Some(data_fields) = profile.get("dataFields").filter(|v| v.is_object()) {
         doc.add_field_value(f.data_fields, data_fields);
@@ -171,14 +171,18 @@ pub(crate) fn event_document(f: &Fields, event: &EventDoc) -> Result<TantivyDocu
     if let Some(email) = &event.email {
         doc.add_text(f.email, email.to_lowercase());
     }
-    doc.add_date(
-        f.created_at,
-        DateTime::from_timestamp_millis(event.created_at),
-    );
+    doc.add_date(f.created_at, date_ms(event.created_at));
     if let Some(field) = f.received_at {
-        doc.add_date(field, DateTime::from_timestamp_millis(event.received_at));
+        doc.add_date(field, date_ms(event.received_at));
     }
     doc.add_field_value(f.data_fields, &data_fields);
     doc.add_bytes(f.source, &source);
     Ok(doc)
+}
+
+/// Unix milliseconds as a tantivy date (nanoseconds in an i64), clamped to the range it holds:
+/// the API refuses times outside it, but a record another producer wrote to the log may carry
+/// any number, and an overflow must not stop the index writer.
+fn date_ms(ms: i64) -> DateTime {
+    DateTime::from_timestamp_nanos(ms.saturating_mul(1_000_000))
 }
