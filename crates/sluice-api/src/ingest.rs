@@ -18,6 +18,14 @@ use crate::{AppState, Limits};
 
 type ItemParser = for<'a> fn(&'a RawValue) -> Result<Message<'a>, ItemError>;
 
+/// One user-profile update.
+#[utoipa::path(
+    post,
+    path = "/api/users/update",
+    tag = "ingest",
+    request_body = crate::openapi::UserUpdate,
+    responses(crate::openapi::IngestAnswers),
+)]
 pub(crate) async fn users_update(
     State(app): State<AppState>,
     request: Request,
@@ -26,6 +34,14 @@ pub(crate) async fn users_update(
     single(&app, &parts.headers, &body, parse_user_update).await
 }
 
+/// One event.
+#[utoipa::path(
+    post,
+    path = "/api/events/track",
+    tag = "ingest",
+    request_body = crate::openapi::Event,
+    responses(crate::openapi::IngestAnswers),
+)]
 pub(crate) async fn events_track(
     State(app): State<AppState>,
     request: Request,
@@ -57,6 +73,14 @@ fn events_items(body: &[u8]) -> Result<Vec<&RawValue>, serde_json::Error> {
     serde_json::from_slice::<BulkEvents<'_>>(body).map(|bulk| bulk.events)
 }
 
+/// Many user-profile updates; invalid items are listed in `failures`, the others accepted.
+#[utoipa::path(
+    post,
+    path = "/api/users/bulkUpdate",
+    tag = "ingest",
+    request_body = crate::openapi::BulkUsers,
+    responses(crate::openapi::IngestAnswers),
+)]
 pub(crate) async fn users_bulk_update(
     State(app): State<AppState>,
     request: Request,
@@ -64,6 +88,14 @@ pub(crate) async fn users_bulk_update(
     bulk(&app, request, "users", users_items, parse_user_update).await
 }
 
+/// Many events; invalid items are listed in `failures`, the others accepted.
+#[utoipa::path(
+    post,
+    path = "/api/events/trackBulk",
+    tag = "ingest",
+    request_body = crate::openapi::BulkEvents,
+    responses(crate::openapi::IngestAnswers),
+)]
 pub(crate) async fn events_track_bulk(
     State(app): State<AppState>,
     request: Request,

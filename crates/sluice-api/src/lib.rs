@@ -26,6 +26,7 @@ mod error;
 mod inflight;
 mod ingest;
 pub mod metrics;
+pub mod openapi;
 pub mod ops;
 mod read;
 pub mod recent;

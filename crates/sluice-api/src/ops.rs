@@ -229,6 +229,7 @@ pub fn router(operations: Operations) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(crate::openapi::openapi_json))
         .with_state(operations)
 }
 
@@ -268,7 +269,18 @@ fn unauthorized(route: &str) -> Response {
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
-async fn dashboard(State(ops): State<Operations>, headers: HeaderMap) -> Response {
+/// The live dashboard (SPEC §9): one page, nothing fetched from elsewhere.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "operations",
+    security((), ("bearer" = []), ("basic" = [])),
+    responses(
+        (status = 200, description = "The page", content_type = "text/html"),
+        (status = 401, description = "admin_token is set and was not given", body = crate::openapi::ErrorBody),
+    ),
+)]
+pub(crate) async fn dashboard(State(ops): State<Operations>, headers: HeaderMap) -> Response {
     if !ops.admitted(&headers) {
         return unauthorized("/");
     }
@@ -291,7 +303,17 @@ async fn dashboard(State(ops): State<Operations>, headers: HeaderMap) -> Respons
 /// the last minutes of acknowledged ingest ([`crate::recent`]), the spill buffer, and the
 /// sections the node added (`pipeline`, `dead_letters`, `actions`; `null` where the node
 /// runs none), and the failure that stopped a stream.
-async fn stats(State(ops): State<Operations>, headers: HeaderMap) -> Response {
+#[utoipa::path(
+    get,
+    path = "/stats",
+    tag = "operations",
+    security((), ("bearer" = []), ("basic" = [])),
+    responses(
+        (status = 200, description = "What the dashboard shows", body = crate::openapi::Status),
+        (status = 401, description = "admin_token is set and was not given", body = crate::openapi::ErrorBody),
+    ),
+)]
+pub(crate) async fn stats(State(ops): State<Operations>, headers: HeaderMap) -> Response {
     if !ops.admitted(&headers) {
         return unauthorized("/stats");
     }
@@ -413,13 +435,31 @@ impl Operations {
     }
 }
 
-async fn healthz() -> Json<Value> {
+/// The process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "Alive", body = crate::openapi::Status)),
+)]
+pub(crate) async fn healthz() -> Json<Value> {
     Json(json!({"status": "ok"}))
 }
 
 /// Ready when not draining, writes can be made durable (the log takes them, or the spill
 /// buffer has room, SPEC §4) and every watched backend answers. The body shows each part.
-async fn readyz(State(ops): State<Operations>) -> Response {
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Ready: each part says `ok`", body = crate::openapi::Status),
+        (status = 503, description = "Not ready: `reasons` says why", body = crate::openapi::Status),
+    ),
+)]
+pub(crate) async fn readyz(State(ops): State<Operations>) -> Response {
     let health = ops.health().await;
     let mut body = json!({"log": health.log, "spill": health.spill, "index": null});
     for (name, verdict) in &health.backends {
@@ -443,7 +483,18 @@ async fn readyz(State(ops): State<Operations>) -> Response {
 /// Prometheus text exposition (SPEC §9) of the process's recorder (`crate::metrics`), after
 /// the scrape-time values were set: the spill bridge's gauges (or the log's health on a node
 /// without one) and whatever the node added with [`Operations::on_scrape`].
-async fn metrics(State(ops): State<Operations>, headers: HeaderMap) -> Response {
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "Prometheus text format", content_type = "text/plain"),
+        (status = 401, description = "admin_token is set and was not given", body = crate::openapi::ErrorBody),
+        (status = 404, description = "The process runs without metrics (SLUICE_METRICS=off)", body = crate::openapi::ErrorBody),
+    ),
+)]
+pub(crate) async fn metrics(State(ops): State<Operations>, headers: HeaderMap) -> Response {
     if !ops.admitted(&headers) {
         return unauthorized("/metrics");
     }

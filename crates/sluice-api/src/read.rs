@@ -12,6 +12,14 @@ use crate::auth::KeySources;
 use crate::body::read_request;
 use crate::error::{ApiError, json_error};
 
+/// The profile of a user, by id.
+#[utoipa::path(
+    get,
+    path = "/api/users/{user_id}",
+    tag = "read",
+    params(("user_id" = String, Path, description = "The user's id")),
+    responses(crate::openapi::ProfileAnswers),
+)]
 pub(crate) async fn user_by_id(
     State(app): State<AppState>,
     Path(user_id): Path<String>,
@@ -48,6 +56,14 @@ async fn user(app: AppState, user_id: String, request: Request) -> Result<Json<V
     found(profile, "userId", &user_id, &org.name)
 }
 
+/// The profile of a user, by email (compared lowercased).
+#[utoipa::path(
+    get,
+    path = "/api/users/by-email/{email}",
+    tag = "read",
+    params(("email" = String, Path, description = "The user's email")),
+    responses(crate::openapi::ProfileAnswers),
+)]
 pub(crate) async fn user_by_email(
     State(app): State<AppState>,
     Path(email): Path<String>,
@@ -82,6 +98,17 @@ pub(crate) struct EventsParams {
     limit: Option<usize>,
 }
 
+/// A user's events, newest `createdAt` first.
+#[utoipa::path(
+    get,
+    path = "/api/users/{user_id}/events",
+    tag = "read",
+    params(
+        ("user_id" = String, Path, description = "The user's id"),
+        ("limit" = Option<u32>, Query, minimum = 0, maximum = 10000, description = "How many (default 50)"),
+    ),
+    responses(crate::openapi::EventsAnswers),
+)]
 pub(crate) async fn user_events(
     State(app): State<AppState>,
     Path(user_id): Path<String>,
@@ -111,6 +138,14 @@ pub(crate) async fn user_events(
     Ok(Json(serde_json::json!({ "events": events })))
 }
 
+/// Searches profiles (Lucene query syntax, Elasticsearch aggregations).
+#[utoipa::path(
+    post,
+    path = "/api/search/users",
+    tag = "read",
+    request_body = crate::openapi::Search,
+    responses(crate::openapi::SearchAnswers),
+)]
 pub(crate) async fn search_users(
     State(app): State<AppState>,
     request: Request,
@@ -118,6 +153,14 @@ pub(crate) async fn search_users(
     search(&app, request, Target::Users).await
 }
 
+/// Searches events (Lucene query syntax, Elasticsearch aggregations).
+#[utoipa::path(
+    post,
+    path = "/api/search/events",
+    tag = "read",
+    request_body = crate::openapi::Search,
+    responses(crate::openapi::SearchAnswers),
+)]
 pub(crate) async fn search_events(
     State(app): State<AppState>,
     request: Request,

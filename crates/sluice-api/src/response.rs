@@ -6,8 +6,8 @@ use serde::Serialize;
 use serde::ser::SerializeSeq;
 use sluice_model::Message;
 
-/// One refused item of a request.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+/// One refused item of a request: its index in the request, and why.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Failure {
     pub index: usize,
     pub error: String,

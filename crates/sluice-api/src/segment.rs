@@ -51,7 +51,16 @@ async fn one(
 }
 
 macro_rules! segment_route {
-    ($name:ident, $call:expr) => {
+    ($name:ident, $call:expr, $path:literal, $doc:literal) => {
+        #[doc = $doc]
+        #[utoipa::path(
+                    post,
+                    path = $path,
+                    tag = "segment",
+                    request_body = crate::openapi::SegmentCall,
+                    security(("api_key" = []), ("bearer" = []), ("basic" = [])),
+                    responses(crate::openapi::IngestAnswers),
+                )]
         pub(crate) async fn $name(
             State(app): State<AppState>,
             request: Request,
@@ -62,13 +71,52 @@ macro_rules! segment_route {
     };
 }
 
-segment_route!(identify, SegmentCall::Identify);
-segment_route!(track, SegmentCall::Track);
-segment_route!(page, SegmentCall::Page);
-segment_route!(screen, SegmentCall::Screen);
-segment_route!(group, SegmentCall::Group);
-segment_route!(alias, SegmentCall::Alias);
+segment_route!(
+    identify,
+    SegmentCall::Identify,
+    "/v1/identify",
+    "Segment `identify`: a user-profile update from `traits`."
+);
+segment_route!(
+    track,
+    SegmentCall::Track,
+    "/v1/track",
+    "Segment `track`: an event named `event`."
+);
+segment_route!(
+    page,
+    SegmentCall::Page,
+    "/v1/page",
+    "Segment `page`: a page view."
+);
+segment_route!(
+    screen,
+    SegmentCall::Screen,
+    "/v1/screen",
+    "Segment `screen`: a screen view."
+);
+segment_route!(
+    group,
+    SegmentCall::Group,
+    "/v1/group",
+    "Segment `group`: the user joins a group."
+);
+segment_route!(
+    alias,
+    SegmentCall::Alias,
+    "/v1/alias",
+    "Segment `alias`: another id of the user."
+);
 
+/// Segment `batch`: calls of any type; invalid ones are listed in `failures`.
+#[utoipa::path(
+    post,
+    path = "/v1/batch",
+    tag = "segment",
+    request_body = crate::openapi::SegmentBatch,
+    security(("api_key" = []), ("bearer" = []), ("basic" = [])),
+    responses(crate::openapi::IngestAnswers),
+)]
 pub(crate) async fn batch(
     State(app): State<AppState>,
     request: Request,

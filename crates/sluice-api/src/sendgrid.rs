@@ -44,6 +44,16 @@ pub fn parse_verification_key(base64_der: &str) -> Result<VerifyingKey, String> 
     })
 }
 
+/// SendGrid's Event Webhook: each event becomes event `email_<event>` of user `email`.
+#[utoipa::path(
+    post,
+    path = "/webhooks/sendgrid",
+    tag = "webhooks",
+    params(("key" = Option<String>, Query, description = "The API key, when no header carries it")),
+    request_body = Vec<crate::openapi::SendgridEvent>,
+    security(("key_query" = []), ("api_key" = []), ("bearer" = []), ("basic" = [])),
+    responses(crate::openapi::IngestAnswers),
+)]
 pub(crate) async fn webhook(
     State(app): State<AppState>,
     request: Request,
