@@ -193,6 +193,14 @@ pub fn router(state: AppState) -> Router {
         .merge(operations)
 }
 
+/// The operations routes alone (`sluice ingest`), with the API's answers for an unknown
+/// route or method.
+pub fn operations_router(operations: Operations) -> Router {
+    ops::router(operations)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
     (
         StatusCode::METHOD_NOT_ALLOWED,

@@ -305,7 +305,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
     };
     let app = match state {
         Some(state) => sluice_api::router(state),
-        None => sluice_api::ops::router(operations),
+        None => sluice_api::operations_router(operations),
     };
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {

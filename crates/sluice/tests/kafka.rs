@@ -944,6 +944,34 @@ async fn api_and_ingest_nodes_share_kafka_postgres_redis_and_opensearch(engine: 
         &["--scan", "--pattern", &format!("{}:acme:*", stores.keys.0)],
     );
     assert_eq!(marks.lines().count(), 40, "{marks}");
+    // The ingest node serves its operations routes: its pipeline's /stats and the dashboard;
+    // anything else is a 404 that names the route.
+    let mut ops = Connection::connect(ingest.addr)
+        .await
+        .expect("connect to the ingest node");
+    let stats = ops.get("/stats", &[]).await.expect("stats");
+    assert_eq!(stats.status, 200);
+    let stats = stats.json();
+    assert_eq!(stats["role"], "ingest", "{stats}");
+    assert!(
+        stats["pipeline"]["events_indexed_total"].as_u64() >= Some(20),
+        "{stats}"
+    );
+    assert_eq!(stats["backends"]["dedup"], "ok", "{stats}");
+    let page = ops.get("/", &[]).await.expect("dashboard");
+    assert_eq!(page.status, 200);
+    assert!(String::from_utf8_lossy(&page.body).contains("<title>sluice</title>"));
+    let unknown = ops
+        .get("/dashboard/nope", &[])
+        .await
+        .expect("unknown route");
+    assert_eq!(unknown.status, 404);
+    assert!(
+        unknown.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("/dashboard/nope")),
+        "the 404 names the route"
+    );
     assert!(ingest.sigterm().success());
     assert!(api.sigterm().success());
 }
