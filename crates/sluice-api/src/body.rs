@@ -1,5 +1,10 @@
 //! Reading a request body within the size limit, and parsing it as JSON with errors that point
 //! at the problem.
+//!
+//! Compressed bodies (`Content-Encoding: gzip` or `deflate`, SPEC §4) are decoded on the way in
+//! by tower-http's decompression layer (`crate::router`), so the limit applies to the decoded
+//! bytes: a decompression bomb is cut off with a 413 once it passes the limit, having decoded
+//! at most that much. [`known_encoding`] refuses other encodings first, with a JSON 415.
 
 use axum::extract::Request;
 use axum::http::header;
@@ -15,6 +20,43 @@ pub(crate) async fn read_request(
     let (parts, body) = req.into_parts();
     let body = read_body(&parts.headers, body, limit).await?;
     Ok((parts, body))
+}
+
+/// The content codings a request body may have.
+const ENCODINGS: [&str; 3] = ["gzip", "deflate", "identity"];
+
+/// Middleware: a `Content-Encoding` sluice cannot decode is a 415 that names it; a known one
+/// is passed on in lower case (codings are case-insensitive; the decoder matches lower case).
+pub(crate) async fn known_encoding(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING) {
+        let known = encoding.to_str().ok().and_then(|e| {
+            ENCODINGS
+                .iter()
+                .find(|known| e.trim().eq_ignore_ascii_case(known))
+        });
+        let Some(known) = known else {
+            return ApiError::UnsupportedEncoding(format!(
+                "Content-Encoding {encoding:?} is not supported: send the body as gzip, deflate or uncompressed"
+            ))
+            .into_response();
+        };
+        request.headers_mut().insert(
+            header::CONTENT_ENCODING,
+            axum::http::HeaderValue::from_static(known),
+        );
+    }
+    next.run(request).await
+}
+
+/// Whether the body comes compressed (its declared length is not what it decodes to).
+pub(crate) fn is_encoded(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity"))
 }
 
 /// The body size a request declares (`Content-Length`), if it declares one.
@@ -49,8 +91,15 @@ async fn read_body(
             if is_limit {
                 Err(too_large(None))
             } else {
+                // A broken gzip or deflate stream ends up here too, with the decoder's words.
+                let mut cause = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(inner) = source {
+                    cause = inner.to_string();
+                    source = inner.source();
+                }
                 Err(ApiError::BadRequest(format!(
-                    "could not read the request body: {e}"
+                    "could not read the request body: {cause}"
                 )))
             }
         }

@@ -25,10 +25,16 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unauthorized(String),
+    /// Known, but not allowed (a browser origin not listed).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     TooLarge(String),
+    /// A `Content-Encoding` other than gzip, deflate or identity.
+    #[error("{0}")]
+    UnsupportedEncoding(String),
     #[error("{0}")]
     Unavailable(String),
     /// The route exists but this node does not serve it (e.g. reads on an API-only node).
@@ -44,8 +50,12 @@ impl ApiError {
                 (StatusCode::BAD_REQUEST, "BadRequest")
             }
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "Unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "NotFound"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "TooLarge"),
+            ApiError::UnsupportedEncoding(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedEncoding")
+            }
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable"),
             ApiError::NotServed(_) => (StatusCode::NOT_IMPLEMENTED, "NotServed"),
         }

@@ -1,6 +1,6 @@
 //! Backpressure: a bound on the request body bytes being handled at once. A request takes its
-//! share (its `Content-Length`; the request limit for a chunked body of unknown length; the
-//! minimum for a request without a body) before its body is read and holds it until it is
+//! share (its `Content-Length`; the request limit for a chunked body of unknown length or a
+//! compressed one; the minimum for a request without a body) before its body is read and holds it until it is
 //! answered. When the bound is reached, requests
 //! wait for room instead of failing; one that waits longer than `in_flight_wait` gets a 503
 //! with `Retry-After`, having read nothing.
@@ -50,6 +50,8 @@ impl InFlight {
 pub(crate) async fn bounded(State(app): State<AppState>, request: Request, next: Next) -> Response {
     let headers = request.headers();
     let length = match crate::body::declared_length(headers) {
+        // A compressed body may decode to the request limit, whatever it declares.
+        _ if crate::body::is_encoded(headers) => None,
         Some(length) => Some(length),
         // A body of unknown length: count it at the request limit.
         None if headers.contains_key(header::TRANSFER_ENCODING) => None,

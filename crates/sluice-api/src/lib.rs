@@ -22,6 +22,7 @@
 
 mod auth;
 mod body;
+pub mod cors;
 mod error;
 mod inflight;
 mod ingest;
@@ -47,6 +48,7 @@ use sluice_registry::Registry;
 use sluice_spill::Bridge;
 
 pub use auth::{Authenticator, KeySources};
+pub use cors::CorsConfig;
 pub use error::ApiError;
 pub use ops::{HealthCheck, Operations, Refresh, Sample};
 pub use response::{Accepted, Failure};
@@ -82,6 +84,8 @@ pub struct ApiConfig {
     pub key_cache_ttl: Duration,
     /// How far a signed SendGrid webhook's timestamp may be from now (replay protection).
     pub sendgrid_max_age: Duration,
+    /// Which browser origins may call which routes.
+    pub cors: CorsConfig,
 }
 
 impl Default for ApiConfig {
@@ -92,6 +96,7 @@ impl Default for ApiConfig {
             in_flight_wait: Duration::from_secs(5),
             key_cache_ttl: Duration::from_secs(5),
             sendgrid_max_age: Duration::from_secs(300),
+            cors: CorsConfig::default(),
         }
     }
 }
@@ -109,6 +114,7 @@ pub struct AppInner {
     pub(crate) limits: Limits,
     pub(crate) in_flight: inflight::InFlight,
     pub(crate) sendgrid_max_age: Duration,
+    pub(crate) cors: Arc<CorsConfig>,
     /// What `/healthz`, `/readyz` and `/metrics` read.
     operations: Operations,
 }
@@ -134,6 +140,7 @@ impl AppState {
             limits: config.limits,
             in_flight: inflight::InFlight::new(config.max_in_flight_bytes, config.in_flight_wait),
             sendgrid_max_age: config.sendgrid_max_age,
+            cors: Arc::new(config.cors.clone()),
             operations: Operations::for_bridge(bridge.clone()),
             bridge,
         }))
@@ -183,12 +190,23 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/alias", post(segment::alias))
         .route("/v1/batch", post(segment::batch))
         .route("/webhooks/sendgrid", post(sendgrid::webhook))
+        // Innermost first: bodies are decoded as the handler reads them, after the encoding
+        // was checked and the request took its in-flight share.
+        .route_layer(tower_http::decompression::RequestDecompressionLayer::new())
+        .route_layer(axum::middleware::from_fn(body::known_encoding))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             inflight::bounded,
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Browsers (SPEC §4): CORS on every API route, then the policy of which routes it
+        // stays on (`cors`).
+        .layer(state.cors.layer())
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state.cors),
+            cors::policy,
+        ))
         .with_state(state)
         .merge(operations)
 }

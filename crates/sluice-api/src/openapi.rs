@@ -230,9 +230,12 @@ pub(crate) enum IngestAnswers {
     /// No key, an unknown key, or a disabled org.
     #[response(status = 401)]
     Unauthorized(ErrorBody),
-    /// The body, an item or the item count is over its limit.
+    /// The body (decoded), an item or the item count is over its limit.
     #[response(status = 413)]
     TooLarge(ErrorBody),
+    /// A `Content-Encoding` other than gzip, deflate or identity.
+    #[response(status = 415)]
+    UnsupportedEncoding(ErrorBody),
     /// The messages cannot be made durable now: nothing was acknowledged; retry after
     /// `Retry-After` seconds.
     #[response(status = 503)]
@@ -290,6 +293,8 @@ pub(crate) enum SearchAnswers {
     Unauthorized(ErrorBody),
     #[response(status = 413)]
     TooLarge(ErrorBody),
+    #[response(status = 415)]
+    UnsupportedEncoding(ErrorBody),
     #[response(status = 501)]
     NotServed(ErrorBody),
     #[response(status = 503)]

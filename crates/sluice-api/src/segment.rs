@@ -54,13 +54,13 @@ macro_rules! segment_route {
     ($name:ident, $call:expr, $path:literal, $doc:literal) => {
         #[doc = $doc]
         #[utoipa::path(
-                            post,
-                            path = $path,
-                            tag = "segment",
-                            request_body = crate::openapi::SegmentCall,
-                            security(("api_key" = []), ("bearer" = []), ("basic" = [])),
-                            responses(crate::openapi::IngestAnswers),
-                        )]
+                                    post,
+                                    path = $path,
+                                    tag = "segment",
+                                    request_body = crate::openapi::SegmentCall,
+                                    security(("api_key" = []), ("bearer" = []), ("basic" = [])),
+                                    responses(crate::openapi::IngestAnswers),
+                                )]
         pub(crate) async fn $name(
             State(app): State<AppState>,
             request: Request,

@@ -67,6 +67,10 @@ pub struct Config {
     pub admin_token: String,
     /// How log lines are written to stderr.
     pub log_format: LogFormat,
+    /// Browser origins that may call the write routes (`*`: any; SPEC §4).
+    pub cors_origins: Vec<String>,
+    /// Whether the read routes are offered to those origins too.
+    pub cors_read: bool,
     /// `[[triggers]]` rules (SPEC §6 step 7). Only in the file: no env variable or flag.
     pub triggers: Vec<TriggerConfig>,
 }
@@ -179,6 +183,8 @@ impl Default for Config {
             kafka_replication_factor: None,
             admin_token: String::new(),
             log_format: LogFormat::Text,
+            cors_origins: api.cors.origins.clone(),
+            cors_read: api.cors.read,
             kafka_min_insync_replicas: None,
             kafka_options: Default::default(),
             dedup_key_prefix: redis.prefix,
@@ -284,6 +290,13 @@ admin_token = ""
 # Log lines on stderr: "text", or "json" (one object per line, with the fields of the
 # partition, batch and request each line belongs to). RUST_LOG sets the levels.
 log_format = "text"
+
+# Browsers: the origins (scheme://host[:port]) whose pages may call the write routes (ingest,
+# /v1/*, webhooks): they answer CORS preflights for them; "*" allows any. The read routes are
+# offered cross-origin only with cors_read = true (a key that can read should not be in a
+# web page).
+cors_origins = ["*"]
+cors_read = false
 
 # On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
 shutdown_timeout = "30s"
@@ -427,12 +440,25 @@ pub struct ConfigArgs {
     /// Most request body bytes handled at once [default: 268435456].
     #[arg(long, global = true, env = "SLUICE_MAX_IN_FLIGHT_BYTES")]
     pub max_in_flight_bytes: Option<usize>,
-    /// Token `/metrics` requires as `Authorization: Bearer` (unset: open) [default: ].
+    /// Token `/`, `/stats` and `/metrics` require as `Authorization: Bearer` (unset: open)
+    /// [default: ].
     #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", value_name = "TOKEN")]
     pub admin_token: Option<String>,
     /// Log lines on stderr: text or json [default: text].
     #[arg(long, global = true, env = "SLUICE_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Browser origins that may call the write routes, comma-separated (default: *, any).
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_CORS_ORIGINS",
+        value_name = "ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Option<Vec<String>>,
+    /// Offer the read routes to those origins too [default: false].
+    #[arg(long, global = true, env = "SLUICE_CORS_READ", value_name = "BOOL")]
+    pub cors_read: Option<bool>,
 }
 
 /// Kafka's legal topic names (also safe as a directory name); `.` and `..` excluded.
@@ -656,7 +682,9 @@ impl Config {
             replay_interval,
             max_in_flight_bytes,
             admin_token,
-            log_format
+            log_format,
+            cors_origins,
+            cors_read
         );
         config.validate().map_err(|e| {
             e.context(match &args.config {
@@ -676,7 +704,16 @@ impl Config {
         toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
 
+    /// The API's CORS settings.
+    pub fn cors(&self) -> sluice_api::CorsConfig {
+        sluice_api::CorsConfig {
+            origins: self.cors_origins.clone(),
+            read: self.cors_read,
+        }
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
+        self.cors().validate().map_err(anyhow::Error::msg)?;
         if self.topic.trim().is_empty() {
             bail!("topic must not be empty");
         }

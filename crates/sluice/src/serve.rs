@@ -199,6 +199,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             in_flight_wait: config.log_ack_timeout,
             key_cache_ttl: config.key_cache_ttl,
             sendgrid_max_age: config.sendgrid_max_age,
+            cors: config.cors(),
         };
         AppState::new(
             bridge.clone(),

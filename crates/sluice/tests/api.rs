@@ -33,15 +33,22 @@ fn index_in(dir: &std::path::Path) -> Arc<dyn sluice_index::Index> {
 
 impl TestServer {
     async fn start(limits: Limits) -> TestServer {
+        TestServer::start_with(ApiConfig {
+            limits,
+            ..ApiConfig::default()
+        })
+        .await
+    }
+
+    async fn start_with(config: ApiConfig) -> TestServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let (registry, key) = registry_with_key(dir.path()).await;
         let log = Arc::new(
             EmbeddedLog::open(&dir.path().join("log"), EmbeddedLogConfig::default()).expect("log"),
         );
         let config = ApiConfig {
-            limits,
             key_cache_ttl: Duration::from_millis(50),
-            ..ApiConfig::default()
+            ..config
         };
         let state = AppState::new(
             Bridge::without_spill(Arc::clone(&log) as Arc<dyn Log>, Duration::from_secs(5)),
@@ -480,6 +487,245 @@ async fn size_limits_are_413_and_oversized_bulk_items_are_failures() {
     assert!(raw.starts_with("HTTP/1.1 413"), "{raw}");
     assert!(raw.contains("larger than the 4096-byte limit"), "{raw}");
     assert_eq!(s.records().len(), 1);
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).expect("gzip");
+    encoder.finish().expect("gzip")
+}
+
+/// HTTP's `deflate` is the zlib format.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).expect("deflate");
+    encoder.finish().expect("deflate")
+}
+
+#[tokio::test]
+async fn gzip_and_deflate_bodies_are_decoded_and_limited_by_their_decoded_size() {
+    let s = TestServer::start(Limits::default()).await;
+    let mut conn = Connection::connect(s.addr).await.expect("connect");
+    let events: Vec<Value> = (0..1000)
+        .map(
+            |i| json!({"userId": format!("z{}", i % 7), "eventName": "e", "id": format!("gz-{i}")}),
+        )
+        .collect();
+    let plain = serde_json::to_vec(&json!({ "events": events })).expect("json");
+    for (encoding, body) in [
+        ("gzip", gzip(&plain)),
+        ("deflate", deflate(&plain)),
+        ("GZIP", gzip(&plain)),
+    ] {
+        assert!(body.len() < plain.len() / 4, "{encoding} compresses");
+        let r = conn
+            .post(
+                "/api/events/trackBulk",
+                &[("api-key", s.key.as_str()), ("content-encoding", encoding)],
+                body.into(),
+            )
+            .await
+            .expect("request");
+        assert_eq!(r.status, 200, "{encoding}: {:?}", r.json());
+        assert_eq!(r.json()["accepted"], 1000, "{encoding}");
+    }
+    // Three times the same 1,000 ids, each decoded as sent.
+    let values = s.values();
+    assert_eq!(values.len(), 3000);
+    assert_eq!(
+        values[0]["messageId"]
+            .as_str()
+            .map(|id| id.starts_with("gz-")),
+        Some(true)
+    );
+
+    // A bomb: 200 MiB of zeros in about 200 KB of gzip, against the 10 MiB limit.
+    let bomb = {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let zeros = vec![b' '; 1 << 20];
+        for _ in 0..200 {
+            encoder.write_all(&zeros).expect("gzip");
+        }
+        encoder.finish().expect("gzip")
+    };
+    assert!(bomb.len() < 1 << 20, "{}", bomb.len());
+    let r = conn
+        .post(
+            "/api/events/trackBulk",
+            &[("api-key", s.key.as_str()), ("content-encoding", "gzip")],
+            bomb.into(),
+        )
+        .await
+        .expect("request");
+    assert_eq!(r.status, 413, "{:?}", r.json());
+    assert_eq!(r.json()["code"], "TooLarge");
+    assert!(
+        error_text(&r).contains("10485760-byte limit"),
+        "{}",
+        error_text(&r)
+    );
+
+    // A broken stream: 400 with the decoder's words.
+    let mut broken = gzip(&plain);
+    let middle = broken.len() / 2;
+    broken[middle..middle + 16].fill(0xff);
+    let mut conn = Connection::connect(s.addr).await.expect("connect");
+    let r = conn
+        .post(
+            "/api/users/bulkUpdate",
+            &[("api-key", s.key.as_str()), ("content-encoding", "gzip")],
+            broken.into(),
+        )
+        .await
+        .expect("request");
+    assert_eq!(r.status, 400, "{:?}", r.json());
+    assert!(
+        error_text(&r).contains("could not read the request body"),
+        "{}",
+        error_text(&r)
+    );
+    let r = conn
+        .post(
+            "/api/events/track",
+            &[("api-key", s.key.as_str()), ("content-encoding", "deflate")],
+            Bytes::from_static(b"not deflate at all"),
+        )
+        .await
+        .expect("request");
+    assert_eq!(r.status, 400, "{:?}", r.json());
+
+    // An encoding sluice cannot decode: 415 naming it.
+    let r = conn
+        .post(
+            "/api/events/track",
+            &[("api-key", s.key.as_str()), ("content-encoding", "br")],
+            Bytes::from_static(b"{}"),
+        )
+        .await
+        .expect("request");
+    assert_eq!(r.status, 415);
+    assert_eq!(r.json()["code"], "UnsupportedEncoding");
+    assert!(error_text(&r).contains("\"br\""), "{}", error_text(&r));
+    // Segment and SendGrid routes decode too.
+    let call =
+        serde_json::to_vec(&json!({"userId": "seg", "event": "Signed Up", "messageId": "gz-seg"}))
+            .expect("json");
+    let r = conn
+        .post(
+            "/v1/track",
+            &[("api-key", s.key.as_str()), ("content-encoding", "gzip")],
+            gzip(&call).into(),
+        )
+        .await
+        .expect("request");
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(s.values().len(), 3001);
+}
+
+/// A browser's preflight of `method path` from `origin`.
+async fn preflight(addr: std::net::SocketAddr, path: &str, origin: &str) -> Reply {
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    conn.send(
+        axum::http::Method::OPTIONS,
+        path,
+        &[
+            ("origin", origin),
+            ("access-control-request-method", "POST"),
+            ("access-control-request-headers", "content-type,api-key"),
+        ],
+        Bytes::new(),
+    )
+    .await
+    .expect("preflight")
+}
+
+fn allow_origin(reply: &Reply) -> Option<&str> {
+    reply
+        .headers
+        .get("access-control-allow-origin")
+        .and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn browsers_may_call_the_write_routes_and_reads_only_with_cors_read() {
+    // The default: any origin, writes only.
+    let s = TestServer::start(Limits::default()).await;
+    for path in ["/api/events/track", "/v1/track", "/api/users/bulkUpdate"] {
+        let r = preflight(s.addr, path, "https://shop.example").await;
+        assert!(r.status.is_success(), "{path}: {}", r.status);
+        assert_eq!(allow_origin(&r), Some("*"), "{path}");
+        let allowed = r.headers["access-control-allow-headers"]
+            .to_str()
+            .expect("text")
+            .to_ascii_lowercase();
+        for name in ["content-type", "authorization", "api-key"] {
+            assert!(allowed.contains(name), "{path}: {allowed}");
+        }
+    }
+    let mut conn = Connection::connect(s.addr).await.expect("connect");
+    let r = conn
+        .post(
+            "/api/events/track",
+            &[
+                ("api-key", s.key.as_str()),
+                ("origin", "https://shop.example"),
+            ],
+            Bytes::from(json!({"userId": "b1", "eventName": "e"}).to_string()),
+        )
+        .await
+        .expect("post");
+    assert_eq!(r.status, 200);
+    assert_eq!(allow_origin(&r), Some("*"));
+    // Reads are not offered cross-origin by default.
+    let r = preflight(s.addr, "/api/search/users", "https://shop.example").await;
+    assert_eq!(allow_origin(&r), None, "{}", r.status);
+    assert_eq!(r.status, 403);
+    assert!(error_text(&r).contains("cors_read"), "{}", error_text(&r));
+    let r = conn
+        .get(
+            "/api/users/b1",
+            &[
+                ("api-key", s.key.as_str()),
+                ("origin", "https://shop.example"),
+            ],
+        )
+        .await
+        .expect("get");
+    assert_eq!(allow_origin(&r), None);
+
+    // Listed origins, reads included: an origin not listed gets a 403 and no CORS header.
+    let s = TestServer::start_with(ApiConfig {
+        cors: sluice_api::CorsConfig {
+            origins: vec![
+                "https://shop.example".into(),
+                "http://127.0.0.1:9000".into(),
+            ],
+            read: true,
+        },
+        ..ApiConfig::default()
+    })
+    .await;
+    let r = preflight(s.addr, "/api/events/track", "https://shop.example").await;
+    assert!(r.status.is_success());
+    assert_eq!(allow_origin(&r), Some("https://shop.example"));
+    let r = preflight(s.addr, "/api/search/users", "http://127.0.0.1:9000").await;
+    assert_eq!(
+        allow_origin(&r),
+        Some("http://127.0.0.1:9000"),
+        "reads with cors_read"
+    );
+    let r = preflight(s.addr, "/api/events/track", "https://evil.example").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(allow_origin(&r), None);
+    assert_eq!(r.json()["code"], "Forbidden");
+    assert!(
+        error_text(&r).contains("https://evil.example"),
+        "{}",
+        error_text(&r)
+    );
 }
 
 fn hyper_body_over_limit() -> Bytes {
