@@ -39,10 +39,11 @@ pub(crate) async fn known_encoding(
                 .find(|known| e.trim().eq_ignore_ascii_case(known))
         });
         let Some(known) = known else {
-            return ApiError::UnsupportedEncoding(format!(
+            let refused = ApiError::UnsupportedEncoding(format!(
                 "Content-Encoding {encoding:?} is not supported: send the body as gzip, deflate or uncompressed"
-            ))
-            .into_response();
+            ));
+            drain(request.into_body()).await;
+            return refused.into_response();
         };
         request.headers_mut().insert(
             header::CONTENT_ENCODING,
@@ -67,41 +68,81 @@ pub(crate) fn declared_length(headers: &axum::http::HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse::<u64>().ok())
 }
 
+/// How much of a refused body is read and thrown away, and for how long, so that a client
+/// that sends its whole body before it reads (Python's urllib and requests) gets the answer
+/// instead of a reset connection (SPEC §4). Past either bound the connection is closed.
+const DRAIN_BYTES: u64 = 64 << 20;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads and discards what is left of `body`, within [`DRAIN_BYTES`] and [`DRAIN_TIME`].
+pub(crate) async fn drain(mut body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    let mut left = DRAIN_BYTES;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = body.frame().await {
+            let size = frame.data_ref().map_or(0, |d| d.len() as u64);
+            left = left.saturating_sub(size);
+            if left == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 async fn read_body(
     headers: &axum::http::HeaderMap,
-    body: axum::body::Body,
+    mut body: axum::body::Body,
     limit: usize,
 ) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
     let too_large = |size: Option<u64>| {
         ApiError::TooLarge(match size {
             Some(size) => format!("request body is {size} bytes; the limit is {limit} bytes"),
             None => format!("request body is larger than the {limit}-byte limit"),
         })
     };
-    if let Some(size) = declared_length(headers)
+    let declared = declared_length(headers);
+    if let Some(size) = declared
         && size > limit as u64
     {
+        if size <= DRAIN_BYTES {
+            drain(body).await;
+        }
         return Err(too_large(Some(size)));
     }
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => Ok(bytes),
-        Err(e) => {
-            let is_limit = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if is_limit {
-                Err(too_large(None))
-            } else {
-                // A broken gzip or deflate stream ends up here too, with the decoder's words.
-                let mut cause = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(inner) = source {
-                    cause = inner.to_string();
-                    source = inner.source();
-                }
-                Err(ApiError::BadRequest(format!(
-                    "could not read the request body: {cause}"
-                )))
+    // One chunk (the usual case) is kept as it came; more are gathered into one buffer.
+    let mut first: Option<Bytes> = None;
+    let mut gathered = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            // A broken gzip or deflate stream ends up here too, with the decoder's words.
+            let mut cause = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(inner) = source {
+                cause = inner.to_string();
+                source = inner.source();
+            }
+            ApiError::BadRequest(format!("could not read the request body: {cause}"))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        let held = first.as_ref().map_or(0, Bytes::len) + gathered.len();
+        if held + data.len() > limit {
+            drain(body).await;
+            return Err(too_large(None));
+        }
+        match first.take() {
+            None if gathered.is_empty() => first = Some(data),
+            None => gathered.extend_from_slice(&data),
+            Some(kept) => {
+                let expected = declared.map_or(0, |d| d as usize).min(limit);
+                gathered.reserve(expected.max(kept.len() + data.len()));
+                gathered.extend_from_slice(&kept);
+                gathered.extend_from_slice(&data);
             }
         }
     }
+    Ok(first.unwrap_or_else(|| gathered.freeze()))
 }

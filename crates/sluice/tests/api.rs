@@ -625,6 +625,54 @@ async fn gzip_and_deflate_bodies_are_decoded_and_limited_by_their_decoded_size()
     assert_eq!(s.values().len(), 3001);
 }
 
+/// What a Python HTTP client (`urllib` or `requests`) got for a body of `bytes` bytes sent
+/// whole before reading the answer.
+fn python_post(client: &str, url: &str, key: &str, bytes: usize, encoding: Option<&str>) -> Value {
+    let python = std::env::var("SLUICE_PYTHON").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../.venv/bin/python").to_string()
+    });
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop/early_error.py");
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .args([client, url, key, &bytes.to_string()])
+        .args(encoding)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {python} (./scripts/test makes .venv): {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON line")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_reaches_clients_that_send_the_whole_body_before_reading() {
+    let s = TestServer::start(Limits::default()).await;
+    let url = format!("http://{}/api/events/trackBulk", s.addr);
+    let key = s.key.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut answers = Vec::new();
+        for client in ["urllib", "requests"] {
+            // Declared too large (refused before reading), and a br body (refused likewise).
+            answers.push((client, 413, python_post(client, &url, &key, 20 << 20, None)));
+            answers.push((
+                client,
+                415,
+                python_post(client, &url, &key, 2 << 20, Some("br")),
+            ));
+        }
+        answers
+    })
+    .await
+    .expect("clients");
+    for (client, status, answer) in answers {
+        assert_eq!(answer["status"], status, "{client}: {answer}");
+        assert!(answer["body"]["error"].is_string(), "{client}: {answer}");
+    }
+    assert!(s.records().is_empty());
+}
+
 /// A browser's preflight of `method path` from `origin`.
 async fn preflight(addr: std::net::SocketAddr, path: &str, origin: &str) -> Reply {
     let mut conn = Connection::connect(addr).await.expect("connect");
