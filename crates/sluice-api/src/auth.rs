@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use axum::http::HeaderMap;
 use moka::future::Cache;
-use sluice_registry::{Org, Registry};
+use sluice_registry::{Access, KeyScope, Org, Registry};
 
 use crate::error::ApiError;
 
@@ -25,8 +25,8 @@ pub enum KeySources {
 
 pub struct Authenticator {
     registry: Arc<dyn Registry>,
-    /// key → org (or `None` for an unknown key), kept for `ttl`.
-    cache: Cache<String, Option<Arc<Org>>>,
+    /// key → org and scope (or `None` for an unknown key), kept for `ttl`.
+    cache: Cache<String, Option<(Arc<Org>, KeyScope)>>,
 }
 
 impl Authenticator {
@@ -40,14 +40,15 @@ impl Authenticator {
         }
     }
 
-    /// Finds the key in `headers` and resolves it to an active org.
+    /// Finds the key in `headers` and resolves it to an active org whose key may do `access`.
     pub async fn authenticate(
         &self,
         headers: &HeaderMap,
         sources: KeySources,
+        access: Access,
     ) -> Result<Arc<Org>, ApiError> {
         match key_from_headers(headers, sources)? {
-            Some(key) => self.org_for_key(&key).await,
+            Some(key) => self.org_for_key(&key, access).await,
             None => Err(ApiError::Unauthorized(match sources {
                 KeySources::Standard => "missing API key: send it in the Api-Key header or as Authorization: Bearer KEY".into(),
                 KeySources::WithBasic => "missing API key: send it in the Api-Key header, as Authorization: Bearer KEY, as Basic auth user name, or as writeKey in the body".into(),
@@ -55,8 +56,9 @@ impl Authenticator {
         }
     }
 
-    /// Resolves a key to its org; unknown keys and disabled orgs are 401.
-    pub async fn org_for_key(&self, key: &str) -> Result<Arc<Org>, ApiError> {
+    /// Resolves a key to its org; unknown keys and disabled orgs are 401, a key whose scope
+    /// does not cover `access` is 403.
+    pub async fn org_for_key(&self, key: &str, access: Access) -> Result<Arc<Org>, ApiError> {
         // Fast path: a hit allocates nothing. A miss loads once for all concurrent callers.
         let found = match self.cache.get(key).await {
             Some(found) => found,
@@ -65,7 +67,10 @@ impl Authenticator {
                 let owned = key.to_string();
                 self.cache
                     .try_get_with(owned.clone(), async move {
-                        registry.org_for_key(&owned).await.map(|o| o.map(Arc::new))
+                        registry
+                            .key_owner(&owned)
+                            .await
+                            .map(|o| o.map(|(org, scope)| (Arc::new(org), scope)))
                     })
                     .await
                     .map_err(|e| {
@@ -74,10 +79,23 @@ impl Authenticator {
             }
         };
         match found {
-            Some(org) if org.active => Ok(org),
-            Some(org) => Err(ApiError::Unauthorized(format!(
+            Some((org, _)) if !org.active => Err(ApiError::Unauthorized(format!(
                 "org {:?} of this API key is disabled",
                 org.name
+            ))),
+            Some((org, scope)) if scope.allows(access) => Ok(org),
+            Some((_, scope)) => Err(ApiError::Forbidden(format!(
+                "this API key's scope is {scope}: it cannot {} (use a key of scope {})",
+                match access {
+                    Access::Write => "write",
+                    Access::Read => "read or search",
+                    Access::Admin => "do this",
+                },
+                match access {
+                    Access::Write => "full or write",
+                    Access::Read => "full or read",
+                    Access::Admin => "full",
+                }
             ))),
             None => Err(ApiError::Unauthorized("unknown API key".into())),
         }

@@ -114,7 +114,11 @@ async fn bulk(
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
     let org = app
         .auth
-        .authenticate(&parts.headers, KeySources::Standard)
+        .authenticate(
+            &parts.headers,
+            KeySources::Standard,
+            sluice_registry::Access::Write,
+        )
         .await?;
     let items = extract(&body)
         .map_err(|e| json_error(&e, &format!("body must be {{\"{field}\": [...]}}")))?;
@@ -128,7 +132,14 @@ async fn single(
     body: &[u8],
     parse: ItemParser,
 ) -> Result<Accepted, ApiError> {
-    let org = app.auth.authenticate(headers, KeySources::Standard).await?;
+    let org = app
+        .auth
+        .authenticate(
+            headers,
+            KeySources::Standard,
+            sluice_registry::Access::Write,
+        )
+        .await?;
     let item: &RawValue = serde_json::from_slice(body).map_err(|e| json_error(&e, "body"))?;
     if item.get().len() > app.limits.max_item_bytes {
         return Err(ApiError::TooLarge(format!(

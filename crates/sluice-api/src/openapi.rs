@@ -230,6 +230,9 @@ pub(crate) enum IngestAnswers {
     /// No key, an unknown key, or a disabled org.
     #[response(status = 401)]
     Unauthorized(ErrorBody),
+    /// The key's scope does not cover writing (a `read` key).
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
     /// The body (decoded), an item or the item count is over its limit.
     #[response(status = 413)]
     TooLarge(ErrorBody),
@@ -252,6 +255,9 @@ pub(crate) enum ProfileAnswers {
     BadRequest(ErrorBody),
     #[response(status = 401)]
     Unauthorized(ErrorBody),
+    /// The key's scope does not cover reading (a `write` key).
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
     /// No such user in the key's org.
     #[response(status = 404)]
     NotFound(ErrorBody),
@@ -274,6 +280,9 @@ pub(crate) enum EventsAnswers {
     BadRequest(ErrorBody),
     #[response(status = 401)]
     Unauthorized(ErrorBody),
+    /// The key's scope does not cover reading (a `write` key).
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
     #[response(status = 501)]
     NotServed(ErrorBody),
     #[response(status = 503)]
@@ -291,6 +300,9 @@ pub(crate) enum SearchAnswers {
     BadRequest(ErrorBody),
     #[response(status = 401)]
     Unauthorized(ErrorBody),
+    /// The key's scope does not cover reading (a `write` key).
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
     #[response(status = 413)]
     TooLarge(ErrorBody),
     #[response(status = 415)]

@@ -47,7 +47,11 @@ pub(crate) async fn user_named_bulk_update(
 async fn user(app: AppState, user_id: String, request: Request) -> Result<Json<Value>, ApiError> {
     let org = app
         .auth
-        .authenticate(request.headers(), KeySources::Standard)
+        .authenticate(
+            request.headers(),
+            KeySources::Standard,
+            sluice_registry::Access::Read,
+        )
         .await?;
     let profile = app
         .index()?
@@ -71,7 +75,11 @@ pub(crate) async fn user_by_email(
 ) -> Result<Json<Value>, ApiError> {
     let org = app
         .auth
-        .authenticate(request.headers(), KeySources::Standard)
+        .authenticate(
+            request.headers(),
+            KeySources::Standard,
+            sluice_registry::Access::Read,
+        )
         .await?;
     let profile = app.index()?.get_user_by_email(&org.name, &email).await?;
     found(profile, "email", &email, &org.name)
@@ -117,7 +125,11 @@ pub(crate) async fn user_events(
 ) -> Result<Json<Value>, ApiError> {
     let org = app
         .auth
-        .authenticate(request.headers(), KeySources::Standard)
+        .authenticate(
+            request.headers(),
+            KeySources::Standard,
+            sluice_registry::Access::Read,
+        )
         .await?;
     let Query(params) = params.map_err(|e| {
         ApiError::BadRequest(format!(
@@ -176,7 +188,11 @@ async fn search(
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
     let org = app
         .auth
-        .authenticate(&parts.headers, KeySources::Standard)
+        .authenticate(
+            &parts.headers,
+            KeySources::Standard,
+            sluice_registry::Access::Read,
+        )
         .await?;
     let search: SearchRequest = if body.iter().all(u8::is_ascii_whitespace) {
         serde_json::from_str("{}").map_err(|e| json_error(&e, "search request"))?

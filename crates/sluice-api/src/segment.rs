@@ -23,9 +23,19 @@ async fn authenticate(
 ) -> Result<Arc<Org>, ApiError> {
     match &envelope.write_key {
         Some(key) if headers.get("api-key").is_none() && headers.get("authorization").is_none() => {
-            app.auth.org_for_key(key).await
+            app.auth
+                .org_for_key(key, sluice_registry::Access::Write)
+                .await
         }
-        _ => app.auth.authenticate(headers, KeySources::WithBasic).await,
+        _ => {
+            app.auth
+                .authenticate(
+                    headers,
+                    KeySources::WithBasic,
+                    sluice_registry::Access::Write,
+                )
+                .await
+        }
     }
 }
 

@@ -61,10 +61,18 @@ pub(crate) async fn webhook(
     let key_param = query_key(request.uri().query());
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
     let org: Arc<Org> = match key_param {
-        Some(key) => app.auth.org_for_key(&key).await?,
+        Some(key) => {
+            app.auth
+                .org_for_key(&key, sluice_registry::Access::Write)
+                .await?
+        }
         None => {
             app.auth
-                .authenticate(&parts.headers, KeySources::WithBasic)
+                .authenticate(
+                    &parts.headers,
+                    KeySources::WithBasic,
+                    sluice_registry::Access::Write,
+                )
                 .await?
         }
     };

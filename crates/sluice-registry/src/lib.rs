@@ -10,6 +10,7 @@
 
 mod keys;
 mod postgres;
+mod scope;
 mod sql;
 mod sqlite;
 #[cfg(feature = "testing")]
@@ -19,6 +20,7 @@ use async_trait::async_trait;
 
 pub use keys::{generate_key, hash_key};
 pub use postgres::PostgresRegistry;
+pub use scope::{Access, KeyInfo, KeyScope};
 pub use sqlite::SqliteRegistry;
 
 /// The org every first start of an empty data dir creates.
@@ -58,6 +60,14 @@ pub enum RegistryError {
     InvalidOrgName { name: String, reason: &'static str },
     #[error("invalid user id: {0}")]
     InvalidUserId(&'static str),
+    #[error(
+        "org {org:?} has no key whose id starts with {id:?} (see `sluice keys list --org {org}`)"
+    )]
+    NoSuchKey { org: String, id: String },
+    #[error(
+        "more than one key of org {org:?} has an id starting with {id:?}: give more of it (see `sluice keys list --org {org}`)"
+    )]
+    AmbiguousKey { org: String, id: String },
 }
 
 /// A database that cannot be reached, is restarting, busy or out of space may recover;
@@ -141,13 +151,27 @@ pub trait Registry: Send + Sync + 'static {
     async fn org(&self, name: &str) -> Result<Option<Org>, RegistryError>;
     /// Disables (or re-enables) an org: its keys stop working and its messages are refused.
     async fn set_org_active(&self, name: &str, active: bool) -> Result<(), RegistryError>;
-    /// Creates a key for `org` and returns it; this is the only time the key is seen.
     /// Sets (or, with `None`, clears) the org's SendGrid verification key. The caller checks
     /// that it is a valid key.
     async fn set_sendgrid_key(&self, name: &str, key: Option<&str>) -> Result<(), RegistryError>;
-    async fn create_key(&self, org: &str) -> Result<String, RegistryError>;
+    /// Creates a key of `scope` for `org` and returns it; this is the only time the key is
+    /// seen.
+    async fn create_scoped_key(&self, org: &str, scope: KeyScope) -> Result<String, RegistryError>;
+    /// A full key (see [`Registry::create_scoped_key`]).
+    async fn create_key(&self, org: &str) -> Result<String, RegistryError> {
+        self.create_scoped_key(org, KeyScope::Full).await
+    }
+    /// The org a key belongs to and the key's scope, if the key exists.
+    async fn key_owner(&self, key: &str) -> Result<Option<(Org, KeyScope)>, RegistryError>;
     /// The org a key belongs to, if the key exists.
-    async fn org_for_key(&self, key: &str) -> Result<Option<Org>, RegistryError>;
+    async fn org_for_key(&self, key: &str) -> Result<Option<Org>, RegistryError> {
+        Ok(self.key_owner(key).await?.map(|(org, _)| org))
+    }
+    /// The org's keys, oldest first (to the second), never the keys themselves.
+    async fn list_keys(&self, org: &str) -> Result<Vec<KeyInfo>, RegistryError>;
+    /// Deletes the org's key whose id starts with `id` (at least 8 hex digits of it); the key
+    /// stops working within the nodes' `key_cache_ttl`.
+    async fn revoke_key(&self, org: &str, id: &str) -> Result<KeyInfo, RegistryError>;
     async fn ban_user(&self, org: &str, user_id: &str) -> Result<(), RegistryError>;
     /// Returns whether the user was banned.
     async fn unban_user(&self, org: &str, user_id: &str) -> Result<bool, RegistryError>;

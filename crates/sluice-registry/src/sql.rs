@@ -13,8 +13,59 @@ pub(crate) const ORG: &str =
 pub(crate) const SET_ACTIVE: &str = "UPDATE orgs SET active = ? WHERE name = ?";
 pub(crate) const SET_SENDGRID_KEY: &str = "UPDATE orgs SET sendgrid_key = ? WHERE name = ?";
 pub(crate) const INSERT_KEY: &str =
-    "INSERT INTO api_keys (key_hash, org_id, key_prefix, created_at) VALUES (?, ?, ?, ?)";
-pub(crate) const ORG_FOR_KEY: &str = "SELECT o.id, o.name, o.active, o.created_at, o.sendgrid_key FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.key_hash = ?";
+    "INSERT INTO api_keys (key_hash, org_id, key_prefix, created_at, scope) VALUES (?, ?, ?, ?, ?)";
+pub(crate) const KEY_OWNER: &str = "SELECT o.id, o.name, o.active, o.created_at, o.sendgrid_key, k.scope FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.key_hash = ?";
+pub(crate) const LIST_KEYS: &str = "SELECT key_hash, key_prefix, scope, created_at FROM api_keys WHERE org_id = ? ORDER BY created_at, key_hash";
+pub(crate) const DELETE_KEY: &str = "DELETE FROM api_keys WHERE org_id = ? AND key_hash = ?";
+
+/// How many hex digits of a key's hash make its id.
+const KEY_ID_DIGITS: usize = 12;
+/// The fewest `sluice keys revoke` takes.
+const KEY_ID_MIN_DIGITS: usize = 8;
+
+/// A stored scope; an unknown one (written by a newer sluice) is read as the narrowest.
+pub(crate) fn scope(text: &str) -> crate::KeyScope {
+    text.parse().unwrap_or(crate::KeyScope::Read)
+}
+
+pub(crate) fn key_info(
+    hash: &str,
+    prefix: String,
+    scope_text: &str,
+    created_at: i64,
+) -> crate::KeyInfo {
+    crate::KeyInfo {
+        id: hash.chars().take(KEY_ID_DIGITS).collect(),
+        prefix,
+        scope: scope(scope_text),
+        created_at,
+    }
+}
+
+/// The one key of `keys` (hash and info) whose id starts with `id`.
+pub(crate) fn one_key(
+    org: &str,
+    id: &str,
+    keys: Vec<(String, crate::KeyInfo)>,
+) -> Result<(String, crate::KeyInfo), crate::RegistryError> {
+    let id = id.trim().to_ascii_lowercase();
+    let no_such = || crate::RegistryError::NoSuchKey {
+        org: org.to_string(),
+        id: id.clone(),
+    };
+    if id.len() < KEY_ID_MIN_DIGITS || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(no_such());
+    }
+    let mut found = keys.into_iter().filter(|(hash, _)| hash.starts_with(&id));
+    match (found.next(), found.next()) {
+        (Some(key), None) => Ok(key),
+        (None, _) => Err(no_such()),
+        (Some(_), Some(_)) => Err(crate::RegistryError::AmbiguousKey {
+            org: org.to_string(),
+            id,
+        }),
+    }
+}
 pub(crate) const BAN: &str = "INSERT INTO banned_users (org_id, user_id, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
 pub(crate) const UNBAN: &str = "DELETE FROM banned_users WHERE org_id = ? AND user_id = ?";
 pub(crate) const IS_BANNED: &str = "SELECT 1 FROM banned_users WHERE org_id = ? AND user_id = ?";
@@ -68,6 +119,33 @@ macro_rules! registry_impl {
                     location: self.location.clone(),
                     source,
                 }
+            }
+
+            /// The org's keys: each hash with what may be shown of it.
+            async fn keys_of(
+                &self,
+                org: &str,
+            ) -> Result<Vec<(String, crate::KeyInfo)>, RegistryError> {
+                use sqlx::Row;
+                let rows = sqlx::query($sql(crate::sql::LIST_KEYS))
+                    .bind(self.org_id(org).await?)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                Ok(rows
+                    .iter()
+                    .map(|row| {
+                        let hash: String = row.get("key_hash");
+                        let scope: String = row.get("scope");
+                        let info = crate::sql::key_info(
+                            &hash,
+                            row.get("key_prefix"),
+                            &scope,
+                            row.get("created_at"),
+                        );
+                        (hash, info)
+                    })
+                    .collect())
             }
 
             async fn org_id(&self, name: &str) -> Result<i64, RegistryError> {
@@ -158,7 +236,11 @@ macro_rules! registry_impl {
                 crate::org_updated(done.rows_affected(), name)
             }
 
-            async fn create_key(&self, org: &str) -> Result<String, RegistryError> {
+            async fn create_scoped_key(
+                &self,
+                org: &str,
+                scope: crate::KeyScope,
+            ) -> Result<String, RegistryError> {
                 let org_id = self.org_id(org).await?;
                 let key = crate::generate_key();
                 sqlx::query($sql(crate::sql::INSERT_KEY))
@@ -166,19 +248,50 @@ macro_rules! registry_impl {
                     .bind(org_id)
                     .bind(&key[..10])
                     .bind(crate::now_secs())
+                    .bind(scope.as_str())
                     .execute(&self.pool)
                     .await
                     .map_err(|e| self.err(e))?;
                 Ok(key)
             }
 
-            async fn org_for_key(&self, key: &str) -> Result<Option<Org>, RegistryError> {
-                let row = sqlx::query($sql(crate::sql::ORG_FOR_KEY))
+            async fn key_owner(
+                &self,
+                key: &str,
+            ) -> Result<Option<(Org, crate::KeyScope)>, RegistryError> {
+                let row = sqlx::query($sql(crate::sql::KEY_OWNER))
                     .bind(crate::hash_key(key))
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(|e| self.err(e))?;
-                Ok(row.as_ref().map(org_from_row))
+                Ok(row.as_ref().map(|row| {
+                    let scope: String = sqlx::Row::get(row, "scope");
+                    (org_from_row(row), crate::sql::scope(&scope))
+                }))
+            }
+
+            async fn list_keys(&self, org: &str) -> Result<Vec<crate::KeyInfo>, RegistryError> {
+                Ok(self
+                    .keys_of(org)
+                    .await?
+                    .into_iter()
+                    .map(|(_, info)| info)
+                    .collect())
+            }
+
+            async fn revoke_key(
+                &self,
+                org: &str,
+                id: &str,
+            ) -> Result<crate::KeyInfo, RegistryError> {
+                let (hash, info) = crate::sql::one_key(org, id, self.keys_of(org).await?)?;
+                sqlx::query($sql(crate::sql::DELETE_KEY))
+                    .bind(self.org_id(org).await?)
+                    .bind(&hash)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                Ok(info)
             }
 
             async fn ban_user(&self, org: &str, user_id: &str) -> Result<(), RegistryError> {

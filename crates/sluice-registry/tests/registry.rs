@@ -3,7 +3,9 @@
 //! the end.
 
 use sluice_registry::testing::Schema;
-use sluice_registry::{PostgresRegistry, Registry, RegistryError, SqliteRegistry, bootstrap};
+use sluice_registry::{
+    KeyScope, PostgresRegistry, Registry, RegistryError, SqliteRegistry, bootstrap,
+};
 
 /// What every registry must do.
 async fn contract(reg: &dyn Registry) {
@@ -32,6 +34,73 @@ async fn contract(reg: &dyn Registry) {
         Some("globex".into())
     );
     assert_eq!(reg.org_for_key("sk_nope").await.expect("lookup"), None);
+
+    // Scoped keys: listed (never the key), found with their scope, revoked by id.
+    let writer = reg
+        .create_scoped_key("acme", KeyScope::Write)
+        .await
+        .expect("key");
+    let reader = reg
+        .create_scoped_key("acme", KeyScope::Read)
+        .await
+        .expect("key");
+    let owner = |key: String| async move {
+        reg.key_owner(&key)
+            .await
+            .expect("lookup")
+            .map(|(org, scope)| (org.name, scope))
+    };
+    assert_eq!(
+        owner(acme.clone()).await,
+        Some(("acme".into(), KeyScope::Full))
+    );
+    assert_eq!(
+        owner(writer.clone()).await,
+        Some(("acme".into(), KeyScope::Write))
+    );
+    assert_eq!(
+        owner(reader.clone()).await,
+        Some(("acme".into(), KeyScope::Read))
+    );
+    // Oldest first; keys made within one second in no particular order: sorted here.
+    let mut listed = reg.list_keys("acme").await.expect("list");
+    listed.sort_by_key(|k| k.scope.as_str());
+    assert_eq!(
+        listed.iter().map(|k| k.scope).collect::<Vec<_>>(),
+        [KeyScope::Full, KeyScope::Read, KeyScope::Write]
+    );
+    let listed = [listed[0].clone(), listed[2].clone(), listed[1].clone()];
+    for (info, key) in listed.iter().zip([&acme, &writer, &reader]) {
+        assert_eq!(info.id, sluice_registry::hash_key(key)[..12]);
+        assert!(key.starts_with(&info.prefix), "{info:?}");
+        assert!(
+            !format!("{info:?}").contains(&key[10..]),
+            "the key is never shown"
+        );
+    }
+    assert!(matches!(
+        reg.revoke_key("acme", "abc").await,
+        Err(RegistryError::NoSuchKey { .. })
+    ));
+    assert!(matches!(
+        reg.revoke_key("globex", &listed[1].id).await,
+        Err(RegistryError::NoSuchKey { .. })
+    ));
+    let revoked = reg
+        .revoke_key("acme", &listed[1].id[..8])
+        .await
+        .expect("revoke");
+    assert_eq!(revoked, listed[1]);
+    assert_eq!(
+        owner(writer.clone()).await,
+        None,
+        "a revoked key is unknown"
+    );
+    assert_eq!(reg.list_keys("acme").await.expect("list").len(), 2);
+    assert_eq!(
+        owner(reader.clone()).await,
+        Some(("acme".into(), KeyScope::Read))
+    );
 
     // Org lifecycle and its errors.
     assert!(matches!(

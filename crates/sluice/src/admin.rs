@@ -2,7 +2,7 @@
 //! server (SQLite in WAL mode), so they work while it runs.
 
 use clap::Subcommand;
-use sluice_registry::Registry;
+use sluice_registry::{KeyScope, Registry};
 
 use crate::config::Config;
 
@@ -29,11 +29,35 @@ pub enum OrgsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Create an API key for an org and print it (only the key, on stdout).
+    /// Create an API key for an org and print it (only the key, on stdout). A `write` key only
+    /// ingests (the key for web pages and SDKs), a `read` key only reads and searches.
     Create {
         #[arg(long)]
         org: String,
+        /// full, write or read.
+        #[arg(long, default_value = "full", value_parser = parse_scope)]
+        scope: KeyScope,
     },
+    /// List an org's keys: id, scope, creation time and the key's first characters (never
+    /// the key).
+    List {
+        #[arg(long)]
+        org: String,
+        /// One JSON object per key.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by its id (as `keys list` shows it; 8 hex digits of it are enough). It
+    /// stops working on every node within key_cache_ttl.
+    Revoke {
+        #[arg(long)]
+        org: String,
+        id: String,
+    },
+}
+
+fn parse_scope(text: &str) -> Result<KeyScope, String> {
+    text.parse()
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,9 +130,38 @@ pub async fn orgs(config: &Config, command: OrgsCommand) -> anyhow::Result<()> {
 pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
     let registry = open(config).await?;
     match command {
-        KeysCommand::Create { org } => {
-            let key = registry.create_key(&org).await?;
+        KeysCommand::Create { org, scope } => {
+            let key = registry.create_scoped_key(&org, scope).await?;
             println!("{key}");
+        }
+        KeysCommand::List { org, json } => {
+            let keys = registry.list_keys(&org).await?;
+            if json {
+                for key in &keys {
+                    println!("{}", serde_json::to_string(key)?);
+                }
+            } else {
+                println!("{:<12}  {:<5}  {:<20}  prefix", "id", "scope", "created");
+                for key in &keys {
+                    println!(
+                        "{:<12}  {:<5}  {:<20}  {}…",
+                        key.id,
+                        key.scope,
+                        sluice_model::time::format_ms(key.created_at.saturating_mul(1000)),
+                        key.prefix
+                    );
+                }
+            }
+        }
+        KeysCommand::Revoke { org, id } => {
+            let key = registry.revoke_key(&org, &id).await?;
+            println!(
+                "revoked key {} ({} scope, {}…) of org {org:?}; it stops working within key_cache_ttl ({} s)",
+                key.id,
+                key.scope,
+                key.prefix,
+                config.key_cache_ttl.as_secs()
+            );
         }
     }
     Ok(())

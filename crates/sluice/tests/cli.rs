@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sluice::client::Connection;
 use sluice_log::{EmbeddedLog, EmbeddedLogConfig, Log};
 
 mod support;
@@ -307,6 +308,98 @@ async fn serve_prints_a_key_once_and_admin_commands_work_while_it_runs() {
         again.first_key.is_none(),
         "the key is printed on first start only"
     );
+}
+
+/// Key scopes (SPEC §3): a `write` key ingests and cannot read, a `read` key reads and cannot
+/// write (403 naming the scope); `keys list` never shows a key; a revoked key is a 401 within
+/// key_cache_ttl; a wrong scope or id is a clear error.
+#[tokio::test]
+async fn scoped_keys_do_what_their_scope_says_and_revoked_keys_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--key-cache-ttl", "100ms"]);
+    let full = server.first_key.clone().expect("first start prints a key");
+    let create = |scope: &str| {
+        run_ok(sluice(&data).args(["keys", "create", "--org", "default", "--scope", scope]))
+            .trim()
+            .to_string()
+    };
+    let (writer, reader) = (create("write"), create("read"));
+    let mut conn = Connection::connect(server.addr).await.expect("connect");
+    let get = |key: String| {
+        let addr = server.addr;
+        async move {
+            let mut conn = Connection::connect(addr).await.expect("connect");
+            let r = conn
+                .get("/api/users/s1", &[("api-key", key.as_str())])
+                .await
+                .expect("get");
+            (r.status.as_u16(), r.json())
+        }
+    };
+    let event = json!({"userId": "s1", "eventName": "e"});
+    let (status, body) = post(server.addr, &writer, "/api/events/track", event.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(writer.clone()).await;
+    assert_eq!(status, 403, "a write key cannot read: {body}");
+    assert_eq!(body["code"], "Forbidden");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("scope is write")),
+        "{body}"
+    );
+    let (status, body) = post(server.addr, &reader, "/api/events/track", event.clone()).await;
+    assert_eq!(status, 403, "a read key cannot write: {body}");
+    let r = conn
+        .post(
+            "/api/search/events",
+            &[("api-key", reader.as_str())],
+            "{}".into(),
+        )
+        .await
+        .expect("search");
+    assert_eq!(r.status, 200, "a read key searches");
+    let (status, _) = post(server.addr, &full, "/api/events/track", event).await;
+    assert_eq!(status, 200);
+    assert_ne!(get(full.clone()).await.0, 403);
+
+    // Listed without the keys; revoked by id.
+    let listed = run_ok(sluice(&data).args(["keys", "list", "--org", "default", "--json"]));
+    let keys: Vec<Value> = listed
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(keys.len(), 3, "{listed}");
+    for key in [&full, &writer, &reader] {
+        assert!(!listed.contains(&key[10..]), "keys list shows no key");
+    }
+    let write_id = keys
+        .iter()
+        .find(|k| k["scope"] == "write")
+        .and_then(|k| k["id"].as_str())
+        .expect("the write key's id")
+        .to_string();
+    let text = run_ok(sluice(&data).args(["keys", "list", "--org", "default"]));
+    assert!(text.contains(&write_id) && text.contains("write"), "{text}");
+    let said = run_ok(sluice(&data).args(["keys", "revoke", "--org", "default", &write_id[..8]]));
+    assert!(said.contains(&write_id), "{said}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (status, body) = post(
+        server.addr,
+        &writer,
+        "/api/events/track",
+        json!({"userId": "s1", "eventName": "e"}),
+    )
+    .await;
+    assert_eq!(status, 401, "a revoked key: {body}");
+
+    // Wrong input: a clear error, exit non-zero.
+    let err =
+        run_err(sluice(&data).args(["keys", "create", "--org", "default", "--scope", "admin"]));
+    assert!(err.contains("expected full, write or read"), "{err}");
+    let err = run_err(sluice(&data).args(["keys", "revoke", "--org", "default", &write_id[..8]]));
+    assert!(err.contains("no key whose id starts with"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
