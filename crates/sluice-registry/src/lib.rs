@@ -61,13 +61,13 @@ pub enum RegistryError {
     #[error("invalid user id: {0}")]
     InvalidUserId(&'static str),
     #[error(
-        "org {org:?} has no key whose id starts with {id:?} (see `sluice keys list --org {org}`)"
+        "no key has an id starting with {0:?} (ids are 8 to 12 hex digits; see `sluice keys list --org NAME`)"
     )]
-    NoSuchKey { org: String, id: String },
+    NoSuchKey(String),
     #[error(
-        "more than one key of org {org:?} has an id starting with {id:?}: give more of it (see `sluice keys list --org {org}`)"
+        "more than one key has an id starting with {0:?}: give more of it (see `sluice keys list --org NAME`)"
     )]
-    AmbiguousKey { org: String, id: String },
+    AmbiguousKey(String),
 }
 
 /// A database that cannot be reached, is restarting, busy or out of space may recover;
@@ -169,9 +169,10 @@ pub trait Registry: Send + Sync + 'static {
     }
     /// The org's keys, oldest first (to the second), never the keys themselves.
     async fn list_keys(&self, org: &str) -> Result<Vec<KeyInfo>, RegistryError>;
-    /// Deletes the org's key whose id starts with `id` (at least 8 hex digits of it); the key
-    /// stops working within the nodes' `key_cache_ttl`.
-    async fn revoke_key(&self, org: &str, id: &str) -> Result<KeyInfo, RegistryError>;
+    /// Deletes the key whose id starts with `id` (at least 8 hex digits of it), of any org,
+    /// and returns its org and what `list_keys` showed of it; the key stops working within
+    /// the nodes' `key_cache_ttl`.
+    async fn revoke_key(&self, id: &str) -> Result<(String, KeyInfo), RegistryError>;
     async fn ban_user(&self, org: &str, user_id: &str) -> Result<(), RegistryError>;
     /// Returns whether the user was banned.
     async fn unban_user(&self, org: &str, user_id: &str) -> Result<bool, RegistryError>;

@@ -16,7 +16,8 @@ pub(crate) const INSERT_KEY: &str =
     "INSERT INTO api_keys (key_hash, org_id, key_prefix, created_at, scope) VALUES (?, ?, ?, ?, ?)";
 pub(crate) const KEY_OWNER: &str = "SELECT o.id, o.name, o.active, o.created_at, o.sendgrid_key, k.scope FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.key_hash = ?";
 pub(crate) const LIST_KEYS: &str = "SELECT key_hash, key_prefix, scope, created_at FROM api_keys WHERE org_id = ? ORDER BY created_at, key_hash";
-pub(crate) const DELETE_KEY: &str = "DELETE FROM api_keys WHERE org_id = ? AND key_hash = ?";
+pub(crate) const KEYS_LIKE: &str = "SELECT k.key_hash, k.key_prefix, k.scope, k.created_at, o.name FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.key_hash LIKE ?";
+pub(crate) const DELETE_KEY: &str = "DELETE FROM api_keys WHERE key_hash = ?";
 
 /// How many hex digits of a key's hash make its id.
 const KEY_ID_DIGITS: usize = 12;
@@ -42,30 +43,16 @@ pub(crate) fn key_info(
     }
 }
 
-/// The one key of `keys` (hash and info) whose id starts with `id`.
-pub(crate) fn one_key(
-    org: &str,
-    id: &str,
-    keys: Vec<(String, crate::KeyInfo)>,
-) -> Result<(String, crate::KeyInfo), crate::RegistryError> {
+/// `id` as a `LIKE` pattern for the hashes it starts, if it is a usable id (8 to 64 hex
+/// digits; hashes are lowercase hex, so the pattern has no wildcard of its own).
+pub(crate) fn key_id_pattern(id: &str) -> Result<String, crate::RegistryError> {
     let id = id.trim().to_ascii_lowercase();
-    let no_such = || crate::RegistryError::NoSuchKey {
-        org: org.to_string(),
-        id: id.clone(),
-    };
-    if id.len() < KEY_ID_MIN_DIGITS || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(no_such());
+    if !(KEY_ID_MIN_DIGITS..=64).contains(&id.len()) || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(crate::RegistryError::NoSuchKey(id));
     }
-    let mut found = keys.into_iter().filter(|(hash, _)| hash.starts_with(&id));
-    match (found.next(), found.next()) {
-        (Some(key), None) => Ok(key),
-        (None, _) => Err(no_such()),
-        (Some(_), Some(_)) => Err(crate::RegistryError::AmbiguousKey {
-            org: org.to_string(),
-            id,
-        }),
-    }
+    Ok(format!("{id}%"))
 }
+
 pub(crate) const BAN: &str = "INSERT INTO banned_users (org_id, user_id, created_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
 pub(crate) const UNBAN: &str = "DELETE FROM banned_users WHERE org_id = ? AND user_id = ?";
 pub(crate) const IS_BANNED: &str = "SELECT 1 FROM banned_users WHERE org_id = ? AND user_id = ?";
@@ -281,17 +268,33 @@ macro_rules! registry_impl {
 
             async fn revoke_key(
                 &self,
-                org: &str,
                 id: &str,
-            ) -> Result<crate::KeyInfo, RegistryError> {
-                let (hash, info) = crate::sql::one_key(org, id, self.keys_of(org).await?)?;
+            ) -> Result<(String, crate::KeyInfo), RegistryError> {
+                use sqlx::Row;
+                let rows = sqlx::query($sql(crate::sql::KEYS_LIKE))
+                    .bind(crate::sql::key_id_pattern(id)?)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                let row = match rows.as_slice() {
+                    [row] => row,
+                    [] => return Err(RegistryError::NoSuchKey(id.to_string())),
+                    _ => return Err(RegistryError::AmbiguousKey(id.to_string())),
+                };
+                let hash: String = row.get("key_hash");
+                let scope: String = row.get("scope");
+                let info = crate::sql::key_info(
+                    &hash,
+                    row.get("key_prefix"),
+                    &scope,
+                    row.get("created_at"),
+                );
                 sqlx::query($sql(crate::sql::DELETE_KEY))
-                    .bind(self.org_id(org).await?)
                     .bind(&hash)
                     .execute(&self.pool)
                     .await
                     .map_err(|e| self.err(e))?;
-                Ok(info)
+                Ok((row.get("name"), info))
             }
 
             async fn ban_user(&self, org: &str, user_id: &str) -> Result<(), RegistryError> {

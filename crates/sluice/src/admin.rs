@@ -50,8 +50,7 @@ pub enum KeysCommand {
     /// Revoke a key by its id (as `keys list` shows it; 8 hex digits of it are enough). It
     /// stops working on every node within key_cache_ttl.
     Revoke {
-        #[arg(long)]
-        org: String,
+        #[arg(value_name = "KEY_ID")]
         id: String,
     },
 }
@@ -153,8 +152,8 @@ pub async fn keys(config: &Config, command: KeysCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        KeysCommand::Revoke { org, id } => {
-            let key = registry.revoke_key(&org, &id).await?;
+        KeysCommand::Revoke { id } => {
+            let (org, key) = registry.revoke_key(&id).await?;
             println!(
                 "revoked key {} ({} scope, {}…) of org {org:?}; it stops working within key_cache_ttl ({} s)",
                 key.id,

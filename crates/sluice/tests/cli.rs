@@ -382,7 +382,7 @@ async fn scoped_keys_do_what_their_scope_says_and_revoked_keys_stop() {
         .to_string();
     let text = run_ok(sluice(&data).args(["keys", "list", "--org", "default"]));
     assert!(text.contains(&write_id) && text.contains("write"), "{text}");
-    let said = run_ok(sluice(&data).args(["keys", "revoke", "--org", "default", &write_id[..8]]));
+    let said = run_ok(sluice(&data).args(["keys", "revoke", &write_id[..8]]));
     assert!(said.contains(&write_id), "{said}");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, body) = post(
@@ -398,8 +398,8 @@ async fn scoped_keys_do_what_their_scope_says_and_revoked_keys_stop() {
     let err =
         run_err(sluice(&data).args(["keys", "create", "--org", "default", "--scope", "admin"]));
     assert!(err.contains("expected full, write or read"), "{err}");
-    let err = run_err(sluice(&data).args(["keys", "revoke", "--org", "default", &write_id[..8]]));
-    assert!(err.contains("no key whose id starts with"), "{err}");
+    let err = run_err(sluice(&data).args(["keys", "revoke", &write_id[..8]]));
+    assert!(err.contains("no key has an id starting with"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
