@@ -37,6 +37,9 @@ pub enum ApiError {
     UnsupportedEncoding(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The org is over its rate limit; nothing of the request was written.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after: u64 },
     /// The route exists but this node does not serve it (e.g. reads on an API-only node).
     #[error("{0}")]
     NotServed(String),
@@ -57,6 +60,7 @@ impl ApiError {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UnsupportedEncoding")
             }
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "RateLimited"),
             ApiError::NotServed(_) => (StatusCode::NOT_IMPLEMENTED, "NotServed"),
         }
     }
@@ -79,6 +83,10 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::warn!(status = status.as_u16(), error = %self, "request not accepted");
         }
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            _ => None,
+        };
         let failures = match &self {
             ApiError::NoValidItem { failures, .. } => Some(failures.as_slice()),
             _ => None,
@@ -94,6 +102,11 @@ impl IntoResponse for ApiError {
                 header::RETRY_AFTER,
                 HeaderValue::from_static(RETRY_AFTER_SECS),
             );
+        }
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         response
     }

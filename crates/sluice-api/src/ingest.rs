@@ -206,6 +206,8 @@ pub(crate) async fn accept(
             .map_or_else(String::new, |f| format!("item {}: {}", f.index, f.error));
         return Err(ApiError::NoValidItem { summary, failures });
     }
+    // All or nothing: the request's messages are admitted together, before any is written.
+    app.rate_limits.admit(org, messages.len()).await?;
     let now = sluice_model::time::now_ms();
     let build = || {
         messages

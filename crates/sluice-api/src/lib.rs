@@ -26,6 +26,7 @@ pub mod cors;
 mod error;
 mod inflight;
 mod ingest;
+mod limit;
 pub mod metrics;
 pub mod openapi;
 pub mod ops;
@@ -86,6 +87,8 @@ pub struct ApiConfig {
     pub sendgrid_max_age: Duration,
     /// Which browser origins may call which routes.
     pub cors: CorsConfig,
+    /// Messages per second an org may send unless it has a limit of its own (0: unlimited).
+    pub org_events_per_second: u32,
 }
 
 impl Default for ApiConfig {
@@ -97,6 +100,7 @@ impl Default for ApiConfig {
             key_cache_ttl: Duration::from_secs(5),
             sendgrid_max_age: Duration::from_secs(300),
             cors: CorsConfig::default(),
+            org_events_per_second: 0,
         }
     }
 }
@@ -115,6 +119,7 @@ pub struct AppInner {
     pub(crate) in_flight: inflight::InFlight,
     pub(crate) sendgrid_max_age: Duration,
     pub(crate) cors: Arc<CorsConfig>,
+    pub(crate) rate_limits: limit::RateLimits,
     /// What `/healthz`, `/readyz` and `/metrics` read.
     operations: Operations,
 }
@@ -141,6 +146,7 @@ impl AppState {
             in_flight: inflight::InFlight::new(config.max_in_flight_bytes, config.in_flight_wait),
             sendgrid_max_age: config.sendgrid_max_age,
             cors: Arc::new(config.cors.clone()),
+            rate_limits: limit::RateLimits::new(config.org_events_per_second),
             operations: Operations::for_bridge(bridge.clone()),
             bridge,
         }))

@@ -239,6 +239,9 @@ pub(crate) enum IngestAnswers {
     /// A `Content-Encoding` other than gzip, deflate or identity.
     #[response(status = 415)]
     UnsupportedEncoding(ErrorBody),
+    /// The org is over its rate limit: nothing was written; retry after `Retry-After` seconds.
+    #[response(status = 429)]
+    RateLimited(ErrorBody),
     /// The messages cannot be made durable now: nothing was acknowledged; retry after
     /// `Retry-After` seconds.
     #[response(status = 503)]

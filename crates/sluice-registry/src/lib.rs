@@ -36,6 +36,16 @@ pub struct Org {
     /// The SendGrid Event Webhook verification key (base64 DER of an ECDSA P-256 public key);
     /// when set, webhook calls must carry a valid signature.
     pub sendgrid_key: Option<String>,
+    /// The org's own rate limit (`sluice orgs set-limit`); `None`: the server's default.
+    pub limit: Option<RateLimit>,
+}
+
+/// Messages per second an org may send, and how many above that rate at once (SPEC §3).
+/// `per_second` 0 means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +164,12 @@ pub trait Registry: Send + Sync + 'static {
     /// Sets (or, with `None`, clears) the org's SendGrid verification key. The caller checks
     /// that it is a valid key.
     async fn set_sendgrid_key(&self, name: &str, key: Option<&str>) -> Result<(), RegistryError>;
+    /// Sets (or, with `None`, clears: the server's default applies) the org's rate limit.
+    async fn set_org_limit(
+        &self,
+        name: &str,
+        limit: Option<RateLimit>,
+    ) -> Result<(), RegistryError>;
     /// Creates a key of `scope` for `org` and returns it; this is the only time the key is
     /// seen.
     async fn create_scoped_key(&self, org: &str, scope: KeyScope) -> Result<String, RegistryError>;

@@ -6,15 +6,15 @@
 pub(crate) const ORG_ID: &str = "SELECT id FROM orgs WHERE name = ?";
 pub(crate) const INSERT_ORG: &str =
     "INSERT INTO orgs (name, active, created_at) VALUES (?, TRUE, ?) RETURNING id";
-pub(crate) const LIST_ORGS: &str =
-    "SELECT id, name, active, created_at, sendgrid_key FROM orgs ORDER BY name";
-pub(crate) const ORG: &str =
-    "SELECT id, name, active, created_at, sendgrid_key FROM orgs WHERE name = ?";
+pub(crate) const LIST_ORGS: &str = "SELECT id, name, active, created_at, sendgrid_key, events_per_second, events_burst FROM orgs ORDER BY name";
+pub(crate) const ORG: &str = "SELECT id, name, active, created_at, sendgrid_key, events_per_second, events_burst FROM orgs WHERE name = ?";
 pub(crate) const SET_ACTIVE: &str = "UPDATE orgs SET active = ? WHERE name = ?";
 pub(crate) const SET_SENDGRID_KEY: &str = "UPDATE orgs SET sendgrid_key = ? WHERE name = ?";
+pub(crate) const SET_LIMIT: &str =
+    "UPDATE orgs SET events_per_second = ?, events_burst = ? WHERE name = ?";
 pub(crate) const INSERT_KEY: &str =
     "INSERT INTO api_keys (key_hash, org_id, key_prefix, created_at, scope) VALUES (?, ?, ?, ?, ?)";
-pub(crate) const KEY_OWNER: &str = "SELECT o.id, o.name, o.active, o.created_at, o.sendgrid_key, k.scope FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.key_hash = ?";
+pub(crate) const KEY_OWNER: &str = "SELECT o.id, o.name, o.active, o.created_at, o.sendgrid_key, o.events_per_second, o.events_burst, k.scope FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.key_hash = ?";
 pub(crate) const LIST_KEYS: &str = "SELECT key_hash, key_prefix, scope, created_at FROM api_keys WHERE org_id = ? ORDER BY created_at, key_hash";
 pub(crate) const KEYS_LIKE: &str = "SELECT k.key_hash, k.key_prefix, k.scope, k.created_at, o.name FROM api_keys k JOIN orgs o ON o.id = k.org_id WHERE k.key_hash LIKE ?";
 pub(crate) const DELETE_KEY: &str = "DELETE FROM api_keys WHERE key_hash = ?";
@@ -58,6 +58,15 @@ pub(crate) const UNBAN: &str = "DELETE FROM banned_users WHERE org_id = ? AND us
 pub(crate) const IS_BANNED: &str = "SELECT 1 FROM banned_users WHERE org_id = ? AND user_id = ?";
 pub(crate) const BANNED_USERS: &str =
     "SELECT user_id FROM banned_users WHERE org_id = ? ORDER BY user_id";
+
+/// An org's stored limit.
+pub(crate) fn limit(per_second: Option<i64>, burst: Option<i64>) -> Option<crate::RateLimit> {
+    let per_second = u32::try_from(per_second?).ok()?;
+    let burst = burst
+        .and_then(|b| u32::try_from(b).ok())
+        .unwrap_or(per_second);
+    Some(crate::RateLimit { per_second, burst })
+}
 
 /// `sql` as SQLite takes it.
 pub(crate) fn as_is(sql: &'static str) -> sqlx::SqlStr {
@@ -154,6 +163,10 @@ macro_rules! registry_impl {
                 active: row.get("active"),
                 created_at: row.get("created_at"),
                 sendgrid_key: row.get("sendgrid_key"),
+                limit: crate::sql::limit(
+                    row.get::<Option<i64>, _>("events_per_second"),
+                    row.get::<Option<i64>, _>("events_burst"),
+                ),
             }
         }
 
@@ -174,6 +187,7 @@ macro_rules! registry_impl {
                         active: true,
                         created_at,
                         sendgrid_key: None,
+                        limit: None,
                     }),
                     Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
                         Err(RegistryError::OrgExists(name.to_string()))
@@ -216,6 +230,21 @@ macro_rules! registry_impl {
             ) -> Result<(), RegistryError> {
                 let done = sqlx::query($sql(crate::sql::SET_SENDGRID_KEY))
                     .bind(key)
+                    .bind(name)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                crate::org_updated(done.rows_affected(), name)
+            }
+
+            async fn set_org_limit(
+                &self,
+                name: &str,
+                limit: Option<crate::RateLimit>,
+            ) -> Result<(), RegistryError> {
+                let done = sqlx::query($sql(crate::sql::SET_LIMIT))
+                    .bind(limit.map(|l| i64::from(l.per_second)))
+                    .bind(limit.map(|l| i64::from(l.burst)))
                     .bind(name)
                     .execute(&self.pool)
                     .await

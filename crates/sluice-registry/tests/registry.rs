@@ -4,7 +4,7 @@
 
 use sluice_registry::testing::Schema;
 use sluice_registry::{
-    KeyScope, PostgresRegistry, Registry, RegistryError, SqliteRegistry, bootstrap,
+    KeyScope, PostgresRegistry, RateLimit, Registry, RegistryError, SqliteRegistry, bootstrap,
 };
 
 /// What every registry must do.
@@ -100,6 +100,32 @@ async fn contract(reg: &dyn Registry) {
         owner(reader.clone()).await,
         Some(("acme".into(), KeyScope::Read))
     );
+
+    // Rate limits: none by default, set, seen through keys, cleared.
+    assert_eq!(
+        reg.org("acme").await.expect("org").expect("exists").limit,
+        None
+    );
+    let limit = RateLimit {
+        per_second: 500,
+        burst: 2000,
+    };
+    reg.set_org_limit("acme", Some(limit)).await.expect("set");
+    assert_eq!(
+        reg.org("acme").await.expect("org").expect("exists").limit,
+        Some(limit)
+    );
+    let (org, _) = reg.key_owner(&acme).await.expect("lookup").expect("known");
+    assert_eq!(org.limit, Some(limit));
+    reg.set_org_limit("acme", None).await.expect("clear");
+    assert_eq!(
+        reg.org("acme").await.expect("org").expect("exists").limit,
+        None
+    );
+    assert!(matches!(
+        reg.set_org_limit("nope", Some(limit)).await,
+        Err(RegistryError::NoSuchOrg(_))
+    ));
 
     // Org lifecycle and its errors.
     assert!(matches!(

@@ -25,6 +25,18 @@ pub enum OrgsCommand {
         #[arg(long, conflicts_with = "key")]
         clear: bool,
     },
+    /// Set an org's rate limit: messages per second (0: unlimited) and the burst above it
+    /// (default: one second's worth), per API node. `--clear`: the server's
+    /// org_events_per_second applies again.
+    SetLimit {
+        name: String,
+        #[arg(long, required_unless_present = "clear", value_name = "N")]
+        events_per_second: Option<u32>,
+        #[arg(long, value_name = "M", requires = "events_per_second")]
+        burst: Option<u32>,
+        #[arg(long, conflicts_with = "events_per_second")]
+        clear: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +118,26 @@ pub async fn orgs(config: &Config, command: OrgsCommand) -> anyhow::Result<()> {
         OrgsCommand::Enable { name } => {
             registry.set_org_active(&name, true).await?;
             println!("enabled org {name:?}");
+        }
+        OrgsCommand::SetLimit {
+            name,
+            events_per_second,
+            burst,
+            ..
+        } => {
+            let limit = events_per_second.map(|per_second| sluice_registry::RateLimit {
+                per_second,
+                burst: burst.unwrap_or(per_second),
+            });
+            registry.set_org_limit(&name, limit).await?;
+            match limit {
+                Some(l) if l.per_second > 0 => println!(
+                    "org {name:?} may send {} messages per second (burst {}) on each API node, from its next key lookup (within key_cache_ttl)",
+                    l.per_second, l.burst
+                ),
+                Some(_) => println!("org {name:?} has no rate limit"),
+                None => println!("org {name:?} follows the server's org_events_per_second again"),
+            }
         }
         OrgsCommand::SetSendgridKey { name, key, .. } => match key {
             Some(key) => {

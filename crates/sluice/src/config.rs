@@ -71,6 +71,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Whether the read routes are offered to those origins too.
     pub cors_read: bool,
+    /// Messages per second an org may send unless it has a limit of its own (0: unlimited).
+    pub org_events_per_second: u32,
     /// `[[triggers]]` rules (SPEC §6 step 7). Only in the file: no env variable or flag.
     pub triggers: Vec<TriggerConfig>,
 }
@@ -185,6 +187,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             cors_origins: api.cors.origins.clone(),
             cors_read: api.cors.read,
+            org_events_per_second: api.org_events_per_second,
             kafka_min_insync_replicas: None,
             kafka_options: Default::default(),
             dedup_key_prefix: redis.prefix,
@@ -297,6 +300,11 @@ log_format = "text"
 # web page).
 cors_origins = ["*"]
 cors_read = false
+
+# Messages per second each org may send (per API node), with a burst of one second's worth;
+# `sluice orgs set-limit NAME --events-per-second N [--burst M]` sets an org's own. A request
+# over the limit gets 429 with Retry-After and none of its messages is written. 0: unlimited.
+org_events_per_second = 0
 
 # On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
 shutdown_timeout = "30s"
@@ -459,6 +467,14 @@ pub struct ConfigArgs {
     /// Offer the read routes to those origins too [default: false].
     #[arg(long, global = true, env = "SLUICE_CORS_READ", value_name = "BOOL")]
     pub cors_read: Option<bool>,
+    /// Messages per second each org may send, per API node; 0: unlimited [default: 0].
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_ORG_EVENTS_PER_SECOND",
+        value_name = "N"
+    )]
+    pub org_events_per_second: Option<u32>,
 }
 
 /// Kafka's legal topic names (also safe as a directory name); `.` and `..` excluded.
@@ -684,7 +700,8 @@ impl Config {
             admin_token,
             log_format,
             cors_origins,
-            cors_read
+            cors_read,
+            org_events_per_second
         );
         config.validate().map_err(|e| {
             e.context(match &args.config {

@@ -200,6 +200,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             key_cache_ttl: config.key_cache_ttl,
             sendgrid_max_age: config.sendgrid_max_age,
             cors: config.cors(),
+            org_events_per_second: config.org_events_per_second,
         };
         AppState::new(
             bridge.clone(),

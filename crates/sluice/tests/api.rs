@@ -673,6 +673,106 @@ async fn a_413_reaches_clients_that_send_the_whole_body_before_reading() {
     assert!(s.records().is_empty());
 }
 
+fn events(from: usize, count: usize) -> Value {
+    let events: Vec<Value> = (from..from + count)
+        .map(
+            |i| json!({"userId": format!("r{}", i % 5), "eventName": "e", "id": format!("rl-{i}")}),
+        )
+        .collect();
+    json!({ "events": events })
+}
+
+#[tokio::test]
+async fn an_org_over_its_rate_limit_gets_429_and_nothing_of_the_request_is_written() {
+    let s = TestServer::start(Limits::default()).await;
+    let limit = sluice_registry::RateLimit {
+        per_second: 100,
+        burst: 100,
+    };
+    s.registry
+        .set_org_limit("default", Some(limit))
+        .await
+        .expect("limit");
+    let r = s.post_json("/api/events/trackBulk", events(0, 80)).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    // 80 more right away: over the bucket; refused whole, with when to retry.
+    let r = s.post_json("/api/events/trackBulk", events(80, 80)).await;
+    assert_eq!(r.status, 429, "{:?}", r.json());
+    assert_eq!(r.json()["code"], "RateLimited");
+    assert!(
+        error_text(&r).contains("100 messages per second"),
+        "{}",
+        error_text(&r)
+    );
+    let retry_after: u64 = r.headers["retry-after"]
+        .to_str()
+        .expect("text")
+        .parse()
+        .expect("seconds");
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert_eq!(s.records().len(), 80, "nothing of the refused request");
+    // More than the burst can ever admit at once: a 413 that says so.
+    let r = s.post_json("/api/events/trackBulk", events(200, 150)).await;
+    assert_eq!(r.status, 413, "{:?}", r.json());
+    assert!(
+        error_text(&r).contains("burst of 100"),
+        "{}",
+        error_text(&r)
+    );
+    // After Retry-After the same request goes through.
+    tokio::time::sleep(Duration::from_secs(retry_after)).await;
+    let r = s.post_json("/api/events/trackBulk", events(80, 80)).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(s.records().len(), 160);
+
+    // The limit is kept per API node: a second node on the same registry and log admits its
+    // own bucket's worth.
+    let second = AppState::new(
+        Bridge::without_spill(Arc::clone(&s.log) as Arc<dyn Log>, Duration::from_secs(5)),
+        Arc::clone(&s.registry) as Arc<dyn Registry>,
+        None,
+        &ApiConfig::default(),
+    );
+    let addr = spawn_api(second).await;
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let r = conn
+        .post(
+            "/api/events/trackBulk",
+            &[("api-key", s.key.as_str())],
+            events(300, 90).to_string().into(),
+        )
+        .await
+        .expect("post");
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    // Cleared: the server's default (here unlimited) applies again.
+    s.registry
+        .set_org_limit("default", None)
+        .await
+        .expect("clear");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let r = s.post_json("/api/events/trackBulk", events(400, 500)).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+}
+
+#[tokio::test]
+async fn org_events_per_second_limits_orgs_without_a_limit_of_their_own() {
+    let s = TestServer::start_with(ApiConfig {
+        org_events_per_second: 50,
+        ..ApiConfig::default()
+    })
+    .await;
+    let r = s.post_json("/api/events/trackBulk", events(0, 50)).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    let r = s
+        .post_json(
+            "/api/events/track",
+            json!({"userId": "x", "eventName": "e"}),
+        )
+        .await;
+    assert_eq!(r.status, 429, "{:?}", r.json());
+    assert!(r.headers.contains_key("retry-after"));
+}
+
 /// A browser's preflight of `method path` from `origin`.
 async fn preflight(addr: std::net::SocketAddr, path: &str, origin: &str) -> Reply {
     let mut conn = Connection::connect(addr).await.expect("connect");

@@ -314,7 +314,7 @@ async fn serve_prints_a_key_once_and_admin_commands_work_while_it_runs() {
 /// write (403 naming the scope); `keys list` never shows a key; a revoked key is a 401 within
 /// key_cache_ttl; a wrong scope or id is a clear error.
 #[tokio::test]
-async fn scoped_keys_do_what_their_scope_says_and_revoked_keys_stop() {
+async fn scoped_keys_do_what_their_scope_says_revoked_keys_stop_and_org_limits_apply() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let server = Server::start(&data, &["--key-cache-ttl", "100ms"]);
@@ -393,6 +393,44 @@ async fn scoped_keys_do_what_their_scope_says_and_revoked_keys_stop() {
     )
     .await;
     assert_eq!(status, 401, "a revoked key: {body}");
+
+    // An org's rate limit, set while the server runs.
+    let said = run_ok(sluice(&data).args([
+        "orgs",
+        "set-limit",
+        "default",
+        "--events-per-second",
+        "5",
+        "--burst",
+        "5",
+    ]));
+    assert!(said.contains("5 messages per second"), "{said}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let six: Vec<Value> = (0..6)
+        .map(|i| json!({"userId": "s1", "eventName": "e", "id": format!("lim-{i}")}))
+        .collect();
+    let (status, body) = post(
+        server.addr,
+        &full,
+        "/api/events/trackBulk",
+        json!({"events": six}),
+    )
+    .await;
+    assert_eq!(status, 413, "over the burst: {body}");
+    let (status, body) = post(
+        server.addr,
+        &full,
+        "/api/events/trackBulk",
+        json!({"events": &six[..5]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post(server.addr, &full, "/api/events/track", six[5].clone()).await;
+    assert_eq!(status, 429, "{body}");
+    run_ok(sluice(&data).args(["orgs", "set-limit", "default", "--clear"]));
+    let err =
+        run_err(sluice(&data).args(["orgs", "set-limit", "nope", "--events-per-second", "5"]));
+    assert!(err.contains("no org named \"nope\""), "{err}");
 
     // Wrong input: a clear error, exit non-zero.
     let err =
