@@ -665,17 +665,8 @@ fn cpu_by_thread() -> std::collections::BTreeMap<String, f64> {
 
 fn print_stages(stats: &PipelineStats, seconds: f64, partitions: u32) {
     let total = seconds * 1e6 * f64::from(partitions);
-    for (name, counter) in [
-        ("read", &stats.read_us),
-        ("validate", &stats.validate_us),
-        ("dedup check", &stats.dedup_check_us),
-        ("merge", &stats.merge_us),
-        ("index", &stats.index_us),
-        ("trigger", &stats.trigger_us),
-        ("mark", &stats.mark_us),
-        ("commit", &stats.commit_us),
-    ] {
-        let us = counter.load(Ordering::Relaxed) as f64;
+    for (name, micros) in stats.stage_micros() {
+        let us = micros as f64;
         println!(
             "  {name:12} {:7.2} s summed over partitions ({:4.1}% of partition time)",
             us / 1e6,

@@ -221,6 +221,22 @@ impl PipelineStats {
         }
     }
 
+    /// The time spent in each stage so far (µs summed over partitions), in stage order.
+    /// `read` includes waiting for records; `actions` is preparing and appending them.
+    pub fn stage_micros(&self) -> [(&'static str, u64); 8] {
+        [
+            ("read", &self.read_us),
+            ("validate", &self.validate_us),
+            ("dedup", &self.dedup_check_us),
+            ("merge", &self.merge_us),
+            ("index", &self.index_us),
+            ("actions", &self.trigger_us),
+            ("mark", &self.mark_us),
+            ("commit", &self.commit_us),
+        ]
+        .map(|(stage, micros)| (stage, Self::get(micros)))
+    }
+
     /// What `/stats` shows of the pipeline (SPEC §9): its totals, each owned partition's
     /// committed and end offsets and lag, and the time per batch of each stage.
     pub fn snapshot(&self) -> serde_json::Value {
@@ -245,26 +261,18 @@ impl PipelineStats {
             })
             .collect();
         let batches = Self::get(&self.batches);
-        let stages: Vec<serde_json::Value> = [
-            ("read", &self.read_us),
-            ("validate", &self.validate_us),
-            ("dedup", &self.dedup_check_us),
-            ("merge", &self.merge_us),
-            ("index", &self.index_us),
-            ("actions", &self.trigger_us),
-            ("mark", &self.mark_us),
-            ("commit", &self.commit_us),
-        ]
-        .into_iter()
-        .map(|(stage, micros)| {
-            let total_ms = Self::get(micros) as f64 / 1000.0;
-            serde_json::json!({
-                "stage": stage,
-                "total_ms": total_ms,
-                "per_batch_ms": if batches == 0 { 0.0 } else { total_ms / batches as f64 },
+        let stages: Vec<serde_json::Value> = self
+            .stage_micros()
+            .into_iter()
+            .map(|(stage, micros)| {
+                let total_ms = micros as f64 / 1000.0;
+                serde_json::json!({
+                    "stage": stage,
+                    "total_ms": total_ms,
+                    "per_batch_ms": if batches == 0 { 0.0 } else { total_ms / batches as f64 },
+                })
             })
-        })
-        .collect();
+            .collect();
         serde_json::json!({
             "batches_total": batches,
             "records_total": Self::get(&self.records),

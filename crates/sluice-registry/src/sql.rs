@@ -20,27 +20,13 @@ pub(crate) const KEYS_LIKE: &str = "SELECT k.key_hash, k.key_prefix, k.scope, k.
 pub(crate) const DELETE_KEY: &str = "DELETE FROM api_keys WHERE key_hash = ?";
 
 /// How many hex digits of a key's hash make its id.
-const KEY_ID_DIGITS: usize = 12;
+pub(crate) const KEY_ID_DIGITS: usize = 12;
 /// The fewest `sluice keys revoke` takes.
 const KEY_ID_MIN_DIGITS: usize = 8;
 
 /// A stored scope; an unknown one (written by a newer sluice) is read as the narrowest.
 pub(crate) fn scope(text: &str) -> crate::KeyScope {
     text.parse().unwrap_or(crate::KeyScope::Read)
-}
-
-pub(crate) fn key_info(
-    hash: &str,
-    prefix: String,
-    scope_text: &str,
-    created_at: i64,
-) -> crate::KeyInfo {
-    crate::KeyInfo {
-        id: hash.chars().take(KEY_ID_DIGITS).collect(),
-        prefix,
-        scope: scope(scope_text),
-        created_at,
-    }
 }
 
 /// `id` as a `LIKE` pattern for the hashes it starts, if it is a usable id (8 to 64 hex
@@ -117,33 +103,6 @@ macro_rules! registry_impl {
                 }
             }
 
-            /// The org's keys: each hash with what may be shown of it.
-            async fn keys_of(
-                &self,
-                org: &str,
-            ) -> Result<Vec<(String, crate::KeyInfo)>, RegistryError> {
-                use sqlx::Row;
-                let rows = sqlx::query($sql(crate::sql::LIST_KEYS))
-                    .bind(self.org_id(org).await?)
-                    .fetch_all(&self.pool)
-                    .await
-                    .map_err(|e| self.err(e))?;
-                Ok(rows
-                    .iter()
-                    .map(|row| {
-                        let hash: String = row.get("key_hash");
-                        let scope: String = row.get("scope");
-                        let info = crate::sql::key_info(
-                            &hash,
-                            row.get("key_prefix"),
-                            &scope,
-                            row.get("created_at"),
-                        );
-                        (hash, info)
-                    })
-                    .collect())
-            }
-
             async fn org_id(&self, name: &str) -> Result<i64, RegistryError> {
                 sqlx::query($sql(crate::sql::ORG_ID))
                     .bind(name)
@@ -168,6 +127,20 @@ macro_rules! registry_impl {
                     row.get::<Option<i64>, _>("events_burst"),
                 ),
             }
+        }
+
+        /// A key's hash, and what may be shown of it.
+        fn key_from_row(row: &<$db as sqlx::Database>::Row) -> (String, crate::KeyInfo) {
+            use sqlx::Row;
+            let hash: String = row.get("key_hash");
+            let scope: String = row.get("scope");
+            let info = crate::KeyInfo {
+                id: hash.chars().take(crate::sql::KEY_ID_DIGITS).collect(),
+                prefix: row.get("key_prefix"),
+                scope: crate::sql::scope(&scope),
+                created_at: row.get("created_at"),
+            };
+            (hash, info)
         }
 
         #[async_trait::async_trait]
@@ -287,19 +260,18 @@ macro_rules! registry_impl {
             }
 
             async fn list_keys(&self, org: &str) -> Result<Vec<crate::KeyInfo>, RegistryError> {
-                Ok(self
-                    .keys_of(org)
-                    .await?
-                    .into_iter()
-                    .map(|(_, info)| info)
-                    .collect())
+                let rows = sqlx::query($sql(crate::sql::LIST_KEYS))
+                    .bind(self.org_id(org).await?)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(|e| self.err(e))?;
+                Ok(rows.iter().map(|row| key_from_row(row).1).collect())
             }
 
             async fn revoke_key(
                 &self,
                 id: &str,
             ) -> Result<(String, crate::KeyInfo), RegistryError> {
-                use sqlx::Row;
                 let rows = sqlx::query($sql(crate::sql::KEYS_LIKE))
                     .bind(crate::sql::key_id_pattern(id)?)
                     .fetch_all(&self.pool)
@@ -310,20 +282,13 @@ macro_rules! registry_impl {
                     [] => return Err(RegistryError::NoSuchKey(id.to_string())),
                     _ => return Err(RegistryError::AmbiguousKey(id.to_string())),
                 };
-                let hash: String = row.get("key_hash");
-                let scope: String = row.get("scope");
-                let info = crate::sql::key_info(
-                    &hash,
-                    row.get("key_prefix"),
-                    &scope,
-                    row.get("created_at"),
-                );
+                let (hash, info) = key_from_row(row);
                 sqlx::query($sql(crate::sql::DELETE_KEY))
                     .bind(&hash)
                     .execute(&self.pool)
                     .await
                     .map_err(|e| self.err(e))?;
-                Ok((row.get("name"), info))
+                Ok((sqlx::Row::get(row, "name"), info))
             }
 
             async fn ban_user(&self, org: &str, user_id: &str) -> Result<(), RegistryError> {
