@@ -16,7 +16,7 @@ use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
 use crate::error::ApiError;
 
@@ -77,13 +77,11 @@ impl CorsConfig {
     pub(crate) fn layer(&self) -> CorsLayer {
         let layer = CorsLayer::new()
             .allow_methods([Method::GET, Method::POST, Method::DELETE])
-            .allow_headers([
-                header::CONTENT_TYPE,
-                header::CONTENT_ENCODING,
-                header::AUTHORIZATION,
-                HeaderName::from_static("api-key"),
-                HeaderName::from_static(crate::metrics::REQUEST_ID),
-            ])
+            // Whatever headers the page asks for: the SDKs add their own (analytics.js
+            // `X-Retry-Count`; RudderStack's `AnonymousId`, `SentAt`, `Rsa-*`), and no browser
+            // credential is honoured cross-origin (no cookies; a key authenticates), so a
+            // header list would only break the next SDK release.
+            .allow_headers(AllowHeaders::mirror_request())
             .expose_headers([
                 header::RETRY_AFTER,
                 HeaderName::from_static(crate::metrics::REQUEST_ID),

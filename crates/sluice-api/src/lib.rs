@@ -195,6 +195,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/group", post(segment::group))
         .route("/v1/alias", post(segment::alias))
         .route("/v1/batch", post(segment::batch))
+        .route("/v1/i", post(segment::identify_short))
+        .route("/v1/t", post(segment::track_short))
+        .route("/v1/p", post(segment::page_short))
+        .route("/v1/s", post(segment::screen_short))
+        .route("/v1/g", post(segment::group_short))
+        .route("/v1/a", post(segment::alias_short))
+        .route("/v1/b", post(segment::batch_short))
         .route("/webhooks/sendgrid", post(sendgrid::webhook))
         // Innermost first: bodies are decoded as the handler reads them, after the encoding
         // was checked and the request took its in-flight share.
@@ -206,6 +213,7 @@ pub fn router(state: AppState) -> Router {
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(segment::sdk_error_fields))
         // Browsers (SPEC §4): CORS on every API route, then the policy of which routes it
         // stays on (`cors`).
         .layer(state.cors.layer())

@@ -113,8 +113,18 @@ pub(crate) struct SegmentCall {
     context: Option<BTreeMap<String, Value>>,
     #[schema(min_length = 1, max_length = 128)]
     message_id: Option<String>,
+    /// When the call happened by the client's clock: the event's `createdAt`, corrected for
+    /// clock skew by `receivedAt - sentAt`.
     #[schema(format = DateTime)]
     timestamp: Option<String>,
+    /// Stands in for a missing `timestamp` (RudderStack's SDKs send this one).
+    #[schema(format = DateTime)]
+    original_timestamp: Option<String>,
+    /// When the client sent the call, by its clock.
+    #[schema(format = DateTime)]
+    sent_at: Option<String>,
+    /// Kept with the event as sent.
+    integrations: Option<BTreeMap<String, Value>>,
     /// The other id of an `alias` call.
     #[schema(min_length = 1, max_length = 128)]
     previous_id: Option<String>,
@@ -130,6 +140,9 @@ pub(crate) struct SegmentCall {
 pub(crate) struct SegmentBatch {
     batch: Vec<SegmentCall>,
     write_key: Option<String>,
+    /// When the client sent the batch, by its clock: corrects the calls' `createdAt`.
+    #[schema(format = DateTime)]
+    sent_at: Option<String>,
 }
 
 /// One event of SendGrid's Event Webhook.
@@ -214,6 +227,11 @@ pub(crate) struct ErrorBody {
     error: String,
     /// With "no valid item": why each item was refused.
     failures: Option<Vec<crate::response::Failure>>,
+    /// On `/v1/*` routes: the same text as `error`, where the Segment and RudderStack SDKs
+    /// read it.
+    message: Option<String>,
+    /// On `/v1/*` routes: `false`.
+    success: Option<bool>,
 }
 
 /// The answers of a write.
@@ -364,6 +382,13 @@ impl Modify for Security {
         crate::segment::group,
         crate::segment::alias,
         crate::segment::batch,
+        crate::segment::identify_short,
+        crate::segment::track_short,
+        crate::segment::page_short,
+        crate::segment::screen_short,
+        crate::segment::group_short,
+        crate::segment::alias_short,
+        crate::segment::batch_short,
         crate::sendgrid::webhook,
         crate::ops::healthz,
         crate::ops::readyz,
@@ -417,7 +442,12 @@ pub fn document() -> &'static [u8] {
             {"if": {"properties": {"type": {"const": "track"}}, "required": ["type"]}, "then": {"required": ["event"]}},
             {"if": {"properties": {"type": {"const": "alias"}}, "required": ["type"]}, "then": {"required": ["previousId"]}},
         ]);
-        for (path, field) in [("/v1/track", "event"), ("/v1/alias", "previousId")] {
+        for (path, field) in [
+            ("/v1/track", "event"),
+            ("/v1/t", "event"),
+            ("/v1/alias", "previousId"),
+            ("/v1/a", "previousId"),
+        ] {
             doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] = serde_json::json!({
                 "allOf": [{"$ref": "#/components/schemas/SegmentCall"}],
                 "required": [field],

@@ -1,10 +1,19 @@
-//! The Segment HTTP Tracking API routes (`/v1/identify`, `/v1/track`, ..., `/v1/batch`).
+//! The Segment HTTP Tracking API routes (`/v1/identify`, `/v1/track`, ..., `/v1/batch`, and
+//! the one-letter forms analytics.js posts to: `/v1/i`, `/v1/t`, `/v1/p`, `/v1/s`, `/v1/g`,
+//! `/v1/a`, `/v1/b`).
 //! Auth: the standard headers, Basic auth with the key as user name, or `writeKey` in the body.
+//! Bodies are JSON whatever the `Content-Type` (analytics.js sends `text/plain`, which spares
+//! the browser a CORS preflight). Every error under `/v1/` also carries `message` and
+//! `success: false` (`sdk_error_fields`), which is what the SDKs read.
 
 use std::sync::Arc;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, header};
+use axum::middleware::Next;
+use axum::response::Response;
+use serde_json::Value;
 use serde_json::value::RawValue;
 use sluice_model::segment::{SegmentCall, SegmentEnvelope, parse_segment};
 use sluice_registry::Org;
@@ -56,7 +65,7 @@ async fn one(
             app.limits.max_item_bytes
         )));
     }
-    let message = parse_segment(item, Some(call)).map_err(|e| ApiError::BadRequest(e.0))?;
+    let message = parse_segment(item, Some(call), None).map_err(|e| ApiError::BadRequest(e.0))?;
     accept(app, &org, vec![message], Vec::new()).await
 }
 
@@ -131,16 +140,104 @@ pub(crate) async fn batch(
     State(app): State<AppState>,
     request: Request,
 ) -> Result<Accepted, ApiError> {
+    batch_of(&app, request).await
+}
+
+/// `/v1/batch` as analytics.js calls it when it batches.
+#[utoipa::path(
+    post,
+    path = "/v1/b",
+    tag = "segment",
+    request_body = crate::openapi::SegmentBatch,
+    security(("api_key" = []), ("bearer" = []), ("basic" = [])),
+    responses(crate::openapi::IngestAnswers),
+)]
+pub(crate) async fn batch_short(
+    State(app): State<AppState>,
+    request: Request,
+) -> Result<Accepted, ApiError> {
+    batch_of(&app, request).await
+}
+
+async fn batch_of(app: &AppState, request: Request) -> Result<Accepted, ApiError> {
     let (parts, body) = read_request(request, app.limits.max_request_bytes).await?;
     let headers = &parts.headers;
     let envelope: SegmentEnvelope<'_> = serde_json::from_slice(&body)
         .map_err(|e| json_error(&e, "body must be {\"batch\": [...]}"))?;
-    let org = authenticate(&app, headers, &envelope).await?;
+    let org = authenticate(app, headers, &envelope).await?;
     let items = envelope.batch.as_deref().ok_or_else(|| {
         ApiError::BadRequest("body must be {\"batch\": [...]}: missing field `batch`".into())
     })?;
+    let sent_at = envelope.sent_at_ms();
     let (messages, failures) = parse_items(items, "batch", &app.limits, |item| {
-        parse_segment(item, None)
+        parse_segment(item, None, sent_at)
     })?;
-    accept(&app, &org, messages, failures).await
+    accept(app, &org, messages, failures).await
+}
+
+// The paths analytics.js posts to: the first letter of the call's type.
+segment_route!(
+    identify_short,
+    SegmentCall::Identify,
+    "/v1/i",
+    "`/v1/identify` as analytics.js calls it."
+);
+segment_route!(
+    track_short,
+    SegmentCall::Track,
+    "/v1/t",
+    "`/v1/track` as analytics.js calls it."
+);
+segment_route!(
+    page_short,
+    SegmentCall::Page,
+    "/v1/p",
+    "`/v1/page` as analytics.js calls it."
+);
+segment_route!(
+    screen_short,
+    SegmentCall::Screen,
+    "/v1/s",
+    "`/v1/screen` as analytics.js calls it."
+);
+segment_route!(
+    group_short,
+    SegmentCall::Group,
+    "/v1/g",
+    "`/v1/group` as analytics.js calls it."
+);
+segment_route!(
+    alias_short,
+    SegmentCall::Alias,
+    "/v1/a",
+    "`/v1/alias` as analytics.js calls it."
+);
+
+/// Adds `message` (the text of `error`) and `success: false` to an error answered under
+/// `/v1/`: segment-analytics-python and rudder-sdk-python raise `KeyError` on an error body
+/// without `message`, hiding what was wrong. Only error answers are rewritten; they are small.
+pub(crate) async fn sdk_error_fields(request: Request, next: Next) -> Response {
+    let segment = request.uri().path().starts_with("/v1/");
+    let response = next.run(request).await;
+    let status = response.status();
+    if !segment || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        return Response::from_parts(parts, Body::empty());
+    };
+    let Ok(Value::Object(mut fields)) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    if let Some(error) = fields.get("error").cloned() {
+        fields.entry("message").or_insert(error);
+    }
+    fields.insert("success".into(), Value::Bool(false));
+    let Ok(rewritten) = serde_json::to_vec(&fields) else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(rewritten))
 }

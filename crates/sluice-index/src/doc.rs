@@ -4,6 +4,7 @@
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use sluice_model::segment::KeptFields;
 
 use crate::{EventDoc, UserUpsert};
 
@@ -64,6 +65,9 @@ pub struct EventSource<'a> {
     created_at: i64,
     received_at: i64,
     data_fields: &'a RawValue,
+    /// Segment's `context`, `integrations`, `timestamp`, `originalTimestamp`, `sentAt`.
+    #[serde(flatten)]
+    kept: KeptFields<'a>,
     /// Fields of our own a backend stores beside the client's (never shown to readers).
     #[serde(skip_serializing_if = "Option::is_none")]
     sluice: Option<Internal<'a>>,
@@ -84,6 +88,7 @@ impl<'a> EventSource<'a> {
             created_at: event.created_at,
             received_at: event.received_at,
             data_fields: &event.data_fields,
+            kept: KeptFields::of(event.segment.as_deref()),
             sluice,
         }
     }

@@ -66,6 +66,9 @@ pub struct EventDoc {
     pub received_at: i64,
     /// The event's `dataFields`: a JSON object, as the client wrote it.
     pub data_fields: Box<RawValue>,
+    /// More top-level fields of the stored event, as sent: a JSON object whose keys are among
+    /// Segment's `context`, `integrations`, `timestamp`, `originalTimestamp` and `sentAt`.
+    pub segment: Option<Box<RawValue>>,
 }
 
 /// One bulk write. Users and events of many partitions may share one durable commit.

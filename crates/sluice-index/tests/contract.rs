@@ -121,6 +121,7 @@ contract!(
     search_queries_and_aggregations_are_org_scoped,
     bad_queries_and_aggregations_are_the_clients_fault,
     an_event_whose_data_fields_is_not_an_object_is_refused_alone,
+    an_events_segment_fields_are_stored_beside_it,
 );
 
 fn fields(v: Value) -> Map<String, Value> {
@@ -157,6 +158,7 @@ fn event(org: &str, user: &str, id: &str, name: &str, at: i64, data: Value) -> E
         created_at: at,
         received_at: at,
         data_fields: raw(data),
+        segment: None,
     }
 }
 
@@ -657,4 +659,47 @@ async fn user_data(index: &ElasticIndex) -> Value {
         .expect("get")
         .expect("a profile")["dataFields"]
         .clone()
+}
+
+async fn an_events_segment_fields_are_stored_beside_it(backend: Backend) {
+    let store = Store::new(backend);
+    let index = store.open().await;
+    let mut e = event("acme", "1", "m1", "page", 1000, json!({"path": "/"}));
+    e.segment = Some(raw(json!({
+        "context": {"page": {"url": "https://shop.example/"}, "library": {"name": "analytics.js"}},
+        "integrations": {"All": true},
+        "timestamp": "2024-01-01T00:00:05.000Z",
+        "sentAt": 1704067215000_i64,
+        "unknown": "ignored",
+    })));
+    index
+        .write(Arc::new(WriteBatch {
+            users: vec![],
+            events: vec![e],
+        }))
+        .await
+        .expect("write");
+    let listed = index.user_events("acme", "u:1", 1).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    let stored = &listed[0];
+    assert_eq!(
+        stored["context"],
+        json!({"page": {"url": "https://shop.example/"}, "library": {"name": "analytics.js"}})
+    );
+    assert_eq!(stored["integrations"], json!({"All": true}));
+    assert_eq!(stored["timestamp"], json!("2024-01-01T00:00:05.000Z"));
+    assert_eq!(stored["sentAt"], json!(1704067215000_i64));
+    assert_eq!(
+        stored.get("unknown"),
+        None,
+        "only Segment's fields are kept"
+    );
+    assert_eq!(stored["createdAt"], json!(1000));
+    let found = index
+        .search("acme", Target::Events, &search("eventName:page", 10, None))
+        .await
+        .expect("search");
+    assert_eq!(found.hits.len(), 1);
+    assert_eq!(found.hits[0]["context"], stored["context"]);
+    index.close().await.expect("close");
 }

@@ -127,6 +127,7 @@ fn event(id: usize, data: Value) -> EventDoc {
         created_at: 1_700_000_000_000 + id as i64,
         received_at: 1_700_000_000_000 + id as i64,
         data_fields: serde_json::value::to_raw_value(&data).expect("raw"),
+        segment: None,
     }
 }
 

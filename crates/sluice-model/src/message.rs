@@ -74,6 +74,12 @@ pub struct Message<'a> {
     pub event_name: Option<Cow<'a, str>>,
     /// Unix milliseconds.
     pub created_at: Option<i64>,
+    /// When the client sent the message by its own clock (Segment's `sentAt`, unix ms): the
+    /// log record's `createdAt` is corrected by `receivedAt - sentAt` (clock skew).
+    pub sent_at: Option<i64>,
+    /// Segment's fields kept beside the event as sent (`context`, `integrations`, `timestamp`,
+    /// `originalTimestamp`, `sentAt`): a JSON object whose keys are those names.
+    pub segment: Option<Cow<'a, RawValue>>,
 }
 
 impl<'a> Message<'a> {
@@ -105,12 +111,15 @@ impl<'a> Message<'a> {
             email: self.email.as_deref().map(Cow::Borrowed),
             received_at: received_at_ms,
             event_name: self.event_name.as_deref().map(Cow::Borrowed),
-            created_at: self.created_at,
+            created_at: self.created_at_received(received_at_ms),
             data_fields: self.data_fields.as_deref().map(Cow::Borrowed),
             merge_nested_objects: self.merge_nested_objects,
+            segment: self.segment.as_deref().map(Cow::Borrowed),
         };
-        let mut buf =
-            Vec::with_capacity(160 + self.data_fields.as_ref().map_or(0, |d| d.get().len()));
+        let mut buf = Vec::with_capacity(
+            160 + self.data_fields.as_ref().map_or(0, |d| d.get().len())
+                + self.segment.as_ref().map_or(0, |d| d.get().len()),
+        );
         serde_json::to_writer(&mut buf, &value).map_err(|e| {
             ItemError(format!(
                 "message {} could not be encoded: {e}",
@@ -118,6 +127,19 @@ impl<'a> Message<'a> {
             ))
         })?;
         Ok((key, buf))
+    }
+
+    /// `createdAt` as the log keeps it: corrected for the client's clock skew when the client
+    /// said when it sent the message, as Segment does (`createdAt + receivedAt - sentAt`), and
+    /// kept within the range sluice stores.
+    fn created_at_received(&self, received_at_ms: i64) -> Option<i64> {
+        let created = self.created_at?;
+        Some(match self.sent_at {
+            Some(sent) => created
+                .saturating_add(received_at_ms.saturating_sub(sent))
+                .clamp(0, crate::time::MAX_MS),
+            None => created,
+        })
     }
 }
 
@@ -164,6 +186,10 @@ pub struct LogValue<'a> {
         skip_serializing_if = "is_false"
     )]
     pub merge_nested_objects: bool,
+    /// Segment's `context`, `integrations`, `timestamp`, `originalTimestamp` and `sentAt`, as
+    /// sent: an object with those keys, stored beside the event.
+    #[serde(default, skip_serializing_if = "Option::is_none", borrow)]
+    pub segment: Option<Cow<'a, RawValue>>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -185,6 +211,8 @@ pub struct MessageBuilder<'a> {
     pub merge_nested_objects: bool,
     pub event_name: Option<Cow<'a, str>>,
     pub created_at: Option<i64>,
+    pub sent_at: Option<i64>,
+    pub segment: Option<Cow<'a, RawValue>>,
 }
 
 impl<'a> MessageBuilder<'a> {
@@ -229,6 +257,12 @@ impl<'a> MessageBuilder<'a> {
                 None
             },
             created_at: self.created_at,
+            sent_at: self.sent_at,
+            segment: if kind == Kind::Event {
+                self.segment
+            } else {
+                None
+            },
         })
     }
 }
@@ -338,6 +372,7 @@ fn parse_item(item: &RawValue, kind: Kind) -> Result<Message<'_>, ItemError> {
         merge_nested_objects: raw.merge_nested_objects.unwrap_or(false),
         event_name: raw.event_name,
         created_at,
+        ..MessageBuilder::default()
     }
     .build(kind)
 }

@@ -50,6 +50,7 @@ pub fn parse_sendgrid_event(item: &RawValue) -> Result<Message<'static>, ItemErr
         merge_nested_objects: false,
         event_name: Some(Cow::Owned(format!("email_{event}"))),
         created_at,
+        ..MessageBuilder::default()
     }
     .build(Kind::Event)
 }

@@ -1016,6 +1016,7 @@ pub fn merge_batch(
             created_at: m.created_at.unwrap_or(m.received_at),
             received_at: m.received_at,
             data_fields: m.data_fields.clone(),
+            segment: m.segment.clone(),
         })
         .collect();
     (WriteBatch { users, events }, snapshots)

@@ -36,6 +36,8 @@ pub struct ValidMessage {
     /// parsed only where it is needed (the merge of updates, the index).
     pub data_fields: Box<RawValue>,
     pub merge_nested_objects: bool,
+    /// An event's Segment fields kept as sent (`context`, `timestamp`, ...), if any.
+    pub segment: Option<Box<RawValue>>,
 }
 
 /// Why a record was refused: the dead-letter reason.
@@ -166,6 +168,10 @@ impl Validator {
             received_at: value.received_at,
             data_fields,
             merge_nested_objects: value.merge_nested_objects,
+            segment: value
+                .segment
+                .filter(|s| s.get().starts_with('{'))
+                .map(|s| s.into_owned()),
         }))
     }
 

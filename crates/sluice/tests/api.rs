@@ -782,7 +782,10 @@ async fn preflight(addr: std::net::SocketAddr, path: &str, origin: &str) -> Repl
         &[
             ("origin", origin),
             ("access-control-request-method", "POST"),
-            ("access-control-request-headers", "content-type,api-key"),
+            (
+                "access-control-request-headers",
+                "content-type,authorization,api-key,anonymousid,sentat",
+            ),
         ],
         Bytes::new(),
     )
@@ -809,7 +812,14 @@ async fn browsers_may_call_the_write_routes_and_reads_only_with_cors_read() {
             .to_str()
             .expect("text")
             .to_ascii_lowercase();
-        for name in ["content-type", "authorization", "api-key"] {
+        // The SDKs' own headers too (RudderStack's analytics.js sends these two).
+        for name in [
+            "content-type",
+            "authorization",
+            "api-key",
+            "anonymousid",
+            "sentat",
+        ] {
             assert!(allowed.contains(name), "{path}: {allowed}");
         }
     }
@@ -958,6 +968,149 @@ async fn segment_routes_map_calls_and_accept_basic_and_write_key() {
         assert_eq!(by_id(id)["eventName"], name);
     }
     assert_eq!(by_id("s7")["eventName"], "Bought");
+}
+
+#[tokio::test]
+async fn segment_fidelity_short_paths_kept_fields_skew_and_sdk_error_bodies() {
+    let s = TestServer::start(Limits::default()).await;
+    let mut conn = Connection::connect(s.addr).await.expect("connect");
+    let basic = format!("Basic {}", base64(&format!("{}:", s.key)));
+    // analytics.js: one-letter paths, text/plain, Basic auth and writeKey both.
+    let calls = [
+        (
+            "/v1/i",
+            json!({"userId": "u1", "traits": {"email": "Ann@Example.com", "plan": "pro"}, "messageId": "f1"}),
+        ),
+        (
+            "/v1/t",
+            json!({"userId": "u1", "event": "Clicked", "messageId": "f2",
+            "context": {"page": {"url": "https://shop.example/"}}, "integrations": {"All": true},
+            "timestamp": "2024-01-01T00:00:05.000Z", "sentAt": "2024-01-01T00:00:15.000Z"}),
+        ),
+        (
+            "/v1/p",
+            json!({"userId": "u1", "name": "Home", "messageId": "f3"}),
+        ),
+        (
+            "/v1/s",
+            json!({"userId": "u1", "name": "Main", "messageId": "f4"}),
+        ),
+        (
+            "/v1/g",
+            json!({"userId": "u1", "groupId": "g", "messageId": "f5"}),
+        ),
+        (
+            "/v1/a",
+            json!({"userId": "u1", "previousId": "old", "messageId": "f6"}),
+        ),
+        (
+            "/v1/b",
+            json!({"writeKey": s.key, "sentAt": "2024-01-01T00:00:15.000Z", "batch": [
+            {"type": "track", "userId": "u2", "event": "Bought", "messageId": "f7",
+             "originalTimestamp": "2024-01-01T00:00:05.000Z"}]}),
+        ),
+    ];
+    for (path, mut body) in calls {
+        body["writeKey"] = json!(s.key);
+        let r = conn
+            .post(
+                path,
+                &[("authorization", &basic), ("content-type", "text/plain")],
+                body.to_string().into(),
+            )
+            .await
+            .expect("request");
+        assert_eq!(r.status, 200, "{path}: {:?}", r.json());
+    }
+    let values = s.values();
+    let by_id = |id: &str| {
+        values
+            .iter()
+            .find(|v| v["messageId"] == id)
+            .cloned()
+            .expect(id)
+    };
+    assert_eq!(by_id("f1")["kind"], "user_update");
+    assert_eq!(
+        by_id("f1")["email"],
+        "ann@example.com",
+        "traits.email is the profile's email"
+    );
+    assert_eq!(
+        by_id("f1")["userId"],
+        "u1",
+        "the user stays keyed by userId"
+    );
+    let f2 = by_id("f2");
+    assert_eq!(
+        f2["segment"],
+        json!({"context": {"page": {"url": "https://shop.example/"}}, "integrations": {"All": true},
+            "timestamp": "2024-01-01T00:00:05.000Z", "sentAt": "2024-01-01T00:00:15.000Z"})
+    );
+    // The client's clock ran ahead by (sentAt - receivedAt): createdAt moves back by as much.
+    let t = 1_704_067_205_000_i64;
+    let sent = 1_704_067_215_000_i64;
+    let received = f2["receivedAt"].as_i64().expect("receivedAt");
+    assert_eq!(f2["createdAt"].as_i64(), Some(t + received - sent));
+    let f7 = by_id("f7");
+    let received = f7["receivedAt"].as_i64().expect("receivedAt");
+    assert_eq!(
+        f7["createdAt"].as_i64(),
+        Some(t + received - sent),
+        "the batch's sentAt corrects its calls; originalTimestamp stands in for timestamp"
+    );
+    for (id, name) in [
+        ("f3", "page"),
+        ("f4", "screen"),
+        ("f5", "group"),
+        ("f6", "alias"),
+    ] {
+        assert_eq!(by_id(id)["eventName"], name);
+    }
+
+    // Errors under /v1/ carry `message` and `success: false`, which the SDKs read.
+    let cases = [
+        (
+            "/v1/track",
+            None,
+            json!({"userId": "x", "event": "e"}).to_string(),
+            401,
+        ),
+        (
+            "/v1/t",
+            Some(s.key.as_str()),
+            json!({"userId": "x"}).to_string(),
+            400,
+        ),
+        (
+            "/v1/batch",
+            Some(s.key.as_str()),
+            "{not json".to_string(),
+            400,
+        ),
+        ("/v1/nothing", Some(s.key.as_str()), "{}".to_string(), 404),
+    ];
+    for (path, key, body, status) in cases {
+        let r = s.post(path, key, body).await;
+        assert_eq!(r.status, status, "{path}");
+        let json = r.json();
+        assert!(!error_text(&r).is_empty(), "{path}: {json}");
+        assert_eq!(json["message"], json["error"], "{path}: {json}");
+        assert_eq!(json["success"], false, "{path}: {json}");
+    }
+    let r = s
+        .post(
+            "/api/events/track",
+            None,
+            json!({"userId": "x"}).to_string(),
+        )
+        .await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.json().get("message"),
+        None,
+        "only /v1/ answers carry SDK fields"
+    );
 }
 
 fn base64(input: &str) -> String {

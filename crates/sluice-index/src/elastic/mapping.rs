@@ -63,5 +63,9 @@ pub(super) fn events() -> Value {
         "messageId": {"type": "keyword"},
         "eventName": {"type": "keyword"},
         "receivedAt": {"type": "date", "format": DATE},
+        // Segment's times as the client sent them (createdAt is the one to query by).
+        "timestamp": {"type": "keyword"},
+        "originalTimestamp": {"type": "keyword"},
+        "sentAt": {"type": "keyword"},
     }))
 }

@@ -751,6 +751,7 @@ mod tests {
                     created_at: 0,
                     received_at: 0,
                     data_fields: serde_json::value::to_raw_value(&json!({})).expect("raw"),
+                    segment: None,
                 }],
             }))
             .await
