@@ -24,6 +24,7 @@ mod auth;
 mod body;
 pub mod cors;
 mod error;
+mod forget;
 mod inflight;
 mod ingest;
 mod limit;
@@ -183,8 +184,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/events/track", post(ingest::events_track))
         .route("/api/events/trackBulk", post(ingest::events_track_bulk))
-        .route("/api/users/by-email/{email}", get(read::user_by_email))
-        .route("/api/users/{user_id}", get(read::user_by_id))
+        .route(
+            "/api/users/by-email/{email}",
+            get(read::user_by_email).delete(forget::by_email),
+        )
+        .route(
+            "/api/users/{user_id}",
+            get(read::user_by_id).delete(forget::by_id),
+        )
         .route("/api/users/{user_id}/events", get(read::user_events))
         .route("/api/search/users", post(read::search_users))
         .route("/api/search/events", post(read::search_events))

@@ -266,6 +266,41 @@ pub(crate) enum IngestAnswers {
     Unavailable(ErrorBody),
 }
 
+/// The body of `202 Accepted`: the `user_delete` message is durable.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+#[allow(dead_code)]
+pub(crate) struct ForgetBody {
+    /// `Accepted`.
+    code: String,
+    /// The id of the `user_delete` message.
+    message_id: String,
+}
+
+/// The answers of forgetting a user.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub(crate) enum ForgetAnswers {
+    /// The `user_delete` message is durable; the pipeline removes the profile and every event
+    /// of the user in order with the user's other messages.
+    #[response(status = 202)]
+    Accepted(ForgetBody),
+    /// An id or email that cannot be a user's.
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The key is not a `full` key.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// The org is over its rate limit.
+    #[response(status = 429)]
+    RateLimited(ErrorBody),
+    /// The message cannot be made durable now, or the index cannot be read to find the email.
+    #[response(status = 503)]
+    Unavailable(ErrorBody),
+}
+
 /// The answers of a profile read.
 #[derive(IntoResponses)]
 #[allow(dead_code)]
@@ -372,6 +407,8 @@ impl Modify for Security {
         crate::ingest::events_track_bulk,
         crate::read::user_by_id,
         crate::read::user_by_email,
+        crate::forget::by_id,
+        crate::forget::by_email,
         crate::read::user_events,
         crate::read::search_users,
         crate::read::search_events,
@@ -411,6 +448,7 @@ impl Modify for Security {
     tags(
         (name = "ingest", description = "Writes: 200 only once every accepted message is durable."),
         (name = "read", description = "Profiles, events and search, scoped to the key's org."),
+        (name = "forget", description = "Forgetting a user (GDPR erasure), with a `full` key."),
         (name = "segment", description = "Segment's HTTP Tracking API."),
         (name = "webhooks", description = "Email platforms' webhooks."),
         (name = "operations", description = "Probes, metrics, the dashboard and this document."),

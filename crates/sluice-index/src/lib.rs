@@ -72,20 +72,36 @@ pub struct EventDoc {
 }
 
 /// One bulk write. Users and events of many partitions may share one durable commit.
+/// `forgets` are applied first: a user forgotten and then written again in one batch is
+/// created anew.
 #[derive(Debug, Clone, Default)]
 pub struct WriteBatch {
     pub users: Vec<UserUpsert>,
     pub events: Vec<EventDoc>,
+    pub forgets: Vec<Forget>,
 }
 
 impl WriteBatch {
     pub fn is_empty(&self) -> bool {
-        self.users.is_empty() && self.events.is_empty()
+        self.users.is_empty() && self.events.is_empty() && self.forgets.is_empty()
     }
 
     pub fn len(&self) -> usize {
-        self.users.len() + self.events.len()
+        self.users.len() + self.events.len() + self.forgets.len()
     }
+}
+
+/// Forgetting one user (a `user_delete`, SPEC §4): the profile with this key and every event
+/// of it leave the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forget {
+    pub org: String,
+    /// `u:<userId>` or `e:<email>`.
+    pub user_key: String,
+    /// The log position after the `user_delete`: on a search server, the profile's delete is
+    /// versioned with it like an upsert, so an older upsert replayed later does not bring the
+    /// profile back while the server remembers the delete.
+    pub version: u64,
 }
 
 /// A document the index refused for its content: an unrecoverable error (dead letter).

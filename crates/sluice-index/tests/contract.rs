@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use serde_json::{Map, Value, json};
 use sluice_index::testing::Osmem;
 use sluice_index::{
-    ElasticIndex, ElasticIndexConfig, EmbeddedIndex, EmbeddedIndexConfig, EventDoc, Index,
+    ElasticIndex, ElasticIndexConfig, EmbeddedIndex, EmbeddedIndexConfig, EventDoc, Forget, Index,
     IndexError, SearchRequest, Target, UserUpsert, WriteBatch,
 };
 use sluice_model::Patch;
@@ -122,6 +122,7 @@ contract!(
     bad_queries_and_aggregations_are_the_clients_fault,
     an_event_whose_data_fields_is_not_an_object_is_refused_alone,
     an_events_segment_fields_are_stored_beside_it,
+    a_forgotten_user_leaves_no_profile_and_no_event,
 );
 
 fn fields(v: Value) -> Map<String, Value> {
@@ -178,6 +179,7 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen(backend: Bac
         .write(Arc::new(WriteBatch {
             users: vec![upsert("acme", "1", first, false, 10)],
             events: vec![],
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -190,6 +192,7 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen(backend: Bac
                 upsert("acme", "1", json!({"plan": "pro"}), false, 30),
             ],
             events: vec![],
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -219,6 +222,7 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen(backend: Bac
                 40,
             )],
             events: vec![],
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -267,6 +271,7 @@ async fn events_are_idempotent_by_id_and_listed_newest_first(backend: Backend) {
         .write(Arc::new(WriteBatch {
             users: vec![],
             events: events.clone(),
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -277,6 +282,7 @@ async fn events_are_idempotent_by_id_and_listed_newest_first(backend: Backend) {
         .write(Arc::new(WriteBatch {
             users: vec![],
             events: vec![events[1].clone(), changed],
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -284,6 +290,7 @@ async fn events_are_idempotent_by_id_and_listed_newest_first(backend: Backend) {
         .write(Arc::new(WriteBatch {
             users: vec![],
             events: events.clone(),
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -311,6 +318,7 @@ async fn by_email_finds_the_profile_carrying_that_email(backend: Backend) {
         .write(Arc::new(WriteBatch {
             users: vec![by_id],
             events: vec![],
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -367,7 +375,11 @@ async fn search_queries_and_aggregations_are_org_scoped(backend: Backend) {
         .chain([event("evil", "x", "e0", "click", 1, json!({"amount": 999}))])
         .collect();
     index
-        .write(Arc::new(WriteBatch { users, events }))
+        .write(Arc::new(WriteBatch {
+            users,
+            events,
+            forgets: Vec::new(),
+        }))
         .await
         .expect("write");
 
@@ -565,6 +577,7 @@ async fn an_event_whose_data_fields_is_not_an_object_is_refused_alone(backend: B
         .write(Arc::new(WriteBatch {
             users: vec![],
             events: vec![bad, good],
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -619,6 +632,7 @@ async fn stale_and_replayed_upserts_do_not_undo_newer_ones(backend: Backend) {
                 .write(Arc::new(WriteBatch {
                     users,
                     events: vec![],
+                    forgets: Vec::new(),
                 }))
                 .await
                 .expect("write");
@@ -676,6 +690,7 @@ async fn an_events_segment_fields_are_stored_beside_it(backend: Backend) {
         .write(Arc::new(WriteBatch {
             users: vec![],
             events: vec![e],
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -701,5 +716,117 @@ async fn an_events_segment_fields_are_stored_beside_it(backend: Backend) {
         .expect("search");
     assert_eq!(found.hits.len(), 1);
     assert_eq!(found.hits[0]["context"], stored["context"]);
+    index.close().await.expect("close");
+}
+
+fn forget(org: &str, user: &str, version: u64) -> Forget {
+    Forget {
+        org: org.into(),
+        user_key: format!("u:{user}"),
+        version,
+    }
+}
+
+async fn a_forgotten_user_leaves_no_profile_and_no_event(backend: Backend) {
+    let store = Store::new(backend);
+    let index = store.open().await;
+    let mut first = upsert("acme", "1", json!({"plan": "pro"}), false, 10);
+    first.email = Some("ann@x.io".into());
+    let users = vec![
+        first,
+        upsert("acme", "2", json!({"plan": "free"}), false, 11),
+        upsert("other", "1", json!({"plan": "org"}), false, 12),
+    ];
+    let events = vec![
+        event("acme", "1", "a1", "click", 100, json!({})),
+        event("acme", "1", "a2", "buy", 101, json!({})),
+        event("acme", "2", "b1", "click", 102, json!({})),
+        event("other", "1", "o1", "click", 103, json!({})),
+    ];
+    index
+        .write(Arc::new(WriteBatch {
+            users,
+            events,
+            forgets: Vec::new(),
+        }))
+        .await
+        .expect("write");
+    // The user's own latest event goes in the same batch as an earlier forget of another.
+    index
+        .write(Arc::new(WriteBatch {
+            users: vec![],
+            events: vec![event("acme", "1", "a3", "view", 104, json!({}))],
+            forgets: vec![],
+        }))
+        .await
+        .expect("write");
+    index
+        .write(Arc::new(WriteBatch {
+            users: vec![],
+            events: vec![],
+            forgets: vec![forget("acme", "1", 20)],
+        }))
+        .await
+        .expect("forget");
+    assert_eq!(index.get_user("acme", "u:1").await.expect("get"), None);
+    assert_eq!(
+        index
+            .get_user_by_email("acme", "ann@x.io")
+            .await
+            .expect("get"),
+        None
+    );
+    assert_eq!(
+        index.user_events("acme", "u:1", 10).await.expect("list"),
+        Vec::<Value>::new()
+    );
+    assert_eq!(
+        count(&*index, "acme", Target::Users).await,
+        1,
+        "user 2 stays"
+    );
+    assert_eq!(count(&*index, "acme", Target::Events).await, 1, "b1 stays");
+    assert!(
+        index.get_user("other", "u:1").await.expect("get").is_some(),
+        "another org's user 1 stays"
+    );
+    assert_eq!(count(&*index, "other", Target::Events).await, 1);
+    let found = index
+        .search("acme", Target::Events, &search("eventName:click", 10, None))
+        .await
+        .expect("search");
+    assert_eq!(found.total, 1);
+
+    // Forgotten and written again in one batch: the forget goes first, the user is new.
+    index
+        .write(Arc::new(WriteBatch {
+            users: vec![upsert("acme", "2", json!({"seen": true}), false, 31)],
+            events: vec![event("acme", "2", "b2", "return", 105, json!({}))],
+            forgets: vec![forget("acme", "2", 30)],
+        }))
+        .await
+        .expect("forget and write");
+    let profile = index
+        .get_user("acme", "u:2")
+        .await
+        .expect("get")
+        .expect("created anew");
+    assert_eq!(profile["dataFields"], json!({"seen": true}), "{profile}");
+    assert_eq!(profile["createdAt"], json!(31), "{profile}");
+    let listed = index.user_events("acme", "u:2", 10).await.expect("list");
+    let ids: Vec<&str> = listed
+        .iter()
+        .filter_map(|e| e["messageId"].as_str())
+        .collect();
+    assert_eq!(ids, ["b2"]);
+    // Forgetting a user the index never had is done, not an error.
+    index
+        .write(Arc::new(WriteBatch {
+            users: vec![],
+            events: vec![],
+            forgets: vec![forget("acme", "nobody", 40)],
+        }))
+        .await
+        .expect("forget nobody");
     index.close().await.expect("close");
 }

@@ -147,6 +147,7 @@ fn batch(round: usize) -> WriteBatch {
         events: (0..500)
             .map(|i| event(i, json!({"round": round})))
             .collect(),
+        forgets: Vec::new(),
     }
 }
 
@@ -298,6 +299,7 @@ async fn documents_rejected_for_their_content_are_refused_alone(server: Server) 
         .write(Arc::new(WriteBatch {
             users: vec![user(1, json!({"age": 30}), false)],
             events: vec![event(1, json!({"amount": 5}))],
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");
@@ -314,6 +316,7 @@ async fn documents_rejected_for_their_content_are_refused_alone(server: Server) 
                 event(2, json!({"amount": "lots"})),
                 event(3, json!({"amount": 7})),
             ],
+            forgets: Vec::new(),
         }))
         .await
         .expect("write");

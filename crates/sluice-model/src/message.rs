@@ -24,6 +24,8 @@ pub const MAX_ID_BYTES: usize = 512;
 pub enum Kind {
     UserUpdate,
     Event,
+    /// Forget the user (GDPR erasure): its profile and every event of it leave the index.
+    UserDelete,
 }
 
 /// The user a message belongs to, which is also what the log is partitioned by.
@@ -199,6 +201,25 @@ fn is_false(b: &bool) -> bool {
 /// A fresh message id: a UUIDv7, so ids sort by time of arrival.
 pub fn new_message_id() -> String {
     uuid::Uuid::now_v7().to_string()
+}
+
+impl Message<'static> {
+    /// A `user_delete` of the user with `user_id`, or else `email` (SPEC §4 "Forget a user"),
+    /// with a new message id. The id or email is checked like an item's.
+    pub fn forget(user_id: Option<&str>, email: Option<&str>) -> Result<Self, ItemError> {
+        let message = MessageBuilder {
+            user_id: user_id.map(|id| Cow::Owned(id.to_owned())),
+            email: email.map(|e| Cow::Owned(e.to_owned())),
+            ..MessageBuilder::default()
+        }
+        .build(Kind::UserDelete)?;
+        Ok(Message {
+            message_id: Cow::Owned(message.message_id.into_owned()),
+            user_id: message.user_id.map(|c| Cow::Owned(c.into_owned())),
+            email: message.email.map(|c| Cow::Owned(c.into_owned())),
+            ..message
+        })
+    }
 }
 
 /// Builds a `Message` from already-extracted fields (used by the Segment and webhook mappings).
@@ -530,5 +551,21 @@ mod tests {
         let msg = parse_event(raw(r#"{"userId":"a\"b","eventName":"caf\u00e9"}"#)).expect("valid");
         assert_eq!(msg.user_id.as_deref(), Some("a\"b"));
         assert_eq!(msg.event_name.as_deref(), Some("café"));
+    }
+
+    #[test]
+    fn a_forget_is_keyed_like_the_user_and_carries_nothing_else() {
+        let by_id = Message::forget(Some("42"), None).expect("valid");
+        let (key, value) = by_id.to_record("acme", 7).expect("encodes");
+        assert_eq!(key, b"acme:u:42");
+        let back: LogValue<'_> = serde_json::from_slice(&value).expect("log value");
+        assert_eq!(back.kind, Kind::UserDelete);
+        assert!(back.data_fields.is_none() && back.event_name.is_none());
+        let text = String::from_utf8(value).expect("utf-8");
+        assert!(text.contains(r#""kind":"user_delete""#), "{text}");
+        let by_email = Message::forget(None, Some("Ann@X.io")).expect("valid");
+        assert_eq!(by_email.user_key(), UserKey::Email("ann@x.io"));
+        assert!(Message::forget(None, None).is_err());
+        assert!(Message::forget(Some(""), None).is_err());
     }
 }

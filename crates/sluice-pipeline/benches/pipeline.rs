@@ -297,10 +297,12 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                 .map(|u| WriteBatch {
                     users: vec![u.clone()],
                     events: vec![],
+                    forgets: Vec::new(),
                 })
                 .chain(b.events.iter().map(|e| WriteBatch {
                     users: vec![],
                     events: vec![e.clone()],
+                    forgets: Vec::new(),
                 }))
                 .collect::<Vec<_>>()
         })

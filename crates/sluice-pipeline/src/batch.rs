@@ -96,6 +96,17 @@ impl Batcher {
         self.deadline = None;
         std::mem::take(&mut self.pending)
     }
+
+    /// Takes the first `n` pending records: the batch cut short (a forget starts a batch of
+    /// its own). The rest stay pending in the window they arrived in, so the next `fill`
+    /// completes at once unless there is room and time left.
+    pub fn take_first(&mut self, n: usize) -> Vec<LogRecord> {
+        if n >= self.pending.len() {
+            return self.take();
+        }
+        let rest = self.pending.split_off(n);
+        std::mem::replace(&mut self.pending, rest)
+    }
 }
 
 /// The record at `offset` in a batch (offsets ascend; Kafka's may have gaps).

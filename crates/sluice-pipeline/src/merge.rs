@@ -51,6 +51,9 @@ pub enum Item<'a, U> {
     },
     /// `snapshot`: whether to give this event the fold of its user's updates before it.
     Event { user: U, snapshot: bool },
+    /// The user is forgotten: what came before folds into nothing; after it the user starts
+    /// anew from no profile.
+    Forget { user: U },
 }
 
 /// The merge stage's output for a batch.
@@ -94,6 +97,11 @@ pub fn merge<'a, U: Copy + Eq + Hash>(items: &[Item<'a, U>]) -> Merged<'a, U> {
             Item::Event { user, snapshot } => {
                 if *snapshot {
                     event_snapshots.push((position, folded.get(user).cloned()));
+                }
+            }
+            Item::Forget { user } => {
+                if folded.remove(user).is_some() {
+                    order.retain(|u| u != user);
                 }
             }
         }

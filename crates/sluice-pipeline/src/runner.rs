@@ -29,7 +29,7 @@ use std::time::Duration;
 use crate::stop::Stop;
 use futures_util::FutureExt;
 use sluice_dedup::{Dedup, MessageKey};
-use sluice_index::{EventDoc, Index, Refused, UserUpsert, WriteBatch};
+use sluice_index::{EventDoc, Forget, Index, Refused, UserUpsert, WriteBatch};
 use sluice_log::{Log, LogError, LogRecord, PartitionStream};
 use sluice_model::{Kind, Patch};
 use tracing::Instrument;
@@ -349,6 +349,9 @@ pub struct Pipeline {
 /// A batch through the front stages (validate, dedup check, merge), ready to be written.
 struct Checked {
     records: Vec<LogRecord>,
+    /// How many of the pending records the check covered: all, or those before a forget
+    /// (`forget_cut`).
+    size: usize,
     valid: Vec<ValidMessage>,
     /// Positions in `valid` of the messages not processed before, in log order.
     fresh: Vec<usize>,
@@ -665,7 +668,7 @@ impl Pipeline {
             // Counted once the check is complete: a check dropped halfway (the write before it
             // ended first) runs again on the same records.
             Ok(Ok(checked)) => {
-                let records = batcher.take();
+                let records = batcher.take_first(checked.size);
                 self.stats
                     .records
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
@@ -692,10 +695,13 @@ impl Pipeline {
         stop: &mut Stop,
     ) -> Result<Checked, Abandon> {
         let mut clock = std::time::Instant::now();
-        let validated = self
+        let mut validated = self
             .policy()
             .retry("validate", stop, || self.validator.validate(records))
             .await?;
+        let size = forget_cut(&validated);
+        validated.truncate(size);
+        let records = &records[..size];
         let now = sluice_model::time::now_ms();
         let mut dead = Vec::new();
         let mut valid = Vec::with_capacity(validated.len());
@@ -740,6 +746,7 @@ impl Pipeline {
         lap(&self.stats.merge_us, "merge", &mut clock);
         Ok(Checked {
             records: Vec::new(),
+            size,
             valid,
             fresh,
             dead,
@@ -869,6 +876,19 @@ impl Partitions for Pipeline {
     }
 }
 
+/// How many of a batch's validated records to process now: all, or those before the first
+/// forget that follows other messages. A forget's index write deletes the user before
+/// anything else of its batch is applied, so forgets lead their batch: whatever of the user
+/// comes after them in it is written anew, and nothing before them is left out.
+fn forget_cut(validated: &[Result<ValidMessage, crate::validate::Rejected>]) -> usize {
+    let is_forget = |r: &Result<ValidMessage, _>| matches!(r, Ok(m) if m.kind == Kind::UserDelete);
+    let leading = validated.iter().take_while(|r| is_forget(r)).count();
+    validated[leading..]
+        .iter()
+        .position(is_forget)
+        .map_or(validated.len(), |at| leading + at)
+}
+
 fn message_key(message: &ValidMessage) -> MessageKey<'_> {
     MessageKey {
         org: &message.org.name,
@@ -971,6 +991,7 @@ pub fn merge_batch(
                     user,
                     snapshot: snapshot_at.contains(&at),
                 },
+                Kind::UserDelete => Item::Forget { user },
             }
         })
         .collect();
@@ -1019,7 +1040,33 @@ pub fn merge_batch(
             segment: m.segment.clone(),
         })
         .collect();
-    (WriteBatch { users, events }, snapshots)
+    // A forget by id that names the email too forgets what was written under the email.
+    let forgets = messages
+        .iter()
+        .filter(|m| m.kind == Kind::UserDelete)
+        .flat_map(|m| {
+            let by_email = m
+                .email
+                .as_ref()
+                .filter(|_| m.user_key.starts_with("u:"))
+                .map(|email| format!("e:{email}"));
+            std::iter::once(m.user_key.clone())
+                .chain(by_email)
+                .map(|user_key| Forget {
+                    org: m.org.name.clone(),
+                    user_key,
+                    version: m.offset + 1,
+                })
+        })
+        .collect();
+    (
+        WriteBatch {
+            users,
+            events,
+            forgets,
+        },
+        snapshots,
+    )
 }
 
 /// The patch of one validated update. Its dataFields text was checked to be a JSON object
@@ -1187,6 +1234,100 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+    }
+
+    fn forget(user: &str, id: &str) -> Record {
+        record(
+            user,
+            json!({"v": 1, "kind": "user_delete", "org": "acme", "messageId": id, "userId": user,
+                   "receivedAt": 1}),
+        )
+    }
+
+    #[test]
+    fn a_forget_leads_its_batch() {
+        let kinds = |kinds: &[Kind]| -> Vec<Result<ValidMessage, crate::validate::Rejected>> {
+            kinds
+                .iter()
+                .enumerate()
+                .map(|(i, &kind)| {
+                    Ok(ValidMessage {
+                        offset: i as u64,
+                        org: Arc::new(sluice_registry::Org {
+                            id: 1,
+                            name: "acme".into(),
+                            active: true,
+                            created_at: 0,
+                            sendgrid_key: None,
+                            limit: None,
+                        }),
+                        kind,
+                        message_id: format!("m{i}"),
+                        user_key: "u:a".into(),
+                        user_id: Some("a".into()),
+                        email: None,
+                        event_name: Some("e".into()),
+                        created_at: None,
+                        received_at: 0,
+                        data_fields: serde_json::value::RawValue::from_string("{}".into())
+                            .expect("json"),
+                        merge_nested_objects: false,
+                        segment: None,
+                    })
+                })
+                .collect()
+        };
+        use Kind::{Event as E, UserDelete as D, UserUpdate as U};
+        assert_eq!(forget_cut(&kinds(&[U, E, U])), 3, "no forget: all");
+        assert_eq!(forget_cut(&kinds(&[U, E, D, U])), 2, "up to the forget");
+        assert_eq!(
+            forget_cut(&kinds(&[D, D, U, E, D])),
+            4,
+            "leading forgets stay"
+        );
+        assert_eq!(forget_cut(&kinds(&[D])), 1);
+        assert_eq!(forget_cut(&kinds(&[])), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forget_in_the_middle_of_a_batch_removes_what_came_before_and_keeps_what_follows() {
+        let stores = Stores::open().await;
+        // One partition's records, read as one batch: the forget cuts it in two.
+        stores
+            .log
+            .append(vec![
+                update("a", "a1", json!({"plan": "pro"})),
+                event("a", "e1"),
+                forget("a", "d1"),
+                update("a", "a2", json!({"seen": true})),
+                event("a", "e2"),
+                event("a", "e1"),
+            ])
+            .await
+            .expect("append");
+        let pipeline = stores.pipeline(Triggers::default());
+        let (stopper, stop) = stop::channel();
+        let running = tokio::spawn(pipeline.run(stop));
+        stores.wait_committed_to_the_end().await;
+        stopper.stop();
+        running.await.expect("task").expect("a clean stop");
+        let index = &stores.index;
+        let a = index
+            .get_user("acme", "u:a")
+            .await
+            .expect("read")
+            .expect("created anew after the forget");
+        assert_eq!(a["dataFields"], json!({"seen": true}), "{a}");
+        let events = index.user_events("acme", "u:a", 10).await.expect("list");
+        let ids: Vec<&str> = events
+            .iter()
+            .filter_map(|e| e["messageId"].as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            ["e2"],
+            "e1 before the forget is gone, and sent again after it is still a duplicate"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -335,8 +335,18 @@ impl Context<'_> {
                 self.index.get_users(&users)
             })
             .await?;
-        let stored: HashMap<(&str, &str), Option<Value>> =
-            users.into_iter().zip(profiles).collect();
+        // A user the batch forgets has no stored profile for its events: the forget is
+        // applied first and leads the batch (see `runner::forget_cut`).
+        let forgotten: std::collections::HashSet<(&str, &str)> = write
+            .forgets
+            .iter()
+            .map(|f| (f.org.as_str(), f.user_key.as_str()))
+            .collect();
+        let stored: HashMap<(&str, &str), Option<Value>> = users
+            .into_iter()
+            .zip(profiles)
+            .map(|(user, profile)| (user, profile.filter(|_| !forgotten.contains(&user))))
+            .collect();
         // Each user's last update in the batch: an action before it is stashed.
         let last_update: HashMap<(&str, &str), usize> = fresh
             .iter()

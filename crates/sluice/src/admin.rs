@@ -1,6 +1,7 @@
 //! Admin commands on the registry: `orgs`, `keys`, `users`. They open the same registry as the
 //! server (SQLite in WAL mode), so they work while it runs.
 
+use anyhow::Context;
 use clap::Subcommand;
 use sluice_registry::{KeyScope, Registry};
 
@@ -84,6 +85,17 @@ pub enum UsersCommand {
         #[arg(long)]
         org: String,
         user_id: String,
+    },
+    /// Forget a user (GDPR erasure): a user_delete message goes into the log, and the pipeline
+    /// removes the profile and every event of the user, in order with its other messages.
+    Forget {
+        #[arg(long)]
+        org: String,
+        /// The user's id (with --by-email: the user's email).
+        user: String,
+        /// USER is an email: forgets what was written under that email.
+        #[arg(long)]
+        by_email: bool,
     },
 }
 
@@ -205,6 +217,31 @@ pub async fn users(config: &Config, command: UsersCommand) -> anyhow::Result<()>
             registry.ban_user(&org, &user_id).await?;
             println!("banned user {user_id:?} in org {org:?}");
         }
+        UsersCommand::Forget {
+            org,
+            user,
+            by_email,
+        } => {
+            let found = registry.org(&org).await?;
+            if found.is_none() {
+                anyhow::bail!("no org {org:?}: see sluice orgs list");
+            }
+            let (user_id, email) = if by_email {
+                (None, Some(user.as_str()))
+            } else {
+                (Some(user.as_str()), None)
+            };
+            let message = sluice_model::Message::forget(user_id, email)
+                .map_err(|e| anyhow::anyhow!("cannot forget {user:?}: {e}"))?;
+            let (key, value) = message
+                .to_record(&org, sluice_model::time::now_ms())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            append_to_log(config, key, value).await?;
+            println!(
+                "forgetting user {user:?} of org {org:?}: message {} is in the log; the pipeline removes the profile and every event of the user",
+                message.message_id
+            );
+        }
         UsersCommand::Unban { org, user_id } => {
             if registry.unban_user(&org, &user_id).await? {
                 println!("unbanned user {user_id:?} in org {org:?}");
@@ -221,4 +258,36 @@ fn format_unix(secs: i64) -> String {
         std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64),
     )
     .to_string()
+}
+
+/// Appends one record to the ingest log: directly, or through the admin socket of the server
+/// that holds this data dir's embedded log.
+async fn append_to_log(config: &Config, key: Vec<u8>, value: Vec<u8>) -> anyhow::Result<()> {
+    match crate::backends::open_log(config, crate::backends::Connect::Now).await {
+        Ok((log, retention)) => {
+            if let Some(retention) = retention {
+                retention.abort();
+            }
+            log.append(vec![sluice_log::Record {
+                key,
+                value,
+                timestamp_ms: sluice_model::time::now_ms(),
+            }])
+            .await
+            .context("cannot append to the log")?;
+            log.close().await.context("cannot close the log")?;
+            Ok(())
+        }
+        Err(e) if crate::dlq::is_locked(&e) => {
+            let socket = crate::admin_socket::path(config);
+            if !socket.exists() {
+                return Err(e.context(format!(
+                    "a sluice server holds this data dir's log, and it has no admin socket at {}",
+                    socket.display()
+                )));
+            }
+            crate::admin_socket::append_at(&socket, &key, &value).await
+        }
+        Err(e) => Err(e),
+    }
 }

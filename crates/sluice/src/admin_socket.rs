@@ -7,6 +7,9 @@
 //! - `GET /dlq/letters`: every dead letter (`dead_letter::Session::letters`).
 //! - `POST /dlq/replay` with `{"ids": [...], "all": bool}`: `dead_letter::Session::replay`; 400 with
 //!   `{"error": ...}` for an unknown ID, 500 if the replay failed.
+//! - `POST /log/append` with `{"key": ..., "value": ...}` (the record's key and JSON value as
+//!   text): appends one record to the ingest log (`sluice users forget`); 500 if the log
+//!   refused it.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,6 +68,7 @@ pub fn serve(
     let app = Router::new()
         .route("/dlq/letters", get(list))
         .route("/dlq/replay", post(replay))
+        .route("/log/append", post(append))
         .with_state(session);
     let owned = path.to_path_buf();
     Ok(tokio::spawn(async move {
@@ -104,6 +108,38 @@ async fn replay(
         Err(ReplayError::Usage(message)) => error(StatusCode::BAD_REQUEST, message),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// One record for the ingest log, as text.
+#[derive(Debug, Serialize, Deserialize)]
+struct AppendRequest {
+    key: String,
+    value: String,
+}
+
+async fn append(
+    State(session): State<Arc<Session>>,
+    Json(request): Json<AppendRequest>,
+) -> Response {
+    let record = sluice_log::Record {
+        key: request.key.into_bytes(),
+        value: request.value.into_bytes(),
+        timestamp_ms: sluice_model::time::now_ms(),
+    };
+    match session.ingest.append(vec![record]).await {
+        Ok(_) => Json(json!({"appended": 1})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /log/append` on the server at `socket`: the record is durable in its log on success.
+pub async fn append_at(socket: &Path, key: &[u8], value: &[u8]) -> anyhow::Result<()> {
+    let request = serde_json::to_value(AppendRequest {
+        key: String::from_utf8_lossy(key).into_owned(),
+        value: String::from_utf8_lossy(value).into_owned(),
+    })?;
+    call(socket, Method::POST, "/log/append", Some(request)).await?;
+    Ok(())
 }
 
 /// One request to the server at `socket`; the answer's JSON if it is a success.

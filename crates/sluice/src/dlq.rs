@@ -166,7 +166,7 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn is_locked(e: &anyhow::Error) -> bool {
+pub(crate) fn is_locked(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
         matches!(
             cause.downcast_ref::<LogError>(),

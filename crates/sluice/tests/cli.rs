@@ -720,3 +720,170 @@ fn buffer_status_reads_the_spill_buffer_from_disk_when_no_server_runs() {
     assert_eq!(json["max_bytes"], 0);
     assert_eq!(json["spilling"], false);
 }
+
+/// `GET path` with `key`: the status and the JSON body (`null` when there is none).
+async fn get_json(addr: std::net::SocketAddr, key: &str, path: &str) -> (u16, Value) {
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let r = conn.get(path, &[("api-key", key)]).await.expect("get");
+    let body = if r.body.is_empty() {
+        Value::Null
+    } else {
+        r.json()
+    };
+    (r.status.as_u16(), body)
+}
+
+async fn delete(addr: std::net::SocketAddr, key: &str, path: &str) -> (u16, Value) {
+    let mut conn = Connection::connect(addr).await.expect("connect");
+    let r = conn
+        .send(
+            axum::http::Method::DELETE,
+            path,
+            &[("api-key", key)],
+            bytes::Bytes::new(),
+        )
+        .await
+        .expect("delete");
+    (r.status.as_u16(), r.json())
+}
+
+/// Waits until `done` holds for what `path` answers.
+async fn until_get(
+    addr: std::net::SocketAddr,
+    key: &str,
+    path: &str,
+    what: &str,
+    done: impl Fn(u16, &Value) -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body) = get_json(addr, key, path).await;
+        if done(status, &body) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {path} answers {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn event_ids(body: &Value) -> Vec<String> {
+    body["events"]
+        .as_array()
+        .map(|events| {
+            events
+                .iter()
+                .filter_map(|e| e["messageId"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_user_leaves_the_index_in_order_by_api_and_by_cli() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--batch-timeout", "50ms"]);
+    let key = server.first_key.clone().expect("key");
+    let addr = server.addr;
+    let writer =
+        run_ok(sluice(&data).args(["keys", "create", "--org", "default", "--scope", "write"]))
+            .trim()
+            .to_string();
+    let bulk = json!({"events": [
+        {"userId": "f1", "eventName": "click", "id": "m1"},
+        {"userId": "f1", "eventName": "buy", "id": "m2"},
+        {"userId": "f2", "eventName": "click", "id": "m3"},
+        {"userId": "f3", "eventName": "click", "id": "m4"},
+    ]});
+    let users = json!({"users": [
+        {"userId": "f1", "email": "ann@x.io", "dataFields": {"plan": "pro"}},
+        {"userId": "f2", "dataFields": {"plan": "free"}},
+        {"userId": "f3", "email": "cy@x.io", "dataFields": {"plan": "team"}},
+    ]});
+    assert_eq!(
+        post(addr, &key, "/api/users/bulkUpdate", users).await.0,
+        200
+    );
+    assert_eq!(post(addr, &key, "/api/events/trackBulk", bulk).await.0, 200);
+    until_get(addr, &key, "/api/users/f1/events", "f1's events", |_, b| {
+        event_ids(b).len() == 2
+    })
+    .await;
+
+    // A write key may not forget; a full key may, and the answer waits for durability only.
+    let (status, body) = delete(addr, &writer, "/api/users/f1").await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body) = delete(addr, &key, "/api/users/f1").await;
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["code"], "Accepted");
+    assert!(
+        body["messageId"].as_str().is_some_and(|id| !id.is_empty()),
+        "{body}"
+    );
+    // After the forget in the log: an update that starts the user anew, and m1 sent again.
+    let again = json!({"userId": "f1", "dataFields": {"seen": true}});
+    assert_eq!(post(addr, &key, "/api/users/update", again).await.0, 200);
+    let replayed = json!({"userId": "f1", "eventName": "click", "id": "m1"});
+    assert_eq!(post(addr, &key, "/api/events/track", replayed).await.0, 200);
+    let sentinel = json!({"userId": "f2", "eventName": "sentinel", "id": "m5"});
+    assert_eq!(post(addr, &key, "/api/events/track", sentinel).await.0, 200);
+    until_get(
+        addr,
+        &key,
+        "/api/users/f2/events",
+        "the sentinel",
+        |_, b| event_ids(b).contains(&"m5".to_string()),
+    )
+    .await;
+    let (status, profile) = get_json(addr, &key, "/api/users/f1").await;
+    assert_eq!(status, 200, "{profile}");
+    assert_eq!(
+        profile["dataFields"],
+        json!({"seen": true}),
+        "created anew: {profile}"
+    );
+    assert_eq!(profile.get("email"), None, "{profile}");
+    let (_, events) = get_json(addr, &key, "/api/users/f1/events").await;
+    assert_eq!(
+        event_ids(&events),
+        Vec::<String>::new(),
+        "every event is gone, and m1 sent again is still a duplicate (dedup unaffected)"
+    );
+    let (status, _) = get_json(addr, &key, "/api/users/by-email/ann@x.io").await;
+    assert_eq!(status, 404);
+    let (_, found) = get_json(addr, &key, "/api/users/f2").await;
+    assert_eq!(found["dataFields"]["plan"], "free", "others stay: {found}");
+
+    // By email: the API finds the user's id and forgets the user.
+    let (status, body) = delete(addr, &key, "/api/users/by-email/Cy@X.io").await;
+    assert_eq!(status, 202, "{body}");
+    until_get(
+        addr,
+        &key,
+        "/api/users/f3",
+        "f3 forgotten by email",
+        |s, _| s == 404,
+    )
+    .await;
+    let (_, events) = get_json(addr, &key, "/api/users/f3/events").await;
+    assert_eq!(event_ids(&events), Vec::<String>::new());
+
+    // The CLI, while the server holds the log (through its admin socket).
+    let said = run_ok(sluice(&data).args(["users", "forget", "--org", "default", "f2"]));
+    assert!(said.contains("forgetting user \"f2\""), "{said}");
+    until_get(
+        addr,
+        &key,
+        "/api/users/f2",
+        "f2 forgotten by the CLI",
+        |s, _| s == 404,
+    )
+    .await;
+    let (_, events) = get_json(addr, &key, "/api/users/f2/events").await;
+    assert_eq!(event_ids(&events), Vec::<String>::new());
+    let refused = run_err(sluice(&data).args(["users", "forget", "--org", "nope", "x"]));
+    assert!(refused.contains("no org \"nope\""), "{refused}");
+}

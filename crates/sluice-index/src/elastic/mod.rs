@@ -15,6 +15,7 @@
 //! `refresh_writes`.
 
 mod bulk;
+mod forget;
 mod mapping;
 mod search;
 
@@ -513,6 +514,12 @@ impl Index for ElasticIndex {
             return Ok(WriteOutcome::default());
         }
         self.prepare().await?;
+        if !batch.forgets.is_empty() {
+            forget::apply(self, &batch.forgets).await?;
+        }
+        if batch.users.is_empty() && batch.events.is_empty() {
+            return Ok(WriteOutcome::default());
+        }
         bulk::write(self, &batch).await
     }
 
@@ -753,6 +760,7 @@ mod tests {
                     data_fields: serde_json::value::to_raw_value(&json!({})).expect("raw"),
                     segment: None,
                 }],
+                forgets: Vec::new(),
             }))
             .await
             .expect_err("no write");

@@ -208,6 +208,7 @@ impl EmbeddedIndex {
             events_writer,
             pending_users: Default::default(),
             pending_events: Default::default(),
+            forgot: false,
             commits: Arc::clone(&commits),
             busy_us: Arc::clone(&busy_us),
         };

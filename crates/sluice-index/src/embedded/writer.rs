@@ -8,6 +8,11 @@
 //! A profile upsert reads the stored profile, applies the patch and replaces the document. The
 //! profile written earlier in the same (uncommitted) group is not visible to the searcher yet,
 //! so the thread keeps the group's profiles in `pending_users` and reads those first.
+//!
+//! A batch's forgets go first: they delete the profile (by doc id) and every event of the user
+//! (by the events' `_user` term, which also catches events added earlier in the group: a
+//! tantivy delete applies to every document added before it), and leave `null` in
+//! `pending_users`, so a later upsert in the group starts a new profile.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -37,6 +42,8 @@ pub(crate) struct Writer {
     pub pending_users: HashMap<String, Value>,
     /// Event doc ids written since the last commit.
     pub pending_events: HashSet<String>,
+    /// Whether a forget deleted events since the last commit.
+    pub forgot: bool,
     /// Group commits done (both indexes count as one), and microseconds spent applying and
     /// committing them.
     pub commits: Arc<std::sync::atomic::AtomicU64>,
@@ -96,6 +103,17 @@ impl Writer {
     }
 
     fn apply(&mut self, batch: &WriteBatch, outcome: &mut WriteOutcome) -> Result<(), IndexError> {
+        for forget in &batch.forgets {
+            let doc_id = user_doc_id(&forget.org, &forget.user_key);
+            self.users_writer
+                .delete_term(Term::from_field_text(self.users.fields.id, &doc_id));
+            if let Some(user) = self.events.fields.user {
+                self.events_writer
+                    .delete_term(Term::from_field_text(user, &doc_id));
+            }
+            self.pending_users.insert(doc_id, Value::Null);
+            self.forgot = true;
+        }
         let users_searcher = self.users.reader.searcher();
         for (position, upsert) in batch.users.iter().enumerate() {
             let doc_id = user_doc_id(&upsert.org, &upsert.user_key);
@@ -148,7 +166,7 @@ impl Writer {
 
     /// Makes everything applied durable and visible.
     fn commit(&mut self) -> Result<(), IndexError> {
-        if !self.pending_events.is_empty() {
+        if !self.pending_events.is_empty() || self.forgot {
             self.events_writer
                 .commit()
                 .map_err(|e| storage_error(&self.events.path, e))?;
@@ -157,6 +175,7 @@ impl Writer {
                 .reload()
                 .map_err(|e| storage_error(&self.events.path, e))?;
             self.pending_events.clear();
+            self.forgot = false;
         }
         if !self.pending_users.is_empty() {
             self.users_writer
@@ -184,5 +203,6 @@ impl Writer {
         }
         self.pending_users.clear();
         self.pending_events.clear();
+        self.forgot = false;
     }
 }
