@@ -15,6 +15,9 @@
 //!    with its `Idempotency-Key` until the target answers 2xx (delivered) or another 4xx
 //!    than 408/409/425/429 (a dead letter with the answer). Any other failure (5xx, those
 //!    4xx, a timeout, no connection) is retried after the target host's gate opens;
+//!    A forgotten user's actions are dropped, not sent (`crate::forgotten`): those before the
+//!    user's last forget marker in the window, and, before each attempt, those appended
+//!    before a forget this process's pipeline processed;
 //! 4. the window's dead letters are appended to the dead-letter log, then its end is
 //!    committed. A stop or a crash before the commit delivers the window again (at least
 //!    once): a repeat carries the same `Idempotency-Key`.
@@ -85,6 +88,8 @@ pub struct DispatchStats {
     pub log_retries: AtomicU64,
     /// Consumer-group memberships rejoined.
     pub rejoins: AtomicU64,
+    /// Actions dropped, never sent: their user was forgotten.
+    pub forgotten: AtomicU64,
 }
 
 impl DispatchStats {
@@ -108,6 +113,11 @@ impl DispatchStats {
                 "sluice_action_dead_letters_total",
                 "webhook actions refused by their target, too old, or of a rule no longer configured (dead letters) since start",
                 &self.dead_letters,
+            ),
+            counter(
+                "sluice_actions_forgotten_total",
+                "webhook actions dropped unsent because their user was forgotten, since start",
+                &self.forgotten,
             ),
             counter(
                 "sluice_dispatcher_rejoins_total",
@@ -263,7 +273,14 @@ impl Dispatcher {
                 users.push(Vec::new());
                 users.len() - 1
             });
-            users[slot].push(at);
+            if crate::forgotten::is_marker(&record.value) {
+                // The user was forgotten: what came before in the window is not sent.
+                for dropped in users[slot].drain(..) {
+                    self.forgotten(&records[dropped]);
+                }
+            } else {
+                users[slot].push(at);
+            }
         }
         let outcomes: Vec<Result<Vec<Record>, Abandon>> =
             futures_util::stream::iter(users.into_iter().map(|actions| {
@@ -297,6 +314,21 @@ impl Dispatcher {
         self.stats.dead_letters.fetch_add(count, Ordering::Relaxed);
         dead_letter::counted(Stage::Trigger, count);
         Ok(())
+    }
+
+    /// Drops an action of a forgotten user.
+    fn forgotten(&self, record: &LogRecord) {
+        let rule = serde_json::from_slice::<Head<'_>>(&record.value)
+            .map(|head| head.rule.into_owned())
+            .unwrap_or_else(|_| "?".into());
+        self.stats.forgotten.fetch_add(1, Ordering::Relaxed);
+        count_actions(&rule, "forgotten", 1);
+        tracing::info!(
+            partition = record.partition,
+            offset = record.offset,
+            rule,
+            "dispatcher: an action of a forgotten user dropped"
+        );
     }
 
     /// One action: delivered (`None`), or its dead letter.
@@ -350,6 +382,15 @@ impl Dispatcher {
                 ));
             }
             target.gate.wait_turn(stop).await?;
+            // Checked at each turn: the user may have been forgotten while the call waited.
+            if self
+                .triggers
+                .forgotten()
+                .drops(&record.key, record.timestamp_ms)
+            {
+                self.forgotten(record);
+                return Ok(None);
+            }
             match self
                 .triggers
                 .send(&target.url, &head.idempotency_key, &record.value)
@@ -496,6 +537,72 @@ mod tests {
 
     fn gate() -> Arc<Gate> {
         Arc::new(Gate::new(Duration::from_secs(2)))
+    }
+
+    fn record(offset: u64, key: &str, value: &[u8]) -> LogRecord {
+        LogRecord {
+            partition: 0,
+            offset,
+            timestamp_ms: sluice_model::time::now_ms(),
+            key: bytes::Bytes::from(key.as_bytes().to_vec()),
+            value: bytes::Bytes::from(value.to_vec()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_window_drops_the_actions_before_their_users_forget_marker() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let open = |name: &str| -> Arc<dyn Log> {
+            Arc::new(
+                sluice_log::EmbeddedLog::open(
+                    &dir.path().join(name),
+                    sluice_log::EmbeddedLogConfig::default(),
+                )
+                .expect("log"),
+            )
+        };
+        let (actions, dead) = (open("actions"), open("dlq"));
+        let url = "http://127.0.0.1:9/welcome".parse().expect("url");
+        let triggers = Triggers::new(vec![crate::trigger::Rule {
+            name: "welcome".into(),
+            event: "signedUp".into(),
+            action: Action::Webhook(url),
+        }]);
+        let dispatcher = Dispatcher::new(
+            actions,
+            Arc::clone(&dead),
+            triggers,
+            DispatcherConfig::default(),
+        );
+        let action = |id: &str| {
+            serde_json::json!({"rule": "welcome", "idempotencyKey": id})
+                .to_string()
+                .into_bytes()
+        };
+        let forget = sluice_index::Forget {
+            org: "acme".into(),
+            user_key: "u:1".into(),
+            version: 1,
+        };
+        let marker = crate::forgotten::markers(&[forget], 0).remove(0).value;
+        let records = vec![
+            record(0, "acme:u:1", &action("a")),
+            record(1, "acme:u:1", &action("b")),
+            record(2, "acme:u:1", &marker),
+        ];
+        let (_tx, mut stop) = stop::channel();
+        // Nothing listens on port 9: an action that was not dropped would be retried forever.
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            dispatcher.window(&records, &mut stop),
+        )
+        .await
+        .expect("every action dropped, none sent")
+        .unwrap_or_else(|_| panic!("the window failed"));
+        assert_eq!(dispatcher.stats.forgotten.load(Ordering::Relaxed), 2);
+        assert_eq!(dispatcher.stats.dead_letters.load(Ordering::Relaxed), 0);
+        let ends = dead.end_offsets().await.expect("ends");
+        assert!(ends.iter().all(|&end| end == 0), "no dead letter: {ends:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -25,6 +25,7 @@ pub mod batch;
 pub mod dead_letter;
 pub mod dispatch;
 mod error;
+pub mod forgotten;
 pub mod group;
 pub mod merge;
 mod retry;

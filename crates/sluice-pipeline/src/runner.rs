@@ -795,6 +795,9 @@ impl Pipeline {
             .events_indexed
             .fetch_add(events, Ordering::Relaxed);
         lap(&self.stats.index_us, "index", &mut clock);
+        self.trigger_stage()
+            .forget_actions(&write.forgets, now, stop)
+            .await?;
         let fired = self
             .trigger_stage()
             .fire_actions(prepared, &refused_offsets, records, now, stop)

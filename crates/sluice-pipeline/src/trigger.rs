@@ -91,6 +91,8 @@ pub struct Triggers {
     http: reqwest::Client,
     /// The actions log, which the dispatcher reads: needed by webhook rules.
     actions: Option<Arc<dyn Log>>,
+    /// Users the pipeline of this process forgot, for the dispatcher sharing these triggers.
+    forgotten: Arc<crate::forgotten::Forgotten>,
 }
 
 impl std::fmt::Debug for Triggers {
@@ -128,7 +130,13 @@ impl Triggers {
             rules,
             http,
             actions: None,
+            forgotten: Arc::default(),
         }
+    }
+
+    /// The users forgotten in this process (shared by every clone of these triggers).
+    pub fn forgotten(&self) -> &crate::forgotten::Forgotten {
+        &self.forgotten
     }
 
     /// The same rules, their webhook actions appended to `actions` (the dispatcher's log).
@@ -414,6 +422,30 @@ impl Context<'_> {
         Ok(prepared)
     }
 
+    /// The batch forgets users: their pending actions are dropped (`forgotten`): a marker
+    /// per user goes to the actions log behind their actions, and this process's dispatcher
+    /// learns of it at once.
+    pub(crate) async fn forget_actions(
+        &self,
+        forgets: &[sluice_index::Forget],
+        now: i64,
+        stop: &mut Stop,
+    ) -> Result<(), Abandon> {
+        if forgets.is_empty() {
+            return Ok(());
+        }
+        if let Some(actions) = &self.triggers.actions {
+            let markers = crate::forgotten::markers(forgets, now);
+            self.retries
+                .retry("append forget markers to the actions log", stop, || {
+                    actions.append(markers.clone())
+                })
+                .await?;
+        }
+        self.triggers.forgotten.note(forgets, now);
+        Ok(())
+    }
+
     /// Step 2: appends every prepared action whose message was not refused by the index to
     /// its log: one append per log, in log order (so one user's actions there stay in order).
     /// Returns the actions appended, whose stashes are to be dropped once their messages are
@@ -519,6 +551,8 @@ pub(crate) fn count_actions(rule: &str, outcome: &'static str, count: u64) {
         "fired" => tally.fired += count,
         "delivered" => tally.delivered += count,
         "retried" => tally.retried += count,
+        // Dropped: the user was forgotten (counted by the metric only).
+        "forgotten" => {}
         _ => tally.dead_lettered += count,
     }
 }

@@ -244,3 +244,72 @@ async fn an_action_older_than_action_max_age_is_a_dead_letter_that_replay_sends(
     );
     assert!(server.sigterm().success(), "SIGTERM exits 0");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_users_pending_actions_are_dropped_not_sent() {
+    let target = support::free_addr();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = support::welcome_config(dir.path(), &format!("http://{target}/ok"));
+    let mut server = Server::start(
+        &dir.path().join("data"),
+        &["--config", &config, "--batch-timeout", "50ms"],
+    );
+    let key = server.first_key.clone().expect("key");
+    let addr = server.addr;
+    // Ten signups while the target is down: their actions are pending, retried.
+    sign_up(&server, 10).await;
+    searchable_within(addr, &key, 10, Duration::from_secs(10)).await;
+    // Users w0..w4 are forgotten, then sign up again (a new signup of a user created anew).
+    for i in 0..5 {
+        let mut conn = sluice::client::Connection::connect(addr)
+            .await
+            .expect("connect");
+        let r = conn
+            .send(
+                axum::http::Method::DELETE,
+                &format!("/api/users/w{i}"),
+                &[("api-key", key.as_str())],
+                bytes::Bytes::new(),
+            )
+            .await
+            .expect("delete");
+        assert_eq!(r.status.as_u16(), 202, "{:?}", r.json());
+    }
+    let again = json!({"userId": "w0", "eventName": "signedUp", "id": "again-0"});
+    let (status, _) = post(addr, &key, "/api/events/track", again).await;
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while signups_searchable(addr, &key).await != 6 {
+        assert!(
+            Instant::now() < deadline,
+            "the forgotten signups leave the index"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The target comes back: only the users not forgotten get their welcome, and w0's new one.
+    let receiver = WebhookReceiver::start_at(target, Duration::ZERO).await;
+    until(
+        "the welcomes of w5..w9 and w0's new one",
+        Duration::from_secs(60),
+        || receiver.distinct().len() >= 6,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let keys: std::collections::BTreeSet<String> = receiver.distinct().into_keys().collect();
+    let mut expected: std::collections::BTreeSet<String> = (5..10)
+        .map(|i| format!("default:s{i}:welcome-email"))
+        .collect();
+    expected.insert("default:again-0:welcome-email".into());
+    assert_eq!(keys, expected, "no action of a forgotten user was sent");
+    let counted = metrics(addr).await;
+    assert_eq!(
+        counted["sluice_actions_forgotten_total"], 5.0,
+        "{counted:?}"
+    );
+    assert_eq!(
+        counted["sluice_action_dead_letters_total"], 0.0,
+        "dropped, not dead letters"
+    );
+    assert!(server.sigterm().success(), "SIGTERM exits 0");
+}
