@@ -135,6 +135,15 @@ pub trait Log: Send + Sync + 'static {
         ))
     }
 
+    /// Deletes every record of `partition` before `offset`, which must not be past the
+    /// partition's end (`sluice dlq purge`): the embedded log drops whole chunks (every chunk
+    /// written before `offset` was taken as the end lies wholly before it), Kafka runs
+    /// `DeleteRecords`. Offsets are never reused.
+    async fn delete_before(&self, partition: u32, offset: u64) -> Result<(), LogError> {
+        let _ = (partition, offset);
+        Err(LogError::Config("this log cannot delete records".into()))
+    }
+
     /// Stops accepting appends, finishes what was queued, and releases resources.
     async fn close(&self) -> Result<(), LogError>;
 }

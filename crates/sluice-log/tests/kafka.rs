@@ -730,3 +730,40 @@ async fn on_a_single_broker_topics_have_one_replica() {
     let settings = topic_settings(&broker.addr, &broker.topic).await;
     assert_eq!(settings.0, 1, "{settings:?}");
 }
+
+/// `delete_before` (what `sluice dlq purge` uses) on the real broker: the partition's records
+/// before the offset are gone, the rest and the other partitions stay, and new appends go on
+/// after the old end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_before_removes_a_partitions_records_before_an_offset() {
+    let broker = Broker::start(Engine::Kafka);
+    let log = KafkaLog::connect(KafkaLogConfig::new(&broker.addr, &broker.topic))
+        .await
+        .expect("connect");
+    let acks = log
+        .append(
+            (0..10)
+                .map(|i| record("acme:u:1", &format!("{{\"n\":{i}}}")))
+                .chain(std::iter::once(record("acme:u:2", "{}")))
+                .collect(),
+        )
+        .await
+        .expect("append");
+    let partition = acks[0].partition;
+    let cut = acks[6].offset;
+    log.delete_before(partition, cut).await.expect("delete");
+    let left = log.read(partition, 0, 100).await.expect("read");
+    let offsets: Vec<u64> = left.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, (cut..cut + 4).collect::<Vec<u64>>(), "{offsets:?}");
+    let other = acks[10];
+    if other.partition != partition {
+        let kept = log.read(other.partition, 0, 10).await.expect("read");
+        assert_eq!(kept.len(), 1, "another partition is untouched");
+    }
+    let more = log
+        .append(vec![record("acme:u:1", "{}")])
+        .await
+        .expect("append");
+    assert_eq!(more[0].offset, acks[9].offset + 1, "offsets are not reused");
+    log.close().await.expect("close");
+}

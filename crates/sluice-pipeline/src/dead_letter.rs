@@ -362,6 +362,106 @@ pub async fn letters(dlq: &dyn Log) -> Result<Vec<Letter>, ReplayError> {
     Ok(letters)
 }
 
+/// What a purge did.
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeReport {
+    /// The user's dead letters deleted.
+    pub purged: usize,
+    /// Other records of the same partitions, written again (with new IDs) before the old
+    /// ones were deleted.
+    pub kept: usize,
+}
+
+/// Deletes every dead letter whose key is `key` (`<org>:<userKey>`: a forgotten user's) from
+/// `dlq`, and the markers of their replays. A log only deletes a partition's oldest records, so
+/// in each partition that holds such a letter, every other record before the partition's end
+/// is first appended again (letters keep their content, get new IDs; a replayed one gets a
+/// new marker), and only then is everything before that end deleted: a crash in between
+/// leaves copies, never a loss. Records appended meanwhile are after the end and untouched.
+pub async fn purge(dlq: &dyn Log, key: &[u8]) -> Result<PurgeReport, ReplayError> {
+    let ends = dlq
+        .end_offsets()
+        .await
+        .map_err(|source| ReplayError::Read {
+            partition: 0,
+            source,
+        })?;
+    let mut report = PurgeReport::default();
+    for (partition, &end) in (0..dlq.partitions()).zip(&ends) {
+        let mut records = Vec::new();
+        let mut from = 0;
+        while from < end {
+            let read = match dlq.read(partition, from, READ_CHUNK).await {
+                Ok(read) => read,
+                Err(LogError::Timeout(_)) if from == 0 => Vec::new(),
+                Err(source) => return Err(ReplayError::Read { partition, source }),
+            };
+            let Some(last) = read.last() else { break };
+            from = last.offset + 1;
+            records.extend(read.into_iter().filter(|r| r.offset < end));
+        }
+        if !records.iter().any(|r| r.key[..] == *key) {
+            continue;
+        }
+        let replayed_of = |r: &LogRecord| {
+            serde_json::from_slice::<Stored>(&r.value)
+                .ok()
+                .and_then(|s| s.replayed)
+        };
+        let replayed: HashSet<String> = records.iter().filter_map(replayed_of).collect();
+        let mut kept: Vec<(String, Record)> = Vec::new();
+        for record in &records {
+            if record.key[..] == *key {
+                if replayed_of(record).is_none() {
+                    report.purged += 1;
+                }
+                continue;
+            }
+            if replayed_of(record).is_some() {
+                // Made again below, under the letter's new ID.
+                continue;
+            }
+            kept.push((
+                format!("{}-{}", record.partition, record.offset),
+                Record {
+                    key: record.key.to_vec(),
+                    value: record.value.to_vec(),
+                    timestamp_ms: record.timestamp_ms,
+                },
+            ));
+        }
+        let acks = dlq
+            .append(kept.iter().map(|(_, r)| r.clone()).collect())
+            .await
+            .map_err(ReplayError::Append)?;
+        let now = sluice_model::time::now_ms();
+        let markers: Vec<Record> = kept
+            .iter()
+            .zip(&acks)
+            .filter(|((old, _), _)| replayed.contains(old))
+            .map(|((_, record), ack)| Record {
+                key: record.key.clone(),
+                value: serde_json::json!({
+                    "v": 1,
+                    "replayed": format!("{}-{}", ack.partition, ack.offset),
+                    "at": now,
+                })
+                .to_string()
+                .into_bytes(),
+                timestamp_ms: now,
+            })
+            .collect();
+        if !markers.is_empty() {
+            dlq.append(markers).await.map_err(ReplayError::Marker)?;
+        }
+        dlq.delete_before(partition, end)
+            .await
+            .map_err(|source| ReplayError::Purge { partition, source })?;
+        report.kept += kept.len();
+    }
+    Ok(report)
+}
+
 /// What a replay did.
 #[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplayReport {
@@ -401,6 +501,8 @@ pub enum ReplayError {
     Append(LogError),
     #[error("replayed, but cannot record the replay in the dead-letter log: {0}")]
     Marker(LogError),
+    #[error("cannot delete the purged dead letters of partition {partition}: {source}")]
+    Purge { partition: u32, source: LogError },
 }
 
 /// The dead-letter operations on open logs: what `sluice dlq` runs, in its own process or in
@@ -415,6 +517,12 @@ impl Session {
     /// Every letter, oldest first per partition.
     pub async fn letters(&self) -> Result<Vec<Letter>, ReplayError> {
         letters(self.dlq.as_ref()).await
+    }
+
+    /// [`purge`] of the dead letters of one user of `org` (`user_key`: `u:<id>` or
+    /// `e:<email>`).
+    pub async fn purge(&self, org: &str, user_key: &str) -> Result<PurgeReport, ReplayError> {
+        purge(self.dlq.as_ref(), format!("{org}:{user_key}").as_bytes()).await
     }
 
     /// Replays the letters named by `ids`, or with `all` every one not replayed yet:
@@ -640,5 +748,74 @@ mod tests {
         assert!(values.contains(&banned.as_slice()));
         assert!(values.contains(&"\u{fffd}not json".as_bytes()));
         assert!(appended.iter().all(|r| r.key.as_ref() == b"acme:u:42"));
+    }
+
+    fn keyed(key: &str, value: &[u8]) -> LogRecord {
+        LogRecord {
+            key: bytes::Bytes::from(key.as_bytes().to_vec()),
+            ..log_record(value)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_purge_deletes_one_users_letters_and_keeps_the_others_with_their_replays() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let session = Session {
+            dlq: embedded(&dir.path().join("dlq")),
+            ingest: embedded(&dir.path().join("ingest")),
+            triggers: Triggers::default(),
+        };
+        let original = br#"{"v":1,"kind":"event","org":"acme","messageId":"m"}"#;
+        // Users 1 and 2 of acme, and user 1 of another org, in every partition there is.
+        let mut letters = Vec::new();
+        for i in 0..6 {
+            for key in ["acme:u:1", "acme:u:2", "other:u:1"] {
+                letters.push(record(
+                    Stage::Validate,
+                    &format!("letter {i} of {key}"),
+                    &keyed(key, original),
+                    i,
+                ));
+            }
+        }
+        session.dlq.append(letters).await.expect("append");
+        let all = session.letters().await.expect("letters");
+        let of = |letters: &[Letter], key: &str| {
+            letters.iter().filter(|l| l.key == key.as_bytes()).count()
+        };
+        assert_eq!(of(&all, "acme:u:1"), 6);
+        // One letter of each acme user replayed.
+        let replay: Vec<String> = ["acme:u:1", "acme:u:2"]
+            .iter()
+            .map(|k| {
+                all.iter()
+                    .find(|l| l.key == k.as_bytes())
+                    .expect("letter")
+                    .id
+                    .clone()
+            })
+            .collect();
+        session.replay(&replay, false).await.expect("replay");
+
+        let report = session.purge("acme", "u:1").await.expect("purge");
+        assert_eq!(report.purged, 6);
+        let after = session.letters().await.expect("letters");
+        assert_eq!(of(&after, "acme:u:1"), 0, "the user's letters are gone");
+        assert_eq!(of(&after, "acme:u:2"), 6);
+        assert_eq!(of(&after, "other:u:1"), 6, "another org's user 1 stays");
+        let replayed: Vec<&Letter> = after.iter().filter(|l| l.replayed).collect();
+        assert_eq!(replayed.len(), 1, "user 2's replay is kept");
+        assert_eq!(replayed[0].key, b"acme:u:2");
+        // Nothing of the user is left in the log itself, not even before the new start.
+        for partition in 0..2 {
+            let records = session.dlq.read(partition, 0, 1000).await.expect("read");
+            assert!(
+                records.iter().all(|r| r.key.as_ref() != b"acme:u:1"),
+                "partition {partition}"
+            );
+        }
+        // Purging again, or a user with no letter, does nothing.
+        assert_eq!(session.purge("acme", "u:1").await.expect("again").purged, 0);
+        assert_eq!(session.purge("acme", "u:9").await.expect("nobody").kept, 0);
     }
 }

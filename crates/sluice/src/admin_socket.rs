@@ -7,6 +7,7 @@
 //! - `GET /dlq/letters`: every dead letter (`dead_letter::Session::letters`).
 //! - `POST /dlq/replay` with `{"ids": [...], "all": bool}`: `dead_letter::Session::replay`; 400 with
 //!   `{"error": ...}` for an unknown ID, 500 if the replay failed.
+//! - `POST /dlq/purge` with `{"org": ..., "userKey": ...}`: `dead_letter::Session::purge`.
 //! - `POST /log/append` with `{"key": ..., "value": ...}` (the record's key and JSON value as
 //!   text): appends one record to the ingest log (`sluice users forget`); 500 if the log
 //!   refused it.
@@ -69,6 +70,7 @@ pub fn serve(
         .route("/dlq/letters", get(list))
         .route("/dlq/replay", post(replay))
         .route("/log/append", post(append))
+        .route("/dlq/purge", post(purge))
         .with_state(session);
     let owned = path.to_path_buf();
     Ok(tokio::spawn(async move {
@@ -108,6 +110,34 @@ async fn replay(
         Err(ReplayError::Usage(message)) => error(StatusCode::BAD_REQUEST, message),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct PurgeRequest {
+    org: String,
+    #[serde(rename = "userKey")]
+    user_key: String,
+}
+
+async fn purge(State(session): State<Arc<Session>>, Json(request): Json<PurgeRequest>) -> Response {
+    match session.purge(&request.org, &request.user_key).await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// `POST /dlq/purge` on the server at `socket`.
+pub async fn purge_at(
+    socket: &Path,
+    org: &str,
+    user_key: &str,
+) -> anyhow::Result<sluice_pipeline::dead_letter::PurgeReport> {
+    let request = serde_json::to_value(PurgeRequest {
+        org: org.to_string(),
+        user_key: user_key.to_string(),
+    })?;
+    let answer = call(socket, Method::POST, "/dlq/purge", Some(request)).await?;
+    serde_json::from_value(answer).context("admin socket: unexpected purge answer")
 }
 
 /// One record for the ingest log, as text.

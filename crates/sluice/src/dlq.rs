@@ -40,6 +40,18 @@ pub enum DlqCommand {
         #[arg(long, conflicts_with = "ids")]
         all: bool,
     },
+    /// Delete every dead letter of one user (after `sluice users forget`): the other letters
+    /// of the same partitions are written again with new IDs, then the old records deleted.
+    Purge {
+        #[arg(long)]
+        org: String,
+        /// The user's id (with --by-email: the user's email).
+        #[arg(long)]
+        user: String,
+        /// USER is an email: purges what was keyed by that email.
+        #[arg(long)]
+        by_email: bool,
+    },
 }
 
 /// One line of `list`, from a letter's JSON.
@@ -99,6 +111,37 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e),
     };
+    if let DlqCommand::Purge {
+        org,
+        user,
+        by_email,
+    } = &command
+    {
+        let user_key = if *by_email {
+            format!("e:{}", user.trim().to_lowercase())
+        } else {
+            format!("u:{user}")
+        };
+        let report = match &target {
+            Target::Direct(dlq) => sluice_pipeline::dead_letter::purge(
+                dlq.as_ref(),
+                format!("{org}:{user_key}").as_bytes(),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+            Target::Server(socket) => crate::admin_socket::purge_at(socket, org, &user_key).await?,
+        };
+        println!(
+            "purged {} dead letters of user {user:?} of org {org:?} ({} other records of their partitions written again with new IDs)",
+            report.purged, report.kept
+        );
+        if let Target::Direct(dlq) = target {
+            dlq.close()
+                .await
+                .context("cannot close the dead-letter log")?;
+        }
+        return Ok(());
+    }
     let letters = match &target {
         Target::Direct(dlq) => list(dlq.as_ref()).await?,
         Target::Server(socket) => crate::admin_socket::list_at(socket).await?,
@@ -128,6 +171,7 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
                 .with_context(|| no_such_letter(&id))?;
             println!("{}", serde_json::to_string_pretty(letter)?);
         }
+        DlqCommand::Purge { .. } => unreachable!("handled above"),
         DlqCommand::Replay { ids, all } => {
             let report = match &target {
                 Target::Direct(dlq) => {

@@ -785,7 +785,10 @@ fn event_ids(body: &Value) -> Vec<String> {
 async fn a_forgotten_user_leaves_the_index_in_order_by_api_and_by_cli() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let server = Server::start(&data, &["--batch-timeout", "50ms"]);
+    let server = Server::start(
+        &data,
+        &["--batch-timeout", "50ms", "--key-cache-ttl", "100ms"],
+    );
     let key = server.first_key.clone().expect("key");
     let addr = server.addr;
     let writer =
@@ -886,4 +889,33 @@ async fn a_forgotten_user_leaves_the_index_in_order_by_api_and_by_cli() {
     assert_eq!(event_ids(&events), Vec::<String>::new());
     let refused = run_err(sluice(&data).args(["users", "forget", "--org", "nope", "x"]));
     assert!(refused.contains("no org \"nope\""), "{refused}");
+
+    // The dead letters of a forgotten user are purged on request; others' stay.
+    for user in ["f4", "f5"] {
+        run_ok(sluice(&data).args(["users", "ban", "--org", "default", user]));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await; // the validator's org cache
+    for user in ["f4", "f5"] {
+        let event = json!({"userId": user, "eventName": "spam"});
+        assert_eq!(post(addr, &key, "/api/events/track", event).await.0, 200);
+    }
+    let letters = || -> Vec<Value> {
+        run_ok(sluice(&data).args(["dlq", "list", "--json"]))
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON line"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while letters().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "two dead letters");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let said = run_ok(sluice(&data).args(["dlq", "purge", "--org", "default", "--user", "f4"]));
+    assert!(said.starts_with("purged 1 dead letters"), "{said}");
+    let left = letters();
+    let users: Vec<&str> = left
+        .iter()
+        .filter_map(|l| l["record"]["userId"].as_str())
+        .collect();
+    assert_eq!(users, ["f5"], "{left:?}");
 }

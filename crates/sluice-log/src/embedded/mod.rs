@@ -82,6 +82,8 @@ pub(crate) struct Shared {
     /// Per partition: first offset still stored, and bytes stored. Changed by the writer and by
     /// retention; this lock is what keeps the two consistent.
     extents: Mutex<Vec<Extent>>,
+    /// Held by whoever deletes chunks (retention, `delete_before`): one at a time.
+    deleting: Mutex<()>,
     counters: Counters,
     healthy: AtomicBool,
     config: EmbeddedLogConfig,
@@ -241,6 +243,7 @@ impl EmbeddedLog {
             offsets,
             high_watermarks,
             extents: Mutex::new(extents),
+            deleting: Mutex::new(()),
             counters: Counters::default(),
             healthy: AtomicBool::new(true),
             config: config.clone(),
@@ -371,6 +374,14 @@ impl crate::Log for EmbeddedLog {
         (0..self.shared.config.partitions)
             .map(|p| self.end_offset(p))
             .collect()
+    }
+
+    async fn delete_before(&self, partition: u32, offset: u64) -> Result<(), LogError> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || retention::delete_before(&shared, partition, offset))
+            .await
+            .map_err(|e| LogError::Unexpected(format!("delete task failed: {e}")))??;
+        Ok(())
     }
 
     fn partitions(&self) -> u32 {

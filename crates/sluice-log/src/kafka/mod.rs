@@ -743,6 +743,53 @@ impl Log for KafkaLog {
         ends.map_err(|e| self.error(format!("cannot read the end offsets: {e}")))
     }
 
+    async fn delete_before(&self, partition: u32, offset: u64) -> Result<(), LogError> {
+        let config = &self.config;
+        let admin: AdminClient<DefaultClientContext> = with_options(
+            ClientConfig::new().set("bootstrap.servers", &config.brokers),
+            config,
+        )
+        .create()
+        .map_err(|e| self.error(format!("cannot create the admin client: {e}")))?;
+        let mut offsets = rdkafka::TopicPartitionList::new();
+        offsets
+            .add_partition_offset(
+                &config.topic,
+                partition as i32,
+                rdkafka::Offset::Offset(offset as i64),
+            )
+            .map_err(|e| self.error(format!("offset {offset}: {e}")))?;
+        let options = AdminOptions::new()
+            .request_timeout(Some(config.request_timeout))
+            .operation_timeout(Some(config.request_timeout));
+        let answer = tokio::time::timeout(
+            config.request_timeout + Duration::from_secs(1),
+            admin.delete_records(&offsets, &options),
+        )
+        .await
+        .map_err(|_| {
+            self.error(format!(
+                "no answer within {:?} while deleting records of {} partition {partition}",
+                config.request_timeout, config.topic
+            ))
+        })?
+        .map_err(|e| {
+            self.error(format!(
+                "cannot delete the records of {} partition {partition} before {offset}: {e}",
+                config.topic
+            ))
+        })?;
+        for element in answer.elements() {
+            if let Err(e) = element.error() {
+                return Err(self.error(format!(
+                    "cannot delete the records of {} partition {partition} before {offset}: {e}",
+                    config.topic
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn subscribe(&self, group: &str) -> Result<Box<dyn Subscription>, LogError> {
         let (subscription, thread) = consumer::subscribe(&self.config, group, &self.slots)?;
         self.consumers
