@@ -308,52 +308,63 @@ impl Letter {
 /// How many records one read asks for.
 const READ_CHUNK: usize = 10_000;
 
+/// The records of `partition` before `end`, oldest first.
+async fn read_partition(
+    dlq: &dyn Log,
+    partition: u32,
+    end: u64,
+) -> Result<Vec<LogRecord>, ReplayError> {
+    let mut records = Vec::new();
+    let mut from = 0;
+    while from < end {
+        let read = match dlq.read(partition, from, READ_CHUNK).await {
+            Ok(read) => read,
+            // Kafka answers a timeout when there is nothing at all to read.
+            Err(LogError::Timeout(_)) if from == 0 => Vec::new(),
+            Err(source) => return Err(ReplayError::Read { partition, source }),
+        };
+        let Some(last) = read.last() else { break };
+        from = last.offset + 1;
+        records.extend(read.into_iter().filter(|r| r.offset < end));
+    }
+    Ok(records)
+}
+
 /// Every dead letter of `dlq`, oldest first per partition, with whether it was replayed.
 /// Records that are not dead letters are skipped with a warning.
 pub async fn letters(dlq: &dyn Log) -> Result<Vec<Letter>, ReplayError> {
     let mut letters = Vec::new();
     let mut replayed = HashSet::new();
     for partition in 0..dlq.partitions() {
-        let mut from = 0;
-        loop {
-            let records = match dlq.read(partition, from, READ_CHUNK).await {
-                Ok(records) => records,
-                // Kafka answers a timeout when there is nothing at all to read.
-                Err(LogError::Timeout(_)) if from == 0 => Vec::new(),
-                Err(source) => return Err(ReplayError::Read { partition, source }),
-            };
-            let Some(last) = records.last() else { break };
-            from = last.offset + 1;
-            for record in records {
-                let id = format!("{}-{}", record.partition, record.offset);
-                let decoded = serde_json::from_slice::<Box<RawValue>>(&record.value)
-                    .and_then(|raw| Ok((serde_json::from_str::<Stored>(raw.get())?, raw)));
-                let (stored, value) = match decoded {
-                    Ok(decoded) => decoded,
-                    Err(e) => {
-                        tracing::warn!(%id, error = %e, "skipping a dead-letter record that is not a dead letter");
-                        continue;
-                    }
-                };
-                if let Some(of) = stored.replayed {
-                    replayed.insert(of);
+        for record in read_partition(dlq, partition, u64::MAX).await? {
+            let id = format!("{}-{}", record.partition, record.offset);
+            let decoded = serde_json::from_slice::<Box<RawValue>>(&record.value)
+                .and_then(|raw| Ok((serde_json::from_str::<Stored>(raw.get())?, raw)));
+            let (stored, value) = match decoded {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "skipping a dead-letter record that is not a dead letter");
                     continue;
                 }
-                let Some(stage) = stored.stage else {
-                    tracing::warn!(%id, "skipping a dead-letter record with no stage");
-                    continue;
-                };
-                letters.push(Letter {
-                    id,
-                    key: record.key.to_vec(),
-                    value,
-                    stage,
-                    record: stored.record,
-                    rule: stored.rule,
-                    action: stored.action,
-                    replayed: false,
-                });
+            };
+            if let Some(of) = stored.replayed {
+                replayed.insert(of);
+                continue;
             }
+            let Some(stage) = stored.stage else {
+                tracing::warn!(%id, "skipping a dead-letter record with no stage");
+                continue;
+            };
+            letters.push(Letter {
+                id,
+                key: record.key.to_vec(),
+                value,
+                stage,
+                record: stored.record,
+                rule: stored.rule,
+                action: stored.action,
+                replayed: false,
+            });
         }
     }
     for letter in &mut letters {
@@ -388,18 +399,7 @@ pub async fn purge(dlq: &dyn Log, key: &[u8]) -> Result<PurgeReport, ReplayError
         })?;
     let mut report = PurgeReport::default();
     for (partition, &end) in (0..dlq.partitions()).zip(&ends) {
-        let mut records = Vec::new();
-        let mut from = 0;
-        while from < end {
-            let read = match dlq.read(partition, from, READ_CHUNK).await {
-                Ok(read) => read,
-                Err(LogError::Timeout(_)) if from == 0 => Vec::new(),
-                Err(source) => return Err(ReplayError::Read { partition, source }),
-            };
-            let Some(last) = read.last() else { break };
-            from = last.offset + 1;
-            records.extend(read.into_iter().filter(|r| r.offset < end));
-        }
+        let records = read_partition(dlq, partition, end).await?;
         if !records.iter().any(|r| r.key[..] == *key) {
             continue;
         }

@@ -278,7 +278,7 @@ async fn append_to_log(config: &Config, key: Vec<u8>, value: Vec<u8>) -> anyhow:
             log.close().await.context("cannot close the log")?;
             Ok(())
         }
-        Err(e) if crate::dlq::is_locked(&e) => {
+        Err(e) if crate::backends::is_locked(&e) => {
             let socket = crate::admin_socket::path(config);
             if !socket.exists() {
                 return Err(e.context(format!(

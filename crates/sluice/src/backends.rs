@@ -210,3 +210,14 @@ pub async fn open_registry(config: &Config) -> anyhow::Result<Box<dyn Registry>>
         SqliteRegistry::open(&config.registry_path()).await?,
     ))
 }
+
+/// Whether opening an embedded log failed because a running server holds it (then the admin
+/// commands go through its admin socket).
+pub(crate) fn is_locked(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sluice_log::LogError>(),
+            Some(sluice_log::LogError::Locked { .. })
+        )
+    })
+}

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Subcommand;
-use sluice_log::{Log, LogError};
+use sluice_log::Log;
 use sluice_pipeline::dead_letter::{self, Letter, Session, no_such_letter};
 
 use crate::backends;
@@ -99,7 +99,7 @@ enum Target {
 pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     let target = match backends::open_dead_letters(config).await {
         Ok(dlq) => Target::Direct(dlq),
-        Err(e) if is_locked(&e) => {
+        Err(e) if backends::is_locked(&e) => {
             let socket = crate::admin_socket::path(config);
             if !socket.exists() {
                 return Err(e.context(format!(
@@ -210,18 +210,9 @@ pub async fn run(config: &Config, command: DlqCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn is_locked(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<LogError>(),
-            Some(LogError::Locked { .. })
-        )
-    })
-}
-
 /// Adds what to do when an embedded log is held by a running server.
 fn locked_hint(e: anyhow::Error) -> anyhow::Error {
-    if is_locked(&e) {
+    if backends::is_locked(&e) {
         e.context("a sluice server holds this data dir's logs: stop it (SIGTERM drains it), run the dlq command, and start it again")
     } else {
         e

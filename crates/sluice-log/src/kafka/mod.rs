@@ -392,6 +392,15 @@ fn replication(config: &KafkaLogConfig, brokers: usize) -> (i32, Option<i32>) {
     (factor, min_insync)
 }
 
+/// An admin client of the cluster, with the config's `[kafka_options]`.
+fn admin_client(config: &KafkaLogConfig) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+    with_options(
+        ClientConfig::new().set("bootstrap.servers", &config.brokers),
+        config,
+    )
+    .create()
+}
+
 /// Creates sluice's topics if they are missing and reads the ingest topic's partition count.
 async fn prepare(
     producer: &FutureProducer<ProducerHealth>,
@@ -401,12 +410,8 @@ async fn prepare(
         brokers: config.brokers.clone(),
         message: format!("{what}: {e}"),
     };
-    let admin: AdminClient<DefaultClientContext> = with_options(
-        ClientConfig::new().set("bootstrap.servers", &config.brokers),
-        config,
-    )
-    .create()
-    .map_err(|e| broker_error("cannot create the admin client", e))?;
+    let admin =
+        admin_client(config).map_err(|e| broker_error("cannot create the admin client", e))?;
     let brokers = reachable_brokers(config).await?;
     let (factor, min_insync) = replication(config, brokers);
     if factor as usize > brokers {
@@ -745,12 +750,8 @@ impl Log for KafkaLog {
 
     async fn delete_before(&self, partition: u32, offset: u64) -> Result<(), LogError> {
         let config = &self.config;
-        let admin: AdminClient<DefaultClientContext> = with_options(
-            ClientConfig::new().set("bootstrap.servers", &config.brokers),
-            config,
-        )
-        .create()
-        .map_err(|e| self.error(format!("cannot create the admin client: {e}")))?;
+        let admin = admin_client(config)
+            .map_err(|e| self.error(format!("cannot create the admin client: {e}")))?;
         let mut offsets = rdkafka::TopicPartitionList::new();
         offsets
             .add_partition_offset(
