@@ -811,10 +811,29 @@ async fn a_forgotten_user_leaves_the_index_in_order_by_api_and_by_cli() {
         200
     );
     assert_eq!(post(addr, &key, "/api/events/trackBulk", bulk).await.0, 200);
+    // An event sent under f1's email only (before the app knew the id).
+    let by_email = json!({"email": "ann@x.io", "eventName": "opened", "id": "m0"});
+    assert_eq!(post(addr, &key, "/api/events/track", by_email).await.0, 200);
     until_get(addr, &key, "/api/users/f1/events", "f1's events", |_, b| {
         event_ids(b).len() == 2
     })
     .await;
+    let opened = || async {
+        let (status, found) = post(
+            addr,
+            &key,
+            "/api/search/events",
+            json!({"query": "eventName:opened", "size": 0}),
+        )
+        .await;
+        assert_eq!(status, 200, "{found}");
+        found["total"].as_u64().unwrap_or_default()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while opened().await != 1 {
+        assert!(std::time::Instant::now() < deadline, "the email's event");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A write key may not forget; a full key may, and the answer waits for durability only.
     let (status, body) = delete(addr, &writer, "/api/users/f1").await;
@@ -857,6 +876,11 @@ async fn a_forgotten_user_leaves_the_index_in_order_by_api_and_by_cli() {
     );
     let (status, _) = get_json(addr, &key, "/api/users/by-email/ann@x.io").await;
     assert_eq!(status, 404);
+    assert_eq!(
+        opened().await,
+        0,
+        "what was sent under the profile's email is gone too"
+    );
     let (_, found) = get_json(addr, &key, "/api/users/f2").await;
     assert_eq!(found["dataFields"]["plan"], "free", "others stay: {found}");
 
