@@ -4,11 +4,11 @@
 //! (the same path as any write: acknowledged by the log, or in the spill buffer). The pipeline
 //! then processes it in the user's partition, in order with the user's other messages.
 //!
-//! When this node can read the index, the profile is looked up first. By id: its email goes
-//! with the message, so what was written under the email (events sent before the user was
-//! identified) is forgotten too. By email: if the profile has a `userId`, the message is keyed
-//! by that id (carrying the email), so it lands in the partition of the user's own messages;
-//! otherwise it is keyed by the email.
+//! By email: when this node can read the index, the profile with that email is looked up and,
+//! if it has a `userId`, the message is keyed by that id (carrying the email too), so it lands
+//! in the partition of the user's own messages; otherwise it is keyed by the email. (By id, the
+//! pipeline forgets what was written under the profile's email as well: it reads the profile
+//! in the user's partition, in order.)
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -36,14 +36,7 @@ pub(crate) async fn by_id(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let org = authenticate(&app, &headers).await?;
-    let mut message =
-        Message::forget(Some(&user_id), None).map_err(|e| ApiError::BadRequest(e.0))?;
-    if let Ok(index) = app.index() {
-        let profile = index.get_user(&org.name, &format!("u:{user_id}")).await?;
-        if let Some(email) = profile.as_ref().and_then(|p| p["email"].as_str()) {
-            message.email = Some(email.to_owned().into());
-        }
-    }
+    let message = Message::forget(Some(&user_id), None).map_err(|e| ApiError::BadRequest(e.0))?;
     append(&app, &org, message).await
 }
 

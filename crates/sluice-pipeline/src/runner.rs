@@ -768,7 +768,7 @@ impl Pipeline {
         if fresh.is_empty() {
             return self.write_dead_letters(dead, batch.dead.len(), stop).await;
         }
-        let write = &batch.write;
+        let write = &self.with_forgotten_emails(&batch.write, stop).await?;
         // Trigger payloads are computed and stashed before the index write changes the
         // profiles they start from (see `trigger`).
         let prepared = self
@@ -824,6 +824,60 @@ impl Pipeline {
         }
         lap(&self.stats.mark_us, "mark", &mut clock);
         Ok(())
+    }
+
+    /// The batch's write, where a user forgotten by id has a profile with an email, with that
+    /// email forgotten too: what was written under it (events sent before the user was
+    /// identified) belongs to the same person. Read here, in the user's partition after every
+    /// earlier message of it was applied, so the profile is the one the forget follows.
+    async fn with_forgotten_emails(
+        &self,
+        write: &Arc<WriteBatch>,
+        stop: &mut Stop,
+    ) -> Result<Arc<WriteBatch>, Abandon> {
+        let by_id: Vec<&Forget> = write
+            .forgets
+            .iter()
+            .filter(|f| f.user_key.starts_with("u:"))
+            .collect();
+        if by_id.is_empty() {
+            return Ok(Arc::clone(write));
+        }
+        let users: Vec<(&str, &str)> = by_id
+            .iter()
+            .map(|f| (f.org.as_str(), f.user_key.as_str()))
+            .collect();
+        let profiles = self
+            .policy()
+            .retry("read the profiles of forgotten users", stop, || {
+                self.index.get_users(&users)
+            })
+            .await?;
+        let mut forgets = write.forgets.clone();
+        for (forget, profile) in by_id.into_iter().zip(profiles) {
+            let Some(email) = profile.as_ref().and_then(|p| p["email"].as_str()) else {
+                continue;
+            };
+            let user_key = format!("e:{email}");
+            if !forgets
+                .iter()
+                .any(|f| f.org == forget.org && f.user_key == user_key)
+            {
+                forgets.push(Forget {
+                    org: forget.org.clone(),
+                    user_key,
+                    version: forget.version,
+                });
+            }
+        }
+        if forgets.len() == write.forgets.len() {
+            return Ok(Arc::clone(write));
+        }
+        Ok(Arc::new(WriteBatch {
+            users: write.users.clone(),
+            events: write.events.clone(),
+            forgets,
+        }))
     }
 
     /// Appends the batch's dead letters (durable before the batch is committed, like the index
