@@ -207,18 +207,12 @@ impl Message<'static> {
     /// A `user_delete` of the user with `user_id`, or else `email` (SPEC §4 "Forget a user"),
     /// with a new message id. The id or email is checked like an item's.
     pub fn forget(user_id: Option<&str>, email: Option<&str>) -> Result<Self, ItemError> {
-        let message = MessageBuilder {
+        MessageBuilder {
             user_id: user_id.map(|id| Cow::Owned(id.to_owned())),
             email: email.map(|e| Cow::Owned(e.to_owned())),
             ..MessageBuilder::default()
         }
-        .build(Kind::UserDelete)?;
-        Ok(Message {
-            message_id: Cow::Owned(message.message_id.into_owned()),
-            user_id: message.user_id.map(|c| Cow::Owned(c.into_owned())),
-            email: message.email.map(|c| Cow::Owned(c.into_owned())),
-            ..message
-        })
+        .build(Kind::UserDelete)
     }
 }
 
@@ -302,7 +296,7 @@ fn check_id(field: &str, value: &str) -> Result<(), ItemError> {
 }
 
 /// Emails are keys: lowercase them so `Ann@x.com` and `ann@x.com` are one user.
-fn normalize_email(email: Cow<'_, str>) -> Result<Cow<'_, str>, ItemError> {
+pub(crate) fn normalize_email(email: Cow<'_, str>) -> Result<Cow<'_, str>, ItemError> {
     check_id("email", &email)?;
     let trimmed = email.trim();
     let at = trimmed.find('@');
@@ -376,15 +370,7 @@ fn parse_item(item: &RawValue, kind: Kind) -> Result<Message<'_>, ItemError> {
             first_token_kind(fields.get())
         )));
     }
-    let created_at = match raw.created_at {
-        None => None,
-        Some(v) if v.get() == "null" => None,
-        Some(v) => {
-            let value: Value = serde_json::from_str(v.get())
-                .map_err(|e| ItemError(format!("createdAt is not valid JSON: {e}")))?;
-            Some(parse_timestamp_ms(&value).map_err(ItemError)?)
-        }
-    };
+    let created_at = raw_time("createdAt", raw.created_at)?;
     MessageBuilder {
         message_id: raw.id,
         user_id,
@@ -396,6 +382,19 @@ fn parse_item(item: &RawValue, kind: Kind) -> Result<Message<'_>, ItemError> {
         ..MessageBuilder::default()
     }
     .build(kind)
+}
+
+/// A time field as the client wrote it (`createdAt`, Segment's `timestamp`, ...): RFC 3339 or
+/// unix seconds/ms; `null` or absent is `None`. Errors name `field`.
+pub(crate) fn raw_time(field: &str, raw: Option<&RawValue>) -> Result<Option<i64>, ItemError> {
+    let Some(raw) = raw.filter(|t| t.get() != "null") else {
+        return Ok(None);
+    };
+    let value: Value = serde_json::from_str(raw.get())
+        .map_err(|e| ItemError(format!("{field} is not valid JSON: {e}")))?;
+    parse_timestamp_ms(&value)
+        .map(Some)
+        .map_err(|e| ItemError(e.replace("createdAt", field)))
 }
 
 /// `userId` may be a string or an integer (many clients send numeric ids); `null` means absent.

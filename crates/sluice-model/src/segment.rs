@@ -15,8 +15,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use crate::message::{ItemError, Kind, Message, MessageBuilder, user_id_text};
-use crate::time::parse_timestamp_ms;
+use crate::message::{
+    ItemError, Kind, Message, MessageBuilder, normalize_email, raw_time, user_id_text,
+};
 
 /// The Segment call of a route or of a batch item's `type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,7 +118,7 @@ impl SegmentEnvelope<'_> {
     /// The batch's `sentAt` in unix ms; a value that is not a time is ignored (it only
     /// corrects clock skew), as is a missing one.
     pub fn sent_at_ms(&self) -> Option<i64> {
-        segment_time("sentAt", self.sent_at).ok().flatten()
+        raw_time("sentAt", self.sent_at).ok().flatten()
     }
 }
 
@@ -152,11 +153,11 @@ pub fn parse_segment(
     if user_id.is_none() {
         return Err(ItemError("userId or anonymousId is required".into()));
     }
-    let created_at = match segment_time("timestamp", raw.timestamp)? {
+    let created_at = match raw_time("timestamp", raw.timestamp)? {
         Some(t) => Some(t),
-        None => segment_time("originalTimestamp", raw.original_timestamp)?,
+        None => raw_time("originalTimestamp", raw.original_timestamp)?,
     };
-    let sent_at = segment_time("sentAt", raw.sent_at)?.or(batch_sent_at);
+    let sent_at = raw_time("sentAt", raw.sent_at)?.or(batch_sent_at);
     // RudderStack's SDKs send an identify's traits as `context.traits`.
     let traits = match raw.traits.filter(|t| t.get() != "null") {
         None if call == SegmentCall::Identify => context_traits(raw.context)?,
@@ -237,31 +238,11 @@ pub fn parse_segment(
     .build(kind)
 }
 
-/// A Segment time field (`timestamp`, `originalTimestamp`, `sentAt`): RFC 3339 or unix
-/// seconds/ms; `null` or absent is `None`.
-fn segment_time(field: &str, raw: Option<&RawValue>) -> Result<Option<i64>, ItemError> {
-    let Some(raw) = raw.filter(|t| t.get() != "null") else {
-        return Ok(None);
-    };
-    let value: Value = serde_json::from_str(raw.get())
-        .map_err(|e| ItemError(format!("{field} is not valid JSON: {e}")))?;
-    parse_timestamp_ms(&value)
-        .map(Some)
-        .map_err(|e| ItemError(e.replace("createdAt", field)))
-}
-
 /// `traits.email` when it is a usable email address (else it stays a trait only: an identify
 /// is not refused for a trait sluice does not need).
 fn traits_email(traits: &RawValue) -> Option<Cow<'_, str>> {
     let found: TraitsEmail<'_> = serde_json::from_str(traits.get()).ok()?;
-    let email = found.email?;
-    let trimmed = email.trim();
-    let at = trimmed.find('@')?;
-    let usable = at > 0
-        && at < trimmed.len() - 1
-        && !trimmed.contains(char::is_whitespace)
-        && email.len() <= crate::message::MAX_ID_BYTES;
-    usable.then_some(email)
+    normalize_email(found.email?).ok()
 }
 
 /// The fields an event keeps as sent, built from the client's own text (`context` is not
