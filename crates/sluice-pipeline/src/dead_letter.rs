@@ -295,13 +295,18 @@ impl Letter {
     }
 
     fn replay_marker(&self, now_ms: i64) -> Record {
-        Record {
-            key: self.key.clone(),
-            value: serde_json::json!({"v": 1, "replayed": self.id, "at": now_ms})
-                .to_string()
-                .into_bytes(),
-            timestamp_ms: now_ms,
-        }
+        replay_marker(self.key.clone(), &self.id, now_ms)
+    }
+}
+
+/// The record that says letter `id` (under `key`) was replayed.
+fn replay_marker(key: Vec<u8>, id: &str, now_ms: i64) -> Record {
+    Record {
+        key,
+        value: serde_json::json!({"v": 1, "replayed": id, "at": now_ms})
+            .to_string()
+            .into_bytes(),
+        timestamp_ms: now_ms,
     }
 }
 
@@ -403,52 +408,41 @@ pub async fn purge(dlq: &dyn Log, key: &[u8]) -> Result<PurgeReport, ReplayError
         if !records.iter().any(|r| r.key[..] == *key) {
             continue;
         }
-        let replayed_of = |r: &LogRecord| {
-            serde_json::from_slice::<Stored>(&r.value)
-                .ok()
-                .and_then(|s| s.replayed)
-        };
-        let replayed: HashSet<String> = records.iter().filter_map(replayed_of).collect();
-        let mut kept: Vec<(String, Record)> = Vec::new();
+        // Each record once: the user's go, replay markers are made again below under the
+        // kept letters' new IDs, the rest is appended again.
+        let mut replayed = HashSet::new();
+        let (mut old_ids, mut kept) = (Vec::new(), Vec::new());
         for record in &records {
-            if record.key[..] == *key {
-                if replayed_of(record).is_none() {
-                    report.purged += 1;
+            let marks = serde_json::from_slice::<Stored>(&record.value)
+                .ok()
+                .and_then(|s| s.replayed);
+            match marks {
+                Some(_) if record.key[..] == *key => {}
+                Some(of) => {
+                    replayed.insert(of);
                 }
-                continue;
+                None if record.key[..] == *key => report.purged += 1,
+                None => {
+                    old_ids.push(format!("{}-{}", record.partition, record.offset));
+                    kept.push(Record {
+                        key: record.key.to_vec(),
+                        value: record.value.to_vec(),
+                        timestamp_ms: record.timestamp_ms,
+                    });
+                }
             }
-            if replayed_of(record).is_some() {
-                // Made again below, under the letter's new ID.
-                continue;
-            }
-            kept.push((
-                format!("{}-{}", record.partition, record.offset),
-                Record {
-                    key: record.key.to_vec(),
-                    value: record.value.to_vec(),
-                    timestamp_ms: record.timestamp_ms,
-                },
-            ));
         }
-        let acks = dlq
-            .append(kept.iter().map(|(_, r)| r.clone()).collect())
-            .await
-            .map_err(ReplayError::Append)?;
+        let keys: Vec<Vec<u8>> = kept.iter().map(|r| r.key.clone()).collect();
+        let count = kept.len();
+        let acks = dlq.append(kept).await.map_err(ReplayError::Append)?;
         let now = sluice_model::time::now_ms();
-        let markers: Vec<Record> = kept
+        let markers: Vec<Record> = old_ids
             .iter()
+            .zip(keys)
             .zip(&acks)
-            .filter(|((old, _), _)| replayed.contains(old))
-            .map(|((_, record), ack)| Record {
-                key: record.key.clone(),
-                value: serde_json::json!({
-                    "v": 1,
-                    "replayed": format!("{}-{}", ack.partition, ack.offset),
-                    "at": now,
-                })
-                .to_string()
-                .into_bytes(),
-                timestamp_ms: now,
+            .filter(|((old, _), _)| replayed.contains(*old))
+            .map(|((_, key), ack)| {
+                replay_marker(key, &format!("{}-{}", ack.partition, ack.offset), now)
             })
             .collect();
         if !markers.is_empty() {
@@ -457,7 +451,7 @@ pub async fn purge(dlq: &dyn Log, key: &[u8]) -> Result<PurgeReport, ReplayError
         dlq.delete_before(partition, end)
             .await
             .map_err(|source| ReplayError::Purge { partition, source })?;
-        report.kept += kept.len();
+        report.kept += count;
     }
     Ok(report)
 }

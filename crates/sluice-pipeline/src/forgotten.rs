@@ -16,8 +16,6 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use serde::Deserialize;
-use serde::de::IgnoredAny;
 use sluice_index::Forget;
 use sluice_log::Record;
 
@@ -76,15 +74,13 @@ pub fn markers(forgets: &[Forget], now: i64) -> Vec<Record> {
         .collect()
 }
 
-#[derive(Deserialize)]
-struct Marker {
-    #[serde(default)]
-    forget: Option<IgnoredAny>,
-}
+/// How every marker starts (`markers` writes it; an action is a payload object whose first
+/// key is never `forget`). The dispatcher checks every record it reads: a prefix, not a parse.
+const MARKER_PREFIX: &[u8] = br#"{"forget":"#;
 
 /// Whether an actions-log record is a forget marker.
 pub fn is_marker(value: &[u8]) -> bool {
-    serde_json::from_slice::<Marker>(value).is_ok_and(|m| m.forget.is_some())
+    value.starts_with(MARKER_PREFIX)
 }
 
 #[cfg(test)]
