@@ -583,6 +583,52 @@ async fn a_departed_static_member_s_partitions_go_to_the_survivor_after_its_sess
     survivor_log.close().await.expect("close a");
 }
 
+/// A revoke that times out cuts the held stream off; the partition may come straight back to
+/// the same member, on librdkafka's same fetch queue. The stale stream, dropped only later (its
+/// owner stuck in a commit while the broker was frozen, as CI saw), must not silence the new
+/// stream: every record appended after that drop is still read. (Kafka only: tansu does not
+/// hand a departed member's partitions back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_released_after_its_revoke_timed_out_does_not_stall_its_successor() {
+    let broker = Broker::start(Engine::Kafka);
+    let group = broker.group("late-release");
+    let mut config = group_config(&broker);
+    config.revoke_timeout = Duration::from_secs(2);
+    let log = KafkaLog::connect(config.clone()).await.expect("connect");
+    let before = fill(&log, 160, "before").await;
+    let mut member = log.subscribe(&group).await.expect("subscribe");
+    let mut stale = assigned(&mut member, 8).await;
+    for (partition, stream) in &mut stale {
+        read(stream.as_mut(), before[partition].len()).await;
+    }
+
+    // A dynamic second member joins (everything is revoked; the streams are held past the
+    // timeout), then leaves: the first member gets all eight partitions back.
+    let mut visitor_config = config;
+    visitor_config.instance_id = None;
+    let visitor_log = KafkaLog::connect(visitor_config).await.expect("connect");
+    let mut visitor = visitor_log.subscribe(&group).await.expect("visitor");
+    let (a, b) = split(&mut member, &mut visitor, Duration::from_secs(60)).await;
+    drop((a, b, visitor));
+    visitor_log.close().await.expect("close the visitor");
+    let mut back = assigned(&mut member, 8).await;
+
+    // Only now are the cut-off streams dropped; then new records arrive.
+    drop(stale);
+    let after = fill(&log, 160, "after").await;
+    for (partition, stream) in &mut back {
+        let mut want = before[partition].clone();
+        want.extend(after[partition].iter().cloned());
+        let got = read(stream.as_mut(), want.len()).await;
+        assert_eq!(
+            got, want,
+            "partition {partition}: read again from the start"
+        );
+    }
+    drop((back, member));
+    log.close().await.expect("close");
+}
+
 /// The topics' configs as the cluster reports them: (replication factor of partition 0,
 /// `min.insync.replicas`, `retention.ms`, `retention.bytes`).
 async fn topic_settings(brokers: &str, topic: &str) -> (usize, String, String, String) {

@@ -16,6 +16,11 @@
 //!   that commit until the rebalance this callback blocks is done. If it lands later, it is
 //!   still an offset this member had processed up to, so it skips nothing; at worst the
 //!   partition's next owner reads some records again, which dedup drops.
+//! - A stream cut off that way loses its queue handle at once, in the callback, not when its
+//!   owner finally drops it: every handle on a partition's queue is librdkafka's one fetch
+//!   queue, and dropping a handle unsets that queue's wake-up callback, so a stale handle
+//!   dropped after the partition came back would leave the new stream asleep for good (seen
+//!   in CI after a frozen broker: the pipeline never read again).
 //! - Offsets are committed only by `PartitionStream::commit`, synchronously (auto-commit and
 //!   auto offset store are off); records older than the stream's position are dropped, so the
 //!   stream never goes backwards.
@@ -224,6 +229,11 @@ struct PartitionShared {
     /// Held while a commit is in flight: a revoke waits for it (a while, see
     /// [`COMMIT_GRACE`]) after marking the partition revoked, so no commit starts after it.
     committing: Mutex<()>,
+    /// The partition's queue, read by the stream; taken away (and dropped) by a revoke that
+    /// cut the stream off (module docs). Held only for a poll that does not wait.
+    queue: Mutex<Option<PartitionQueue<GroupContext>>>,
+    /// Signalled by librdkafka when the queue becomes non-empty, and by a cut-off.
+    ready: Arc<Notify>,
 }
 
 /// How long a revoke waits, past `revoke_timeout`, for commits already in flight (one bound
@@ -256,6 +266,21 @@ impl PartitionShared {
         if *ownership == Ownership::Owned {
             *ownership = to;
         }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Option<PartitionQueue<GroupContext>>> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Cuts a stream off that outlived its revoke: no commits, and no queue handle left to
+    /// drop later (module docs).
+    fn cut_off(&self) {
+        self.set(Ownership::Revoked);
+        drop(self.queue().take());
+        // A read waiting for records ends with `Revoked` instead.
+        self.ready.notify_one();
     }
 }
 
@@ -311,36 +336,43 @@ impl GroupContext {
             return;
         };
         for &partition in partitions {
-            let Some(queue) = consumer.split_partition_queue(&self.topic, partition) else {
+            if let Some(stale) = self.owned().remove(&partition) {
+                // An assign without a revoke in between: the old stream must not commit, nor
+                // keep a handle on the queue the new one reads.
+                stale.shared.cut_off();
+            }
+            let Some(mut queue) = consumer.split_partition_queue(&self.topic, partition) else {
                 self.fail(format!(
                     "cannot split the queue of partition {partition} of topic {:?}",
                     self.topic
                 ));
                 continue;
             };
+            let ready = Arc::new(Notify::new());
+            let notify = Arc::clone(&ready);
+            queue.set_nonempty_callback(move || notify.notify_one());
             let shared = Arc::new(PartitionShared {
                 ownership: Mutex::new(Ownership::Owned),
                 committing: Mutex::new(()),
+                queue: Mutex::new(Some(queue)),
+                ready,
             });
             let (release, released) = std::sync::mpsc::channel();
-            if let Some(stale) = self.owned().insert(
+            self.owned().insert(
                 partition,
                 Owned {
                     shared: Arc::clone(&shared),
                     released,
                 },
-            ) {
-                // An assign without a revoke in between: the old stream must not commit.
-                stale.shared.set(Ownership::Revoked);
-            }
-            let stream = KafkaPartitionStream::new(
-                Arc::clone(&consumer),
-                queue,
-                self.topic.clone(),
-                partition,
-                shared,
-                release,
             );
+            let stream = KafkaPartitionStream {
+                _release: release,
+                consumer: Arc::clone(&consumer),
+                topic: self.topic.clone(),
+                partition,
+                position: 0,
+                shared,
+            };
             tracing::info!(group = %self.group, partition, "kafka: partition assigned");
             let _ = self.events.send(Assignment::Assigned(Box::new(stream)));
         }
@@ -372,7 +404,7 @@ impl GroupContext {
                     "kafka: a revoked partition was not released in time; its commits are refused from now on"
                 );
             }
-            owned.shared.set(Ownership::Revoked);
+            owned.shared.cut_off();
             if !owned.shared.wait_for_commit(deadline + COMMIT_GRACE) {
                 tracing::warn!(
                     group = %self.group,
@@ -413,9 +445,6 @@ struct KafkaPartitionStream {
     /// partition is released, before the consumer handles below may close the consumer.
     _release: std::sync::mpsc::Sender<()>,
     consumer: Arc<GroupConsumer>,
-    queue: PartitionQueue<GroupContext>,
-    /// Signalled by librdkafka when the queue becomes non-empty.
-    ready: Arc<Notify>,
     topic: String,
     partition: i32,
     /// Offset after the last record returned; 0 until the first.
@@ -424,29 +453,6 @@ struct KafkaPartitionStream {
 }
 
 impl KafkaPartitionStream {
-    fn new(
-        consumer: Arc<GroupConsumer>,
-        mut queue: PartitionQueue<GroupContext>,
-        topic: String,
-        partition: i32,
-        shared: Arc<PartitionShared>,
-        release: std::sync::mpsc::Sender<()>,
-    ) -> Self {
-        let ready = Arc::new(Notify::new());
-        let notify = Arc::clone(&ready);
-        queue.set_nonempty_callback(move || notify.notify_one());
-        KafkaPartitionStream {
-            _release: release,
-            consumer,
-            queue,
-            ready,
-            topic,
-            partition,
-            position: 0,
-            shared,
-        }
-    }
-
     fn check_owned(&self) -> Result<(), LogError> {
         let ownership = self
             .shared
@@ -461,6 +467,14 @@ impl KafkaPartitionStream {
             brokers: self.consumer.context().brokers.clone(),
             message,
         }
+    }
+}
+
+impl Drop for KafkaPartitionStream {
+    fn drop(&mut self) {
+        // The queue handle holds the consumer: left in the callback's map, it would keep the
+        // consumer from closing.
+        drop(self.shared.queue().take());
     }
 }
 
@@ -489,32 +503,40 @@ impl PartitionStream for KafkaPartitionStream {
             // never loses a record taken off the queue.
             let mut records = Vec::new();
             let mut error = None;
-            while records.len() < max.max(1) {
-                match self.queue.poll(Duration::ZERO) {
-                    None => break,
-                    Some(Ok(message)) => {
-                        let offset = message.offset().max(0) as u64;
-                        if offset < self.position {
-                            tracing::debug!(
-                                partition = self.partition,
+            {
+                let queue = self.shared.queue();
+                let Some(queue) = queue.as_ref() else {
+                    return Err(LogError::Revoked(self.partition as u32));
+                };
+                while records.len() < max.max(1) {
+                    match queue.poll(Duration::ZERO) {
+                        None => break,
+                        Some(Ok(message)) => {
+                            let offset = message.offset().max(0) as u64;
+                            if offset < self.position {
+                                tracing::debug!(
+                                    partition = self.partition,
+                                    offset,
+                                    position = self.position,
+                                    "kafka: dropped a record behind the stream's position"
+                                );
+                                continue;
+                            }
+                            self.position = offset + 1;
+                            records.push(LogRecord {
+                                partition: self.partition as u32,
                                 offset,
-                                position = self.position,
-                                "kafka: dropped a record behind the stream's position"
-                            );
-                            continue;
+                                timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
+                                key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
+                                value: Bytes::copy_from_slice(
+                                    message.payload().unwrap_or_default(),
+                                ),
+                            });
                         }
-                        self.position = offset + 1;
-                        records.push(LogRecord {
-                            partition: self.partition as u32,
-                            offset,
-                            timestamp_ms: message.timestamp().to_millis().unwrap_or(0),
-                            key: Bytes::copy_from_slice(message.key().unwrap_or_default()),
-                            value: Bytes::copy_from_slice(message.payload().unwrap_or_default()),
-                        });
-                    }
-                    Some(Err(e)) => {
-                        error = Some(e);
-                        break;
+                        Some(Err(e)) => {
+                            error = Some(e);
+                            break;
+                        }
                     }
                 }
             }
@@ -527,7 +549,7 @@ impl PartitionStream for KafkaPartitionStream {
                     self.partition, self.topic
                 )));
             }
-            self.ready.notified().await;
+            self.shared.ready.notified().await;
         }
     }
 

@@ -81,11 +81,15 @@ pub struct TopicRecord {
 }
 
 /// Every record of `topic`'s first `partitions` partitions, read by a plain librdkafka consumer
-/// (no group membership) until nothing arrived for 2 s; sorted by partition, then offset.
+/// (no group membership) at least up to each partition's end offset as it was when called, then
+/// until nothing arrived for 2 s (tansu's end offsets can lag its records); sorted by
+/// partition, then offset. Panics if those ends are not reached within 120 s. (Waiting only for
+/// a quiet spell returned nothing when the broker was slow to answer the first fetch.)
 pub fn read_topic(brokers: &str, topic: &str, partitions: u32) -> Vec<TopicRecord> {
     use rdkafka::Message;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let ends = end_offsets(brokers, topic, partitions);
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "sluice-test-reader")
@@ -100,15 +104,32 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: u32) -> Vec<TopicRecor
     }
     consumer.assign(&assignment).expect("assign");
     let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Per partition, the offset after the last record read.
+    let mut next = vec![0u64; partitions as usize];
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut idle_since = Instant::now();
-    while Instant::now() < deadline && idle_since.elapsed() < Duration::from_secs(2) {
+    loop {
+        let behind: Vec<(u32, u64, u64)> = (0..partitions)
+            .filter(|&p| next[p as usize] < ends[p as usize])
+            .map(|p| (p, next[p as usize], ends[p as usize]))
+            .collect();
+        if behind.is_empty() && idle_since.elapsed() >= Duration::from_secs(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic:?} did not reach its end offsets within 120 s: (partition, next, end) {behind:?}"
+        );
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 idle_since = Instant::now();
+                let (partition, offset) = (m.partition() as u32, m.offset().max(0) as u64);
+                if let Some(n) = next.get_mut(partition as usize) {
+                    *n = (*n).max(offset + 1);
+                }
                 out.push(TopicRecord {
-                    partition: m.partition() as u32,
-                    offset: m.offset() as u64,
+                    partition,
+                    offset,
                     key: m.key().unwrap_or_default().to_vec(),
                     value: m.payload().unwrap_or_default().to_vec(),
                 });
