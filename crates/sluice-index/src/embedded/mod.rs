@@ -32,6 +32,9 @@ use crate::{
 };
 use schema::Fields;
 
+/// Decompressed doc-store blocks a reader keeps per segment (BENCHMARKS.md, memory).
+const DOC_STORE_CACHE_BLOCKS: usize = 8;
+
 /// Settings of the embedded index.
 #[derive(Debug, Clone)]
 pub struct EmbeddedIndexConfig {
@@ -42,6 +45,11 @@ pub struct EmbeddedIndexConfig {
     /// Indexing memory budget per index, in bytes (split between its threads; at least 15 MB
     /// per thread).
     pub heap_bytes: usize,
+    /// Nice value added to the index's threads (the writer thread, and tantivy's indexing and
+    /// merge threads, which it starts): when the API and indexing both want the CPU, the
+    /// API's threads get it first, so indexing cannot slow acknowledgements down; the index
+    /// catches up when the load drops. 0 keeps the process's priority (Linux only).
+    pub nice: i32,
 }
 
 impl EmbeddedIndexConfig {
@@ -51,6 +59,7 @@ impl EmbeddedIndexConfig {
             dir: dir.into(),
             threads: cores.clamp(1, 4),
             heap_bytes: 64 << 20,
+            nice: 10,
         }
     }
 }
@@ -79,6 +88,9 @@ impl Side {
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
+            // Per segment, decompressed doc-store blocks kept: tantivy's 100 (up to ~1.6 MB
+            // per segment) grew the process by tens of MB; reads here fetch few documents.
+            .doc_store_cache_num_blocks(DOC_STORE_CACHE_BLOCKS)
             .try_into()
             .map_err(|e: tantivy::TantivyError| storage_error(&path, e))?;
         Ok(Side {
@@ -171,6 +183,20 @@ fn term_query(field: tantivy::schema::Field, value: &str) -> Box<dyn Query> {
     ))
 }
 
+/// Adds `nice` to the calling thread's nice value (Linux keeps one per thread; threads it
+/// starts inherit it). Failing to is logged, not an error: the index works the same.
+fn lower_priority(nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    // On Linux `None` is the calling thread, not the process.
+    let lowered = rustix::process::getpriority_process(None)
+        .and_then(|current| rustix::process::setpriority_process(None, (current + nice).min(19)));
+    if let Err(e) = lowered {
+        tracing::warn!(nice, error = %e, "index: cannot lower the index threads' priority");
+    }
+}
+
 /// The embedded, tantivy-backed index.
 pub struct EmbeddedIndex {
     users: Side,
@@ -190,32 +216,64 @@ impl EmbeddedIndex {
         let events = Side::open(config.dir.join("events"), events_schema, events_fields)?;
         let threads = config.threads.max(1);
         let heap = config.heap_bytes.max(threads * 15_000_000);
-        let users_writer = users
-            .index
-            .writer_with_num_threads(threads, heap)
-            .map_err(|e| storage_error(&users.path, e))?;
-        let events_writer = events
-            .index
-            .writer_with_num_threads(threads, heap)
-            .map_err(|e| storage_error(&events.path, e))?;
         let (tx, rx) = mpsc::channel(64);
         let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let busy_us = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let writer = writer::Writer {
-            users: users.clone(),
-            events: events.clone(),
-            users_writer,
-            events_writer,
-            pending_users: Default::default(),
-            pending_events: Default::default(),
-            forgot: false,
-            commits: Arc::clone(&commits),
-            busy_us: Arc::clone(&busy_us),
-        };
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let (thread_users, thread_events) = (users.clone(), events.clone());
+        let (thread_commits, thread_busy) = (Arc::clone(&commits), Arc::clone(&busy_us));
+        let nice = config.nice;
+        // The writers are made on the writer thread, after it lowered its priority: the
+        // threads tantivy starts for them inherit it.
         let thread = std::thread::Builder::new()
             .name("sluice-index".into())
-            .spawn(move || writer.run(rx))
+            .spawn(move || {
+                lower_priority(nice);
+                let writers = thread_users
+                    .index
+                    .writer_with_num_threads(threads, heap)
+                    .map_err(|e| storage_error(&thread_users.path, e))
+                    .and_then(|users_writer| {
+                        thread_events
+                            .index
+                            .writer_with_num_threads(threads, heap)
+                            .map_err(|e| storage_error(&thread_events.path, e))
+                            .map(|events_writer| (users_writer, events_writer))
+                    });
+                let (users_writer, events_writer) = match writers {
+                    Ok(writers) => {
+                        let _ = opened_tx.send(Ok(()));
+                        writers
+                    }
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
+                writer::Writer {
+                    users: thread_users,
+                    events: thread_events,
+                    users_writer,
+                    events_writer,
+                    pending_users: Default::default(),
+                    pending_events: Default::default(),
+                    forgot: false,
+                    commits: thread_commits,
+                    busy_us: thread_busy,
+                }
+                .run(rx)
+            })
             .map_err(|e| storage_error(&config.dir, e))?;
+        match opened_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(storage_error(
+                    &config.dir,
+                    "the index writer thread ended before opening the index",
+                ));
+            }
+        }
         Ok(EmbeddedIndex {
             users,
             events,
@@ -361,5 +419,46 @@ impl Index for EmbeddedIndex {
                 .map_err(|_| storage_error(&self.users.path, "the index writer thread panicked"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The nice value of each of this process's threads named `name*`.
+    fn nice_of_threads(name: &str) -> Vec<i64> {
+        let mut nice = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").expect("/proc/self/task") {
+            let task = task.expect("task").path();
+            let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+            if !comm.starts_with(name) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.join("stat")).expect("stat");
+            // Fields after the parenthesised name: state is field 3, nice field 19.
+            let after = &stat[stat.rfind(')').expect("comm") + 2..];
+            let value = after.split(' ').nth(16).expect("nice field");
+            nice.push(value.parse().expect("nice"));
+        }
+        nice
+    }
+
+    #[test]
+    fn the_index_threads_yield_the_cpu_to_the_rest_of_the_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = EmbeddedIndexConfig::new(dir.path());
+        config.nice = 7;
+        let own = nice_of_threads("").into_iter().min().expect("this thread");
+        let index = EmbeddedIndex::open(config).expect("open");
+        for name in ["sluice-index", "thrd-tantivy", "merge_thread"] {
+            let nice = nice_of_threads(name);
+            assert!(!nice.is_empty(), "no {name} thread");
+            assert!(
+                nice.iter().all(|n| *n >= own + 7),
+                "{name} threads run at nice {nice:?}, the process at {own}"
+            );
+        }
+        drop(index);
     }
 }
