@@ -21,6 +21,12 @@
 //!   queue, and dropping a handle unsets that queue's wake-up callback, so a stale handle
 //!   dropped after the partition came back would leave the new stream asleep for good (seen
 //!   in CI after a frozen broker: the pipeline never read again).
+//! - librdkafka's group state machine can stall: after a frozen coordinator it was seen (in CI
+//!   and locally, about one run in four of `tests/spill.rs`) to revoke everything and never
+//!   join again, with no error to show for it. Its statistics (every [`STATS_INTERVAL`]) say
+//!   whether the membership is settled (state `up`, join state `steady`); one unsettled for
+//!   longer than [`stall_timeout`] ends the subscription with a recoverable error, so the
+//!   group's runner joins again with a new consumer. Every change of those states is logged.
 //! - Offsets are committed only by `PartitionStream::commit`, synchronously (auto-commit and
 //!   auto offset store are off); records older than the stream's position are dropped, so the
 //!   stream never goes backwards.
@@ -48,6 +54,17 @@ type GroupConsumer = BaseConsumer<GroupContext>;
 
 /// How long the poll thread waits for an event before checking whether it should stop.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often librdkafka reports its statistics, the group's state among them.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a membership may stay unsettled before the consumer is replaced. A rebalance
+/// waits for every member's revoke (at most `revoke_timeout` and [`COMMIT_GRACE`]) and for
+/// members that died to time out (`session_timeout`); twice all that, and at least a
+/// minute, is a stall, not a rebalance.
+pub(super) fn stall_timeout(config: &KafkaLogConfig) -> Duration {
+    ((config.session_timeout + config.revoke_timeout + COMMIT_GRACE) * 2)
+        .max(Duration::from_secs(60))
+}
 
 /// Joins `group` and starts the thread that serves its events.
 pub(super) fn subscribe(
@@ -73,6 +90,8 @@ pub(super) fn subscribe(
         events,
         owned: Mutex::new(HashMap::new()),
         revoke_timeout: config.revoke_timeout,
+        health: Mutex::new(Health::new(Instant::now())),
+        stall_timeout: stall_timeout(config),
     };
     let session_ms = config.session_timeout.as_millis().max(1);
     let mut client = ClientConfig::new();
@@ -99,7 +118,11 @@ pub(super) fn subscribe(
         // 5,000 typical records. Every partition of a lagging node fills it, so it bounds the
         // node's memory: 16 MiB cost ~100 MB more RSS over 8 partitions (BENCHMARKS.md).
         .set("queued.max.messages.kbytes", "4096")
-        .set("fetch.wait.max.ms", "100");
+        .set("fetch.wait.max.ms", "100")
+        .set(
+            "statistics.interval.ms",
+            STATS_INTERVAL.as_millis().to_string(),
+        );
     let consumer: GroupConsumer = super::with_options(&mut client, config)
         .create_with_context(context)
         .map_err(|e| broker_error(format!("cannot create a consumer for group {group:?}: {e}")))?;
@@ -170,10 +193,18 @@ impl Drop for Slot {
     }
 }
 
-/// Serves the main queue (rebalances, errors) until the subscription is dropped.
+/// Serves the main queue (rebalances, errors, statistics) until the subscription is dropped.
+/// A stalled membership fails the subscription once; the thread keeps serving callbacks
+/// until the runner drops the subscription (after its streams), so the consumer is closed
+/// here, not by a stream dropped on the async runtime.
 fn poll_main_queue(consumer: Arc<GroupConsumer>, stop: &AtomicBool) {
     let context = consumer.context();
+    let mut failed = false;
     while !stop.load(Ordering::Acquire) {
+        if !failed && let Some(stalled) = context.stalled(Instant::now()) {
+            context.fail(stalled);
+            failed = true;
+        }
         match consumer.poll(POLL_INTERVAL) {
             None => {}
             Some(Ok(message)) => context.unexpected_main_queue_record(&message),
@@ -284,6 +315,45 @@ impl PartitionShared {
     }
 }
 
+/// The group membership as librdkafka's statistics report it.
+#[derive(Debug)]
+struct Health {
+    /// librdkafka's group state and join state; empty before the first report.
+    state: String,
+    join_state: String,
+    /// When the membership was last seen settled, or when the consumer started.
+    settled_at: Instant,
+}
+
+impl Health {
+    fn new(now: Instant) -> Health {
+        Health {
+            state: String::new(),
+            join_state: String::new(),
+            settled_at: now,
+        }
+    }
+
+    /// Takes a report; whether the states changed.
+    fn report(&mut self, state: &str, join_state: &str, now: Instant) -> bool {
+        if state == "up" && join_state == "steady" {
+            self.settled_at = now;
+        }
+        let changed = self.state != state || self.join_state != join_state;
+        if changed {
+            state.clone_into(&mut self.state);
+            join_state.clone_into(&mut self.join_state);
+        }
+        changed
+    }
+
+    /// How long the membership has been unsettled, when longer than `timeout`.
+    fn stalled_for(&self, now: Instant, timeout: Duration) -> Option<Duration> {
+        let unsettled = now.saturating_duration_since(self.settled_at);
+        (unsettled > timeout).then_some(unsettled)
+    }
+}
+
 /// A partition this member owns, as the callback tracks it.
 struct Owned {
     shared: Arc<PartitionShared>,
@@ -301,9 +371,31 @@ struct GroupContext {
     events: mpsc::UnboundedSender<Assignment>,
     owned: Mutex<HashMap<i32, Owned>>,
     revoke_timeout: Duration,
+    health: Mutex<Health>,
+    stall_timeout: Duration,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(cgrp) = statistics.cgrp else {
+            return;
+        };
+        let changed = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .report(&cgrp.state, &cgrp.join_state, Instant::now());
+        if changed {
+            tracing::info!(
+                group = %self.group,
+                state = %cgrp.state,
+                join_state = %cgrp.join_state,
+                assigned = cgrp.assignment_size,
+                "kafka: consumer group state"
+            );
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _consumer: &GroupConsumer, rebalance: &Rebalance<'_>) {
@@ -414,6 +506,21 @@ impl GroupContext {
             }
             tracing::info!(group = %self.group, partition, "kafka: partition revoked");
         }
+    }
+
+    /// Why the membership counts as stalled (module docs), if it does.
+    fn stalled(&self, now: Instant) -> Option<String> {
+        let health = self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let unsettled = health.stalled_for(now, self.stall_timeout)?;
+        Some(format!(
+            "the membership has not settled for {}s (librdkafka's group state {:?}, join state {:?}); joining again with a new consumer",
+            unsettled.as_secs(),
+            health.state,
+            health.join_state
+        ))
     }
 
     /// A record arrived on the main queue instead of its partition's stream.
@@ -597,5 +704,51 @@ fn commit_error(
             "cannot commit offset {offset} of partition {partition} for group {:?}: {error}",
             context.group
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_membership_unsettled_for_longer_than_the_stall_timeout_is_stalled() {
+        let start = Instant::now();
+        let at = |secs: u64| start + Duration::from_secs(secs);
+        let mut health = Health::new(start);
+        // Joining takes a while: not stalled until the timeout has passed.
+        assert!(health.report("wait-coord", "init", at(1)));
+        assert!(health.report("up", "wait-join", at(2)));
+        assert_eq!(health.stalled_for(at(60), TIMEOUT), None);
+        assert!(health.report("up", "steady", at(61)));
+        // Settled: the clock restarts at every steady report, changed or not.
+        assert!(!health.report("up", "steady", at(100)));
+        assert_eq!(health.stalled_for(at(150), TIMEOUT), None);
+        // A session timeout, then a rejoin that never ends.
+        assert!(health.report("up", "wait-unassign-to-complete", at(101)));
+        assert!(health.report("up", "init", at(105)));
+        assert!(!health.report("up", "init", at(150)));
+        assert_eq!(health.stalled_for(at(160), TIMEOUT), None);
+        assert_eq!(
+            health.stalled_for(at(161), TIMEOUT),
+            Some(Duration::from_secs(61))
+        );
+        // A coordinator that is down keeps it unsettled though the join state is steady.
+        let mut health = Health::new(start);
+        health.report("up", "steady", at(1));
+        health.report("wait-coord", "steady", at(2));
+        assert!(health.stalled_for(at(62), TIMEOUT).is_some());
+    }
+
+    #[test]
+    fn the_stall_timeout_outlasts_a_rebalance_and_is_at_least_a_minute() {
+        let mut config = KafkaLogConfig::new("127.0.0.1:9092", "t");
+        // Defaults: a 10 s session and a 30 s revoke.
+        assert_eq!(stall_timeout(&config), Duration::from_secs(90));
+        config.session_timeout = Duration::from_secs(1);
+        config.revoke_timeout = Duration::from_secs(1);
+        assert_eq!(stall_timeout(&config), Duration::from_secs(60));
     }
 }
