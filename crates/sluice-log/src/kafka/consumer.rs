@@ -57,13 +57,15 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often librdkafka reports its statistics, the group's state among them.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
-/// How long a membership may stay unsettled before the consumer is replaced. A rebalance
-/// waits for every member's revoke (at most `revoke_timeout` and [`COMMIT_GRACE`]) and for
-/// members that died to time out (`session_timeout`); twice all that, and at least a
-/// minute, is a stall, not a rebalance.
+/// How long a membership may stay unsettled before the consumer is replaced, unless
+/// configured. A rebalance waits for every member's revoke (at most `revoke_timeout` and
+/// [`COMMIT_GRACE`]) and for members that died to time out (`session_timeout`); twice all
+/// that, and at least a minute, is a stall, not a rebalance.
 pub(super) fn stall_timeout(config: &KafkaLogConfig) -> Duration {
-    ((config.session_timeout + config.revoke_timeout + COMMIT_GRACE) * 2)
-        .max(Duration::from_secs(60))
+    config.stall_timeout.unwrap_or_else(|| {
+        ((config.session_timeout + config.revoke_timeout + COMMIT_GRACE) * 2)
+            .max(Duration::from_secs(60))
+    })
 }
 
 /// Joins `group` and starts the thread that serves its events.
@@ -750,5 +752,40 @@ mod tests {
         config.session_timeout = Duration::from_secs(1);
         config.revoke_timeout = Duration::from_secs(1);
         assert_eq!(stall_timeout(&config), Duration::from_secs(60));
+        config.stall_timeout = Some(Duration::from_secs(5));
+        assert_eq!(stall_timeout(&config), Duration::from_secs(5));
+    }
+
+    /// A real consumer whose broker refuses every connection never settles: once the stall
+    /// timeout has passed, its subscription ends with a recoverable error that says so, for
+    /// the group's runner to join again with a new consumer.
+    #[tokio::test]
+    async fn a_consumer_that_never_settles_ends_its_subscription_with_a_recoverable_error() {
+        use sluice_model::Recoverable;
+        let refused = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port");
+        let mut config = KafkaLogConfig::new(refused.to_string(), "t");
+        config.stall_timeout = Some(Duration::from_secs(3));
+        let (mut subscription, thread) =
+            subscribe(&config, "g", &Slots::default()).expect("a consumer");
+        let started = Instant::now();
+        let next = tokio::time::timeout(Duration::from_secs(30), subscription.next())
+            .await
+            .expect("the subscription ends within 30 s");
+        let Some(Assignment::Failed(error)) = next else {
+            panic!("expected a failure, got an assignment");
+        };
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "not before the timeout"
+        );
+        assert!(error.is_recoverable(), "{error}");
+        assert!(error.to_string().contains("has not settled"), "{error}");
+        drop(subscription);
+        tokio::task::spawn_blocking(move || thread.join())
+            .await
+            .expect("join")
+            .expect("the poll thread ends once the subscription is dropped");
     }
 }

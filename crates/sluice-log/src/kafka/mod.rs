@@ -67,6 +67,10 @@ pub struct KafkaLogConfig {
     pub session_timeout: Duration,
     /// How long a revoke waits for a partition's stream to finish its batch and commit.
     pub revoke_timeout: Duration,
+    /// How long the group membership may stay unsettled before the consumer is replaced by a
+    /// new one (`kafka::consumer` module docs); `None`: derived from the session and revoke
+    /// timeouts.
+    pub stall_timeout: Option<Duration>,
     /// Static group membership (`group.instance.id`), stable across restarts of one node and
     /// unique among running nodes; `None` for dynamic membership. A node restarted within
     /// `session_timeout` gets its partitions back without a rebalance. Further subscriptions
@@ -89,6 +93,7 @@ impl KafkaLogConfig {
             other_topics: vec!["sluice.dlq".into(), "sluice.actions".into()],
             session_timeout: Duration::from_secs(10),
             revoke_timeout: Duration::from_secs(30),
+            stall_timeout: None,
             instance_id: None,
         }
     }
