@@ -9,6 +9,8 @@ use sluice::serve::Role;
 
 /// mimalloc instead of glibc's malloc: ingest allocates many small, short-lived buffers across
 /// threads, where glibc's malloc and free took 28% of `sluice api`'s CPU (BENCHMARKS.md).
+/// Built with `no_thp`: mimalloc does not ask for transparent huge pages, which cost ~15 MB of
+/// idle RSS and up to ~90 MB after load, with no throughput gain (BENCHMARKS.md, issue 19).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
