@@ -452,8 +452,16 @@ mod tests {
         let own = nice_of_threads("").into_iter().min().expect("this thread");
         let index = EmbeddedIndex::open(config).expect("open");
         for name in ["sluice-index", "thrd-tantivy", "merge_thread"] {
-            let nice = nice_of_threads(name);
-            assert!(!nice.is_empty(), "no {name} thread");
+            // A new thread names itself once it runs: until then it has its parent's name.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let nice = loop {
+                let nice = nice_of_threads(name);
+                if !nice.is_empty() || std::time::Instant::now() > deadline {
+                    break nice;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            };
+            assert!(!nice.is_empty(), "no {name} thread within 10 s");
             assert!(
                 nice.iter().all(|n| *n >= own + 7),
                 "{name} threads run at nice {nice:?}, the process at {own}"
