@@ -6,7 +6,10 @@
 //! can be read as a fraction of what the HTTP stack does with a trivial handler in the same run.
 //! With `--until-indexed` (events only) it then waits until every event it sent is searchable
 //! and reports the end-to-end rate: events sent ÷ time from the first request until the last
-//! event was searchable.
+//! event was searchable. With `--probe-every` it measures freshness while the load runs: how long
+//! after its acknowledgement an event becomes searchable (`freshness`).
+
+mod freshness;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -66,6 +69,10 @@ pub struct BenchArgs {
     /// rate (API → index). Needs `--kind events`.
     #[arg(long)]
     pub until_indexed: bool,
+    /// While the load runs, send one probe event this often (e.g. 500ms) on a connection of its
+    /// own, and report how long after its acknowledgement each became searchable.
+    #[arg(long, value_parser = parse_seconds)]
+    pub probe_every: Option<Duration>,
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -116,6 +123,9 @@ struct BenchReport {
     ratio_to_baseline: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     end_to_end: Option<EndToEnd>,
+    /// Acknowledgement → searchable, measured with `--probe-every`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    freshness: Option<freshness::Freshness>,
 }
 
 /// API → searchable, measured with `--until-indexed`.
@@ -177,10 +187,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     } else {
         None
     };
+    let mut probes = args
+        .probe_every
+        .map(|every| freshness::Probes::start(addr, &args.key, every));
     let started = Instant::now();
     let ingest = load(&args, addr, &label, Arc::new(per_worker)).await?;
+    let mut probed = 0;
+    if let Some(probes) = &mut probes {
+        probes.stop_sending().await;
+        probed = probes.acknowledged();
+    }
     let end_to_end = match indexed_before {
-        Some(before) => Some(wait_indexed(addr, &args.key, before, &ingest, started).await?),
+        Some(before) => {
+            Some(wait_indexed(addr, &args.key, before + probed, &ingest, started).await?)
+        }
+        None => None,
+    };
+    let freshness = match probes {
+        Some(probes) => Some(probes.finish().await?),
         None => None,
     };
     let ratio = baseline
@@ -197,6 +221,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         ingest,
         ratio_to_baseline: ratio,
         end_to_end,
+        freshness,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -216,6 +241,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             println!(
                 "end to end: {} events searchable {:.2}s after the first request: {:.0} events/s (last one {:.2}s after its ack)",
                 e.events, e.seconds, e.events_per_sec, e.lag_seconds
+            );
+        }
+        if let Some(f) = &report.freshness {
+            println!(
+                "freshness (ack → searchable) over {} probes: p50 {:.0} ms  p90 {:.0} ms  p99 {:.0} ms  max {:.0} ms ({} failed, {} never searchable)",
+                f.probes, f.p50_ms, f.p90_ms, f.p99_ms, f.max_ms, f.failed, f.never_seen
             );
         }
     }
@@ -244,7 +275,8 @@ async fn indexed_events(addr: SocketAddr, key: &str) -> anyhow::Result<u64> {
         .context("search answer without a total")
 }
 
-/// Polls the index until it holds every event the load sent.
+/// Polls the index until it holds every event the load sent (`before`: what it held before,
+/// and the probes acknowledged).
 async fn wait_indexed(
     addr: SocketAddr,
     key: &str,
@@ -269,7 +301,7 @@ async fn wait_indexed(
         if Instant::now() > give_up {
             bail!(
                 "only {} of {} sent events searchable after 10 minutes",
-                now - before,
+                now.saturating_sub(before),
                 ingest.messages_ok
             );
         }

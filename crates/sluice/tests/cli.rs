@@ -701,6 +701,70 @@ async fn bench_counts_exactly_what_the_server_made_durable() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_probes_measure_how_soon_acknowledged_events_become_searchable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &[]);
+    let key = server.first_key.clone().expect("first key");
+    let url = format!("http://{}", server.addr);
+    let out = tokio::task::spawn_blocking(move || {
+        run_ok(Command::new(env!("CARGO_BIN_EXE_sluice")).args([
+            "bench",
+            "--url",
+            &url,
+            "--key",
+            &key,
+            "--duration",
+            "2",
+            "--connections",
+            "2",
+            "--bulk",
+            "10",
+            "--probe-every",
+            "100ms",
+            "--until-indexed",
+            "--json",
+        ]))
+    })
+    .await
+    .expect("bench task");
+    let report: Value = serde_json::from_str(&out).expect("--json prints one JSON object");
+    let freshness = &report["freshness"];
+    let probes = freshness["probes"].as_u64().expect("probes");
+    assert!(
+        (10..=21).contains(&probes),
+        "one probe each 100 ms for 2 s: {report}"
+    );
+    assert_eq!(freshness["failed"], 0, "{report}");
+    assert_eq!(freshness["never_seen"], 0, "{report}");
+    let (p50, max) = (
+        freshness["p50_ms"].as_f64().expect("p50"),
+        freshness["max_ms"].as_f64().expect("max"),
+    );
+    // The pipeline batches for up to 250 ms and the index commits after that: a probe cannot
+    // be searchable the moment it is acknowledged.
+    assert!(p50 > 1.0 && p50 <= max, "{report}");
+    assert!(
+        report["end_to_end"]["events"].as_u64() == report["ingest"]["messages_ok"].as_u64(),
+        "the end-to-end count leaves the probes out: {report}"
+    );
+    assert!(server.sigterm().success());
+
+    // Each probe the bench counted is one event in the log, beside the load's.
+    let log = EmbeddedLog::open(&data.join("log"), EmbeddedLogConfig::default()).expect("log");
+    let mut in_log = 0u64;
+    for p in 0..log.partitions() {
+        for r in log.read(p, 0, usize::MAX).expect("read") {
+            let v: Value = serde_json::from_slice(&r.value).expect("json");
+            if v["eventName"] == "bench_probe" {
+                in_log += 1;
+            }
+        }
+    }
+    assert_eq!(in_log, probes, "{report}");
+}
+
 #[test]
 fn buffer_status_reads_the_spill_buffer_from_disk_when_no_server_runs() {
     let dir = tempfile::tempdir().expect("tempdir");
