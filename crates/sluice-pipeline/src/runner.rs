@@ -15,6 +15,13 @@
 //! one batch at a time. A read still waiting for records when the write ends is dropped; what
 //! it pulled stays in the [`Batcher`].
 //!
+//! Memory: the batches in hand (checked, being written, or ahead) of all partitions together
+//! hold at most `max_batches_in_hand` full batches of records. A partition takes its batch's share of that
+//! budget after the read and before the check, and gives it back when the batch is committed
+//! or dropped; past the budget, it waits. A batch being written never waits for the budget, so
+//! shares always come back. Without it, a backlog on N partitions would have 2·N full batches
+//! in memory at once.
+//!
 //! Recoverable failures (registry, dedup store, index storage, commit) are retried with
 //! exponential backoff and jitter, forever, without moving past the batch. A stop request
 //! abandons the batch being retried (it is not committed, so it is read again after restart).
@@ -25,6 +32,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::stop::Stop;
 use futures_util::FutureExt;
@@ -53,6 +61,9 @@ pub struct PipelineConfig {
     pub max_retry_delay: Duration,
     /// The `[[triggers]]` rules (none by default).
     pub triggers: Triggers,
+    /// Most records the batches of all partitions hold at once, in full batches
+    /// (`batch.max_records` each; at least 1).
+    pub max_batches_in_hand: usize,
 }
 
 impl Default for PipelineConfig {
@@ -62,6 +73,10 @@ impl Default for PipelineConfig {
             batch: BatchConfig::default(),
             max_retry_delay: Duration::from_secs(5),
             triggers: Triggers::default(),
+            // The most 8 partitions (the embedded log's default) ever hold: fewer cost
+            // end-to-end throughput, since the index commits the batches waiting for it as one
+            // group (BENCHMARKS.md, issue 19). A node owning more partitions is bounded.
+            max_batches_in_hand: 16,
         }
     }
 }
@@ -85,7 +100,8 @@ pub struct PipelineStats {
     /// Consumer-group memberships rejoined after the log ended one on an error.
     pub rejoins: AtomicU64,
     /// Time spent in each step, summed over partitions, in microseconds: where a batch's time
-    /// goes (read includes waiting for records to arrive).
+    /// goes (read includes waiting for records to arrive, and for room among the records in
+    /// hand).
     pub read_us: AtomicU64,
     pub validate_us: AtomicU64,
     pub dedup_check_us: AtomicU64,
@@ -344,6 +360,9 @@ pub struct Pipeline {
     pub(crate) index: Arc<dyn Index>,
     pub(crate) config: PipelineConfig,
     pub(crate) stats: Arc<PipelineStats>,
+    /// Permits are records in hand (`max_batches_in_hand` × `batch.max_records`).
+    budget: Arc<Semaphore>,
+    budget_total: u32,
 }
 
 /// A batch through the front stages (validate, dedup check, merge), ready to be written.
@@ -365,6 +384,8 @@ struct Checked {
     snapshots: HashMap<usize, UserUpsert>,
     /// When the batch was validated: the time its dead letters carry.
     now: i64,
+    /// The batch's share of the records in hand, given back when the batch is dropped.
+    _budget: Option<OwnedSemaphorePermit>,
 }
 
 impl Checked {
@@ -434,6 +455,13 @@ impl Pipeline {
         index: Arc<dyn Index>,
         config: PipelineConfig,
     ) -> Arc<Pipeline> {
+        let budget_total = u32::try_from(
+            config
+                .max_batches_in_hand
+                .max(1)
+                .saturating_mul(config.batch.max_records.max(1)),
+        )
+        .unwrap_or(u32::MAX);
         Arc::new(Pipeline {
             log,
             dead_letters,
@@ -442,6 +470,8 @@ impl Pipeline {
             index,
             config,
             stats: Arc::default(),
+            budget: Arc::new(Semaphore::new(budget_total as usize)),
+            budget_total,
         })
     }
 
@@ -654,6 +684,13 @@ impl Pipeline {
             Err(e) if e.is_recoverable() => return Err(Halt::Read(e)),
             Err(e) => return Err(Halt::Failed(stream_error(partition, 0, 0, e.to_string()))),
         }
+        // The batch's share of the records in hand; waiting for it counts as reading.
+        let share = u32::try_from(batcher.pending().len())
+            .unwrap_or(u32::MAX)
+            .min(self.budget_total);
+        let Ok(budget) = Arc::clone(&self.budget).acquire_many_owned(share).await else {
+            return Err(Halt::Stopped);
+        };
         lap(&self.stats.read_us, "read", &mut clock);
         let records = batcher.pending();
         let (first, last) = match (records.first(), records.last()) {
@@ -676,7 +713,11 @@ impl Pipeline {
                     (checked.valid.len() - checked.fresh.len()) as u64,
                     Ordering::Relaxed,
                 );
-                Ok(Checked { records, ..checked })
+                Ok(Checked {
+                    records,
+                    _budget: Some(budget),
+                    ..checked
+                })
             }
             Ok(Err(Abandon::Stopped)) => Err(Halt::Stopped),
             Ok(Err(Abandon::Fatal(message))) => {
@@ -754,6 +795,7 @@ impl Pipeline {
             matches,
             snapshots,
             now,
+            _budget: None,
         })
     }
 
@@ -1344,6 +1386,105 @@ mod tests {
         );
         assert_eq!(forget_cut(&kinds(&[D])), 1);
         assert_eq!(forget_cut(&kinds(&[])), 0);
+    }
+
+    /// An index whose writes wait until `open` turns true.
+    struct Gated {
+        inner: Arc<EmbeddedIndex>,
+        open: tokio::sync::watch::Receiver<bool>,
+    }
+
+    #[async_trait::async_trait]
+    impl Index for Gated {
+        async fn write(
+            &self,
+            batch: Arc<WriteBatch>,
+        ) -> Result<sluice_index::WriteOutcome, sluice_index::IndexError> {
+            let mut open = self.open.clone();
+            let _ = open.wait_for(|open| *open).await;
+            self.inner.write(batch).await
+        }
+        async fn get_user(
+            &self,
+            org: &str,
+            user_key: &str,
+        ) -> Result<Option<Value>, sluice_index::IndexError> {
+            self.inner.get_user(org, user_key).await
+        }
+        async fn get_user_by_email(
+            &self,
+            org: &str,
+            email: &str,
+        ) -> Result<Option<Value>, sluice_index::IndexError> {
+            self.inner.get_user_by_email(org, email).await
+        }
+        async fn user_events(
+            &self,
+            org: &str,
+            user_key: &str,
+            limit: usize,
+        ) -> Result<Vec<Value>, sluice_index::IndexError> {
+            self.inner.user_events(org, user_key, limit).await
+        }
+        async fn search(
+            &self,
+            org: &str,
+            target: sluice_index::Target,
+            request: &sluice_index::SearchRequest,
+        ) -> Result<sluice_index::SearchResponse, sluice_index::IndexError> {
+            self.inner.search(org, target, request).await
+        }
+        async fn close(&self) -> Result<(), sluice_index::IndexError> {
+            self.inner.close().await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_partitions_hold_no_more_records_than_the_budget_while_the_index_is_slow() {
+        let stores = Stores::open().await;
+        let events: Vec<Record> = (0..600)
+            .map(|i| event(&format!("user{i}"), &format!("e{i}")))
+            .collect();
+        stores.log.append(events).await.expect("append");
+        let (open_tx, open) = tokio::sync::watch::channel(false);
+        let index = Arc::new(Gated {
+            inner: Arc::clone(&stores.index),
+            open,
+        });
+        let mut pipeline = Arc::into_inner(stores.pipeline(Triggers::default())).expect("one");
+        pipeline.index = index;
+        pipeline.config.max_batches_in_hand = 1;
+        let pipeline = Pipeline::new(
+            pipeline.log,
+            pipeline.dead_letters,
+            pipeline.validator,
+            pipeline.dedup,
+            pipeline.index,
+            pipeline.config,
+        );
+        let stats = pipeline.stats();
+        let (stopper, stop) = stop::channel();
+        let running = tokio::spawn(pipeline.run(stop));
+        // Both partitions have records to spare; with the index closed, one batch of 100 is
+        // checked and stuck in its write, and nothing else may be taken in hand. (Without
+        // the budget: a batch in write and one ahead per partition, 400 records.)
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let deadline = Instant::now() + Duration::from_millis(800);
+        while Instant::now() < deadline {
+            let held = PipelineStats::get(&stats.records);
+            assert!(
+                held <= 100,
+                "{held} records checked while the index held one batch"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(PipelineStats::get(&stats.records), 100, "one full batch");
+        // The budget comes back with each commit: everything gets through.
+        open_tx.send_replace(true);
+        stores.wait_committed_to_the_end().await;
+        assert_eq!(PipelineStats::get(&stats.events_indexed), 600);
+        stopper.stop();
+        running.await.expect("task").expect("a clean stop");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
