@@ -119,8 +119,8 @@ pub(crate) async fn policy(
     next: Next,
 ) -> Response {
     let headers = request.headers();
-    let path = request.uri().path().to_string();
-    let offered = |method: &[u8]| config.read || is_write(method, &path);
+    let path = request.uri().path();
+    let offered = |method: &[u8]| config.read || is_write(method, path);
     if request.method() == Method::OPTIONS
         && let Some(asked) = headers.get(header::ACCESS_CONTROL_REQUEST_METHOD)
         && let Some(origin) = headers.get(header::ORIGIN)
@@ -140,13 +140,13 @@ pub(crate) async fn policy(
         }
     }
     // A preflight (let through above) is about the method it asks for.
-    let method = match request.method() {
+    let method: &[u8] = match request.method() {
         &Method::OPTIONS => headers
             .get(header::ACCESS_CONTROL_REQUEST_METHOD)
-            .map_or(b"OPTIONS".to_vec(), |m| m.as_bytes().to_vec()),
-        other => other.as_str().as_bytes().to_vec(),
+            .map_or(b"OPTIONS", |m| m.as_bytes()),
+        other => other.as_str().as_bytes(),
     };
-    let read = !offered(&method);
+    let read = !offered(method);
     let mut response = next.run(request).await;
     if read {
         let cors: Vec<HeaderName> = response
