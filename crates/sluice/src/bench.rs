@@ -483,6 +483,18 @@ fn progress_bar(args: &BenchArgs, label: &str) -> indicatif::ProgressBar {
     bar
 }
 
+/// The open connection, or a new one in its place after an error dropped it.
+async fn reconnected(
+    connection: &mut Option<Connection>,
+    addr: SocketAddr,
+) -> Result<&mut Connection, crate::client::ClientError> {
+    let open = match connection.take() {
+        Some(open) => open,
+        None => Connection::connect(addr).await?,
+    };
+    Ok(connection.insert(open))
+}
+
 async fn worker(
     addr: SocketAddr,
     key: String,
@@ -509,16 +521,10 @@ async fn worker(
             }
             next_send += interval;
         }
-        let conn = match &mut connection {
-            Some(c) => c,
-            None => match Connection::connect(addr).await {
-                Ok(c) => connection.insert(c),
-                Err(_) => {
-                    *result.failures.entry("connect".into()).or_insert(0) += 1;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let Ok(conn) = reconnected(&mut connection, addr).await else {
+            *result.failures.entry("connect".into()).or_insert(0) += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
         };
         let shot = &shots[i % shots.len()];
         i += 1;

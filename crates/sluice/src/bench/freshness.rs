@@ -169,15 +169,9 @@ async fn send(
         let body = format!(
             r#"{{"userId":"probe{run}","eventName":"bench_probe","dataFields":{{"n":{n}}}}}"#
         );
-        let conn = match &mut connection {
-            Some(c) => c,
-            None => match Connection::connect(addr).await {
-                Ok(c) => connection.insert(c),
-                Err(_) => {
-                    lock(&timeline).failed += 1;
-                    continue;
-                }
-            },
+        let Ok(conn) = super::reconnected(&mut connection, addr).await else {
+            lock(&timeline).failed += 1;
+            continue;
         };
         match conn
             .post("/api/events/track", &headers, Bytes::from(body))
