@@ -639,20 +639,32 @@ async fn sigterm_under_load_drains_within_the_timeout_and_a_restart_completes_th
     check_index_matches_log(&data.join("index"), &records).await;
 }
 
+/// A fresh server on `data`, and the report of `sluice bench --json` with `args` against it.
+async fn bench_report(data: &std::path::Path, args: &[&str]) -> (Server, Value) {
+    let server = Server::start(data, &[]);
+    let key = server.first_key.clone().expect("first key");
+    let url = format!("http://{}", server.addr);
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = tokio::task::spawn_blocking(move || {
+        run_ok(
+            Command::new(env!("CARGO_BIN_EXE_sluice"))
+                .args(["bench", "--url", &url, "--key", &key, "--json"])
+                .args(&args),
+        )
+    })
+    .await
+    .expect("bench task");
+    let report = serde_json::from_str(&out).expect("--json prints one JSON object");
+    (server, report)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_counts_exactly_what_the_server_made_durable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut server = Server::start(&data, &[]);
-    let key = server.first_key.clone().expect("first key");
-    let url = format!("http://{}", server.addr);
-    let out = tokio::task::spawn_blocking(move || {
-        run_ok(Command::new(env!("CARGO_BIN_EXE_sluice")).args([
-            "bench",
-            "--url",
-            &url,
-            "--key",
-            &key,
+    let (mut server, report) = bench_report(
+        &data,
+        &[
             "--duration",
             "1",
             "--connections",
@@ -663,12 +675,9 @@ async fn bench_counts_exactly_what_the_server_made_durable() {
             "mixed",
             "--users",
             "50",
-            "--json",
-        ]))
-    })
-    .await
-    .expect("bench task");
-    let report: Value = serde_json::from_str(&out).expect("--json prints one JSON object");
+        ],
+    )
+    .await;
     let ingest = &report["ingest"];
     let requests = ingest["requests_ok"].as_u64().expect("requests_ok");
     let messages = ingest["messages_ok"].as_u64().expect("messages_ok");
@@ -705,16 +714,9 @@ async fn bench_counts_exactly_what_the_server_made_durable() {
 async fn bench_probes_measure_how_soon_acknowledged_events_become_searchable() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let mut server = Server::start(&data, &[]);
-    let key = server.first_key.clone().expect("first key");
-    let url = format!("http://{}", server.addr);
-    let out = tokio::task::spawn_blocking(move || {
-        run_ok(Command::new(env!("CARGO_BIN_EXE_sluice")).args([
-            "bench",
-            "--url",
-            &url,
-            "--key",
-            &key,
+    let (mut server, report) = bench_report(
+        &data,
+        &[
             "--duration",
             "2",
             "--connections",
@@ -724,12 +726,9 @@ async fn bench_probes_measure_how_soon_acknowledged_events_become_searchable() {
             "--probe-every",
             "100ms",
             "--until-indexed",
-            "--json",
-        ]))
-    })
-    .await
-    .expect("bench task");
-    let report: Value = serde_json::from_str(&out).expect("--json prints one JSON object");
+        ],
+    )
+    .await;
     let freshness = &report["freshness"];
     let probes = freshness["probes"].as_u64().expect("probes");
     assert!(
