@@ -7,12 +7,24 @@ use sluice::bench::BenchArgs;
 use sluice::config::{Config, ConfigArgs, DEFAULT_CONFIG_TOML, LogFormat};
 use sluice::serve::Role;
 
-/// mimalloc instead of glibc's malloc: ingest allocates many small, short-lived buffers across
+/// jemalloc instead of glibc's malloc: ingest allocates many small, short-lived buffers across
 /// threads, where glibc's malloc and free took 28% of `sluice api`'s CPU (BENCHMARKS.md).
-/// Built with `no_thp`: mimalloc does not ask for transparent huge pages, which cost ~15 MB of
-/// idle RSS and up to ~90 MB after load, with no throughput gain (BENCHMARKS.md, issue 19).
+/// jemalloc rather than mimalloc: with its background threads it returns freed pages on a timer
+/// (`MALLOC_CONF`), so memory goes back after a load even when the process then idles; with
+/// mimalloc a backlog left ~450 MB resident 30 s after it was processed, with jemalloc ~85 MB,
+/// at the same throughput (BENCHMARKS.md, issue 19).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's settings, read when it starts (`_RJEM_MALLOC_CONF` in the environment overrides
+/// them): background threads purge freed pages; dirty pages go back to the system within about
+/// a second of being freed, without the intermediate "muzzy" state (which keeps them counted in
+/// RSS until the kernel needs them).
+// jemalloc looks this symbol up by name; nothing in Rust reads or writes it.
+#[allow(unsafe_code)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static MALLOC_CONF: &[u8; 60] =
+    b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
 
 #[derive(Debug, Parser)]
 #[command(

@@ -2,7 +2,7 @@
 
 /// The `sluice` binary's allocator, so a stage costs here what it costs there.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// The environment variable `name` as a number, or `default`.
 pub fn setting(name: &str, default: usize) -> usize {
