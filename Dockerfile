@@ -3,8 +3,9 @@
 #   docker build -t sluice .
 #   docker run -p 8080:8080 -v sluice-data:/var/lib/sluice sluice
 #
-# Build stage: a release build of the locked dependency graph. SQLite and librdkafka are built
-# from source by their crates, so the toolchain image's C compiler and make are all it needs.
+# Build stage: a release build of the locked dependency graph. SQLite, librdkafka and jemalloc
+# are built from source by their crates, so the toolchain image's C compiler and make are all it
+# needs.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./

@@ -25,12 +25,16 @@ pub(crate) async fn read_request(
 /// The content codings a request body may have.
 const ENCODINGS: [&str; 3] = ["gzip", "deflate", "identity"];
 
-/// Middleware: a `Content-Encoding` sluice cannot decode is a 415 that names it; a known one
-/// is passed on in lower case (codings are case-insensitive; the decoder matches lower case).
-pub(crate) async fn known_encoding(
+/// A `Content-Encoding` sluice cannot decode is a 415 that names it; a known one is passed on
+/// to `inner` in lower case (codings are case-insensitive; the decoder matches lower case).
+pub(crate) async fn known_encoding<F, Fut>(
     mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
+    inner: F,
+) -> axum::response::Response
+where
+    F: FnOnce(axum::extract::Request) -> Fut,
+    Fut: Future<Output = axum::response::Response>,
+{
     use axum::response::IntoResponse;
     if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING) {
         let known = encoding.to_str().ok().and_then(|e| {
@@ -50,7 +54,7 @@ pub(crate) async fn known_encoding(
             axum::http::HeaderValue::from_static(known),
         );
     }
-    next.run(request).await
+    inner(request).await
 }
 
 /// Whether the body comes compressed (its declared length is not what it decodes to).

@@ -9,12 +9,10 @@
 //! without `Access-Control-Allow-Origin`, which a browser refuses just the same but says less
 //! to whoever reads the exchange).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::Request;
 use axum::http::{HeaderName, HeaderValue, Method, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
@@ -110,14 +108,14 @@ fn is_write(method: &[u8], path: &str) -> bool {
             || path.starts_with("/webhooks/"))
 }
 
-/// Middleware in front of the CORS layer: which routes keep what it adds. A preflight from
-/// an origin not listed, or for a read while `cors_read` is off, is a 403 with the JSON error
+/// In front of the CORS layer (`inner`): which routes keep what it adds. A preflight from an
+/// origin not listed, or for a read while `cors_read` is off, is a 403 with the JSON error
 /// body; a read's answer loses the CORS headers while `cors_read` is off.
-pub(crate) async fn policy(
-    config: axum::extract::State<Arc<CorsConfig>>,
-    request: Request,
-    next: Next,
-) -> Response {
+pub(crate) async fn policy<F, Fut>(config: &CorsConfig, request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let headers = request.headers();
     let path = request.uri().path();
     let offered = |method: &[u8]| config.read || is_write(method, path);
@@ -147,7 +145,7 @@ pub(crate) async fn policy(
         other => other.as_str().as_bytes(),
     };
     let read = !offered(method);
-    let mut response = next.run(request).await;
+    let mut response = inner(request).await;
     if read {
         let cors: Vec<HeaderName> = response
             .headers()

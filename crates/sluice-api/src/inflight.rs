@@ -8,9 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use axum::http::header;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tokio::sync::Semaphore;
 
@@ -46,8 +45,12 @@ impl InFlight {
     }
 }
 
-/// Middleware on the data routes.
-pub(crate) async fn bounded(State(app): State<AppState>, request: Request, next: Next) -> Response {
+/// On the data routes: `inner` runs once the request holds its share of the bound.
+pub(crate) async fn bounded<F, Fut>(app: &AppState, request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let headers = request.headers();
     let length = match crate::body::declared_length(headers) {
         // A compressed body may decode to the request limit, whatever it declares.
@@ -78,7 +81,7 @@ pub(crate) async fn bounded(State(app): State<AppState>, request: Request, next:
             .into_response();
         }
     };
-    let response = next.run(request).await;
+    let response = inner(request).await;
     drop(permit);
     response
 }

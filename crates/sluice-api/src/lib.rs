@@ -10,10 +10,12 @@
 //!   `response`: the success body.
 //!
 //! - `inflight`: the bound on request bytes being handled at once (backpressure).
+//! - `layers`: the two middlewares every route runs in (`front`: metrics, CORS policy, SDK
+//!   error fields; `admit`: the in-flight bound and the body's coding), one layer each.
 //! - `ops`: `/healthz`, `/readyz`, `/metrics`, `/stats` and the dashboard `/`, which every
 //!   node serves (an ingest node alone).
-//! - `metrics`: the process's Prometheus recorder, and the layer that counts and times every
-//!   request (`metrics::tracked`); `recent`: the last minutes of acknowledged ingest, per
+//! - `metrics`: the process's Prometheus recorder, and the step that counts and times every
+//!   request (`metrics::tracking`, in `layers::front` and on the operations routes); `recent`: the last minutes of acknowledged ingest, per
 //!   second, for the dashboard's charts.
 //!
 //! Invariant: a handler answers 200 only after `Bridge::append` returned for every accepted
@@ -27,6 +29,7 @@ mod error;
 mod forget;
 mod inflight;
 mod ingest;
+mod layers;
 mod limit;
 pub mod metrics;
 pub mod openapi;
@@ -210,34 +213,34 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/a", post(segment::alias_short))
         .route("/v1/b", post(segment::batch_short))
         .route("/webhooks/sendgrid", post(sendgrid::webhook))
-        // Innermost first: bodies are decoded as the handler reads them, after the encoding
-        // was checked and the request took its in-flight share.
+        // Innermost first: bodies are decoded as the handler reads them, after the request
+        // took its in-flight share and its encoding was checked (`layers::admit`).
         .route_layer(tower_http::decompression::RequestDecompressionLayer::new())
-        .route_layer(axum::middleware::from_fn(body::known_encoding))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            inflight::bounded,
+            layers::admit,
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(axum::middleware::from_fn(segment::sdk_error_fields))
-        // Browsers (SPEC §4): CORS on every API route, then the policy of which routes it
-        // stays on (`cors`).
+        // Browsers (SPEC §4): CORS on every API route, inside the front layer, which decides
+        // which routes it stays on (`cors::policy`), and tracks every request.
         .layer(state.cors.layer())
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state.cors),
-            cors::policy,
+            layers::front,
         ))
         .with_state(state)
-        .merge(operations)
+        .merge(metrics::tracked(operations))
 }
 
 /// The operations routes alone (`sluice ingest`), with the API's answers for an unknown
 /// route or method.
 pub fn operations_router(operations: Operations) -> Router {
-    ops::router(operations)
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+    metrics::tracked(
+        ops::router(operations)
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed),
+    )
 }
 
 async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {

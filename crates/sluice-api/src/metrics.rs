@@ -168,10 +168,16 @@ fn route(name: &str) -> Arc<Route> {
     )
 }
 
-/// `router` with [`track`] as its outermost layer, when a recorder is installed or debug logs
-/// are on (with neither, it would have nothing to do).
+/// Whether requests are tracked: a recorder is installed or debug logs are on (with neither,
+/// tracking would have nothing to do).
+fn tracking_on() -> bool {
+    handle().is_some() || tracing::enabled!(tracing::Level::DEBUG)
+}
+
+/// `router` with [`track`] on every route (the operations routes; the API's routes are tracked
+/// by its front layer, `layers::front`).
 pub fn tracked(router: axum::Router) -> axum::Router {
-    if handle().is_some() || tracing::enabled!(tracing::Level::DEBUG) {
+    if tracking_on() {
         router.layer(axum::middleware::from_fn(track))
     } else {
         router
@@ -196,6 +202,18 @@ fn next_request_id() -> String {
 /// The layer: counts and times the request by its matched route; at debug level, logs it with
 /// its request id (the client's `x-request-id`, or one made here) and sends that id back.
 pub async fn track(request: Request, next: Next) -> Response {
+    tracking(request, |request| next.run(request)).await
+}
+
+/// [`track`] around `inner`.
+pub(crate) async fn tracking<F, Fut>(request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    if !tracking_on() {
+        return inner(request).await;
+    }
     let started = Instant::now();
     let route = route(
         request
@@ -206,7 +224,7 @@ pub async fn track(request: Request, next: Next) -> Response {
     let logged = tracing::enabled!(tracing::Level::DEBUG);
     let given = request.headers().get(REQUEST_ID).cloned();
     let method = logged.then(|| request.method().clone());
-    let mut response = next.run(request).await;
+    let mut response = inner(request).await;
     let status = response.status().as_u16();
     let elapsed = started.elapsed();
     route.duration.record(elapsed.as_secs_f64());

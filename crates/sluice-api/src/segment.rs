@@ -11,7 +11,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, header};
-use axum::middleware::Next;
 use axum::response::Response;
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -216,9 +215,13 @@ segment_route!(
 /// Adds `message` (the text of `error`) and `success: false` to an error answered under
 /// `/v1/`: segment-analytics-python and rudder-sdk-python raise `KeyError` on an error body
 /// without `message`, hiding what was wrong. Only error answers are rewritten; they are small.
-pub(crate) async fn sdk_error_fields(request: Request, next: Next) -> Response {
+pub(crate) async fn sdk_error_fields<F, Fut>(request: Request, inner: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
     let segment = request.uri().path().starts_with("/v1/");
-    let response = next.run(request).await;
+    let response = inner(request).await;
     let status = response.status();
     if !segment || !(status.is_client_error() || status.is_server_error()) {
         return response;

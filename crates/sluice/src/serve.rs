@@ -314,7 +314,7 @@ pub async fn run(config: Config, role: Role) -> anyhow::Result<()> {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    let server = axum::serve(listener, sluice_api::metrics::tracked(app))
+    let server = axum::serve(listener, app)
         .with_graceful_shutdown(stopped)
         .into_future();
     let drain_deadline =

@@ -229,7 +229,7 @@ pub async fn spawn_api(state: AppState) -> std::net::SocketAddr {
     let addr = listener.local_addr().expect("addr");
     // As `serve` does: one recorder for the test process, every request counted.
     sluice_api::metrics::install();
-    let app = sluice_api::metrics::tracked(sluice_api::router(state));
+    let app = sluice_api::router(state);
     tokio::spawn(async move { axum::serve(listener, app).await });
     addr
 }
