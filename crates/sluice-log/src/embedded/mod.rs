@@ -173,7 +173,9 @@ impl EmbeddedLog {
                 },
                 e => storage(e),
             })?;
-        let opts = || KeyspaceCreateOptions::default().max_memtable_size(4 << 20);
+        // 1 MB memtables: every partition fills one, so at 4 MB each the log held ~36 MB in
+        // memtables under a steady load; 1 MB cost no measurable throughput (BENCHMARKS.md).
+        let opts = || KeyspaceCreateOptions::default().max_memtable_size(1 << 20);
         // Partitions are only ever range-scanned, never point-read: bloom filters would be
         // built on every flush for nothing.
         let partition_opts = || opts().filter_policy(fjall::config::FilterPolicy::disabled());
