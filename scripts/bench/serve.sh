@@ -4,6 +4,8 @@
 #   stdout and stderr in DIR/out and DIR/err, and the given environment; returns once it
 #   listens on 127.0.0.1:PORT, with SERVE_PID and SERVE_KEY (the first org's key) set.
 # mem_mb PID [FIELD]: FIELD of /proc/PID/status (default VmRSS) in MB.
+# sampling_start PID FILE [FIELD]: writes mem_mb PID FIELD to FILE every second, in the
+#   background (RSS_SAMPLER), until PID exits or sampling_stop FILE, which prints the peak.
 serve_start() {
   local bin=$1 dir=$2 port=$3
   shift 3
@@ -15,4 +17,17 @@ serve_start() {
 
 mem_mb() {
   awk -v k="${2:-VmRSS}:" '$1 == k {printf "%.0f", $2 / 1024}' "/proc/$1/status"
+}
+
+sampling_start() {
+  : > "$2"
+  (while kill -0 "$1" 2>/dev/null; do echo "$(mem_mb "$1" "${3:-VmRSS}")" >> "$2"; sleep 1; done) &
+  RSS_SAMPLER=$!
+}
+
+sampling_stop() {
+  kill "$RSS_SAMPLER" 2>/dev/null || true
+  wait "$RSS_SAMPLER" 2>/dev/null || true
+  RSS_SAMPLER=
+  sort -n "$1" | tail -1
 }

@@ -15,8 +15,8 @@
 //! - `ops`: `/healthz`, `/readyz`, `/metrics`, `/stats` and the dashboard `/`, which every
 //!   node serves (an ingest node alone).
 //! - `metrics`: the process's Prometheus recorder, and the step that counts and times every
-//!   request (`metrics::tracking`, in `layers::front` and on the operations routes); `recent`: the last minutes of acknowledged ingest, per
-//!   second, for the dashboard's charts.
+//!   request (`metrics::tracking`, in `layers::front` and on the operations routes);
+//!   `recent`: the last minutes of acknowledged ingest, per second, for the dashboard's charts.
 //!
 //! Invariant: a handler answers 200 only after `Bridge::append` returned for every accepted
 //! message: acknowledged by the log, or fsynced to the spill buffer (`sluice-spill`). Nothing

@@ -168,16 +168,11 @@ fn route(name: &str) -> Arc<Route> {
     )
 }
 
-/// Whether requests are tracked: a recorder is installed or debug logs are on (with neither,
-/// tracking would have nothing to do).
-fn tracking_on() -> bool {
-    handle().is_some() || tracing::enabled!(tracing::Level::DEBUG)
-}
-
-/// `router` with [`track`] on every route (the operations routes; the API's routes are tracked
-/// by its front layer, `layers::front`).
+/// `router` with [`track`] on every route, when a recorder is installed or debug logs are on
+/// (with neither, it would have nothing to do). For the operations routes; the API's routes are
+/// tracked by its front layer (`layers::front`).
 pub fn tracked(router: axum::Router) -> axum::Router {
-    if tracking_on() {
+    if handle().is_some() || tracing::enabled!(tracing::Level::DEBUG) {
         router.layer(axum::middleware::from_fn(track))
     } else {
         router
@@ -211,7 +206,8 @@ where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
-    if !tracking_on() {
+    let logged = tracing::enabled!(tracing::Level::DEBUG);
+    if !logged && handle().is_none() {
         return inner(request).await;
     }
     let started = Instant::now();
@@ -221,7 +217,6 @@ where
             .get::<MatchedPath>()
             .map_or("unmatched", |path| path.as_str()),
     );
-    let logged = tracing::enabled!(tracing::Level::DEBUG);
     let given = request.headers().get(REQUEST_ID).cloned();
     let method = logged.then(|| request.method().clone());
     let mut response = inner(request).await;

@@ -95,8 +95,9 @@ impl EmbeddedDedup {
         let window_ms = window.as_millis().min(i64::MAX as u128) as i64;
         let factory: Arc<dyn Factory> = Arc::new(ExpiryFactory { window_ms });
         let db = Database::builder(dir)
-            // Data blocks only: the filters and index blocks are pinned (below). 16 MB and 4 MB
-            // memtables, down from 32 and 8, cost no measurable throughput (BENCHMARKS.md).
+            // Data blocks only: the filters and index blocks are pinned (below). A 16 MB cache
+            // and 4 MB memtables, down from 32 and 8, cost no measurable throughput
+            // (BENCHMARKS.md).
             .cache_size(16 << 20)
             .worker_threads(1)
             .with_compaction_filter_factories(Arc::new(move |name: &str| {
