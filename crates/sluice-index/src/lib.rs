@@ -79,6 +79,12 @@ pub struct WriteBatch {
     pub users: Vec<UserUpsert>,
     pub events: Vec<EventDoc>,
     pub forgets: Vec<Forget>,
+    /// No earlier write can hold these events: their records were appended to the log after
+    /// the writer took their partition, so this is the first time they are written. The
+    /// embedded index then adds them without looking each one up (a lookup per event in every
+    /// segment, the cost that grows with the index); when `false` (a replay, or unknown) it
+    /// looks each up and replaces what it finds. A search server indexes by id either way.
+    pub unseen: bool,
 }
 
 impl WriteBatch {

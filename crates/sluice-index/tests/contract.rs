@@ -180,6 +180,7 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen(backend: Bac
             users: vec![upsert("acme", "1", first, false, 10)],
             events: vec![],
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -193,6 +194,7 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen(backend: Bac
             ],
             events: vec![],
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -223,6 +225,7 @@ async fn upserts_merge_into_the_stored_profile_and_survive_a_reopen(backend: Bac
             )],
             events: vec![],
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -272,6 +275,7 @@ async fn events_are_idempotent_by_id_and_listed_newest_first(backend: Backend) {
             users: vec![],
             events: events.clone(),
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -283,6 +287,7 @@ async fn events_are_idempotent_by_id_and_listed_newest_first(backend: Backend) {
             users: vec![],
             events: vec![events[1].clone(), changed],
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -291,6 +296,7 @@ async fn events_are_idempotent_by_id_and_listed_newest_first(backend: Backend) {
             users: vec![],
             events: events.clone(),
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -319,6 +325,7 @@ async fn by_email_finds_the_profile_carrying_that_email(backend: Backend) {
             users: vec![by_id],
             events: vec![],
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -379,6 +386,7 @@ async fn search_queries_and_aggregations_are_org_scoped(backend: Backend) {
             users,
             events,
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -578,6 +586,7 @@ async fn an_event_whose_data_fields_is_not_an_object_is_refused_alone(backend: B
             users: vec![],
             events: vec![bad, good],
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -633,6 +642,7 @@ async fn stale_and_replayed_upserts_do_not_undo_newer_ones(backend: Backend) {
                     users,
                     events: vec![],
                     forgets: Vec::new(),
+                    unseen: false,
                 }))
                 .await
                 .expect("write");
@@ -691,6 +701,7 @@ async fn an_events_segment_fields_are_stored_beside_it(backend: Backend) {
             users: vec![],
             events: vec![e],
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -748,6 +759,7 @@ async fn a_forgotten_user_leaves_no_profile_and_no_event(backend: Backend) {
             users,
             events,
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -757,6 +769,7 @@ async fn a_forgotten_user_leaves_no_profile_and_no_event(backend: Backend) {
             users: vec![],
             events: vec![event("acme", "1", "a3", "view", 104, json!({}))],
             forgets: vec![],
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -765,6 +778,7 @@ async fn a_forgotten_user_leaves_no_profile_and_no_event(backend: Backend) {
             users: vec![],
             events: vec![],
             forgets: vec![forget("acme", "1", 20)],
+            unseen: false,
         }))
         .await
         .expect("forget");
@@ -803,6 +817,7 @@ async fn a_forgotten_user_leaves_no_profile_and_no_event(backend: Backend) {
             users: vec![upsert("acme", "2", json!({"seen": true}), false, 31)],
             events: vec![event("acme", "2", "b2", "return", 105, json!({}))],
             forgets: vec![forget("acme", "2", 30)],
+            unseen: false,
         }))
         .await
         .expect("forget and write");
@@ -825,6 +840,7 @@ async fn a_forgotten_user_leaves_no_profile_and_no_event(backend: Backend) {
             users: vec![],
             events: vec![],
             forgets: vec![forget("acme", "nobody", 40)],
+            unseen: false,
         }))
         .await
         .expect("forget nobody");

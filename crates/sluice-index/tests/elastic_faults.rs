@@ -148,6 +148,7 @@ fn batch(round: usize) -> WriteBatch {
             .map(|i| event(i, json!({"round": round})))
             .collect(),
         forgets: Vec::new(),
+        unseen: false,
     }
 }
 
@@ -300,6 +301,7 @@ async fn documents_rejected_for_their_content_are_refused_alone(server: Server) 
             users: vec![user(1, json!({"age": 30}), false)],
             events: vec![event(1, json!({"amount": 5}))],
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");
@@ -317,6 +319,7 @@ async fn documents_rejected_for_their_content_are_refused_alone(server: Server) 
                 event(3, json!({"amount": 7})),
             ],
             forgets: Vec::new(),
+            unseen: false,
         }))
         .await
         .expect("write");

@@ -135,6 +135,17 @@ pub trait Log: Send + Sync + 'static {
         ))
     }
 
+    /// One partition's end (`end_offsets` of it).
+    async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
+        let ends = self.end_offsets().await?;
+        ends.get(partition as usize)
+            .copied()
+            .ok_or(LogError::NoSuchPartition {
+                partition,
+                partitions: ends.len() as u32,
+            })
+    }
+
     /// Deletes every record of `partition` before `offset`, which must not be past the
     /// partition's end (`sluice dlq purge`): the embedded log drops whole chunks (every chunk
     /// written before `offset` was taken as the end lies wholly before it), Kafka runs

@@ -298,11 +298,13 @@ async fn run() -> Result<(), Box<dyn std::error::Error>> {
                     users: vec![u.clone()],
                     events: vec![],
                     forgets: Vec::new(),
+                    unseen: false,
                 })
                 .chain(b.events.iter().map(|e| WriteBatch {
                     users: vec![],
                     events: vec![e.clone()],
                     forgets: Vec::new(),
+                    unseen: false,
                 }))
                 .collect::<Vec<_>>()
         })

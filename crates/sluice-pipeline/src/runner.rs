@@ -51,6 +51,10 @@ use crate::retry::{Abandon, Policy};
 use crate::trigger::{self, Triggers};
 use crate::validate::{ValidMessage, Validator};
 
+/// Longest a partition's start waits for its end offset (`Pipeline::replay_end`); past it, its
+/// batches count as replays.
+const REPLAY_END_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Settings of the pipeline.
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -505,6 +509,7 @@ impl Pipeline {
             "pipeline: partition assigned"
         );
         let _owned = Owned::new(&self.stats, partition, stream.position());
+        let replay_end = self.replay_end(partition).await;
         let mut batcher = Batcher::new(self.config.batch);
         // The next batch, read and checked while the one before it was written.
         let mut ahead: Option<Checked> = None;
@@ -522,6 +527,7 @@ impl Pipeline {
                         &mut batcher,
                         &mut *stream,
                         &nothing_in_flight,
+                        replay_end,
                         &mut front_stop,
                     );
                     let checked = tokio::select! {
@@ -541,6 +547,7 @@ impl Pipeline {
                     &batch,
                     &mut batcher,
                     &mut *stream,
+                    replay_end,
                     &mut stop,
                     &mut front_stop,
                 )
@@ -578,6 +585,7 @@ impl Pipeline {
         batch: &Checked,
         batcher: &mut Batcher,
         stream: &mut dyn PartitionStream,
+        replay_end: u64,
         stop: &mut Stop,
         front_stop: &mut Stop,
     ) -> (
@@ -590,7 +598,9 @@ impl Pipeline {
         let span = tracing::warn_span!("batch", partition, first, last);
         let in_flight = batch.keys();
         let apply = AssertUnwindSafe(self.apply(batch, stop).instrument(span)).catch_unwind();
-        let front = self.front(partition, batcher, stream, &in_flight, front_stop);
+        let front = self.front(
+            partition, batcher, stream, &in_flight, replay_end, front_stop,
+        );
         tokio::pin!(apply, front);
         let mut next = None;
         let applied = loop {
@@ -667,13 +677,15 @@ impl Pipeline {
     }
 
     /// The front stages of one batch: read (batch) → validate → dedup check → merge.
-    /// `in_flight` holds the keys of the batch being written meanwhile, not yet marked.
+    /// `in_flight` holds the keys of the batch being written meanwhile, not yet marked;
+    /// records from `replay_end` on are written for the first time (`Pipeline::replay_end`).
     async fn front(
         &self,
         partition: u32,
         batcher: &mut Batcher,
         stream: &mut dyn PartitionStream,
         in_flight: &HashSet<MessageKey<'_>>,
+        replay_end: u64,
         stop: &mut Stop,
     ) -> Result<Checked, Halt> {
         let mut clock = std::time::Instant::now();
@@ -698,9 +710,12 @@ impl Pipeline {
             _ => return Err(Halt::Released),
         };
         let span = tracing::warn_span!("batch", partition, first, last);
-        let checked = AssertUnwindSafe(self.check(records, in_flight, stop).instrument(span))
-            .catch_unwind()
-            .await;
+        let checked = AssertUnwindSafe(
+            self.check(records, in_flight, replay_end, stop)
+                .instrument(span),
+        )
+        .catch_unwind()
+        .await;
         match checked {
             // Counted once the check is complete: a check dropped halfway (the write before it
             // ended first) runs again on the same records.
@@ -733,6 +748,7 @@ impl Pipeline {
         &self,
         records: &[LogRecord],
         in_flight: &HashSet<MessageKey<'_>>,
+        replay_end: u64,
         stop: &mut Stop,
     ) -> Result<Checked, Abandon> {
         let mut clock = std::time::Instant::now();
@@ -783,7 +799,8 @@ impl Pipeline {
         let refs: Vec<&ValidMessage> = fresh.iter().map(|&i| &valid[i]).collect();
         let matches = self.config.triggers.matches(&refs);
         let matched: HashSet<usize> = matches.iter().map(|&(_, at)| at).collect();
-        let (write, snapshots) = merge_batch(&refs, &matched);
+        let (mut write, snapshots) = merge_batch(&refs, &matched);
+        write.unseen = records.first().is_some_and(|r| r.offset >= replay_end);
         lap(&self.stats.merge_us, "merge", &mut clock);
         Ok(Checked {
             records: Vec::new(),
@@ -919,6 +936,7 @@ impl Pipeline {
             users: write.users.clone(),
             events: write.events.clone(),
             forgets,
+            unseen: write.unseen,
         }))
     }
 
@@ -953,6 +971,29 @@ impl Pipeline {
             index: self.index.as_ref(),
             retries: self.policy(),
             fired: &self.stats.actions_fired,
+        }
+    }
+
+    /// Where the records of `partition` that were in the log when it was assigned end. Those
+    /// before it may have been written by an earlier owner (or this process before a restart)
+    /// whose batch was not committed; those from it on were appended since, so this owner is
+    /// the first to write them, once (the dedup check and the in-flight keys drop repeats).
+    /// When the log cannot say, every batch counts as a replay.
+    async fn replay_end(&self, partition: u32) -> u64 {
+        let asked = tokio::time::timeout(REPLAY_END_TIMEOUT, self.log.end_offset(partition));
+        match asked.await {
+            Ok(Ok(end)) => end,
+            Ok(Err(e)) => {
+                tracing::debug!(partition, error = %e, "pipeline: no end offset; every batch of the partition counts as a replay");
+                u64::MAX
+            }
+            Err(_) => {
+                tracing::debug!(
+                    partition,
+                    "pipeline: the end offset took too long; every batch of the partition counts as a replay"
+                );
+                u64::MAX
+            }
         }
     }
 
@@ -1163,6 +1204,7 @@ pub fn merge_batch(
             users,
             events,
             forgets,
+            unseen: false,
         },
         snapshots,
     )
@@ -1388,10 +1430,22 @@ mod tests {
         assert_eq!(forget_cut(&kinds(&[])), 0);
     }
 
-    /// An index whose writes wait until `open` turns true.
+    /// An index whose writes wait until `open` turns true, and which notes each write's events
+    /// (message ids) and whether the batch was `unseen`.
     struct Gated {
         inner: Arc<EmbeddedIndex>,
         open: tokio::sync::watch::Receiver<bool>,
+        writes: std::sync::Mutex<Vec<(Vec<String>, bool)>>,
+    }
+
+    impl Gated {
+        fn new(inner: &Arc<EmbeddedIndex>, open: tokio::sync::watch::Receiver<bool>) -> Gated {
+            Gated {
+                inner: Arc::clone(inner),
+                open,
+                writes: Default::default(),
+            }
+        }
     }
 
     #[async_trait::async_trait]
@@ -1402,6 +1456,11 @@ mod tests {
         ) -> Result<sluice_index::WriteOutcome, sluice_index::IndexError> {
             let mut open = self.open.clone();
             let _ = open.wait_for(|open| *open).await;
+            let ids = batch.events.iter().map(|e| e.message_id.clone()).collect();
+            self.writes
+                .lock()
+                .expect("not poisoned")
+                .push((ids, batch.unseen));
             self.inner.write(batch).await
         }
         async fn get_user(
@@ -1447,10 +1506,7 @@ mod tests {
             .collect();
         stores.log.append(events).await.expect("append");
         let (open_tx, open) = tokio::sync::watch::channel(false);
-        let index = Arc::new(Gated {
-            inner: Arc::clone(&stores.index),
-            open,
-        });
+        let index = Arc::new(Gated::new(&stores.index, open));
         let mut pipeline = Arc::into_inner(stores.pipeline(Triggers::default())).expect("one");
         pipeline.index = index;
         pipeline.config.max_batches_in_hand = 1;
@@ -1485,6 +1541,80 @@ mod tests {
         assert_eq!(PipelineStats::get(&stats.events_indexed), 600);
         stopper.stop();
         running.await.expect("task").expect("a clean stop");
+    }
+
+    /// A crash after the index write and before the commit: the next run reads the batch
+    /// again. Records that were in the log when the partition was assigned are written as a
+    /// replay (the embedded index looks each event up and replaces it); those appended since
+    /// are `unseen` (added without a lookup). Either way each event is in the index once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn records_from_before_the_assignment_are_written_as_a_replay_and_later_ones_as_unseen() {
+        let stores = Stores::open().await;
+        let before: Vec<Record> = (0..20)
+            .map(|i| event(&format!("user{i}"), &format!("e{i}")))
+            .collect();
+        stores.log.append(before).await.expect("append");
+        // What the run that crashed wrote: the same events, neither marked nor committed.
+        let earlier: Vec<EventDoc> = (0..20)
+            .map(|i| EventDoc {
+                org: "acme".into(),
+                message_id: format!("e{i}"),
+                user_key: format!("u:user{i}"),
+                user_id: Some(format!("user{i}")),
+                email: None,
+                event_name: "clicked".into(),
+                created_at: 1,
+                received_at: 1,
+                data_fields: serde_json::value::RawValue::from_string("{}".into()).expect("json"),
+                segment: None,
+            })
+            .collect();
+        stores
+            .index
+            .write(Arc::new(WriteBatch {
+                events: earlier,
+                unseen: true,
+                ..WriteBatch::default()
+            }))
+            .await
+            .expect("the earlier run's write");
+        assert_eq!(stores.index.doc_counts().1, 20);
+
+        let (_open_tx, open) = tokio::sync::watch::channel(true);
+        let index = Arc::new(Gated::new(&stores.index, open));
+        let mut pipeline = Arc::into_inner(stores.pipeline(Triggers::default())).expect("one");
+        pipeline.index = Arc::clone(&index) as Arc<dyn Index>;
+        let pipeline = Arc::new(pipeline);
+        let (stopper, stop) = stop::channel();
+        let running = tokio::spawn(pipeline.run(stop));
+        stores.wait_committed_to_the_end().await;
+        let after: Vec<Record> = (20..30)
+            .map(|i| event(&format!("user{i}"), &format!("e{i}")))
+            .collect();
+        stores.log.append(after).await.expect("append");
+        stores.wait_committed_to_the_end().await;
+        stopper.stop();
+        running.await.expect("task").expect("a clean stop");
+
+        assert_eq!(
+            stores.index.doc_counts().1,
+            30,
+            "each event once: the replayed ones replaced what the earlier run wrote"
+        );
+        let writes = index.writes.lock().expect("not poisoned");
+        let number = |id: &String| id[1..].parse::<u32>().expect("e<n>");
+        let mut written = 0;
+        for (ids, unseen) in writes.iter() {
+            for id in ids {
+                written += 1;
+                assert_eq!(
+                    *unseen,
+                    number(id) >= 20,
+                    "{id} was in the log before the assignment iff it is written as a replay"
+                );
+            }
+        }
+        assert_eq!(written, 30);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

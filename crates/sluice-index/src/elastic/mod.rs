@@ -761,6 +761,7 @@ mod tests {
                     segment: None,
                 }],
                 forgets: Vec::new(),
+                unseen: false,
             }))
             .await
             .expect_err("no write");

@@ -197,6 +197,19 @@ fn lower_priority(nice: i32) {
     }
 }
 
+/// Segments the events index merges at once (tantivy's default, kept for profiles, is 8).
+/// Events are appended and, since batches are mostly `unseen`, rarely looked up, so the
+/// index can hold more segments: each event is then rewritten by merges about log₃₂ rather
+/// than log₈ of the index's size, which is most of the pipeline's CPU once the index holds
+/// millions of events (BENCHMARKS.md, "flat cost").
+const EVENTS_MERGE_FACTOR: usize = 32;
+
+fn events_merge_policy() -> tantivy::indexer::LogMergePolicy {
+    let mut policy = tantivy::indexer::LogMergePolicy::default();
+    policy.set_min_num_segments(EVENTS_MERGE_FACTOR);
+    policy
+}
+
 /// The embedded, tantivy-backed index.
 pub struct EmbeddedIndex {
     users: Side,
@@ -242,6 +255,7 @@ impl EmbeddedIndex {
                     });
                 let (users_writer, events_writer) = match writers {
                     Ok(writers) => {
+                        writers.1.set_merge_policy(Box::new(events_merge_policy()));
                         let _ = opened_tx.send(Ok(()));
                         writers
                     }

@@ -9,6 +9,11 @@
 //! profile written earlier in the same (uncommitted) group is not visible to the searcher yet,
 //! so the thread keeps the group's profiles in `pending_users` and reads those first.
 //!
+//! An event replaces the document of the same id: the thread looks it up in the committed index
+//! (and in `pending_events`), unless the batch is `unseen` (first written: see `WriteBatch`), so
+//! a log replay does not add an event twice. The events commit after the profiles, so a group
+//! that fails between the two has committed no event.
+//!
 //! A batch's forgets go first: they delete the profile (by doc id) and every event of the user
 //! (by the events' `_user` term, which also catches events added earlier in the group: a
 //! tantivy delete applies to every document added before it), and leave `null` in
@@ -151,7 +156,7 @@ impl Writer {
             };
             let doc_id = event_doc_id(&event.org, &event.message_id);
             let existed = self.pending_events.contains(&doc_id)
-                || self.events.find(&events_searcher, &doc_id)?.is_some();
+                || (!batch.unseen && self.events.find(&events_searcher, &doc_id)?.is_some());
             if existed {
                 self.events_writer
                     .delete_term(Term::from_field_text(self.events.fields.id, &doc_id));
@@ -164,8 +169,21 @@ impl Writer {
         Ok(())
     }
 
-    /// Makes everything applied durable and visible.
+    /// Makes everything applied durable and visible: profiles first, so a failure between the
+    /// two commits leaves no event of the group committed (a retry re-applies the profiles'
+    /// patches, which is harmless, and adds the events again), and a reader never sees an
+    /// event whose profile update is not visible yet.
     fn commit(&mut self) -> Result<(), IndexError> {
+        if !self.pending_users.is_empty() {
+            self.users_writer
+                .commit()
+                .map_err(|e| storage_error(&self.users.path, e))?;
+            self.users
+                .reader
+                .reload()
+                .map_err(|e| storage_error(&self.users.path, e))?;
+            self.pending_users.clear();
+        }
         if !self.pending_events.is_empty() || self.forgot {
             self.events_writer
                 .commit()
@@ -176,16 +194,6 @@ impl Writer {
                 .map_err(|e| storage_error(&self.events.path, e))?;
             self.pending_events.clear();
             self.forgot = false;
-        }
-        if !self.pending_users.is_empty() {
-            self.users_writer
-                .commit()
-                .map_err(|e| storage_error(&self.users.path, e))?;
-            self.users
-                .reader
-                .reload()
-                .map_err(|e| storage_error(&self.users.path, e))?;
-            self.pending_users.clear();
         }
         Ok(())
     }

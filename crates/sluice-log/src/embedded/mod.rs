@@ -378,6 +378,10 @@ impl crate::Log for EmbeddedLog {
             .collect()
     }
 
+    async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
+        EmbeddedLog::end_offset(self, partition)
+    }
+
     async fn delete_before(&self, partition: u32, offset: u64) -> Result<(), LogError> {
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || retention::delete_before(&shared, partition, offset))

@@ -753,6 +753,32 @@ impl Log for KafkaLog {
         ends.map_err(|e| self.error(format!("cannot read the end offsets: {e}")))
     }
 
+    async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
+        let partitions = self.prepared().await?;
+        if partition >= partitions {
+            return Err(LogError::NoSuchPartition {
+                partition,
+                partitions,
+            });
+        }
+        let (_, producer) = self.producer();
+        let topic = self.config.topic.clone();
+        let timeout = self.config.request_timeout;
+        let end = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_watermarks(&topic, partition as i32, timeout)
+                .map(|(_, high)| high.max(0) as u64)
+        })
+        .await
+        .map_err(|e| LogError::Unexpected(format!("watermark task failed: {e}")))?;
+        end.map_err(|e| {
+            self.error(format!(
+                "cannot read the end offset of partition {partition}: {e}"
+            ))
+        })
+    }
+
     async fn delete_before(&self, partition: u32, offset: u64) -> Result<(), LogError> {
         let config = &self.config;
         let admin = admin_client(config)
