@@ -281,6 +281,31 @@ impl KafkaLog {
             message,
         }
     }
+
+    /// The high watermarks (end offsets) of `partitions` of the topic, fetched on the blocking
+    /// pool; `what` names them in the error.
+    async fn high_watermarks(
+        &self,
+        partitions: std::ops::Range<u32>,
+        what: &str,
+    ) -> Result<Vec<u64>, LogError> {
+        let (_, producer) = self.producer();
+        let topic = self.config.topic.clone();
+        let timeout = self.config.request_timeout;
+        let ends = tokio::task::spawn_blocking(move || {
+            partitions
+                .map(|p| {
+                    producer
+                        .client()
+                        .fetch_watermarks(&topic, p as i32, timeout)
+                        .map(|(_, high)| high.max(0) as u64)
+                })
+                .collect::<Result<Vec<u64>, KafkaError>>()
+        })
+        .await
+        .map_err(|e| LogError::Unexpected(format!("watermark task failed: {e}")))?;
+        ends.map_err(|e| self.error(format!("cannot read {what}: {e}")))
+    }
 }
 
 /// An idempotent `acks=all` producer.
@@ -735,22 +760,7 @@ impl Log for KafkaLog {
 
     async fn end_offsets(&self) -> Result<Vec<u64>, LogError> {
         let partitions = self.prepared().await?;
-        let (_, producer) = self.producer();
-        let topic = self.config.topic.clone();
-        let timeout = self.config.request_timeout;
-        let ends = tokio::task::spawn_blocking(move || {
-            (0..partitions as i32)
-                .map(|p| {
-                    producer
-                        .client()
-                        .fetch_watermarks(&topic, p, timeout)
-                        .map(|(_, high)| high.max(0) as u64)
-                })
-                .collect::<Result<Vec<u64>, KafkaError>>()
-        })
-        .await
-        .map_err(|e| LogError::Unexpected(format!("watermark task failed: {e}")))?;
-        ends.map_err(|e| self.error(format!("cannot read the end offsets: {e}")))
+        self.high_watermarks(0..partitions, "the end offsets").await
     }
 
     async fn end_offset(&self, partition: u32) -> Result<u64, LogError> {
@@ -761,21 +771,12 @@ impl Log for KafkaLog {
                 partitions,
             });
         }
-        let (_, producer) = self.producer();
-        let topic = self.config.topic.clone();
-        let timeout = self.config.request_timeout;
-        let end = tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_watermarks(&topic, partition as i32, timeout)
-                .map(|(_, high)| high.max(0) as u64)
-        })
-        .await
-        .map_err(|e| LogError::Unexpected(format!("watermark task failed: {e}")))?;
-        end.map_err(|e| {
-            self.error(format!(
-                "cannot read the end offset of partition {partition}: {e}"
-            ))
+        let what = format!("the end offset of partition {partition}");
+        let ends = self
+            .high_watermarks(partition..partition + 1, &what)
+            .await?;
+        ends.first().copied().ok_or_else(|| {
+            LogError::Unexpected(format!("no watermark came back for partition {partition}"))
         })
     }
 
